@@ -1,0 +1,14 @@
+"""User-facing errors.
+
+A `HerdError` is a mistake the user can fix (a missing file, a corrupt checkpoint, an unknown
+model). The CLI prints its message as one line on stderr and exits non-zero; the server turns
+it into a 4xx JSON error. Anything else is a bug and keeps its traceback.
+"""
+
+
+class HerdError(Exception):
+    """A clear, one-line error about the user's input."""
+
+
+class FormatError(HerdError):
+    """A weights or tokenizer file that is truncated, corrupt or of an unsupported kind."""
