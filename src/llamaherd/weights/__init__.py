@@ -1,0 +1,123 @@
+"""Checkpoint loading: every format becomes one canonical state dict in Meta's names.
+
+    load_checkpoint(path) -> Checkpoint(args, state_dict, tokenizer, ...)
+    build_model(checkpoint) -> Transformer with those weights
+
+`path` is a `.gguf` file, a Hugging Face directory (`config.json`) or a Meta directory
+(`params.json`); the kind is recognised from what is there, never from the name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import ModelArgs
+from ..errors import FormatError, HerdError
+
+GGUF_MAGIC = b"GGUF"
+
+
+@dataclass
+class Checkpoint:
+    args: ModelArgs
+    state_dict: dict[str, torch.Tensor]
+    tokenizer: Any  # a llamaherd.tokenizer.Tokenizer
+    format: str  # "gguf" | "hf" | "meta"
+    path: Path
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def detect_format(path: Path) -> str:
+    if not path.exists():
+        raise HerdError(f"{path} does not exist")
+    if path.is_dir():
+        if (path / "config.json").exists():
+            return "hf"
+        if (path / "params.json").exists():
+            return "meta"
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return "gguf"
+        raise FormatError(f"{path} holds no model: expected config.json (Hugging Face), "
+                          "params.json (Meta) or one .gguf file")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic == GGUF_MAGIC:
+        return "gguf"
+    raise FormatError(f"{path} is not a GGUF file (bad magic {magic!r}) nor a model directory")
+
+
+def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32) -> Checkpoint:
+    """Read weights, config and tokenizer from any supported format, and check them."""
+    from ..tokenizer import load_tokenizer
+    from ..tokenizer.bpe import tokenizer_from_gguf
+
+    path = Path(path).expanduser()
+    kind = detect_format(path)
+    if kind == "gguf":
+        from .gguf import load_gguf
+
+        if path.is_dir():
+            path = sorted(path.glob("*.gguf"))[0]
+        args, sd, meta = load_gguf(path, dtype)
+        tokenizer = tokenizer_from_gguf(meta)
+    elif kind == "hf":
+        from .hf import load_hf
+
+        args, sd, meta = load_hf(path, dtype)
+        tokenizer = load_tokenizer(path)
+    else:
+        from .meta import load_meta
+
+        args, sd, meta = load_meta(path, dtype)
+        tok_file = next((p / "tokenizer.model" for p in (path, path.parent) if (p / "tokenizer.model").exists()), None)
+        if tok_file is None:
+            raise HerdError(f"no tokenizer found for {path}: expected tokenizer.model beside params.json")
+        tokenizer = load_tokenizer(tok_file)
+    check_state_dict(sd, args)
+    return Checkpoint(args, sd, tokenizer, kind, path, meta)
+
+
+def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor a model of `args` needs (output omitted when tied)."""
+    from ..model import Transformer
+
+    with torch.device("meta"):
+        model = Transformer(args)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if args.tie_embeddings:
+        shapes.pop("output.weight")
+    return shapes
+
+
+def check_state_dict(sd: dict[str, torch.Tensor], args: ModelArgs) -> None:
+    """FormatError naming the first missing, unexpected or wrongly shaped tensor."""
+    expected = expected_shapes(args)
+    for name in expected:
+        if name not in sd:
+            raise FormatError(f"checkpoint is missing tensor {name!r}")
+    for name, tensor in sd.items():
+        if name not in expected:
+            raise FormatError(f"unexpected tensor {name!r} in checkpoint")
+        if tuple(tensor.shape) != expected[name]:
+            raise FormatError(f"tensor {name!r} has shape {tuple(tensor.shape)}, expected {expected[name]}")
+
+
+def build_model(args: ModelArgs, state_dict: dict[str, torch.Tensor], device: str | torch.device = "cpu"):
+    """A `Transformer` holding `state_dict` (assigned, not copied), in eval mode."""
+    from ..model import Transformer
+
+    with torch.device("meta"):
+        model = Transformer(args)
+    sd = dict(state_dict)
+    if args.tie_embeddings:
+        sd["output.weight"] = sd["tok_embeddings.weight"]
+    model.load_state_dict(sd, assign=True, strict=True)
+    if args.tie_embeddings:  # assign=True replaced both parameters; share one again
+        model.output.weight = model.tok_embeddings.weight
+    model._ensure_rope(args.max_seq_len)
+    return model.to(device).eval()

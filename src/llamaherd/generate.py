@@ -1,0 +1,165 @@
+"""Sampling and the token stream: small pure functions, and a `generate` that yields token ids.
+
+The order of the sampling steps follows llama.cpp / Ollama: penalties, then top-k, top-p and min-p
+filtering, then temperature, then a draw. Temperature 0 is greedy (argmax), whatever else is set.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, fields
+
+import torch
+
+from .errors import HerdError
+
+
+@dataclass
+class SamplingOptions:
+    """Generation options, named and defaulted as in Ollama's `options`."""
+
+    temperature: float = 0.8
+    top_k: int = 40  # 0: off
+    top_p: float = 0.9  # 1.0: off
+    min_p: float = 0.0  # 0.0: off
+    repeat_penalty: float = 1.1  # 1.0: off
+    repeat_last_n: int = 64  # how many recent tokens the penalties see; -1: num_ctx, 0: off
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None  # same seed, same output
+    stop: Sequence[str] = field(default_factory=tuple)
+    num_predict: int = -1  # -1: until a stop token or the context is full
+    num_ctx: int | None = None  # context window; None: min(4096, the model's)
+
+    @classmethod
+    def from_dict(cls, options: dict | None) -> "SamplingOptions":
+        """From an Ollama-style options dict; unknown keys are ignored, wrong types are an error."""
+        opts = cls()
+        for f in fields(cls):
+            if options and f.name in options and options[f.name] is not None:
+                setattr(opts, f.name, options[f.name])
+        opts.validate()
+        return opts
+
+    def validate(self) -> None:
+        def number(name, kind=float, lo=None):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
+                raise HerdError(f"option {name} must be {'an integer' if kind is int else 'a number'}, got {value!r}")
+            if lo is not None and value < lo:
+                raise HerdError(f"option {name} must be >= {lo}, got {value!r}")
+            setattr(self, name, kind(value))
+
+        number("temperature", lo=0)
+        number("top_k", int, lo=0)
+        number("top_p", lo=0)
+        number("min_p", lo=0)
+        number("repeat_penalty", lo=0)
+        number("repeat_last_n", int, lo=-1)
+        number("presence_penalty")
+        number("frequency_penalty")
+        number("num_predict", int, lo=-2)
+        if self.seed is not None:
+            number("seed", int)
+        if self.num_ctx is not None:
+            number("num_ctx", int, lo=1)
+        if isinstance(self.stop, str):
+            self.stop = (self.stop,)
+        if not all(isinstance(s, str) for s in self.stop):
+            raise HerdError("option stop must be a string or a list of strings")
+        self.stop = tuple(s for s in self.stop if s)
+
+
+def apply_penalties(logits: torch.Tensor, history: Sequence[int], opts: SamplingOptions) -> torch.Tensor:
+    """Repeat (llama.cpp: divide positive logits, multiply negative ones), presence and frequency
+    penalties over the last `repeat_last_n` tokens. logits: (V,) float32."""
+    n = len(history) if opts.repeat_last_n == -1 else opts.repeat_last_n
+    recent = list(history[-n:]) if n > 0 else []
+    if not recent or (opts.repeat_penalty == 1.0 and not opts.presence_penalty and not opts.frequency_penalty):
+        return logits
+    ids, counts = torch.tensor(recent, device=logits.device).unique(return_counts=True)
+    logits = logits.clone()
+    picked = logits[ids]
+    if opts.repeat_penalty != 1.0:
+        picked = torch.where(picked > 0, picked / opts.repeat_penalty, picked * opts.repeat_penalty)
+    picked = picked - counts.to(picked.dtype) * opts.frequency_penalty - opts.presence_penalty
+    logits[ids] = picked
+    return logits
+
+
+def logits_to_probs(logits: torch.Tensor, opts: SamplingOptions) -> torch.Tensor:
+    """Probabilities (V,) after top-k, top-p, min-p filtering and temperature. logits: (V,) float32."""
+    logits = logits / opts.temperature
+    if 0 < opts.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, opts.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if opts.top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        # Keep the smallest set whose mass reaches top_p: drop a token if the mass before it already does.
+        drop = (sorted_probs.cumsum(-1) - sorted_probs) >= opts.top_p
+        drop[0] = False
+        probs = probs.scatter(0, order, sorted_probs.masked_fill(drop, 0.0))
+    if opts.min_p > 0.0:
+        probs = probs.masked_fill(probs < opts.min_p * probs.max(), 0.0)
+    return probs / probs.sum()
+
+
+def sample(logits: torch.Tensor, history: Sequence[int], opts: SamplingOptions,
+           generator: torch.Generator | None = None) -> int:
+    """Pick the next token from logits (V,) given the tokens so far."""
+    logits = apply_penalties(logits.float(), history, opts)
+    if opts.temperature <= 0.0:
+        return int(logits.argmax())
+    probs = logits_to_probs(logits, opts)
+    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+
+
+def make_generator(seed: int | None) -> torch.Generator:
+    g = torch.Generator()
+    if seed is None:
+        g.seed()
+    else:
+        g.manual_seed(seed)
+    return g
+
+
+@torch.inference_mode()
+def prefill(model, tokens: Sequence[int], start_pos: int = 0) -> torch.Tensor:
+    """Run the prompt through the model (filling the KV cache from `start_pos`); logits of the last token."""
+    device = model.tok_embeddings.weight.device
+    x = torch.tensor([list(tokens)], device=device)
+    pos = torch.arange(start_pos, start_pos + len(tokens), device=device)[None]
+    return model(x, pos, last_only=True)[0, -1]
+
+
+@torch.inference_mode()
+def decode_one_token(model, token: int, pos: int) -> torch.Tensor:
+    """Logits after feeding one token at position `pos`."""
+    device = model.tok_embeddings.weight.device
+    return model(torch.tensor([[token]], device=device), torch.tensor([[pos]], device=device))[0, -1]
+
+
+def generate(model, prompt: Sequence[int], opts: SamplingOptions, stop_ids: frozenset[int] = frozenset()
+             ) -> Iterator[int]:
+    """Yield new token ids after `prompt` until a stop token (not yielded), `num_predict` tokens, or a
+    full context. The caller sizes the KV cache (`model.setup_cache`) to at least num_ctx positions."""
+    num_ctx = opts.num_ctx or model.cache_len
+    if len(prompt) == 0:
+        raise HerdError("the prompt is empty")
+    if len(prompt) >= num_ctx:
+        raise HerdError(f"the prompt is {len(prompt)} tokens, which does not fit the context of {num_ctx} "
+                        "(raise num_ctx or shorten the prompt)")
+    generator = make_generator(opts.seed)
+    history = list(prompt)
+    logits = prefill(model, prompt)
+    budget = opts.num_predict if opts.num_predict >= 0 else num_ctx
+    for _ in range(budget):
+        token = sample(logits, history, opts, generator)
+        if token in stop_ids:
+            return
+        yield token
+        history.append(token)
+        if len(history) >= num_ctx:
+            return
+        logits = decode_one_token(model, token, len(history) - 1)
