@@ -140,26 +140,32 @@ def decode_one_token(model, token: int, pos: int) -> torch.Tensor:
     return model(torch.tensor([[token]], device=device), torch.tensor([[pos]], device=device))[0, -1]
 
 
-def generate(model, prompt: Sequence[int], opts: SamplingOptions, stop_ids: frozenset[int] = frozenset()
-             ) -> Iterator[int]:
+def generate(model, prompt: Sequence[int], opts: SamplingOptions, stop_ids: frozenset[int] = frozenset(),
+             cached: int = 0) -> Iterator[int]:
     """Yield new token ids after `prompt` until a stop token (not yielded), `num_predict` tokens, or a
-    full context. The caller sizes the KV cache (`model.setup_cache`) to at least num_ctx positions."""
+    full context.
+
+    The caller sizes the KV cache (`model.setup_cache`) to at least num_ctx positions; `cached` says
+    how many leading prompt tokens are already in it (a chat's earlier turns), so only the rest is
+    prefilled.
+    """
     num_ctx = opts.num_ctx or model.cache_len
     if len(prompt) == 0:
         raise HerdError("the prompt is empty")
     if len(prompt) >= num_ctx:
         raise HerdError(f"the prompt is {len(prompt)} tokens, which does not fit the context of {num_ctx} "
                         "(raise num_ctx or shorten the prompt)")
+    cached = min(cached, len(prompt) - 1)  # at least one token must run to give logits
     generator = make_generator(opts.seed)
     history = list(prompt)
-    logits = prefill(model, prompt)
+    logits = prefill(model, prompt[cached:], cached)
     budget = opts.num_predict if opts.num_predict >= 0 else num_ctx
-    for _ in range(budget):
+    for i in range(budget):
         token = sample(logits, history, opts, generator)
         if token in stop_ids:
             return
         yield token
         history.append(token)
-        if len(history) >= num_ctx:
+        if i == budget - 1 or len(history) >= num_ctx:
             return
         logits = decode_one_token(model, token, len(history) - 1)
