@@ -16,11 +16,12 @@ __all__ = ["load", "load_tokenizer", "HerdError", "__version__"]
 from .errors import HerdError
 
 
-def load(path: str | Path, device: str | None = None, dtype=None):
-    """Load a model (`.gguf` file, Hugging Face or Meta directory); returns a `llamaherd.llm.Llama`."""
+def load(path: str | Path, device: str | None = None, dtype=None, quantized: bool | None = None):
+    """Load a model (`.gguf` file, Hugging Face or Meta directory); returns a `llamaherd.llm.Llama`.
+    See `Llama.load` for the arguments."""
     from .llm import Llama
 
-    return Llama.load(path, device=device, dtype=dtype)
+    return Llama.load(path, device=device, dtype=dtype, quantized=quantized)
 
 
 def load_tokenizer(spec: str | Path = "llama3"):

@@ -167,8 +167,8 @@ class Transformer(nn.Module):
 
     def setup_cache(self, max_batch: int, max_seq_len: int, dtype=None, device=None) -> None:
         """Give every attention layer a KV cache of `max_batch` rows × `max_seq_len` positions."""
-        dtype = dtype or self.tok_embeddings.weight.dtype
-        device = device or self.tok_embeddings.weight.device
+        dtype = dtype or self.norm.weight.dtype  # embeddings may be int8; norms are always float
+        device = device or self.norm.weight.device
         for layer in self.layers:
             layer.attention.cache = KVCache(max_batch, max_seq_len, self.args.n_kv_heads,
                                             self.args.head_dim, dtype, device)

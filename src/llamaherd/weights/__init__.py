@@ -29,6 +29,7 @@ class Checkpoint:
     format: str  # "gguf" | "hf" | "meta"
     path: Path
     metadata: dict[str, Any] = field(default_factory=dict)
+    quantized: dict[str, str] = field(default_factory=dict)  # module name -> "int4" | "int8"
 
 
 def detect_format(path: Path) -> str:
@@ -51,19 +52,24 @@ def detect_format(path: Path) -> str:
     raise FormatError(f"{path} is not a GGUF file (bad magic {magic!r}) nor a model directory")
 
 
-def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32) -> Checkpoint:
-    """Read weights, config and tokenizer from any supported format, and check them."""
+def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32, quantized: bool = False) -> Checkpoint:
+    """Read weights, config and tokenizer from any supported format, and check them.
+
+    `quantized`: keep a GGUF file's quantized weights quantized (CPU inference); other formats and
+    float GGUF tensors are unaffected.
+    """
     from ..tokenizer import load_tokenizer
     from ..tokenizer.bpe import tokenizer_from_gguf
 
     path = Path(path).expanduser()
     kind = detect_format(path)
+    kinds: dict[str, str] = {}
     if kind == "gguf":
         from .gguf import load_gguf
 
         if path.is_dir():
             path = sorted(path.glob("*.gguf"))[0]
-        args, sd, meta = load_gguf(path, dtype)
+        args, sd, meta, kinds = load_gguf(path, dtype, quantized)
         tokenizer = tokenizer_from_gguf(meta)
     elif kind == "hf":
         from .hf import load_hf
@@ -78,8 +84,8 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32) -> Che
         if tok_file is None:
             raise HerdError(f"no tokenizer found for {path}: expected tokenizer.model beside params.json")
         tokenizer = load_tokenizer(tok_file)
-    check_state_dict(sd, args)
-    return Checkpoint(args, sd, tokenizer, kind, path, meta)
+    check_state_dict(sd, args, kinds)
+    return Checkpoint(args, sd, tokenizer, kind, path, meta, kinds)
 
 
 def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
@@ -94,30 +100,42 @@ def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def check_state_dict(sd: dict[str, torch.Tensor], args: ModelArgs) -> None:
-    """FormatError naming the first missing, unexpected or wrongly shaped tensor."""
+def check_state_dict(sd: dict[str, torch.Tensor], args: ModelArgs, quantized: dict[str, str] | None = None) -> None:
+    """FormatError naming the first missing, unexpected or wrongly shaped tensor.
+
+    Modules in `quantized` hold packed buffers whose shapes the packer already checked.
+    """
     expected = expected_shapes(args)
     for name in expected:
         if name not in sd:
             raise FormatError(f"checkpoint is missing tensor {name!r}")
     for name, tensor in sd.items():
+        if quantized and name.rpartition(".")[0] in quantized:
+            continue
         if name not in expected:
             raise FormatError(f"unexpected tensor {name!r} in checkpoint")
         if tuple(tensor.shape) != expected[name]:
             raise FormatError(f"tensor {name!r} has shape {tuple(tensor.shape)}, expected {expected[name]}")
 
 
-def build_model(args: ModelArgs, state_dict: dict[str, torch.Tensor], device: str | torch.device = "cpu"):
-    """A `Transformer` holding `state_dict` (assigned, not copied), in eval mode."""
+def build_model(args: ModelArgs, state_dict: dict[str, torch.Tensor], device: str | torch.device = "cpu",
+                quantized: dict[str, str] | None = None):
+    """A `Transformer` holding `state_dict` (assigned, not copied), in eval mode.
+
+    `quantized` names the modules whose buffers in `state_dict` are quantized (see `load_gguf`).
+    """
     from ..model import Transformer
+    from ..quantize.linear import swap_quantized_modules
 
     with torch.device("meta"):
         model = Transformer(args)
+    if quantized:
+        swap_quantized_modules(model, quantized)
     sd = dict(state_dict)
-    if args.tie_embeddings:
+    if args.tie_embeddings and "output.weight" not in sd:
         sd["output.weight"] = sd["tok_embeddings.weight"]
     model.load_state_dict(sd, assign=True, strict=True)
-    if args.tie_embeddings:  # assign=True replaced both parameters; share one again
+    if args.tie_embeddings and not quantized:  # assign=True replaced both parameters; share one again
         model.output.weight = model.tok_embeddings.weight
     model._ensure_rope(args.max_seq_len)
     return model.to(device).eval()

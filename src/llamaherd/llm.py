@@ -1,0 +1,235 @@
+"""`Llama`: a loaded model with its tokenizer — the object `llamaherd.load()` returns.
+
+    llm = llamaherd.load("SmolLM2-135M-Instruct.Q4_1.gguf")
+    for text in llm.chat([{"role": "user", "content": "Hi!"}], temperature=0):
+        print(text, end="")
+
+`stream()` is the one code path: it yields `Chunk`s (text plus token ids) and a last chunk with
+Ollama's statistics. `generate()` and `chat()` are views of it that yield only text.
+
+Context rule: a prompt that does not fit `num_ctx` is an error for `generate`; `chat` keeps the
+system messages and the newest messages that fit in three quarters of `num_ctx` (the last message
+always; if even that does not fit, it is an error). Generation stops when the context is full
+(`done_reason` "length").
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import HerdError
+from .generate import SamplingOptions, generate as generate_tokens
+
+
+@dataclass
+class Chunk:
+    """A piece of streamed output; the last one has `done=True` and the statistics (durations in ns)."""
+
+    text: str = ""
+    tokens: tuple[int, ...] = ()
+    done: bool = False
+    done_reason: str | None = None  # "stop" (stop token or string) or "length" (num_predict / num_ctx)
+    prompt_eval_count: int = 0
+    prompt_eval_duration: int = 0
+    eval_count: int = 0
+    eval_duration: int = 0
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class Llama:
+    def __init__(self, model, tokenizer, *, path: Path | None = None, format: str = "",
+                 metadata: dict | None = None, load_duration: float = 0.0):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.args = model.args
+        self.path = path
+        self.format = format
+        self.metadata = metadata or {}
+        self.load_duration = load_duration  # seconds
+        self._cached: list[int] = []  # tokens whose keys/values are in the KV cache (row 0)
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | None = None, dtype: torch.dtype | None = None,
+             quantized: bool | None = None) -> "Llama":
+        """Load a `.gguf` file, a Hugging Face directory or a Meta checkpoint directory.
+
+        Args:
+            device: "cpu" or "cuda"; default CUDA when there is one.
+            dtype: float dtype of unquantized weights; default bf16 on CUDA, float32 on CPU.
+            quantized: keep GGUF weights 4/8-bit (fast CPU kernels, bf16 matmul inputs); default
+                on for CPU. Off gives the reference path: weights dequantized to `dtype`.
+        """
+        from .weights import build_model, load_checkpoint
+
+        start = time.perf_counter()
+        device = device or default_device()
+        dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+        if quantized is None:
+            quantized = device == "cpu"
+        ckpt = load_checkpoint(path, dtype, quantized=quantized)
+        model = build_model(ckpt.args, ckpt.state_dict, device, ckpt.quantized)
+        return cls(model, ckpt.tokenizer, path=ckpt.path, format=ckpt.format, metadata=ckpt.metadata,
+                   load_duration=time.perf_counter() - start)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.tok_embeddings.weight.device
+
+    # -- prompts ----------------------------------------------------------------------------
+
+    def encode(self, text: str) -> list[int]:
+        """Raw prompt tokens: BOS (when the model wants one) and the text, special tokens as text."""
+        return self.tokenizer.encode(text, bos=self.tokenizer.add_bos)
+
+    def encode_chat(self, messages: Sequence[dict[str, Any]], template: str | None = None,
+                    add_generation_prompt: bool = True) -> list[int]:
+        """Chat prompt tokens, rendered with the model's chat template (or `template`)."""
+        from .tokenizer.chat import format_prompt
+
+        if not messages:
+            raise HerdError("messages must not be empty")
+        return format_prompt(self.tokenizer, list(messages), add_generation_prompt, template)
+
+    def fit_chat(self, messages: Sequence[dict[str, Any]], num_ctx: int, template: str | None = None) -> list[int]:
+        """Chat prompt tokens that fit the context: drop the oldest non-system messages if needed."""
+        budget = num_ctx - num_ctx // 4
+        messages = list(messages)
+        while True:
+            tokens = self.encode_chat(messages, template)
+            if len(tokens) <= budget:
+                return tokens
+            droppable = [i for i, m in enumerate(messages[:-1]) if m.get("role") != "system"]
+            if not droppable:
+                raise HerdError(f"the last message is {len(tokens)} tokens with the system prompt, which does "
+                                f"not fit the context of {num_ctx} (raise num_ctx or shorten it)")
+            del messages[droppable[0]]
+
+    def options(self, options: SamplingOptions | dict | None = None, **kwargs) -> SamplingOptions:
+        if isinstance(options, SamplingOptions):
+            opts = options
+        else:
+            opts = SamplingOptions.from_dict({**(options or {}), **kwargs})
+        if opts.num_ctx is None:
+            opts.num_ctx = min(4096, self.args.max_seq_len)
+        if opts.num_ctx > self.args.max_seq_len:
+            raise HerdError(f"num_ctx {opts.num_ctx} exceeds the model's context length {self.args.max_seq_len}")
+        return opts
+
+    # -- generation -------------------------------------------------------------------------
+
+    def stream(self, prompt: Sequence[int], opts: SamplingOptions) -> Iterator[Chunk]:
+        """Generate after the prompt tokens; yield text chunks, then a final chunk with statistics.
+
+        Stop strings are honoured across chunk boundaries: text that could be the start of a stop
+        string is held back until it is known not to be one.
+        """
+        from .tokenizer.stream import StreamDecoder
+
+        prompt = list(prompt)
+        if self.model.cache_len != opts.num_ctx:
+            self.model.setup_cache(1, opts.num_ctx)
+            self._cached = []
+        reuse = _common_prefix(self._cached, prompt)
+        self._cached = prompt[:reuse]  # valid even if generation is interrupted midway
+
+        decoder = StreamDecoder(self.tokenizer)
+        pending, pending_tokens = "", []
+        generated, done_reason = [], "stop"
+        start = time.perf_counter_ns()
+        first = None
+        tokens = generate_tokens(self.model, prompt, opts, self.tokenizer.stop_ids, cached=reuse)
+        for token in tokens:
+            if first is None:
+                first = time.perf_counter_ns()
+            generated.append(token)
+            pending += decoder.push(token)
+            pending_tokens.append(token)
+            hit = _find_stop(pending, opts.stop)
+            if hit is not None:
+                pending = pending[:hit]
+                break
+            safe = len(pending) - _stop_prefix_len(pending, opts.stop)
+            if safe > 0 or (not opts.stop and pending_tokens):
+                yield Chunk(pending[:safe], tuple(pending_tokens))
+                pending, pending_tokens = pending[safe:], []
+        else:
+            pending += decoder.flush()
+            n = len(generated)
+            if (opts.num_predict >= 0 and n >= opts.num_predict) or len(prompt) + n >= opts.num_ctx:
+                done_reason = "length"
+        end = time.perf_counter_ns()
+        # The last token's keys and values may not have been computed: leave it out.
+        self._cached = (prompt + generated)[:len(prompt) + len(generated) - 1]
+        if pending or pending_tokens:
+            yield Chunk(pending, tuple(pending_tokens))
+        first = first or end
+        yield Chunk(done=True, done_reason=done_reason, prompt_eval_count=len(prompt) - reuse,
+                    prompt_eval_duration=first - start, eval_count=len(generated), eval_duration=end - first)
+
+    def generate(self, prompt: str, *, raw: bool = False, system: str | None = None,
+                 template: str | None = None, **options) -> Iterator[str]:
+        """Stream the reply to `prompt`. As Ollama's /api/generate: the prompt is wrapped in the chat
+        template as a user message unless `raw`. Options: see `SamplingOptions`."""
+        opts = self.options(**options)
+        if raw:
+            ids = self.encode(prompt)
+        else:
+            messages = ([{"role": "system", "content": system}] if system else []) + [
+                {"role": "user", "content": prompt}]
+            ids = self.encode_chat(messages, template)
+        for chunk in self.stream(ids, opts):
+            if chunk.text:
+                yield chunk.text
+
+    def chat(self, messages: Sequence[dict[str, Any]], *, template: str | None = None, **options) -> Iterator[str]:
+        """Stream the assistant's reply to `messages` ({"role", "content"} dicts)."""
+        opts = self.options(**options)
+        for chunk in self.stream(self.fit_chat(messages, opts.num_ctx, template), opts):
+            if chunk.text:
+                yield chunk.text
+
+    @torch.inference_mode()
+    def logits(self, tokens: Sequence[int]) -> torch.Tensor:
+        """Logits (T, V) in float32 for a token sequence, teacher-forced, without the KV cache."""
+        cache = [layer.attention.cache for layer in self.model.layers]
+        self.model.clear_cache()
+        try:
+            return self.model(torch.tensor([list(tokens)], device=self.device))[0].float()
+        finally:
+            for layer, c in zip(self.model.layers, cache):
+                layer.attention.cache = c
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _find_stop(text: str, stops: Sequence[str]) -> int | None:
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(hits) if hits else None
+
+
+def _stop_prefix_len(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest end of `text` that is the beginning of a stop string."""
+    best = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:k]):
+                best = k
+                break
+    return best
+

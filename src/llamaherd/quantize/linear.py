@@ -1,0 +1,138 @@
+"""Weight-only quantized layers for CPU inference, and their construction from GGUF blocks.
+
+Weights stay 4- or 8-bit in memory; PyTorch's packed CPU kernels multiply them with bf16
+activations (their fp32 paths are reference loops, several times slower):
+
+- `Int4Linear`: 4-bit codes in groups of 32 with a scale and a zero per group,
+  w = (q - 8) * scale + zero — GGUF Q4_0 and Q4_1 map onto it *exactly* (only the scales are
+  rounded to bf16), so no requantization error is added to the file's own.
+- `Int8Linear` / `Int8Embedding`: int8 with one scale per output row, for every other GGUF type
+  (Q8_0, Q5_x, K-quants, floats): dequantized, then requantized per row (symmetric).
+
+Quantization swaps modules: `pack_gguf_tensor` makes the quantized tensors of a state dict,
+`swap_quantized_modules` puts the matching modules into a model built on the meta device.
+"""
+
+from __future__ import annotations
+
+import torch
+from gguf import GGMLQuantizationType
+from torch import nn
+
+from .ggml import dequantize
+
+Q = GGMLQuantizationType
+GROUP = 32  # Q4_0 / Q4_1 block size, and the int4 kernel's group size
+
+
+def cpu_int4_supported() -> bool:
+    return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
+
+
+class Int4Linear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device))
+        self.register_buffer("scales_and_zeros", torch.empty(in_features // GROUP, out_features, 2,
+                                                             dtype=torch.bfloat16, device=device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x.reshape(-1, self.in_features).to(torch.bfloat16), self.weight, GROUP, self.scales_and_zeros)
+        return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+
+
+class Int8Linear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("scales", torch.empty(out_features, dtype=torch.bfloat16, device=device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch._weight_int8pack_mm(x.reshape(-1, self.in_features).to(torch.bfloat16), self.weight, self.scales)
+        return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+
+
+class Int8Embedding(nn.Module):
+    """Embedding rows stored as int8 with a per-row scale (may share them with a tied `Int8Linear`)."""
+
+    def __init__(self, num_embeddings: int, dim: int, device=None):
+        super().__init__()
+        self.register_buffer("weight", torch.empty(num_embeddings, dim, dtype=torch.int8, device=device))
+        self.register_buffer("scales", torch.empty(num_embeddings, dtype=torch.bfloat16, device=device))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.weight[tokens].float() * self.scales[tokens].float().unsqueeze(-1)
+
+
+def quantize_int8_rows(w: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Symmetric per-row int8: w ~= q * scale, with scale rounded to bf16 before q is chosen."""
+    w = w.float()
+    scales = (w.abs().amax(dim=1).clamp(min=1e-12) / 127).to(torch.bfloat16)
+    q = torch.round(w / scales.float().unsqueeze(1)).clamp(-127, 127).to(torch.int8)
+    return {"weight": q, "scales": scales}
+
+
+def _q4_codes(blocks: torch.Tensor, qtype: Q) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Codes (n_blocks, 32) and each block's scale and zero (n_blocks,) for w = (q - 8) * s + z."""
+    n = blocks.shape[0]
+    d = blocks[:, :2].contiguous().view(torch.float16).float().squeeze(1)
+    if qtype == Q.Q4_0:  # x = d * (q - 8)
+        zero, qs = torch.zeros_like(d), blocks[:, 2:]
+    else:  # Q4_1: x = d * q + m = (q - 8) * d + (m + 8d)
+        m = blocks[:, 2:4].contiguous().view(torch.float16).float().squeeze(1)
+        zero, qs = m + 8 * d, blocks[:, 4:]
+    codes = torch.stack([qs & 0x0F, qs >> 4], dim=1).reshape(n, GROUP)  # low nibbles first, as ggml
+    return codes, d, zero
+
+
+def pack_int4(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> dict[str, torch.Tensor]:
+    """codes (N, K) in 0..15, scales/zeros (N, K/32) -> the packed buffers of an `Int4Linear`."""
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
+    sz = torch.stack([scales, zeros], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)  # (K/32, N, 2)
+    return {"weight": packed, "scales_and_zeros": sz}
+
+
+def pack_gguf_tensor(data, qtype: Q, shape: tuple[int, int], int4: bool = True
+                     ) -> tuple[str, dict[str, torch.Tensor]]:
+    """Quantized buffers for a 2-D GGUF weight of torch shape (out, in): ("int4" | "int8", buffers)."""
+    out_features, in_features = shape
+    if int4 and qtype in (Q.Q4_0, Q.Q4_1) and cpu_int4_supported() and in_features % (2 * GROUP) == 0:
+        raw = torch.from_numpy(data.reshape(-1, data.shape[-1]) if hasattr(data, "reshape") else data)
+        blocks = raw.reshape(-1, 18 if qtype == Q.Q4_0 else 20)
+        codes, d, zero = _q4_codes(blocks, qtype)
+        n_groups = in_features // GROUP
+        return "int4", pack_int4(codes.reshape(out_features, in_features), d.view(out_features, n_groups),
+                                 zero.view(out_features, n_groups))
+    return "int8", quantize_int8_rows(dequantize(data, qtype, shape))
+
+
+def swap_quantized_modules(model: nn.Module, kinds: dict[str, str]) -> None:
+    """Replace the `nn.Linear` / `nn.Embedding` named in `kinds` by their quantized counterparts."""
+    for name, kind in kinds.items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        old = getattr(parent, child)
+        if isinstance(old, nn.Embedding):
+            new = Int8Embedding(old.num_embeddings, old.embedding_dim, device="meta")
+        elif kind == "int4":
+            new = Int4Linear(old.in_features, old.out_features, device="meta")
+        else:
+            new = Int8Linear(old.in_features, old.out_features, device="meta")
+        setattr(parent, child, new)
+
+
+def dequantized_weight(module: nn.Module) -> torch.Tensor:
+    """The float weight a (possibly quantized) linear layer stands for (for tests and export)."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        return module.weight.float()
+    if isinstance(module, (Int8Linear, Int8Embedding)):
+        return module.weight.float() * module.scales.float().unsqueeze(1)
+    eye = torch.eye(module.in_features, dtype=torch.bfloat16)
+    return module(eye).float().T
+
+
+__all__ = ["Int4Linear", "Int8Linear", "Int8Embedding", "pack_gguf_tensor", "swap_quantized_modules",
+           "quantize_int8_rows", "pack_int4", "dequantized_weight"]
