@@ -19,3 +19,41 @@ def llama3_vocab_path() -> Path:
     """Meta's Llama 3 BPE ranks as shipped in the `quicktok-v1` package."""
     from llamaherd.tokenizer.llama3 import default_vocab_path
     return default_vocab_path()
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_path):
+    """Our tokenizer of the SmolLM2 GGUF."""
+    import gguf
+    from llamaherd.tokenizer.bpe import gguf_metadata, tokenizer_from_gguf
+    return tokenizer_from_gguf(gguf_metadata(gguf.GGUFReader(smollm2_path)))
+
+
+@pytest.fixture(scope="session")
+def hf_smollm2(smollm2_path):
+    """transformers' tokenizer of the same GGUF (the oracle)."""
+    transformers = pytest.importorskip("transformers")
+    return transformers.AutoTokenizer.from_pretrained(smollm2_path.parent, gguf_file=smollm2_path.name)
+
+
+@pytest.fixture(scope="session")
+def smollm2_ref(smollm2_path):
+    """The reference path: SmolLM2 with every weight dequantized to float32."""
+    import llamaherd
+    return llamaherd.load(smollm2_path, device="cpu", quantized=False)
+
+
+@pytest.fixture(scope="session")
+def smollm2_fast(smollm2_path):
+    """The fast CPU path: SmolLM2 with its Q4_1 weights kept 4-bit."""
+    import llamaherd
+    return llamaherd.load(smollm2_path, device="cpu", quantized=True)
+
+
+@pytest.fixture(scope="session")
+def hf_smollm2_model(smollm2_path):
+    """transformers' LlamaForCausalLM on the same GGUF, dequantized to float32 (the oracle)."""
+    transformers = pytest.importorskip("transformers")
+    import torch
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        smollm2_path.parent, gguf_file=smollm2_path.name, dtype=torch.float32).eval()

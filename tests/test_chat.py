@@ -95,18 +95,6 @@ def test_llama3_jinja_template_matches_format(llama3):
 
 # --- SmolLM2's template against transformers -----------------------------------------------------
 
-@pytest.fixture(scope="module")
-def smollm2(smollm2_path):
-    import gguf
-    return tokenizer_from_gguf(gguf_metadata(gguf.GGUFReader(smollm2_path)))
-
-
-@pytest.fixture(scope="module")
-def hf_smollm2(smollm2_path):
-    transformers = pytest.importorskip("transformers")
-    return transformers.AutoTokenizer.from_pretrained(smollm2_path.parent, gguf_file=smollm2_path.name)
-
-
 CONVERSATIONS = [
     [{"role": "user", "content": "What is the capital of France?"}],
     [{"role": "system", "content": "You answer in one word."},

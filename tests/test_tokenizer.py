@@ -145,18 +145,6 @@ def test_load_errors(tmp_path, llama3_vocab_path):
 
 # --- GGUF: the real SmolLM2 file -----------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def smollm2(smollm2_path):
-    import gguf
-    return tokenizer_from_gguf(gguf_metadata(gguf.GGUFReader(smollm2_path)))
-
-
-@pytest.fixture(scope="module")
-def hf_smollm2(smollm2_path):
-    transformers = pytest.importorskip("transformers")
-    return transformers.AutoTokenizer.from_pretrained(smollm2_path.parent, gguf_file=smollm2_path.name)
-
-
 def test_smollm2_metadata(smollm2):
     assert isinstance(smollm2, Tokenizer)
     assert smollm2.n_words == 49152
