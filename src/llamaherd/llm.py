@@ -25,6 +25,7 @@ import torch
 
 from .errors import HerdError
 from .generate import SamplingOptions, generate as generate_tokens
+from .engine.text import TextStream, common_prefix
 
 
 @dataclass
@@ -132,16 +133,14 @@ class Llama:
         Stop strings are honoured across chunk boundaries: text that could be the start of a stop
         string is held back until it is known not to be one.
         """
-        from .tokenizer.stream import StreamDecoder
-
         prompt = list(prompt)
         if self.model.cache_len != opts.num_ctx:
             self.model.setup_cache(1, opts.num_ctx)
             self._cached = []
-        reuse = _common_prefix(self._cached, prompt)
+        reuse = common_prefix(self._cached, prompt)
         self._cached = prompt[:reuse]  # valid even if generation is interrupted midway
 
-        decoder = StreamDecoder(self.tokenizer)
+        text = TextStream(self.tokenizer, opts.stop)
         pending, pending_tokens = "", []
         generated, done_reason = [], "stop"
         start = time.perf_counter_ns()
@@ -151,18 +150,16 @@ class Llama:
             if first is None:
                 first = time.perf_counter_ns()
             generated.append(token)
-            pending += decoder.push(token)
             pending_tokens.append(token)
-            hit = _find_stop(pending, opts.stop)
-            if hit is not None:
-                pending = pending[:hit]
+            out = text.push(token)
+            if text.stopped:
+                pending = out
                 break
-            safe = len(pending) - _stop_prefix_len(pending, opts.stop)
-            if safe > 0 or (not opts.stop and pending_tokens):
-                yield Chunk(pending[:safe], tuple(pending_tokens))
-                pending, pending_tokens = pending[safe:], []
+            if out or not opts.stop:
+                yield Chunk(out, tuple(pending_tokens))
+                pending_tokens = []
         else:
-            pending += decoder.flush()
+            pending = text.finish()
             n = len(generated)
             if (opts.num_predict >= 0 and n >= opts.num_predict) or len(prompt) + n >= opts.num_ctx:
                 done_reason = "length"
@@ -207,29 +204,4 @@ class Llama:
         finally:
             for layer, c in zip(self.model.layers, cache):
                 layer.attention.cache = c
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
-def _find_stop(text: str, stops: Sequence[str]) -> int | None:
-    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return min(hits) if hits else None
-
-
-def _stop_prefix_len(text: str, stops: Sequence[str]) -> int:
-    """Length of the longest end of `text` that is the beginning of a stop string."""
-    best = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), best, -1):
-            if text.endswith(s[:k]):
-                best = k
-                break
-    return best
 
