@@ -154,7 +154,9 @@ class Transformer(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
-        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        # Weights are left uninitialised (checkpoints overwrite them; `init_weights` is for training
+        # from scratch). Passing `_weight` also spares the meta-device `normal_`, which imports dynamo.
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim, _weight=torch.empty(args.vocab_size, args.dim))
         self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
@@ -162,6 +164,17 @@ class Transformer(nn.Module):
             self.output.weight = self.tok_embeddings.weight
         # RoPE table: not a parameter, not saved; rebuilt (and grown) on demand.
         self.register_buffer("rope", precompute_rope(args, args.max_seq_len), persistent=False)
+
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02) -> None:
+        """Random initialisation for pre-training: normal(0, std) matrices, unit norms."""
+        for name, p in self.named_parameters():
+            if p.ndim == 1:
+                p.fill_(1.0)
+            else:
+                # Residual projections are scaled down with depth (GPT-2 / nanoGPT).
+                scale = (2 * self.args.n_layers) ** -0.5 if name.endswith(("wo.weight", "w2.weight")) else 1.0
+                p.normal_(0.0, std * scale)
 
     # -- KV cache ---------------------------------------------------------------------------
 

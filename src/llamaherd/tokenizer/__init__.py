@@ -91,12 +91,9 @@ def load_tokenizer(spec: str | os.PathLike) -> Tokenizer:
         if head.startswith(b"{"):
             return tokenizer_from_hf(path)
         if head.startswith(b"GGUF"):
-            import gguf
-            try:
-                reader = gguf.GGUFReader(path)
-            except (ValueError, IndexError, OSError) as e:  # what gguf raises on a corrupt file
-                raise FormatError(f"{path}: not a readable GGUF file ({e})") from None
-            return tokenizer_from_gguf(gguf_metadata(reader))
+            from ..weights.gguf_file import GGUFFile  # numpy only: no torch import
+
+            return tokenizer_from_gguf(GGUFFile(path).metadata)
         return Llama3Tokenizer.from_file(path)
     raise HerdError(f"no tokenizer found at {spec}")
 

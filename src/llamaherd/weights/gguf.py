@@ -1,7 +1,7 @@
-"""GGUF checkpoints (`llama` architecture), read with the `gguf` package.
+"""GGUF checkpoints (`llama` architecture).
 
-The file is memory-mapped by `gguf.GGUFReader`; each tensor is dequantized straight from the map,
-so no second copy of the raw file is held. GGUF stores q/k in Meta's interleaved layout already
+The file is memory-mapped (`gguf_file.GGUFFile`); each tensor is dequantized or packed straight
+from the map, so no second copy of the raw file is held. GGUF stores q/k in Meta's interleaved layout already
 (llama.cpp's converter undoes HF's permutation), so only names change.
 """
 
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -17,29 +16,8 @@ from ..config import KNOWN_ROPE_SCALINGS, ModelArgs
 from ..errors import FormatError
 from ..model import rope_frequencies
 from ..quantize.ggml import dequantize
+from .gguf_file import GGUFFile
 from .keymaps import FROM_GGUF, map_key
-
-
-def open_gguf(path: str | Path):
-    """A `gguf.GGUFReader` for `path`, with a clear error for a truncated or corrupt file."""
-    from gguf import GGUFReader
-
-    try:
-        return GGUFReader(str(path), "r")
-    except FileNotFoundError:
-        raise FormatError(f"{path} does not exist") from None
-    except Exception as e:  # the reader raises ValueError, KeyError, struct errors... on bad files
-        raise FormatError(f"{path} is not a valid GGUF file (truncated or corrupt?): {e}") from None
-
-
-def read_metadata(reader) -> dict[str, Any]:
-    """GGUF key/value metadata as plain Python values, with a clear error for an unreadable field."""
-    from ..tokenizer.bpe import gguf_metadata
-
-    try:
-        return {k: v for k, v in gguf_metadata(reader).items() if not k.startswith("GGUF.")}
-    except Exception as e:  # a malformed field: the reader raises whatever numpy does
-        raise FormatError(f"GGUF metadata is unreadable (corrupt file?): {e}") from None
 
 
 def _rope_scaling_from_tensor(factors: torch.Tensor, args: ModelArgs):
@@ -71,14 +49,14 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, quantized: b
     """
     from ..quantize.linear import pack_gguf_tensor
 
-    reader = open_gguf(path)
-    meta = read_metadata(reader)
+    reader = GGUFFile(path)
+    meta = reader.metadata
     names = {t.name for t in reader.tensors}
     args = ModelArgs.from_gguf(meta, names)
     state_dict, kinds = {}, {}
     for t in reader.tensors:
         key = map_key(t.name, FROM_GGUF)
-        shape = tuple(int(n) for n in reversed(t.shape.tolist()))  # GGUF lists ne0 (fastest) first
+        shape = t.shape
         try:
             module = key.rpartition(".")[0] if key else None
             if quantized and module in QUANTIZABLE and t.tensor_type.name not in FLOAT_TYPES:
