@@ -80,13 +80,6 @@ def test_fast_path_accuracy(smollm2_ref, smollm2_fast, heldout_text):
     assert abs(ppl(fast) / ppl(ref) - 1) <= 0.01, (ppl(fast), ppl(ref))
 
 
-def test_fast_path_greedy_shares_prefix_with_reference(smollm2_ref, smollm2_fast):
-    ids = smollm2_ref.encode(RAW_PROMPTS[0])
-    ref = our_tokens(smollm2_ref, ids, **GREEDY)
-    fast = our_tokens(smollm2_fast, ids, **GREEDY)
-    assert fast[:8] == ref[:8]
-
-
 def test_same_seed_same_output(smollm2_fast):
     ids = smollm2_fast.encode("My favourite colour is")
     opts = dict(temperature=1.0, top_k=50, top_p=0.95, seed=1234, num_predict=24)
@@ -115,17 +108,19 @@ def test_stop_string_is_cut_and_ends_generation(smollm2_fast):
     assert chunks[-1].done_reason == "stop"
 
 
-def test_prefix_reuse_gives_identical_output(smollm2_ref):
-    """A chat's earlier turns are not recomputed, and reusing them changes nothing (float32 path:
-    on the 4-bit path the bf16 roundings make chunked and whole prefills differ slightly)."""
-    llm = smollm2_ref
-    a = [{"role": "user", "content": "Name a fruit."}]
+@pytest.mark.parametrize("which", ["smollm2_ref", "smollm2_fast"])
+def test_prefix_reuse_gives_identical_output(request, which):
+    """A chat's earlier turns are not recomputed, and reusing them changes nothing, bit for bit."""
+    llm = request.getfixturevalue(which)
+    a = [{"role": "system", "content": "You are a helpful assistant who knows a great deal about fruit, "
+                                       "vegetables, gardens, markets and cooking. " * 6},
+         {"role": "user", "content": "Name a fruit."}]
     first = "".join(llm.chat(a, temperature=0, num_predict=10))
     b = a + [{"role": "assistant", "content": first}, {"role": "user", "content": "Another one?"}]
     ids = llm.encode_chat(b)
     opts = llm.options(temperature=0, num_predict=10)
     warm = list(llm.stream(ids, opts))
-    assert warm[-1].prompt_eval_count < len(ids)  # the shared prefix was not recomputed
+    assert len(ids) > 2 * 64 and warm[-1].prompt_eval_count < len(ids)  # the shared prefix was reused
     llm.model.setup_cache(1, opts.num_ctx)  # a cold cache
     llm._cached = []
     cold = list(llm.stream(ids, opts))

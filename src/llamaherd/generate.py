@@ -126,11 +126,27 @@ def make_generator(seed: int | None) -> torch.Generator:
 
 @torch.inference_mode()
 def prefill(model, tokens: Sequence[int], start_pos: int = 0) -> torch.Tensor:
-    """Run the prompt through the model (filling the KV cache from `start_pos`); logits of the last token."""
+    """Run the prompt through the model (filling the KV cache from `start_pos`); logits of the last token.
+
+    The prompt goes in chunks that start at multiples of PREFILL_CHUNK positions. Matmul and attention
+    kernels round differently for different numbers of rows, so a prompt split at other places would
+    give slightly different keys and values; with fixed boundaries, a prompt resumed from a cached
+    prefix that ends on a boundary is computed exactly as it would be from scratch. It also bounds
+    the memory a long prompt needs.
+    """
     device = model.tok_embeddings.weight.device
-    x = torch.tensor([list(tokens)], device=device)
-    pos = torch.arange(start_pos, start_pos + len(tokens), device=device)[None]
-    return model(x, pos, last_only=True)[0, -1]
+    tokens = list(tokens)
+    end = start_pos + len(tokens)
+    pos = start_pos
+    while pos < end:
+        stop = min(end, (pos // PREFILL_CHUNK + 1) * PREFILL_CHUNK)
+        x = torch.tensor([tokens[pos - start_pos:stop - start_pos]], device=device)
+        logits = model(x, torch.arange(pos, stop, device=device)[None], last_only=True)
+        pos = stop
+    return logits[0, -1]
+
+
+PREFILL_CHUNK = 64
 
 
 @torch.inference_mode()
@@ -155,7 +171,8 @@ def generate(model, prompt: Sequence[int], opts: SamplingOptions, stop_ids: froz
     if len(prompt) >= num_ctx:
         raise HerdError(f"the prompt is {len(prompt)} tokens, which does not fit the context of {num_ctx} "
                         "(raise num_ctx or shorten the prompt)")
-    cached = min(cached, len(prompt) - 1)  # at least one token must run to give logits
+    # At least one token must run to give logits; resume on a chunk boundary (see `prefill`).
+    cached = min(cached, len(prompt) - 1) // PREFILL_CHUNK * PREFILL_CHUNK
     generator = make_generator(opts.seed)
     history = list(prompt)
     logits = prefill(model, prompt[cached:], cached)

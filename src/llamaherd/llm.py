@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from .errors import HerdError
-from .generate import SamplingOptions, generate as generate_tokens
+from .generate import PREFILL_CHUNK, SamplingOptions, generate as generate_tokens
 from .engine.text import TextStream, common_prefix
 
 
@@ -137,7 +137,9 @@ class Llama:
         if self.model.cache_len != opts.num_ctx:
             self.model.setup_cache(1, opts.num_ctx)
             self._cached = []
-        reuse = common_prefix(self._cached, prompt)
+        # Resume from the longest cached prefix that ends on a prefill chunk boundary, so the result
+        # is the same as from scratch (see `generate.prefill`).
+        reuse = min(common_prefix(self._cached, prompt), len(prompt) - 1) // PREFILL_CHUNK * PREFILL_CHUNK
         self._cached = prompt[:reuse]  # valid even if generation is interrupted midway
 
         text = TextStream(self.tokenizer, opts.stop)
@@ -164,8 +166,9 @@ class Llama:
             if (opts.num_predict >= 0 and n >= opts.num_predict) or len(prompt) + n >= opts.num_ctx:
                 done_reason = "length"
         end = time.perf_counter_ns()
-        # The last token's keys and values may not have been computed: leave it out.
-        self._cached = (prompt + generated)[:len(prompt) + len(generated) - 1]
+        # Only the prompt was prefilled in chunks; generated tokens went one by one, so their keys
+        # and values differ (in the last bits) from what a prefill of them would give: not reused.
+        self._cached = prompt
         if pending or pending_tokens:
             yield Chunk(pending, tuple(pending_tokens))
         first = first or end

@@ -34,9 +34,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in float32 whatever the activation dtype, as Meta and HF do.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return xf.type_as(x) * self.weight
+        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x) * self.weight
 
 
 def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None = None) -> torch.Tensor:
@@ -60,20 +58,16 @@ def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None = 
 
 
 def precompute_rope(args: ModelArgs, max_seq_len: int) -> torch.Tensor:
-    """cos and sin for every position: (max_seq_len, Dh/2, 2)."""
+    """e^(i * position * frequency) for every position: complex64 (max_seq_len, Dh/2)."""
     freqs = rope_frequencies(args.head_dim, args.rope_theta, args.rope_scaling)
     angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), freqs)
-    return torch.stack([angles.cos(), angles.sin()], dim=-1)
+    return torch.polar(torch.ones_like(angles), angles)
 
 
 def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs of x (B, T, n, Dh) by rope (B, T, Dh/2, 2)."""
-    xp = x.float().unflatten(-1, (-1, 2))  # (B, T, n, Dh/2, 2)
-    rope = rope.unsqueeze(2)  # (B, T, 1, Dh/2, 2)
-    cos, sin = rope[..., 0], rope[..., 1]
-    x0, x1 = xp[..., 0], xp[..., 1]
-    out = torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1)
-    return out.flatten(-2).type_as(x)
+    """Rotate interleaved pairs of x (B, T, n, Dh), read as complex numbers, by rope (B, T, Dh/2)."""
+    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (B, T, n, Dh/2)
+    return torch.view_as_real(xc * rope.unsqueeze(2)).flatten(-2).type_as(x)
 
 
 class KVCache(nn.Module):
@@ -90,10 +84,15 @@ class KVCache(nn.Module):
                n_keys: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (B, K, T, Dh) at input_pos (B, T) of cache rows `rows` (B,) — default 0..B-1 —
         and return the first `n_keys` cached keys and values of those rows: (B, K, S, Dh)."""
-        B = k.shape[0]
-        r = (torch.arange(B, device=k.device) if rows is None else rows)[:, None]  # (B, 1)
-        self.k[r, :, input_pos] = k.transpose(1, 2).to(self.k.dtype)  # indexed view: (B, T, K, Dh)
-        self.v[r, :, input_pos] = v.transpose(1, 2).to(self.v.dtype)
+        B, T = input_pos.shape
+        if rows is None and B == 1:  # one sequence, consecutive positions: a slice, no scatter
+            start = int(input_pos[0, 0])
+            self.k[:1, :, start:start + T] = k
+            self.v[:1, :, start:start + T] = v
+        else:
+            r = (torch.arange(B, device=k.device) if rows is None else rows)[:, None]  # (B, 1)
+            self.k[r, :, input_pos] = k.transpose(1, 2).to(self.k.dtype)  # indexed view: (B, T, K, Dh)
+            self.v[r, :, input_pos] = v.transpose(1, 2).to(self.v.dtype)
         if rows is None:  # a slice, not a copy
             return self.k[:B, :, :n_keys], self.v[:B, :, :n_keys]
         return self.k[rows, :, :n_keys], self.v[rows, :, :n_keys]
@@ -107,16 +106,22 @@ class Attention(nn.Module):
         self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        # wq, wk and wv as one matrix: set by `quantize.linear.fuse_projections` for inference.
+        self.wqkv: nn.Module | None = None
         self.cache: KVCache | None = None
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor | None,
                 input_pos: torch.Tensor, rows: torch.Tensor | None, n_keys: int) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
-        q, k = apply_rope(q, rope), apply_rope(k, rope)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H or K, T, Dh)
+        H, K, Dh = self.n_heads, self.n_kv_heads, self.head_dim
+        if self.wqkv is not None:
+            qk, v = self.wqkv(x).split([(H + K) * Dh, K * Dh], dim=-1)
+            q, k = apply_rope(qk.view(B, T, H + K, Dh), rope).split([H, K], dim=2)
+        else:
+            q = apply_rope(self.wq(x).view(B, T, H, Dh), rope)
+            k = apply_rope(self.wk(x).view(B, T, K, Dh), rope)
+            v = self.wv(x)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.view(B, T, K, Dh).transpose(1, 2)  # (B, H|K, T, Dh)
         if self.cache is not None:
             k, v = self.cache.update(rows, input_pos, k, v, n_keys)  # (B, K, S, Dh)
         if mask is None:  # plain causal attention over exactly these T tokens
@@ -132,9 +137,14 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(dim, hidden_dim, bias=False)  # gate
         self.w2 = nn.Linear(hidden_dim, dim, bias=False)  # down
         self.w3 = nn.Linear(dim, hidden_dim, bias=False)  # up
+        self.w13: nn.Module | None = None  # w1 and w3 as one matrix (see Attention.wqkv)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))  # SwiGLU
+        if self.w13 is not None:
+            gate, up = self.w13(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.w1(x), self.w3(x)
+        return self.w2(F.silu(gate) * up)  # SwiGLU
 
 
 class TransformerBlock(nn.Module):
@@ -221,14 +231,15 @@ class Transformer(nn.Module):
                 raise ValueError("input_pos is required when a KV cache is set up")
             input_pos = torch.arange(T, device=tokens.device).expand(B, T)
         self._ensure_rope(int(input_pos.max()) + 1)
-        rope = self.rope[input_pos]  # (B, T, Dh/2, 2)
+        rope = self.rope[input_pos]  # (B, T, Dh/2) complex
 
         mask, n_keys = None, T
         if cached:
             # Attend over cache positions 0..n_keys-1; each query sees keys at positions <= its own.
             n_keys = int(input_pos.max()) + 1
-            key_pos = torch.arange(n_keys, device=tokens.device)
-            mask = (key_pos[None, None, None, :] <= input_pos[:, None, :, None])  # (B, 1, T, S)
+            if not (B == 1 and T == 1):  # one new token of one sequence sees every cached key
+                key_pos = torch.arange(n_keys, device=tokens.device)
+                mask = (key_pos[None, None, None, :] <= input_pos[:, None, :, None])  # (B, 1, T, S)
         elif doc_ids is not None:
             causal = torch.ones(T, T, dtype=torch.bool, device=tokens.device).tril()
             same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]

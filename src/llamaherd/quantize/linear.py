@@ -124,6 +124,40 @@ def swap_quantized_modules(model: nn.Module, kinds: dict[str, str]) -> None:
         setattr(parent, child, new)
 
 
+def _concat(modules: list[nn.Module]) -> nn.Module | None:
+    """One quantized linear layer computing the given ones side by side (outputs concatenated)."""
+    kind = type(modules[0])
+    if kind not in (Int4Linear, Int8Linear) or any(type(m) is not kind for m in modules):
+        return None
+    fused = kind(modules[0].in_features, sum(m.out_features for m in modules), device="meta")
+    # Packed int4 rows are independent, so packing then concatenating equals concatenating then packing.
+    fused.weight = torch.cat([m.weight for m in modules])
+    if kind is Int4Linear:
+        fused.scales_and_zeros = torch.cat([m.scales_and_zeros for m in modules], dim=1)
+    else:
+        fused.scales = torch.cat([m.scales for m in modules])
+    return fused
+
+
+def fuse_projections(model: nn.Module) -> None:
+    """Give each block one q/k/v matmul and one gate/up matmul instead of three and two.
+
+    At batch 1 on a CPU a matmul of these sizes costs little more than its launch and the casts around
+    it, so fewer, wider ones are faster. Only quantized layers of one kind are fused; the separate
+    modules are dropped (their buffers live on in the fused one).
+    """
+    for layer in model.layers:
+        attn, ffn = layer.attention, layer.feed_forward
+        wqkv = _concat([attn.wq, attn.wk, attn.wv])
+        if wqkv is not None:
+            attn.wqkv = wqkv
+            del attn.wq, attn.wk, attn.wv
+        w13 = _concat([ffn.w1, ffn.w3])
+        if w13 is not None:
+            ffn.w13 = w13
+            del ffn.w1, ffn.w3
+
+
 def dequantized_weight(module: nn.Module) -> torch.Tensor:
     """The float weight a (possibly quantized) linear layer stands for (for tests and export)."""
     if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -134,5 +168,5 @@ def dequantized_weight(module: nn.Module) -> torch.Tensor:
     return module(eye).float().T
 
 
-__all__ = ["Int4Linear", "Int8Linear", "Int8Embedding", "pack_gguf_tensor", "swap_quantized_modules",
+__all__ = ["Int4Linear", "Int8Linear", "Int8Embedding", "pack_gguf_tensor", "swap_quantized_modules", "fuse_projections",
            "quantize_int8_rows", "pack_int4", "dequantized_weight"]

@@ -125,7 +125,7 @@ def build_model(args: ModelArgs, state_dict: dict[str, torch.Tensor], device: st
     `quantized` names the modules whose buffers in `state_dict` are quantized (see `load_gguf`).
     """
     from ..model import Transformer
-    from ..quantize.linear import swap_quantized_modules
+    from ..quantize.linear import fuse_projections, swap_quantized_modules
 
     with torch.device("meta"):
         model = Transformer(args)
@@ -137,5 +137,7 @@ def build_model(args: ModelArgs, state_dict: dict[str, torch.Tensor], device: st
     model.load_state_dict(sd, assign=True, strict=True)
     if args.tie_embeddings and not quantized:  # assign=True replaced both parameters; share one again
         model.output.weight = model.tok_embeddings.weight
+    if quantized:
+        fuse_projections(model)
     model._ensure_rope(args.max_seq_len)
     return model.to(device).eval()

@@ -1,0 +1,199 @@
+"""llamaherd vs llama.cpp (llama-cpp-python) vs HF transformers, same GGUF, same threads, one run.
+
+    python benchmarks/bench_cpu.py [--model FILE.gguf] [--threads 2] [--json results.json]
+
+Each runtime runs in a fresh process of its own, in turn (so peak RSS and cold start are its own):
+  decode     tokens/s over 256 greedy tokens at batch 1 (stop tokens ignored)
+  prefill    tokens/s over a ~600-token prompt
+  ttft       seconds from process start to the first generated token of a short prompt (cold start:
+             imports, load, prefill, first token)
+  load       seconds to load the model, imports excluded
+  peak_rss   MB, the process's peak resident memory
+Ratios are to llama.cpp's figure (for the times and memory, llama.cpp's divided by ours: > 1 is
+better). llama-cpp-python is optional (`pip install llama-cpp-python`, it compiles llama.cpp, ~10
+minutes); rows of runtimes that are not installed are left out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+N_DECODE = 256
+N_PREFILL = 600
+SHORT_PROMPT = "What is the capital of France?"
+
+
+def prompt_ids(model: str) -> list[int]:
+    """~600 token ids of real text, from the model's own tokenizer (the same ids for everyone)."""
+    from llamaherd.tokenizer import load_tokenizer
+
+    text = (Path(__file__).resolve().parents[1] / "tests" / "data" / "heldout.txt").read_text()
+    ids = load_tokenizer(model).encode(text * 4)
+    return ids[:N_PREFILL]
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# -- workers: each prints one JSON line -------------------------------------------------------------
+
+def run_llamaherd(model: str, threads: int, ids: list[int]) -> dict:
+    import torch
+
+    import llamaherd
+    from llamaherd.generate import SamplingOptions, decode_one_token, generate, prefill
+
+    torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    llm = llamaherd.load(model)
+    load = time.perf_counter() - t0
+    opts = llm.options(temperature=0, num_predict=1)
+    next(iter(llm.generate(SHORT_PROMPT, **vars(opts))))
+    ttft_epoch = time.time()
+
+    llm.model.setup_cache(1, 2048)
+    prefill(llm.model, ids[:16])  # warm-up
+    t0 = time.perf_counter()
+    prefill(llm.model, ids)
+    prefill_s = time.perf_counter() - t0
+
+    opts = SamplingOptions(temperature=0, repeat_penalty=1.0, num_predict=N_DECODE, num_ctx=2048)
+    for i in range(4):  # warm-up
+        decode_one_token(llm.model, 1, 16 + i)
+    t0 = time.perf_counter()
+    n = sum(1 for _ in generate(llm.model, ids[:16], opts))
+    decode_s = time.perf_counter() - t0
+    return dict(load=load, ttft_epoch=ttft_epoch, prefill=len(ids) / prefill_s, decode=n / decode_s)
+
+
+def run_llamacpp(model: str, threads: int, ids: list[int]) -> dict:
+    from llama_cpp import Llama
+
+    t0 = time.perf_counter()
+    llm = Llama(model_path=model, n_threads=threads, n_threads_batch=threads, n_ctx=2048, n_batch=512,
+                verbose=False)
+    load = time.perf_counter() - t0
+    for _ in llm.create_completion(SHORT_PROMPT, max_tokens=1, temperature=0, stream=True):
+        break
+    ttft_epoch = time.time()
+
+    llm.reset()
+    t0 = time.perf_counter()
+    llm.eval(ids)
+    prefill_s = time.perf_counter() - t0
+
+    llm.reset()
+    llm.eval(ids[:16])
+    t0 = time.perf_counter()
+    for _ in range(N_DECODE):
+        token = llm.sample(temp=0.0)
+        llm.eval([token])
+    decode_s = time.perf_counter() - t0
+    return dict(load=load, ttft_epoch=ttft_epoch, prefill=len(ids) / prefill_s, decode=N_DECODE / decode_s)
+
+
+def run_transformers(model: str, threads: int, ids: list[int]) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(threads)
+    path = Path(model)
+    t0 = time.perf_counter()
+    hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    load = time.perf_counter() - t0
+    short = torch.tensor([ids[:8]])
+    with torch.no_grad():
+        hf(short)
+        ttft_epoch = time.time()
+        t0 = time.perf_counter()
+        hf(torch.tensor([ids]))
+        prefill_s = time.perf_counter() - t0
+        start = torch.tensor([ids[:16]])
+        t0 = time.perf_counter()
+        hf.generate(start, max_new_tokens=1, do_sample=False)
+        first_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        hf.generate(start, max_new_tokens=N_DECODE, min_new_tokens=N_DECODE, do_sample=False)
+        decode_s = time.perf_counter() - t0 - first_s
+    return dict(load=load, ttft_epoch=ttft_epoch, prefill=len(ids) / prefill_s, decode=(N_DECODE - 1) / decode_s)
+
+
+WORKERS = {"llamaherd": run_llamaherd, "llama.cpp": run_llamacpp, "transformers": run_transformers}
+REQUIRES = {"llamaherd": "llamaherd", "llama.cpp": "llama_cpp", "transformers": "transformers"}
+
+
+def worker(name: str, model: str, threads: int, ids_file: str) -> None:
+    ids = json.loads(Path(ids_file).read_text())
+    result = WORKERS[name](model, threads, ids)
+    result["peak_rss"] = peak_rss_mb()
+    print(json.dumps(result))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="GGUF file (default: the SmolLM2-135M-Instruct Q4_1 model)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--only", nargs="*", choices=list(WORKERS), default=list(WORKERS))
+    parser.add_argument("--json", default="benchmarks/results/bench_cpu.json")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--ids", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        return worker(args.worker, args.model, args.threads, args.ids)
+
+    if args.model is None:
+        from llamaherd.fetch import smollm2_gguf
+        args.model = str(smollm2_gguf())
+    ids_file = Path("/tmp") / f"bench_ids_{os.getpid()}.json"
+    ids_file.write_text(json.dumps(prompt_ids(args.model)))
+    import importlib.util
+
+    results = {}
+    for name in args.only:
+        if importlib.util.find_spec(REQUIRES[name]) is None:
+            print(f"[{name}: not installed, skipped]", file=sys.stderr)
+            continue
+        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+        start = time.time()
+        proc = subprocess.run([sys.executable, __file__, "--worker", name, "--model", args.model,
+                               "--threads", str(args.threads), "--ids", str(ids_file)],
+                              capture_output=True, text=True, env=env)
+        if proc.returncode != 0:
+            print(f"[{name} failed]\n{proc.stderr[-2000:]}", file=sys.stderr)
+            continue
+        r = json.loads(proc.stdout.strip().splitlines()[-1])
+        r["ttft"] = r.pop("ttft_epoch") - start
+        results[name] = r
+        print(f"[{name}: done]", file=sys.stderr)
+
+    base = results.get("llama.cpp")
+    cols = [("decode", "decode tok/s", True), ("prefill", "prefill tok/s", True), ("ttft", "TTFT s", False),
+            ("load", "load s", False), ("peak_rss", "peak RSS MB", False)]
+    header = f"{'runtime':<14}" + "".join(f"{title:>22}" for _, title, _ in cols)
+    print(f"model: {Path(args.model).name}, threads: {args.threads}")
+    print(header)
+    for name, r in results.items():
+        cells = []
+        for key, _, higher_better in cols:
+            cell = f"{r[key]:.2f}" if key != "peak_rss" else f"{r[key]:.0f}"
+            if base:
+                ratio = r[key] / base[key] if higher_better else base[key] / r[key]
+                cell += f" ({ratio:.2f}x)"
+                r[f"{key}_vs_llama.cpp"] = ratio
+            cells.append(f"{cell:>22}")
+        print(f"{name:<14}" + "".join(cells))
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps({"model": Path(args.model).name, "threads": args.threads,
+                                           "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
