@@ -77,8 +77,9 @@ def _print_stats(chunk, load_duration: float, total_ns: int) -> None:
     print("\n".join(lines), file=sys.stderr)
 
 
-def _reply(llm, prompt_ids, opts, verbose: bool, load_duration: float, out=sys.stdout) -> str:
-    """Stream one reply to `out`; return its text."""
+def _reply(llm, prompt_ids, opts, verbose: bool, load_duration: float, out=None) -> str:
+    """Stream one reply to `out` (default: the current stdout); return its text."""
+    out = out or sys.stdout
     start = time.perf_counter_ns()
     text = []
     for chunk in llm.stream(prompt_ids, opts):
@@ -232,8 +233,8 @@ class PullProgress:
     """Shows a store's progress events on stderr: a tqdm bar per file (bytes, rate, time left),
     other statuses as lines, as `ollama pull` does. A context manager that closes its bars."""
 
-    def __init__(self, out=sys.stderr):
-        self.out = out
+    def __init__(self, out=None):
+        self.out = out or sys.stderr
         self.bars: dict[str, object] = {}
 
     def __call__(self, event: dict) -> None:
@@ -329,9 +330,12 @@ def cmd_show(args) -> int:
         if getattr(args, flag):
             print(info[flag] or "")
             return 0
-    params = [(k, v) for k, vs in info["parameters"].items() for v in (vs if isinstance(vs, list) else [vs])]
+    from .store.modelfile import format_value
+
+    params = [(k, json.dumps(v) if isinstance(v, str) else format_value(v))
+              for k, vs in info["parameters"].items() for v in (vs if isinstance(vs, list) else [vs])]
     if args.parameters:
-        print("\n".join(f"{k:<16}{json.dumps(v) if isinstance(v, str) else v}" for k, v in params))
+        print("\n".join(f"{k:<16}{v}" for k, v in params))
         return 0
     d = info["details"]
     facts = [("architecture", d.get("architecture")), ("parameters", d.get("parameter_size")),
@@ -340,8 +344,7 @@ def cmd_show(args) -> int:
     out = _section("Model", [f"{k:<20}{v}" for k, v in facts if v is not None])
     if params:
         width = max(len(k) for k, _ in params) + 4
-        out += _section("Parameters", [f"{k:<{width}}{json.dumps(v) if isinstance(v, str) else v}"
-                                       for k, v in params])
+        out += _section("Parameters", [f"{k:<{width}}{v}" for k, v in params])
     if info["system"]:
         out += _section("System", info["system"].splitlines()[:5])
     if info["messages"]:
@@ -384,6 +387,33 @@ def cmd_create(args) -> int:
         raise HerdError(f"cannot read the Modelfile {path}: {e}") from None
     with PullProgress() as progress:
         _store().create(args.model, text, base_dir=path.resolve().parent, progress=progress)
+    return 0
+
+
+def cmd_serve(args) -> int:
+    """Serve the Ollama API (/api/...) and the OpenAI API (/v1/...) over one batching engine.
+
+    Settings come from the environment: HERD_HOST (default 127.0.0.1:11434), HERD_ORIGINS,
+    HERD_API_KEY, HERD_MAX_QUEUE, HERD_MAX_LOADED_MODELS, HERD_MAX_MEMORY, HERD_KEEP_ALIVE,
+    HERD_NUM_PARALLEL, HERD_CONTEXT_LENGTH, HERD_MAX_BODY, HERD_NUM_THREADS, HERD_HOME
+    (see llamaherd.server.app)."""
+    from .server.app import serve
+
+    serve()
+    return 0
+
+
+def cmd_ps(args) -> int:
+    """List the models a running server (at HERD_HOST) has loaded."""
+    from .server.client import server_request
+
+    rows = [("NAME", "ID", "SIZE", "CONTEXT", "UNTIL")]
+    for m in server_request("GET", "/api/ps")["models"]:
+        until = "Forever" if m["expires_at"].startswith("2318") else m["expires_at"]
+        rows.append((m["name"], m["digest"][:12], human_size(m["size"]), str(m["context_length"]), until))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for r in rows:
+        print("    ".join(c.ljust(w) for c, w in zip(r, widths)) + "    " + r[4])
     return 0
 
 
@@ -438,6 +468,13 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("model")
     create.add_argument("-f", "--file", default="Modelfile", help="the Modelfile (default: ./Modelfile)")
     create.set_defaults(func=cmd_create)
+
+    serve = sub.add_parser("serve", help="serve the Ollama and OpenAI APIs", description=cmd_serve.__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    serve.set_defaults(func=cmd_serve)
+
+    ps = sub.add_parser("ps", help="list the models a running server has loaded", description=cmd_ps.__doc__)
+    ps.set_defaults(func=cmd_ps)
     return parser
 
 
