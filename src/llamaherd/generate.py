@@ -134,7 +134,7 @@ def prefill(model, tokens: Sequence[int], start_pos: int = 0) -> torch.Tensor:
     prefix that ends on a boundary is computed exactly as it would be from scratch. It also bounds
     the memory a long prompt needs.
     """
-    device = model.tok_embeddings.weight.device
+    device = model.device
     tokens = list(tokens)
     end = start_pos + len(tokens)
     pos = start_pos
@@ -152,7 +152,7 @@ PREFILL_CHUNK = 64
 @torch.inference_mode()
 def decode_one_token(model, token: int, pos: int) -> torch.Tensor:
     """Logits after feeding one token at position `pos`."""
-    device = model.tok_embeddings.weight.device
+    device = model.device
     return model(torch.tensor([[token]], device=device), torch.tensor([[pos]], device=device))[0, -1]
 
 

@@ -83,7 +83,7 @@ class Llama:
 
     @property
     def device(self) -> torch.device:
-        return self.model.tok_embeddings.weight.device
+        return self.model.device
 
     # -- prompts ----------------------------------------------------------------------------
 

@@ -190,8 +190,8 @@ class Transformer(nn.Module):
 
     def setup_cache(self, max_batch: int, max_seq_len: int, dtype=None, device=None) -> None:
         """Give every attention layer a KV cache of `max_batch` rows × `max_seq_len` positions."""
-        dtype = dtype or self.norm.weight.dtype  # embeddings may be int8; norms are always float
-        device = device or self.norm.weight.device
+        dtype = dtype or self.norm.weight.dtype  # embeddings may be quantized; norms are always float
+        device = device or self.device
         for layer in self.layers:
             layer.attention.cache = KVCache(max_batch, max_seq_len, self.args.n_kv_heads,
                                             self.args.head_dim, dtype, device)
@@ -202,14 +202,17 @@ class Transformer(nn.Module):
             layer.attention.cache = None
 
     @property
+    def device(self) -> torch.device:
+        return self.norm.weight.device  # norms are always plain float parameters
+
+    @property
     def cache_len(self) -> int:
         cache = self.layers[0].attention.cache
         return 0 if cache is None else cache.k.shape[2]
 
     def _ensure_rope(self, n: int) -> None:
         if self.rope.shape[0] < n or self.rope.device.type == "meta":
-            self.rope = precompute_rope(self.args, max(n, self.args.max_seq_len)).to(
-                self.tok_embeddings.weight.device)
+            self.rope = precompute_rope(self.args, max(n, self.args.max_seq_len)).to(self.device)
 
     # -- forward ----------------------------------------------------------------------------
 

@@ -6,8 +6,11 @@ activations (their fp32 paths are reference loops, several times slower):
 - `Int4Linear`: 4-bit codes in groups of 32 with a scale and a zero per group,
   w = (q - 8) * scale + zero — GGUF Q4_0 and Q4_1 map onto it *exactly* (only the scales are
   rounded to bf16), so no requantization error is added to the file's own.
-- `Int8Linear` / `Int8Embedding`: int8 with one scale per output row, for every other GGUF type
-  (Q8_0, Q5_x, K-quants, floats): dequantized, then requantized per row (symmetric).
+- `Int8Linear`: int8 with one scale per output row, for every other GGUF type (Q8_0, Q5_x,
+  K-quants): dequantized, then requantized per row (symmetric).
+- `GGMLEmbedding`: the token embedding kept in its GGUF blocks, rows dequantized on lookup (exact).
+- `RefinedInt8Linear`: the output projection in int8, with each row's best candidates recomputed
+  exactly from the GGUF blocks.
 
 Quantization swaps modules: `pack_gguf_tensor` makes the quantized tensors of a state dict,
 `swap_quantized_modules` puts the matching modules into a model built on the meta device.
@@ -16,7 +19,7 @@ Quantization swaps modules: `pack_gguf_tensor` makes the quantized tensors of a 
 from __future__ import annotations
 
 import torch
-from gguf import GGMLQuantizationType
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from torch import nn
 
 from .ggml import dequantize
@@ -55,16 +58,45 @@ class Int8Linear(nn.Module):
         return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
 
 
-class Int8Embedding(nn.Module):
-    """Embedding rows stored as int8 with a per-row scale (may share them with a tied `Int8Linear`)."""
+class GGMLEmbedding(nn.Module):
+    """Embedding rows kept in their GGUF blocks and dequantized on lookup: exact, and small."""
 
-    def __init__(self, num_embeddings: int, dim: int, device=None):
+    def __init__(self, num_embeddings: int, dim: int, qtype: Q, device=None):
         super().__init__()
-        self.register_buffer("weight", torch.empty(num_embeddings, dim, dtype=torch.int8, device=device))
-        self.register_buffer("scales", torch.empty(num_embeddings, dtype=torch.bfloat16, device=device))
+        self.dim, self.qtype = dim, Q(qtype)
+        block, size = GGML_QUANT_SIZES[self.qtype]
+        self.register_buffer("raw", torch.empty(num_embeddings, dim // block * size, dtype=torch.uint8, device=device))
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Float32 rows (n, dim) for token ids (n,)."""
+        return dequantize(self.raw[ids], self.qtype, (ids.numel(), self.dim))
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.weight[tokens].float() * self.scales[tokens].float().unsqueeze(-1)
+        return self.rows(tokens.reshape(-1)).view(*tokens.shape, self.dim)
+
+
+class RefinedInt8Linear(Int8Linear):
+    """The output projection: int8 logits for the whole vocabulary, then the `refine` best of every
+    row recomputed exactly in float32 from the GGUF blocks.
+
+    The full-precision projection reads the largest matrix of a small model at 4 bytes a weight; int8
+    reads 1, but its rounding (and the bf16 activations the kernel wants) would move the logits that
+    decide greedy choices and top-k sampling. Recomputing the candidates keeps those exact; the
+    tail of the distribution keeps int8 accuracy.
+    """
+
+    def __init__(self, in_features: int, out_features: int, qtype: Q, refine: int = 32, device=None):
+        super().__init__(in_features, out_features, device=device)
+        self.refine = refine
+        self.exact = GGMLEmbedding(out_features, in_features, qtype, device=device)  # its .raw: the GGUF rows
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = super().forward(x).float()  # (..., V)
+        flat, h = logits.view(-1, self.out_features), x.reshape(-1, self.in_features).float()
+        top = flat.topk(self.refine, dim=-1).indices  # (N, refine)
+        rows = self.exact.rows(top.reshape(-1)).view(*top.shape, self.in_features)  # (N, refine, D)
+        flat.scatter_(1, top, torch.einsum("nd,nkd->nk", h, rows))
+        return logits
 
 
 def quantize_int8_rows(w: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -110,13 +142,20 @@ def pack_gguf_tensor(data, qtype: Q, shape: tuple[int, int], int4: bool = True
 
 
 def swap_quantized_modules(model: nn.Module, kinds: dict[str, str]) -> None:
-    """Replace the `nn.Linear` / `nn.Embedding` named in `kinds` by their quantized counterparts."""
+    """Replace the `nn.Linear` / `nn.Embedding` named in `kinds` by their quantized counterparts.
+
+    Kinds: "int4", "int8", "ggml:<TYPE>" (an embedding kept in GGUF blocks) and "refined:<TYPE>" (an
+    output projection, see `RefinedInt8Linear`).
+    """
     for name, kind in kinds.items():
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         old = getattr(parent, child)
-        if isinstance(old, nn.Embedding):
-            new = Int8Embedding(old.num_embeddings, old.embedding_dim, device="meta")
+        kind, _, qtype = kind.partition(":")
+        if kind == "ggml":
+            new = GGMLEmbedding(old.num_embeddings, old.embedding_dim, Q[qtype], device="meta")
+        elif kind == "refined":
+            new = RefinedInt8Linear(old.in_features, old.out_features, Q[qtype], device="meta")
         elif kind == "int4":
             new = Int4Linear(old.in_features, old.out_features, device="meta")
         else:
@@ -162,11 +201,13 @@ def dequantized_weight(module: nn.Module) -> torch.Tensor:
     """The float weight a (possibly quantized) linear layer stands for (for tests and export)."""
     if isinstance(module, (nn.Linear, nn.Embedding)):
         return module.weight.float()
-    if isinstance(module, (Int8Linear, Int8Embedding)):
+    if isinstance(module, Int8Linear):
         return module.weight.float() * module.scales.float().unsqueeze(1)
+    if isinstance(module, GGMLEmbedding):
+        return module.rows(torch.arange(module.raw.shape[0]))
     eye = torch.eye(module.in_features, dtype=torch.bfloat16)
     return module(eye).float().T
 
 
-__all__ = ["Int4Linear", "Int8Linear", "Int8Embedding", "pack_gguf_tensor", "swap_quantized_modules", "fuse_projections",
+__all__ = ["Int4Linear", "Int8Linear", "GGMLEmbedding", "RefinedInt8Linear", "pack_gguf_tensor", "swap_quantized_modules", "fuse_projections",
            "quantize_int8_rows", "pack_int4", "dequantized_weight"]

@@ -105,12 +105,15 @@ def check_state_dict(sd: dict[str, torch.Tensor], args: ModelArgs, quantized: di
 
     Modules in `quantized` hold packed buffers whose shapes the packer already checked.
     """
+    def packed(name):  # a buffer of a quantized module, or a tensor such a module replaces
+        return any(name.startswith(m + ".") for m in quantized or ())
+
     expected = expected_shapes(args)
     for name in expected:
-        if name not in sd:
+        if name not in sd and not packed(name):
             raise FormatError(f"checkpoint is missing tensor {name!r}")
     for name, tensor in sd.items():
-        if quantized and name.rpartition(".")[0] in quantized:
+        if packed(name):
             continue
         if name not in expected:
             raise FormatError(f"unexpected tensor {name!r} in checkpoint")

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..config import KNOWN_ROPE_SCALINGS, ModelArgs
@@ -31,9 +32,11 @@ def _rope_scaling_from_tensor(factors: torch.Tensor, args: ModelArgs):
 
 
 FLOAT_TYPES = {"F32", "F16", "BF16"}
-# The transformer blocks' projections. The embedding and output projection stay in float: requantizing
-# them to per-row int8 (and feeding the int8 kernel bf16 activations) shows directly in the logits —
-# teacher-forced top-1 agreement with the reference fell from 99.3% to 98.3% on SmolLM2 when we did.
+# The transformer blocks' projections become Int4Linear / Int8Linear. The embedding and the output
+# projection are treated apart: requantizing the output to per-row int8 shows directly in the logits
+# (teacher-forced top-1 agreement with the reference fell from 99.3% to 98.3% on SmolLM2), so its
+# best candidates are recomputed exactly (`RefinedInt8Linear`), and embedding rows are dequantized
+# exactly from the GGUF blocks on lookup (`GGMLEmbedding`).
 QUANTIZABLE = {f"layers.{i}.{m}" for i in range(1024) for m in (
     "attention.wq", "attention.wk", "attention.wv", "attention.wo",
     "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")}
@@ -43,11 +46,11 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, quantized: b
     """Read a GGUF file: returns (args, state_dict in Meta names, metadata, quantized kinds).
 
     With `quantized`, weights of quantized types stay quantized (see `quantize/linear.py`): their
-    state-dict entries are the buffers of `Int4Linear`/`Int8Linear`/`Int8Embedding` modules, and
+    state-dict entries are the buffers of the modules of `quantize/linear.py`, and
     the returned dict names those modules and their kind. Otherwise everything is dequantized to
     `dtype` and the dict is empty.
     """
-    from ..quantize.linear import pack_gguf_tensor
+    from ..quantize.linear import pack_gguf_tensor, quantize_int8_rows
 
     reader = GGUFFile(path)
     meta = reader.metadata
@@ -59,9 +62,20 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, quantized: b
         shape = t.shape
         try:
             module = key.rpartition(".")[0] if key else None
-            if quantized and module in QUANTIZABLE and t.tensor_type.name not in FLOAT_TYPES:
+            if quantized and t.tensor_type.name not in FLOAT_TYPES and module in QUANTIZABLE:
                 kinds[module], buffers = pack_gguf_tensor(t.data, t.tensor_type, shape)
                 state_dict.update({f"{module}.{name}": b for name, b in buffers.items()})
+                continue
+            if quantized and t.tensor_type.name not in FLOAT_TYPES and module in ("tok_embeddings", "output"):
+                raw = torch.from_numpy(np.array(t.data))  # a copy: 1 byte a weight or so
+                if module == "tok_embeddings":
+                    kinds[module] = f"ggml:{t.tensor_type.name}"
+                    state_dict["tok_embeddings.raw"] = raw
+                if module == "output" or args.tie_embeddings:
+                    kinds["output"] = f"refined:{t.tensor_type.name}"
+                    state_dict.update({f"output.{n}": b for n, b in quantize_int8_rows(
+                        dequantize(t.data, t.tensor_type, shape)).items()})
+                    state_dict["output.exact.raw"] = raw  # shared with the embedding when tied
                 continue
             tensor = dequantize(t.data, t.tensor_type, shape, dtype=dtype)
         except FormatError as e:
