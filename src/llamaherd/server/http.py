@@ -1,0 +1,167 @@
+"""HTTP plumbing shared by the routes: bodies in, errors out, NDJSON and server-sent events.
+
+Errors: a `HerdError` is the client's mistake — 400 with `{"error": "..."}` (404 for an unknown
+model, 503 when the queue is full); the OpenAI routes wrap the message in OpenAI's error object.
+Anything else is a bug: 500, logged with its traceback, and the server goes on.
+
+Streams end early when the client goes away: the response notices the disconnect, stops
+iterating, and the generation is cancelled (its KV-cache row is freed on the next step).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import logging
+import math
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, TypeVar
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ValidationError
+
+from ..engine.types import ModelNotFound, QueueFull
+from ..errors import HerdError
+
+log = logging.getLogger("llamaherd.server")
+
+T = TypeVar("T", bound=BaseModel)
+
+
+def status_of(e: BaseException) -> int:
+    from ..store import ModelNotFound as StoreModelNotFound
+
+    if isinstance(e, (ModelNotFound, StoreModelNotFound)):
+        return 404
+    if isinstance(e, QueueFull):
+        return 503
+    if isinstance(e, HerdError):
+        return 400
+    return 500
+
+
+def message_of(e: BaseException) -> str:
+    return str(e) if isinstance(e, HerdError) else "internal server error"
+
+
+def validation_message(e: ValidationError) -> str:
+    err = e.errors()[0]
+    if err["type"] == "json_invalid":
+        return f"invalid JSON body: {err.get('ctx', {}).get('error', err['msg'])}"
+    where = ".".join(str(p) for p in err["loc"]) or "body"
+    return f"{where}: {err['msg']}" + ("" if len(e.errors()) == 1 else f" (and {len(e.errors()) - 1} more errors)")
+
+
+async def parse_body(request: Request, schema: type[T]) -> T:
+    """The JSON body, validated against `schema`; HerdError (400) when it does not parse or fit."""
+    body = await request.body()
+    if not body.strip():
+        raise HerdError("missing request body")
+    try:
+        return schema.model_validate_json(body)
+    except ValidationError as e:
+        raise HerdError(validation_message(e)) from None
+
+
+def error_response(e: BaseException, openai: bool = False) -> JSONResponse:
+    status = status_of(e)
+    if status == 500:
+        log.error("request failed", exc_info=e)
+    message = message_of(e)
+    if openai:
+        kind = {404: "not_found_error", 503: "server_busy"}.get(status, "invalid_request_error"
+                                                                   if status < 500 else "api_error")
+        return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": None}}, status)
+    return JSONResponse({"error": message}, status)
+
+
+def now_rfc3339(t: float | None = None) -> str:
+    """Ollama's timestamp format (UTC, nanosecond-style fraction)."""
+    when = dt.datetime.now(dt.timezone.utc) if t is None else dt.datetime.fromtimestamp(t, dt.timezone.utc)
+    return when.isoformat().replace("+00:00", "Z")
+
+
+FOREVER = "2318-08-08T00:00:00Z"  # what Ollama shows for a model kept forever
+
+
+def expiry_rfc3339(t: float) -> str:
+    return FOREVER if math.isinf(t) else now_rfc3339(t)
+
+
+def dump(model: BaseModel | dict) -> dict[str, Any]:
+    return model.model_dump(exclude_none=True, by_alias=True) if isinstance(model, BaseModel) else model
+
+
+def ndjson_line(obj: BaseModel | dict) -> bytes:
+    return (json.dumps(dump(obj), ensure_ascii=False) + "\n").encode()
+
+
+def sse_event(obj: BaseModel | dict | str) -> bytes:
+    data = obj if isinstance(obj, str) else json.dumps(dump(obj), ensure_ascii=False)
+    return f"data: {data}\n\n".encode()
+
+
+class EventStream(StreamingResponse):
+    """A streaming response that always watches for the client leaving (whatever the server's ASGI
+    spec version), so that a disconnect cancels the generation at once, even while nothing is sent."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        scope = {**scope, "asgi": {**scope.get("asgi", {}), "spec_version": "2.0"}}
+        await super().__call__(scope, receive, send)
+
+
+def ndjson_stream(chunks: AsyncIterator[BaseModel | dict], on_error=None) -> EventStream:
+    """Stream NDJSON; an error after the stream began becomes a last `{"error": ...}` line."""
+
+    async def body():
+        try:
+            async for chunk in chunks:
+                yield ndjson_line(chunk)
+        except Exception as e:  # noqa: BLE001 — the status line is sent; tell the client in-band
+            if status_of(e) == 500:
+                log.error("stream failed", exc_info=e)
+            yield ndjson_line({"error": message_of(e)})
+
+    return EventStream(body(), media_type="application/x-ndjson")
+
+
+def sse_stream(chunks: AsyncIterator[BaseModel | dict]) -> EventStream:
+    """Stream server-sent events ending with `data: [DONE]`."""
+
+    async def body():
+        try:
+            async for chunk in chunks:
+                yield sse_event(chunk)
+        except Exception as e:  # noqa: BLE001
+            if status_of(e) == 500:
+                log.error("stream failed", exc_info=e)
+            yield sse_event({"error": {"message": message_of(e), "type": "api_error", "param": None,
+                                       "code": None}})
+        yield sse_event("[DONE]")
+
+    return EventStream(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+class ClientGone(Exception):
+    """The client disconnected before its (non-streamed) answer was ready."""
+
+
+async def unless_disconnected(request: Request, work: Awaitable[Any], poll: float = 0.25) -> Any:
+    """Await `work`, cancelling it if the client disconnects first (then raise ClientGone)."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=poll)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                raise ClientGone()
+    finally:
+        if not task.done():
+            task.cancel()
+            try:
+                await task
+            except (asyncio.CancelledError, Exception):  # noqa: BLE001 — it was abandoned
+                pass

@@ -1,0 +1,332 @@
+"""Ollama's API (docs/api.md): thin routes from its wire types to the handler and back.
+
+Streaming endpoints answer NDJSON by default and one JSON object with `"stream": false`.
+`GET /` answers "Ollama is running", as clients that probe for Ollama expect.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+
+from .. import __version__
+from ..engine import types as et
+from ..errors import HerdError
+from . import schemas as s
+from .handler import Final, Handler, Reply, Text, TokenInfo, parse_keep_alive
+from .http import (ClientGone, dump, error_response, expiry_rfc3339, ndjson_line, ndjson_stream, now_rfc3339,
+                   parse_body, unless_disconnected)
+
+
+def handler_of(request: Request) -> Handler:
+    return request.app.state.handler
+
+
+def details_of(d: dict[str, Any], parent: str = "") -> s.ModelDetails:
+    family = d.get("family") or d.get("architecture") or ""
+    return s.ModelDetails(parent_model=parent, format=d.get("format", "") or "", family=family,
+                          families=[family] if family else None,
+                          parameter_size=str(d.get("parameter_size", "") or ""),
+                          quantization_level=str(d.get("quantization", "") or d.get("quantization_level", "") or ""))
+
+
+def _logprobs(infos: list[TokenInfo]) -> list[s.LogprobOut]:
+    return [s.LogprobOut(token=i.text, logprob=i.logprob, bytes=list(i.bytes),
+                         top_logprobs=[s.TokenLogprobOut(token=t.text, logprob=t.logprob, bytes=list(t.bytes))
+                                       for t in i.top])
+            for i in infos]
+
+
+def _stats(final: Final) -> dict[str, Any]:
+    d = final.done
+    return dict(done_reason=d.reason, total_duration=final.total_duration, load_duration=d.load_duration,
+                prompt_eval_count=d.prompt_eval_count, prompt_eval_duration=d.prompt_eval_duration,
+                eval_count=d.eval_count, eval_duration=d.eval_duration)
+
+
+def _logprob_request(logprobs: bool | None, top: int | None) -> int | None:
+    if top is not None and not 0 <= top <= 20:
+        raise HerdError("top_logprobs must be between 0 and 20")
+    return (top or 0) if logprobs or top else None
+
+
+def _options(options: s.Options | None) -> dict[str, Any]:
+    return options.sampling() if options is not None else {}
+
+
+async def _respond(request: Request, reply: Reply, stream: bool, chunk, final) -> Response:
+    """Stream `chunk(text_event)` objects then `final(final_event, text)`, or collect them into one."""
+    if stream:
+        async def chunks() -> AsyncIterator[Any]:
+            async for event in reply.events():
+                yield chunk(event) if isinstance(event, Text) else final(event, None, None)
+        return ndjson_stream(chunks())
+
+    async def collect():
+        text, logprobs = [], []
+        async for event in reply.events():
+            if isinstance(event, Text):
+                text.append(event.text)
+                logprobs.extend(event.logprobs)
+            else:
+                return final(event, "".join(text), logprobs)
+
+    return JSONResponse(dump(await unless_disconnected(request, collect())))
+
+
+def _load_reply(model: str, reason: str, chat: bool) -> JSONResponse:
+    kind = s.ChatResponse if chat else s.GenerateResponse
+    return JSONResponse(dump(kind(model=model, created_at=now_rfc3339(), done=True, done_reason=reason)))
+
+
+def routes() -> APIRouter:
+    router = APIRouter()
+
+    @router.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
+    async def root():
+        return PlainTextResponse("Ollama is running")
+
+    @router.api_route("/api/version", methods=["GET", "HEAD"])
+    async def version():
+        return dump(s.VersionResponse(version=__version__))
+
+    @router.post("/api/generate")
+    async def generate(request: Request):
+        body = await parse_body(request, s.GenerateRequest)
+        h = handler_of(request)
+        keep_alive = parse_keep_alive(body.keep_alive)
+        if body.images:
+            raise et.Unsupported("images are not supported: the models here are text-only")
+        if not body.prompt and not body.suffix:
+            name, reason = await h.load(body.model, keep_alive)
+            return _load_reply(name, reason, chat=False)
+        reply = await h.generate(et.GenerateRequest(
+            model=body.model, prompt=body.prompt, system=body.system, template=body.template, raw=body.raw,
+            suffix=body.suffix, context=body.context, options=_options(body.options), format=body.format or None,
+            logprobs=_logprob_request(body.logprobs, body.top_logprobs), keep_alive=keep_alive))
+        model = reply.model
+
+        def chunk(e: Text):
+            return s.GenerateResponse(model=model, created_at=now_rfc3339(), response=e.text,
+                                      logprobs=_logprobs(e.logprobs) if e.logprobs else None)
+
+        def final(e: Final, text: str | None, logprobs):
+            return s.GenerateResponse(model=model, created_at=now_rfc3339(), response=text or "", done=True,
+                                      context=e.done.context, logprobs=_logprobs(logprobs) if logprobs else None,
+                                      **_stats(e))
+
+        return await _respond(request, reply, body.stream, chunk, final)
+
+    @router.post("/api/chat")
+    async def chat(request: Request):
+        body = await parse_body(request, s.ChatRequest)
+        h = handler_of(request)
+        keep_alive = parse_keep_alive(body.keep_alive)
+        if body.messages is None:
+            name, reason = await h.load(body.model, keep_alive)
+            return _load_reply(name, reason, chat=True)
+        messages = [m.model_dump(exclude_none=True) for m in body.messages]
+        reply = await h.generate(et.GenerateRequest(
+            model=body.model, messages=messages, tools=[t.model_dump() for t in body.tools] if body.tools else None,
+            options=_options(body.options), format=body.format or None,
+            logprobs=_logprob_request(body.logprobs, body.top_logprobs), keep_alive=keep_alive))
+        model = reply.model
+
+        def chunk(e: Text):
+            return s.ChatResponse(model=model, created_at=now_rfc3339(), message=s.ChatMessageOut(content=e.text),
+                                  logprobs=_logprobs(e.logprobs) if e.logprobs else None)
+
+        def final(e: Final, text: str | None, logprobs):
+            calls = [s.ToolCall(function=s.ToolCallFunction(index=i, **c["function"]))
+                     for i, c in enumerate(e.tool_calls)] if e.tool_calls else None
+            return s.ChatResponse(model=model, created_at=now_rfc3339(), done=True,
+                                  message=s.ChatMessageOut(content=text or "", tool_calls=calls),
+                                  logprobs=_logprobs(logprobs) if logprobs else None, **_stats(e))
+
+        return await _respond(request, reply, body.stream, chunk, final)
+
+    @router.post("/api/embed")
+    async def embed(request: Request):
+        body = await parse_body(request, s.EmbedRequest)
+        start = time.perf_counter_ns()
+        inputs = [body.input] if isinstance(body.input, str) else list(body.input)
+        result = await unless_disconnected(request, handler_of(request).embed(et.EmbedRequest(
+            model=body.model, inputs=inputs, truncate=body.truncate, options=_options(body.options),
+            keep_alive=parse_keep_alive(body.keep_alive), dimensions=body.dimensions)))
+        return dump(s.EmbedResponse(model=body.model, embeddings=result.embeddings,
+                                    total_duration=time.perf_counter_ns() - start,
+                                    load_duration=result.load_duration, prompt_eval_count=result.prompt_eval_count))
+
+    @router.post("/api/embeddings")
+    async def embeddings(request: Request):
+        body = await parse_body(request, s.EmbeddingsRequest)
+        if not body.prompt:
+            return dump(s.EmbeddingsResponse(embedding=[]))
+        result = await unless_disconnected(request, handler_of(request).embed(et.EmbedRequest(
+            model=body.model, inputs=[body.prompt], options=_options(body.options),
+            keep_alive=parse_keep_alive(body.keep_alive))))
+        return dump(s.EmbeddingsResponse(embedding=result.embeddings[0]))
+
+    @router.api_route("/api/tags", methods=["GET", "HEAD"])
+    async def tags(request: Request):
+        models = await handler_of(request).list_models()
+        return dump(s.ListResponse(models=[
+            s.ListedModel(name=m.name, model=m.name, modified_at=now_rfc3339(m.modified), size=m.size,
+                          digest=m.digest.removeprefix("sha256:"), details=details_of(m.details))
+            for m in models]))
+
+    @router.api_route("/api/ps", methods=["GET", "HEAD"])
+    async def ps(request: Request):
+        return dump(s.ProcessResponse(models=[
+            s.RunningModelOut(name=m.name, model=m.name, size=m.size, digest=m.digest.removeprefix("sha256:"),
+                              details=details_of(m.details), expires_at=expiry_rfc3339(m.expires_at),
+                              size_vram=0, context_length=m.context_length)
+            for m in handler_of(request).running()]))
+
+    @router.post("/api/show")
+    async def show(request: Request):
+        body = await parse_body(request, s.ModelRequest)
+        info = await handler_of(request).show(body.model_name())
+        d = info.get("details", {})
+        params = "\n".join(f"{k:<30}{v}" for k, vs in info.get("parameters", {}).items()
+                           for v in (vs if isinstance(vs, list) else [vs]))
+        arch = d.get("architecture") or "llama"
+        model_info = {"general.architecture": arch, "general.parameter_count": d.get("parameter_count")}
+        for key in ("context_length", "embedding_length", "block_count", "head_count", "head_count_kv",
+                    "vocab_size"):
+            if d.get(key) is not None:
+                model_info[f"{arch}.{key}"] = d[key]
+        capabilities = ["completion", "tools", "embedding"]
+        return dump(s.ShowResponse(
+            modelfile=info.get("modelfile", ""), parameters=params, template=info.get("template") or "",
+            system=info.get("system"), license=info.get("license"), details=details_of(d),
+            model_info={k: v for k, v in model_info.items() if v is not None}, capabilities=capabilities))
+
+    @router.post("/api/pull")
+    async def pull(request: Request):
+        body = await parse_body(request, s.ModelRequest)
+        name = body.model_name()
+        events = handler_of(request).pull(name)
+        if body.stream:
+            return ndjson_stream(events)
+        last: dict[str, Any] = {}
+
+        async def drain():
+            nonlocal last
+            async for last in events:
+                pass
+            return last
+
+        return JSONResponse(await unless_disconnected(request, drain()))
+
+    @router.delete("/api/delete")
+    async def delete(request: Request):
+        body = await parse_body(request, s.ModelRequest)
+        await handler_of(request).delete(body.model_name())
+        return Response(status_code=200)
+
+    @router.post("/api/copy")
+    async def copy(request: Request):
+        body = await parse_body(request, s.CopyRequest)
+        await handler_of(request).copy(body.source, body.destination)
+        return Response(status_code=200)
+
+    @router.post("/api/create")
+    async def create(request: Request):
+        body = await parse_body(request, s.CreateRequest)
+        h = handler_of(request)
+        modelfile, base_dir = modelfile_of(body, request.app.state.blob_dir)
+        events = h.create(body.model, modelfile, base_dir)
+        if body.stream:
+            return ndjson_stream(events)
+        last: dict[str, Any] = {}
+
+        async def drain():
+            nonlocal last
+            async for last in events:
+                pass
+            return last
+
+        return JSONResponse(await unless_disconnected(request, drain()))
+
+    @router.head("/api/blobs/{digest}")
+    async def blob_exists(request: Request, digest: str):
+        path = blob_path(request.app.state.blob_dir, digest)
+        return Response(status_code=200 if path.is_file() else 404)
+
+    @router.post("/api/blobs/{digest}")
+    async def blob_upload(request: Request, digest: str):
+        await receive_blob(request, digest)
+        return Response(status_code=201)
+
+    return router
+
+
+# -- /api/create and blobs ---------------------------------------------------------------------
+
+def blob_path(blob_dir, digest: str):
+    from ..store.blobs import check_digest
+
+    check_digest(digest)
+    return blob_dir / digest.replace(":", "-")
+
+
+async def receive_blob(request: Request, digest: str) -> None:
+    """Stream an upload to the blob folder, verifying its sha256 before it is kept."""
+    import asyncio
+    import hashlib
+    import os
+    import tempfile
+
+    target = blob_path(request.app.state.blob_dir, digest)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    sha = hashlib.sha256()
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".upload-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            async for chunk in request.stream():
+                sha.update(chunk)
+                await asyncio.to_thread(f.write, chunk)
+        if f"sha256:{sha.hexdigest()}" != digest:
+            raise HerdError(f"digest mismatch: the upload is sha256:{sha.hexdigest()}, not {digest}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def modelfile_of(body: s.CreateRequest, blob_dir) -> tuple[str, str]:
+    """Modelfile text (and its base folder) for an /api/create request.
+
+    `from` names a stored model; `files` name uploaded blobs (one GGUF). Paths on the server's
+    disk are not accepted: a client names only models and blobs it uploaded.
+    """
+    from ..store import parse_name
+    from ..store.modelfile import Modelfile, format_modelfile
+
+    if body.quantize:
+        raise et.Unsupported("quantize is not supported by /api/create")
+    if body.adapters:
+        raise et.Unsupported("adapters are not supported by /api/create")
+    if body.files:
+        if len(body.files) != 1 or body.from_:
+            raise HerdError("give one GGUF file in files, or from: a model name")
+        (_, digest), = body.files.items()
+        path = blob_path(blob_dir, digest)
+        if not path.is_file():
+            raise HerdError(f"blob {digest} was not uploaded (POST /api/blobs/{digest} first)")
+        base = str(path)
+    elif body.from_:
+        parse_name(body.from_)  # a model name, never a path
+        base = body.from_
+    else:
+        raise HerdError("from or files is required")
+    license = [body.license] if isinstance(body.license, str) else list(body.license or [])
+    mf = Modelfile(from_=base, parameters=dict(body.parameters or {}), template=body.template, system=body.system,
+                   messages=[m.model_dump(exclude_none=True) for m in body.messages or []], licenses=license,
+                   adapters=[])
+    return format_modelfile(mf), str(blob_dir)
