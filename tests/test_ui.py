@@ -10,16 +10,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
 httpx = pytest.importorskip("httpx")
+from herdserver import HerdServer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "test-artifacts" / "ui"
@@ -38,63 +34,6 @@ def _missing(reason: str):
 
 
 # -- a real `herd serve` ------------------------------------------------------------------------
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class HerdServer:
-    """`python -m llamaherd serve` on a free loopback port over the store at `home`."""
-
-    def __init__(self, home: Path, log: Path):
-        self.home, self.log_path = home, log
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self, timeout: float = 180) -> None:
-        env = {**os.environ, "HERD_HOST": f"127.0.0.1:{self.port}", "HERD_HOME": str(self.home),
-               "HERD_KEEP_ALIVE": "-1"}
-        env.pop("HERD_API_KEY", None)
-        self.log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "llamaherd", "serve"], env=env,
-                                     stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"herd serve exited with {self.proc.returncode}: see {self.log_path}")
-            try:
-                if httpx.get(self.url + "/", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.3)
-        raise RuntimeError(f"herd serve did not answer within {timeout} s: see {self.log_path}")
-
-    def kill(self) -> None:
-        """Stop at once, as a crash would (no graceful shutdown)."""
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(30)
-        self.log.close()
-
-    def stop(self) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(30)
-        self.log.close()
-
-    def api(self, method: str, path: str, **kw) -> httpx.Response:
-        return httpx.request(method, self.url + path, timeout=300, **kw)
-
 
 @pytest.fixture(scope="module")
 def herd(tmp_path_factory, smollm2_path):
