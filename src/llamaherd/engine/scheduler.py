@@ -265,7 +265,11 @@ class Scheduler:
                 job = self._waiting.popleft()
             if job.cancelled:
                 continue
-            job.generator = make_generator(job.opts.seed)
+            try:
+                job.generator = make_generator(job.opts.seed)
+            except Exception as e:  # noqa: BLE001 — an error here used to end the scheduler thread,
+                self._fail(job, e)  # leaving every later request for the model waiting forever
+                continue
             if job.budget == 0:  # num_predict 0: nothing to generate, not even a prefill
                 job.started_at = job.first_token_at = time.perf_counter_ns()
                 self._finish(job, "length")
