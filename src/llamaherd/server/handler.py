@@ -62,9 +62,14 @@ def parse_keep_alive(value: Any) -> float | None:
     if isinstance(value, str):
         text = value.strip()
         try:
-            return float(text)
+            seconds = float(text)
         except ValueError:
             pass
+        else:
+            # float() reads "nan" too; a NaN expiry would never come, and /api/ps could not show it.
+            if math.isnan(seconds):
+                raise HerdError("invalid keep_alive NaN")
+            return seconds
         sign = -1.0 if text.startswith("-") else 1.0
         body = text.lstrip("+-")
         parts = _DURATION.findall(body)

@@ -84,10 +84,13 @@ def now_rfc3339(t: float | None = None) -> str:
 
 
 FOREVER = "2318-08-08T00:00:00Z"  # what Ollama shows for a model kept forever
+_FOREVER_TS = dt.datetime(2318, 8, 8, tzinfo=dt.timezone.utc).timestamp()
 
 
 def expiry_rfc3339(t: float) -> str:
-    return FOREVER if math.isinf(t) else now_rfc3339(t)
+    # A huge keep_alive (say 1e300 s) gives a time no datetime can hold: /api/ps failed with a 500
+    # for as long as the model stayed loaded. Anything past Ollama's "forever" date is forever.
+    return FOREVER if math.isinf(t) or t >= _FOREVER_TS else now_rfc3339(t)
 
 
 def dump(model: BaseModel | dict) -> dict[str, Any]:
