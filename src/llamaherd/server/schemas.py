@@ -19,6 +19,13 @@ class Wire(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore", populate_by_name=True)
 
 
+class FiniteWire(Wire):
+    """A request whose numbers must be finite. Python's JSON reads NaN and Infinity; a NaN
+    temperature got past validation and failed in the sampler, mid-stream, as a 500."""
+
+    model_config = ConfigDict(allow_inf_nan=False)
+
+
 KeepAlive = Union[str, int, float, None]
 Format = Union[Literal["", "json"], dict[str, Any], None]
 
@@ -26,7 +33,7 @@ Format = Union[Literal["", "json"], dict[str, Any], None]
 # == Ollama ===================================================================================
 
 
-class Options(Wire):
+class Options(FiniteWire):
     """Ollama's runtime options. The sampling ones are used; the others are accepted (and type
     checked) for compatibility and have no effect here."""
 
@@ -343,7 +350,7 @@ class OAITool(Wire):
     function: dict[str, Any] = Field(description="name, description, parameters.")
 
 
-class ChatCompletionRequest(Wire):
+class ChatCompletionRequest(FiniteWire):
     model: str = Field(description="Model name.")
     messages: list[OAIMessage] = Field(description="The conversation (not empty).")
     frequency_penalty: float | None = Field(None, description="Subtracted once per earlier occurrence of a token.")
@@ -367,7 +374,7 @@ class ChatCompletionRequest(Wire):
     keep_alive: KeepAlive = Field(None, description="(extension) as Ollama's keep_alive.")
 
 
-class CompletionRequest(Wire):
+class CompletionRequest(FiniteWire):
     model: str = Field(description="Model name.")
     prompt: str | list[str] | list[int] | list[list[int]] = Field(description="Text, token ids, or a batch of either.")
     suffix: str | None = Field(None, description="Text after the completion (FIM models only).")
