@@ -1,5 +1,5 @@
 """The server's plumbing, in-process, over a fake engine and a fake store: wire formats, streaming,
-tool calls, errors, security settings. (tests/test_server.py runs the real thing.)"""
+tool calls, errors, security settings. (tests/test_serve.py runs the real thing.)"""
 
 import asyncio
 import json
@@ -192,6 +192,8 @@ def test_generate_empty_prompt_loads_and_keep_alive_zero_unloads(client, engine)
     assert client.get("/api/ps").json()["models"][0]["expires_at"].startswith("2318")
     r = client.post("/api/chat", json={"model": "m", "keep_alive": 0}).json()
     assert r["done_reason"] == "unload" and engine.loaded == {}
+    r = client.post("/api/chat", json={"model": "m", "messages": []}).json()  # what ollama's chat(model) sends
+    assert r["done_reason"] == "load" and engine.loaded == {"m": None}
 
 
 def test_chat_and_logprobs(client):
@@ -341,11 +343,11 @@ def test_openai_models_and_embeddings(client):
     ("/api/generate", {"prompt": "hi"}, 400, "model"),
     ("/api/chat", {"model": "m", "messages": "hi"}, 400, "messages"),
     ("/api/chat", {"model": "m", "messages": [{"content": "hi"}]}, 400, "role"),
-    ("/api/chat", {"model": "m", "messages": []}, 400, "messages must be a non-empty list"),
     ("/api/chat", {"model": "m", "messages": [{"role": "wizard", "content": "hi"}]}, 400, "unknown role 'wizard'"),
     ("/api/chat", {"model": "m", "messages": [{"role": "user", "content": "hi", "images": ["aGk="]}]}, 400,
      "images"),
-    ("/api/chat", {"model": "m", "messages": [], "top_logprobs": 50, "logprobs": True}, 400, "top_logprobs"),
+    ("/api/chat", {"model": "m", "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 50,
+                   "logprobs": True}, 400, "top_logprobs"),
     ("/api/embed", {"model": "m", "input": 5}, 400, "input"),
     ("/api/show", {}, 400, "model is required"),
     ("/api/generate", b"", 400, "missing request body"),

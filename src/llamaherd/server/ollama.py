@@ -126,7 +126,9 @@ def routes() -> APIRouter:
         body = await parse_body(request, s.ChatRequest)
         h = handler_of(request)
         keep_alive = parse_keep_alive(body.keep_alive)
-        if body.messages is None:
+        # No messages, or an empty list, loads the model (unloads with keep_alive 0), as Ollama's
+        # docs say: the official client's `chat(model)` sends `"messages": []` for that.
+        if not body.messages:
             name, reason = await h.load(body.model, keep_alive)
             return _load_reply(name, reason, chat=True)
         messages = [m.model_dump(exclude_none=True) for m in body.messages]

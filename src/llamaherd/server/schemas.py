@@ -120,7 +120,7 @@ class GenerateRequest(Wire):
 
 class ChatRequest(Wire):
     model: str = Field(description="Model name.")
-    messages: list[Message] | None = Field(None, description="The conversation; absent: just load the model (or unload with keep_alive 0).")
+    messages: list[Message] | None = Field(None, description="The conversation; absent or empty: just load the model (or unload with keep_alive 0).")
     tools: list[Tool] | None = Field(None, description="Functions the model may call.")
     format: Format = Field(None, description="\"json\" or a JSON schema.")
     options: Options | None = Field(None, description="Runtime options.")
