@@ -57,46 +57,91 @@ def _options(args) -> dict:
     return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
 
 
-def _print_stats(chunk, load_duration: float, total_ns: int) -> None:
+def _print_stats(stats: dict) -> None:
+    """`--verbose` statistics on stderr, from a reply's final object (Ollama's names, nanoseconds)."""
     def dur(ns):
         return f"{ns / 1e9:.3f}s" if ns >= 1e9 else f"{ns / 1e6:.2f}ms"
 
     def rate(count, ns):
         return f"{count / (ns / 1e9):.2f} tokens/s" if ns else "n/a"
 
+    n = {k: stats.get(k) or 0 for k in ("total_duration", "load_duration", "prompt_eval_count",
+                                         "prompt_eval_duration", "eval_count", "eval_duration")}
     lines = [
-        f"total duration:       {dur(total_ns)}",
-        f"load duration:        {dur(int(load_duration * 1e9))}",
-        f"prompt eval count:    {chunk.prompt_eval_count} token(s)",
-        f"prompt eval duration: {dur(chunk.prompt_eval_duration)}",
-        f"prompt eval rate:     {rate(chunk.prompt_eval_count, chunk.prompt_eval_duration)}",
-        f"eval count:           {chunk.eval_count} token(s)",
-        f"eval duration:        {dur(chunk.eval_duration)}",
-        f"eval rate:            {rate(chunk.eval_count, chunk.eval_duration)}",
+        f"total duration:       {dur(n['total_duration'])}",
+        f"load duration:        {dur(n['load_duration'])}",
+        f"prompt eval count:    {n['prompt_eval_count']} token(s)",
+        f"prompt eval duration: {dur(n['prompt_eval_duration'])}",
+        f"prompt eval rate:     {rate(n['prompt_eval_count'], n['prompt_eval_duration'])}",
+        f"eval count:           {n['eval_count']} token(s)",
+        f"eval duration:        {dur(n['eval_duration'])}",
+        f"eval rate:            {rate(n['eval_count'], n['eval_duration'])}",
     ]
     print("\n".join(lines), file=sys.stderr)
 
 
-def _reply(llm, prompt_ids, opts, verbose: bool, load_duration: float, out=None) -> str:
-    """Stream one reply to `out` (default: the current stdout); return its text."""
+def _print_reply(events, verbose: bool, out=None) -> str:
+    """Stream a reply to `out` (default: the current stdout) and return its text. `events` are
+    text pieces, then the final statistics as a dict (`_local_reply`, `_server_reply`)."""
     out = out or sys.stdout
-    start = time.perf_counter_ns()
     text = []
-    for chunk in llm.stream(prompt_ids, opts):
-        if chunk.done:
+    for event in events:
+        if isinstance(event, str):
+            text.append(event)
+            out.write(event)
+            out.flush()
+        else:
             out.write("\n")
             out.flush()
             if verbose:
-                _print_stats(chunk, load_duration, time.perf_counter_ns() - start)
-        elif chunk.text:
-            text.append(chunk.text)
-            out.write(chunk.text)
-            out.flush()
+                _print_stats(event)
     return "".join(text)
+
+
+def _local_reply(llm, prompt_ids, opts, load_duration: float):
+    """Reply events (see `_print_reply`) of the model loaded here."""
+    start = time.perf_counter_ns()
+    for chunk in llm.stream(prompt_ids, opts):
+        if chunk.done:
+            yield {"total_duration": time.perf_counter_ns() - start, "load_duration": int(load_duration * 1e9),
+                   "prompt_eval_count": chunk.prompt_eval_count, "prompt_eval_duration": chunk.prompt_eval_duration,
+                   "eval_count": chunk.eval_count, "eval_duration": chunk.eval_duration}
+        elif chunk.text:
+            yield chunk.text
+
+
+def _server_reply(path: str, body: dict):
+    """Reply events (see `_print_reply`) of a server's /api/chat or /api/generate."""
+    from .server.client import server_stream
+
+    for obj in server_stream("POST", path, {**body, "stream": True}):
+        if obj.get("done"):
+            yield obj
+        elif text := (obj["message"].get("content") if "message" in obj else obj.get("response")):
+            yield text
+
+
+def _read_prompt(args) -> str | None:
+    if args.prompt is None and not sys.stdin.isatty():
+        return sys.stdin.read()
+    return args.prompt
+
+
+def _names_a_path(name: str) -> bool:
+    """Whether `herd run NAME` means a file or directory (always run here: a server knows names)."""
+    from .store import parse_name
+
+    try:
+        parse_name(name)
+    except HerdError:
+        return True
+    return Path(name).expanduser().exists()
 
 
 def cmd_run(args) -> int:
     """Run a model: answer PROMPT and exit, or chat interactively."""
+    if not _names_a_path(args.model) and _use_server(args):
+        return _run_on_server(args)
     from .llm import Llama
 
     model = resolve_model(args.model)
@@ -106,9 +151,7 @@ def cmd_run(args) -> int:
     # The model's stored parameters and system prompt apply unless the command line overrides them.
     options = {**model.params, **_options(args)}
     system = args.system if args.system is not None else model.system
-    prompt = args.prompt
-    if prompt is None and not sys.stdin.isatty():
-        prompt = sys.stdin.read()
+    prompt = _read_prompt(args)
     if prompt is not None:
         opts = llm.options(**options)
         if args.raw:
@@ -117,9 +160,45 @@ def cmd_run(args) -> int:
             messages = ([{"role": "system", "content": system}] if system else []) + model.messages + [
                 {"role": "user", "content": prompt}]
             ids = llm.fit_chat(messages, opts.num_ctx, model.template)
-        _reply(llm, ids, opts, args.verbose, llm.load_duration)
+        _print_reply(_local_reply(llm, ids, opts, llm.load_duration), args.verbose)
         return 0
-    return interactive(llm, options, system, args.verbose, model.template, model.messages)
+
+    def chat(messages, options, verbose):
+        opts = llm.options(**options)
+        return _print_reply(_local_reply(llm, llm.fit_chat(messages, opts.num_ctx, model.template), opts, 0.0), verbose)
+
+    return interactive(chat, options, system, args.verbose, model.messages, check=lambda o: llm.options(**o))
+
+
+def _run_on_server(args) -> int:
+    """`herd run` through a running server: /api/generate for a raw prompt, /api/chat otherwise.
+    The server adds the model's stored system prompt and messages; only --system overrides go out."""
+    info = _server_show(args.model, pull=True)
+    options = {**info["parameters"], **_options(args)}
+    prompt = _read_prompt(args)
+    if prompt is not None and args.raw:
+        _print_reply(_server_reply("/api/generate", {"model": args.model, "prompt": prompt, "raw": True,
+                                                     "options": options}), args.verbose)
+        return 0
+
+    def chat(messages, options, verbose):
+        return _print_reply(_server_reply("/api/chat", {"model": args.model, "messages": messages,
+                                                        "options": options}), verbose)
+
+    if prompt is not None:
+        system = [{"role": "system", "content": args.system}] if args.system else []
+        chat(system + [{"role": "user", "content": prompt}], options, args.verbose)
+        return 0
+    from .server.client import server_request
+
+    server_request("POST", "/api/chat", {"model": args.model}, timeout=None)  # load it before the first prompt
+    return interactive(chat, options, args.system, args.verbose, check=_check_options)
+
+
+def _check_options(options: dict) -> None:
+    from .generate import SamplingOptions
+
+    SamplingOptions.from_dict(options)
 
 
 def _read_message() -> str | None:
@@ -141,10 +220,11 @@ def _read_message() -> str | None:
             return "\n".join(parts)
 
 
-def interactive(llm, options: dict, system: str | None, verbose: bool, template: str | None = None,
-                start: list[dict] | None = None) -> int:
-    """A chat with history and streaming, like `ollama run`. `start` begins the history (a stored
-    model's MESSAGE lines); `template` overrides the model's chat template."""
+def interactive(chat, options: dict, system: str | None, verbose: bool, start: list[dict] | None = None,
+                check=None) -> int:
+    """A chat with history and streaming, like `ollama run`. `chat(messages, options, verbose)`
+    prints a reply and returns its text; `start` begins the history (a stored model's MESSAGE
+    lines); `check(options)` raises HerdError for options that would not do."""
     try:
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
@@ -185,7 +265,8 @@ def interactive(llm, options: dict, system: str | None, verbose: bool, template:
                     name, _, raw = value.strip().partition(" ")
                     try:
                         candidate = {**options, name: _parse_value(name, raw.strip())}
-                        llm.options(**candidate)
+                        if check is not None:
+                            check(candidate)
                     except HerdError as e:
                         print(f"Error: {e}")
                         continue
@@ -199,8 +280,7 @@ def interactive(llm, options: dict, system: str | None, verbose: bool, template:
         history.append({"role": "user", "content": text})
         messages = ([{"role": "system", "content": system}] if system else []) + history
         try:
-            opts = llm.options(**options)
-            reply = _reply(llm, llm.fit_chat(messages, opts.num_ctx, template), opts, verbose, 0.0)
+            reply = chat(messages, options, verbose)
         except KeyboardInterrupt:  # Ctrl-C stops the reply, not the chat
             print()
             history.pop()
@@ -297,8 +377,67 @@ def _store():
     return Store()
 
 
+def _use_server(args) -> bool:
+    """Whether a command goes through a running `herd serve`, as `ollama` does: yes when one answers
+    at HERD_HOST, unless --local or HERD_LOCAL=1 keeps it here."""
+    if getattr(args, "local", False) or os.environ.get("HERD_LOCAL", "").lower() not in ("", "0", "false", "no"):
+        return False
+    from .server.client import server_available
+
+    return server_available()
+
+
+def _server_show(name: str, pull: bool = False) -> dict:
+    """A server's /api/show as `Store.show` answers: parameters, messages and adapters read back
+    from its Modelfile, the rest from its fields. With `pull`, a missing model is pulled first."""
+    from .server.client import ServerError, server_request
+    from .store.modelfile import parse_modelfile
+
+    try:
+        r = server_request("POST", "/api/show", {"model": name})
+    except ServerError as e:
+        if not (pull and e.status == 404):
+            raise
+        _server_pull(name)
+        r = server_request("POST", "/api/show", {"model": name})
+    mf = parse_modelfile(r["modelfile"])
+    facts, d = r.get("model_info", {}), r.get("details", {})
+    arch = facts.get("general.architecture")
+    details = {"architecture": arch, "parameter_size": d.get("parameter_size") or None,
+               "context_length": facts.get(f"{arch}.context_length"),
+               "embedding_length": facts.get(f"{arch}.embedding_length"),
+               "quantization": d.get("quantization_level") or None}
+    return {"details": details, "parameters": mf.parameters, "template": r.get("template") or None,
+            "system": r.get("system"), "license": r.get("license"), "messages": mf.messages,
+            "adapters": mf.adapters, "modelfile": r["modelfile"]}
+
+
+def _server_pull(name: str) -> None:
+    from .server.client import server_stream
+
+    with PullProgress() as progress:
+        for event in server_stream("POST", "/api/pull", {"model": name, "stream": True}):
+            progress(event)
+
+
+def _print_table(rows: list[tuple[str, ...]]) -> None:
+    """Columns padded to their widest cell, four spaces apart (the last one unpadded), as Ollama's."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    for r in rows:
+        print("    ".join(c.ljust(w) for c, w in zip(r, widths)) + "    " + r[-1])
+
+
+def _seconds(rfc3339: str) -> float:
+    import datetime as dt
+
+    return dt.datetime.fromisoformat(rfc3339.replace("Z", "+00:00")).timestamp()
+
+
 def cmd_pull(args) -> int:
     """Download a model into the store (catalog names, hf.co/{user}/{repo}:{quant}) and verify it."""
+    if _use_server(args):
+        _server_pull(args.model)
+        return 0
     with PullProgress() as progress:
         _store().pull(args.model, progress)
     return 0
@@ -306,13 +445,16 @@ def cmd_pull(args) -> int:
 
 def cmd_list(args) -> int:
     """List the models in the store."""
-    rows = [("NAME", "ID", "SIZE", "MODIFIED")]
+    if _use_server(args):
+        from .server.client import server_request
+
+        models = [(m["name"], m["digest"][:12], m["size"], _seconds(m["modified_at"]))
+                  for m in server_request("GET", "/api/tags")["models"]]
+    else:
+        models = [(m.name, m.id, m.size, m.modified) for m in _store().list()]
     now = time.time()
-    for m in _store().list():
-        rows.append((m.name, m.id, human_size(m.size), human_ago(now - m.modified)))
-    widths = [max(len(r[i]) for r in rows) for i in range(3)]
-    for r in rows:
-        print("    ".join(c.ljust(w) for c, w in zip(r, widths)) + "    " + r[3])
+    _print_table([("NAME", "ID", "SIZE", "MODIFIED")] +
+                 [(name, id, human_size(size), human_ago(now - modified)) for name, id, size, modified in models])
     return 0
 
 
@@ -322,7 +464,7 @@ def _section(title: str, lines: list[str]) -> str:
 
 def cmd_show(args) -> int:
     """Show a model's details, parameters, template, system prompt and license."""
-    info = _store().show(args.model)
+    info = _server_show(args.model) if _use_server(args) else _store().show(args.model)
     if args.modelfile:
         print(info["modelfile"], end="")
         return 0
@@ -364,9 +506,14 @@ def cmd_show(args) -> int:
 
 def cmd_rm(args) -> int:
     """Remove models; files no other model uses are deleted."""
-    store = _store()
+    from .server.client import server_request
+
+    store = None if _use_server(args) else _store()
     for name in args.models:
-        store.remove(name)
+        if store is None:
+            server_request("DELETE", "/api/delete", {"model": name})
+        else:
+            store.remove(name)
         print(f"deleted '{name}'")
     return 0
 
@@ -411,17 +558,22 @@ def cmd_ps(args) -> int:
     for m in server_request("GET", "/api/ps")["models"]:
         until = "Forever" if m["expires_at"].startswith("2318") else m["expires_at"]
         rows.append((m["name"], m["digest"][:12], human_size(m["size"]), str(m["context_length"]), until))
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    for r in rows:
-        print("    ".join(c.ljust(w) for c, w in zip(r, widths)) + "    " + r[4])
+    _print_table(rows)
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="herd", description="Run Llama 3 family models locally.")
+    parser = argparse.ArgumentParser(
+        prog="herd", description="Run Llama 3 family models locally.",
+        epilog="run, pull, list, show and rm go through a server running at HERD_HOST when one answers; "
+               "--local or HERD_LOCAL=1 keeps them in this process.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    local = argparse.ArgumentParser(add_help=False)
+    local.add_argument("--local", action="store_true",
+                       help="work here even when a server answers at HERD_HOST (also: HERD_LOCAL=1)")
 
-    run = sub.add_parser("run", help="run a model: answer a prompt, or chat", description=cmd_run.__doc__)
+    run = sub.add_parser("run", help="run a model: answer a prompt, or chat", description=cmd_run.__doc__,
+                         parents=[local])
     run.add_argument("model", help=f"a model name ({DEFAULT_MODEL}; pulled if missing), a .gguf file, "
                      "or a HF or Meta checkpoint directory")
     run.add_argument("prompt", nargs="?", help="answer this and exit (default: interactive chat)")
@@ -438,14 +590,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--verbose", action="store_true", help="print timings and token rates on stderr")
     run.set_defaults(func=cmd_run)
 
-    pull = sub.add_parser("pull", help="download a model into the store", description=cmd_pull.__doc__)
+    pull = sub.add_parser("pull", help="download a model into the store", description=cmd_pull.__doc__,
+                          parents=[local])
     pull.add_argument("model", help=f"a name such as {DEFAULT_MODEL}, llama3.2:1b or hf.co/{{user}}/{{repo}}:{{quant}}")
     pull.set_defaults(func=cmd_pull)
 
-    ls = sub.add_parser("list", aliases=["ls"], help="list the models in the store", description=cmd_list.__doc__)
+    ls = sub.add_parser("list", aliases=["ls"], help="list the models in the store", description=cmd_list.__doc__,
+                        parents=[local])
     ls.set_defaults(func=cmd_list)
 
-    show = sub.add_parser("show", help="show a model's details", description=cmd_show.__doc__)
+    show = sub.add_parser("show", help="show a model's details", description=cmd_show.__doc__, parents=[local])
     show.add_argument("model")
     what = show.add_mutually_exclusive_group()
     what.add_argument("--modelfile", action="store_true", help="print a Modelfile that recreates the model")
@@ -455,7 +609,7 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--license", action="store_true", help="print only the license")
     show.set_defaults(func=cmd_show)
 
-    rm = sub.add_parser("rm", help="remove models", description=cmd_rm.__doc__)
+    rm = sub.add_parser("rm", help="remove models", description=cmd_rm.__doc__, parents=[local])
     rm.add_argument("models", nargs="+", metavar="model")
     rm.set_defaults(func=cmd_rm)
 

@@ -1,0 +1,143 @@
+"""The CLI talks to a running `herd serve` when one answers at HERD_HOST, as `ollama` does.
+
+One real server holds the store; the CLI processes get an empty HERD_HOME of their own, so
+whatever they show about the server's models came through the server. What they print is
+compared with what the same command prints when it works locally (`--local`, or a path).
+"""
+
+from __future__ import annotations
+
+import os
+import pty
+import subprocess
+import sys
+
+import pytest
+
+httpx = pytest.importorskip("httpx")
+from herdserver import HerdServer  # noqa: E402
+from test_cli import _read_until  # noqa: E402
+
+PROMPT = "What is the capital of France?"
+GREEDY = ("--temperature", "0", "--num-predict", "12")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, smollm2_path):
+    from llamaherd.store import Store
+
+    home = tmp_path_factory.mktemp("server-home")
+    store = Store(home)
+    store.create("smol", f"FROM {smollm2_path}\nPARAMETER top_k 30\nSYSTEM You are a helpful assistant.\n")
+    store.copy("smol", "spare")
+    server = HerdServer(home, tmp_path_factory.mktemp("logs") / "herd-serve.log", env={"PIP_NO_INDEX": "1"})
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def client_home(tmp_path_factory):
+    return tmp_path_factory.mktemp("client-home")  # stays empty: the models are the server's
+
+
+def herd(server, client_home, *args, env=None, timeout=300):
+    """`herd ARGS` in a process whose HERD_HOST is the server's (or `env`'s) and whose own store is empty."""
+    env = {**os.environ, "HERD_HOST": f"127.0.0.1:{server.port}", "HERD_HOME": str(client_home), **(env or {})}
+    return subprocess.run([sys.executable, "-m", "llamaherd", *map(str, args)], capture_output=True, text=True,
+                          env=env, timeout=timeout)
+
+
+def test_list_show_and_pull_go_through_the_server(server, client_home):
+    listed = herd(server, client_home, "list")
+    assert listed.returncode == 0, listed.stderr
+    assert {line.split()[0] for line in listed.stdout.splitlines()[1:]} == {"smol:latest", "spare:latest"}
+    local = herd(server, client_home, "list", "--local")
+    assert local.stdout.splitlines() == ["NAME    ID    SIZE    MODIFIED"]  # the client's own store is empty
+
+    for flags in ((), ("--modelfile",), ("--template",), ("--license",)):
+        remote = herd(server, client_home, "show", "smol", *flags)
+        here = herd(server, client_home, "show", "smol", "--local", *flags, env={"HERD_HOME": str(server.home)})
+        assert remote.returncode == 0 and here.returncode == 0, remote.stderr + here.stderr
+        assert remote.stdout == here.stdout, flags
+        if not flags:
+            for fact in ("architecture", "context length", "quantization", "top_k", "helpful assistant"):
+                assert fact in remote.stdout
+
+    # smollm2:135m's file is already a blob of the server's store (smol's): the pull only writes a manifest.
+    pulled = herd(server, client_home, "pull", "smollm2:135m")
+    assert pulled.returncode == 0, pulled.stderr
+    assert "success" in pulled.stderr and "100%" in pulled.stderr  # a progress bar, then the last status
+    assert "smollm2:135m" in {m["name"] for m in server.api("GET", "/api/tags").json()["models"]}
+    assert not (client_home / "manifests").exists()
+
+
+def test_run_answers_through_the_server_as_it_does_locally(server, client_home, smollm2_path):
+    remote = herd(server, client_home, "run", "smol", PROMPT, *GREEDY, "--verbose")
+    assert remote.returncode == 0, remote.stderr
+    assert "Paris" in remote.stdout
+    for stat in ("total duration:", "load duration:", "prompt eval count:", "eval rate:"):
+        assert stat in remote.stderr
+    assert [m["name"] for m in server.api("GET", "/api/ps").json()["models"]] == ["smol:latest"]
+    ps = herd(server, client_home, "ps")
+    assert ps.returncode == 0 and ps.stdout.splitlines()[1].startswith("smol:latest")
+
+    # A path always runs here (the server knows names); its stored options are the same (top_k
+    # does not matter when greedy, the system prompt is given), so the answer is the same.
+    here = herd(server, client_home, "run", smollm2_path, PROMPT, *GREEDY, "--system",
+                "You are a helpful assistant.")
+    assert here.returncode == 0, here.stderr
+    assert remote.stdout == here.stdout
+
+    raw = [herd(server, client_home, "run", "smol", "Once upon a time", "--raw", "--seed", "7", "--temperature",
+                "0.9", "--num-predict", "8", "--verbose") for _ in range(2)]
+    assert raw[0].returncode == 0 and raw[0].stdout.strip() and raw[0].stdout == raw[1].stdout
+    assert "prompt eval count:    4 token(s)" in raw[0].stderr  # the 4 tokens of the prompt, no chat template
+
+
+def test_interactive_chat_through_the_server(server, client_home):
+    main, child = pty.openpty()
+    env = {**os.environ, "HERD_HOST": f"127.0.0.1:{server.port}", "HERD_HOME": str(client_home)}
+    proc = subprocess.Popen([sys.executable, "-m", "llamaherd", "run", "smol"], env=env,
+                            stdin=child, stdout=child, stderr=child, close_fds=True)
+    os.close(child)
+    try:
+        _read_until(main, b">>> ")
+        os.write(main, b"/set parameter temperature 0\n")
+        assert b"Set parameter 'temperature'" in _read_until(main, b">>> ")
+        os.write(main, b"/set parameter num_predict 12\n")
+        _read_until(main, b">>> ")
+        os.write(main, b"/set parameter temperature -1\n")
+        assert b"Error" in _read_until(main, b">>> ")
+        os.write(main, PROMPT.encode() + b"\n")
+        assert b"Paris" in _read_until(main, b">>> ")
+        os.write(main, b"/set verbose\n")
+        _read_until(main, b">>> ")
+        os.write(main, b"And of Italy?\n")
+        assert b"eval rate:" in _read_until(main, b">>> ")
+        os.write(main, b"/clear\n")
+        assert b"Cleared" in _read_until(main, b">>> ")
+        os.write(main, b"/bye\n")
+        assert proc.wait(timeout=60) == 0
+    finally:
+        proc.kill()
+        os.close(main)
+
+
+def test_rm_through_the_server(server, client_home):
+    removed = herd(server, client_home, "rm", "spare")
+    assert removed.returncode == 0 and removed.stdout == "deleted 'spare'\n", removed.stderr
+    assert "spare:latest" not in {m["name"] for m in server.api("GET", "/api/tags").json()["models"]}
+    missing = herd(server, client_home, "rm", "spare")
+    assert missing.returncode == 1 and missing.stderr.startswith("Error: ") and "spare" in missing.stderr
+
+
+def test_no_server_or_herd_local_means_local(server, client_home):
+    """Nothing answers at the test session's HERD_HOST (conftest); HERD_LOCAL=1 ignores a server."""
+    for env in ({"HERD_HOST": os.environ["HERD_HOST"]}, {"HERD_LOCAL": "1"}):
+        listed = herd(server, client_home, "list", env={**env, "HERD_HOME": str(server.home)})
+        assert listed.returncode == 0 and "smol:latest" in listed.stdout
+        empty = herd(server, client_home, "list", env=env)
+        assert empty.stdout.splitlines() == ["NAME    ID    SIZE    MODIFIED"]
+    ps = herd(server, client_home, "ps", env={"HERD_HOST": os.environ["HERD_HOST"]})
+    assert ps.returncode == 1 and "could not reach a herd server" in ps.stderr
