@@ -199,7 +199,9 @@ def tiny_loader(smollm2):
         torch.manual_seed(0)
         args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=smollm2.n_words, hidden_dim=128,
                          max_seq_len=512, tie_embeddings=True)
-        return Llama(Transformer(args).eval(), smollm2, path=path)
+        model = Transformer(args)
+        model.init_weights()  # Transformer leaves its weights uninitialised (checkpoints fill them)
+        return Llama(model.eval(), smollm2, path=path)
 
     return load
 

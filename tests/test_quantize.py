@@ -7,8 +7,10 @@ from gguf import GGMLQuantizationType as Q
 from gguf import quants
 
 from llamaherd.quantize.ggml import dequantize
-from llamaherd.quantize.linear import (GGMLEmbedding, Int4Linear, RefinedInt8Linear, _concat,
-                                       dequantized_weight, pack_gguf_tensor, quantize_int8_rows)
+from llamaherd.quantize import native
+from llamaherd.quantize.linear import (BlockLinear, GGMLEmbedding, Int4Linear, RefinedBlockLinear,
+                                       RefinedInt8Linear, _concat, dequantized_weight, pack_gguf_tensor,
+                                       quantize_int8_rows)
 
 
 def gguf_blocks(qtype, out_features=96, in_features=128, seed=0):
@@ -26,11 +28,11 @@ def load_module(module, buffers):
 def test_int4_codes_are_the_files_own(qtype):
     """Q4_0/Q4_1 map onto the int4 kernel without requantizing: only scales round to bf16."""
     raw = gguf_blocks(qtype)
-    kind, buffers = pack_gguf_tensor(raw, qtype, (96, 128))
+    kind, buffers = pack_gguf_tensor(raw, qtype, (96, 128), native_ok=False)
     assert kind == "int4"
     layer = load_module(Int4Linear(128, 96), buffers)
     ref = dequantize(raw, qtype, (96, 128))
-    x = torch.randn(5, 128).bfloat16().float()
+    x = torch.randn(5, 128, generator=torch.Generator().manual_seed(0)).bfloat16().float()
     # bf16 scales (8 significant bits) and bf16 output: relative error ~1e-2 at most
     assert torch.allclose(layer(x), x @ ref.T, rtol=0.02, atol=0.05)
     assert torch.allclose(dequantized_weight(layer), ref, rtol=0.02, atol=0.02)
@@ -38,7 +40,7 @@ def test_int4_codes_are_the_files_own(qtype):
 
 def test_int8_rows_for_other_types():
     raw = gguf_blocks(Q.Q8_0)
-    kind, buffers = pack_gguf_tensor(raw, Q.Q8_0, (96, 128))
+    kind, buffers = pack_gguf_tensor(raw, Q.Q8_0, (96, 128), native_ok=False)
     assert kind == "int8"
     ref = dequantize(raw, Q.Q8_0, (96, 128))
     w = buffers["weight"].float() * buffers["scales"].float()[:, None]
@@ -48,7 +50,7 @@ def test_int8_rows_for_other_types():
 def test_fused_projection_equals_its_parts():
     parts = []
     for seed, n in ((1, 64), (2, 32), (3, 32)):
-        _, buffers = pack_gguf_tensor(gguf_blocks(Q.Q4_1, n, 128, seed), Q.Q4_1, (n, 128))
+        _, buffers = pack_gguf_tensor(gguf_blocks(Q.Q4_1, n, 128, seed), Q.Q4_1, (n, 128), native_ok=False)
         parts.append(load_module(Int4Linear(128, n), buffers))
     fused = _concat(parts)
     x = torch.randn(3, 128)
@@ -76,3 +78,72 @@ def test_refined_output_is_exact_where_it_matters():
     assert torch.allclose(got.gather(-1, top), exact.gather(-1, top), atol=1e-5)  # exact best ones
     assert torch.equal(got.argmax(-1), exact.argmax(-1))
     assert (got - exact).abs().max() < 0.2  # the tail is int8-accurate
+
+
+# -- the native kernel (kernels/blockmm.c) ---------------------------------------------------------
+
+def test_the_native_kernel_builds_here():
+    """This machine has a C compiler and AVX2: the fast path must not silently fall back."""
+    assert native.available()
+
+
+def int16_reference(x: torch.Tensor, raw: np.ndarray, qtype, shape) -> torch.Tensor:
+    """What the kernel computes, in float64: activations rounded to int16 blocks (scale
+    max|x|/32767, round half to even), times the file's weights. w = d * q + m, so x . w = d * xd * (q . xq) +
+    m * xd * sum(xq) per block."""
+    M, K = x.shape
+    xb = x.double().view(M, K // 32, 32)
+    xd = (xb.abs().amax(-1).float() / 32767).double()  # the kernel's scale is a float32
+    xq = torch.round((xb.float() * torch.where(xd > 0, 1 / xd.float(), 0.0)[..., None]).double())
+    w = dequantize(raw, qtype, shape).double().view(shape[0], K // 32, 32)  # (N, nb, 32)
+    return torch.einsum("mb,mbj,nbj->mn", xd, xq, w)
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q8_0])
+def test_block_linear_is_the_files_blocks_times_int16_activations(qtype):
+    N, K = 80, 256
+    raw = gguf_blocks(qtype, N, K)
+    kind, buffers = pack_gguf_tensor(raw, qtype, (N, K))
+    assert kind == f"block:{qtype.name}"
+    layer = load_module(BlockLinear(K, N, qtype), buffers)
+    x = torch.randn(9, K)
+    y = layer(x)
+    assert torch.allclose(y.double(), int16_reference(x, raw, qtype, (N, K)), rtol=1e-5, atol=1e-4)
+    exact = x @ dequantize(raw, qtype, (N, K)).T
+    assert (y - exact).abs().max() < 1e-4 * exact.abs().max()  # int16 activations: within ~1e-4
+    assert torch.equal(dequantized_weight(layer), dequantize(raw, qtype, (N, K)))
+
+
+def test_block_linear_rows_do_not_depend_on_the_batch():
+    """Continuous batching needs each row computed the same alone or beside others."""
+    raw = gguf_blocks(Q.Q4_1, 64, 192)
+    layer = load_module(BlockLinear(192, 64, Q.Q4_1), pack_gguf_tensor(raw, Q.Q4_1, (64, 192))[1])
+    x = torch.randn(11, 192)
+    together = layer(x)
+    for i in range(11):
+        assert torch.equal(layer(x[i:i + 1]), together[i:i + 1])
+    assert torch.equal(layer(x[3:9]), together[3:9])
+
+
+def test_fused_block_projection_equals_its_parts():
+    parts = [load_module(BlockLinear(128, n, Q.Q4_0), pack_gguf_tensor(gguf_blocks(Q.Q4_0, n, 128, seed),
+                                                                       Q.Q4_0, (n, 128))[1])
+             for seed, n in ((1, 64), (2, 32), (3, 32))]
+    fused = _concat(parts)
+    x = torch.randn(3, 128)
+    assert torch.equal(fused(x), torch.cat([p(x) for p in parts], dim=-1))
+
+
+def test_refined_block_output_is_exact_where_it_matters():
+    vocab, dim = 500, 64
+    raw = gguf_blocks(Q.Q8_0, vocab, dim)
+    ref = dequantize(raw, Q.Q8_0, (vocab, dim))
+    out = RefinedBlockLinear(dim, vocab, Q.Q8_0, refine=16)
+    out.raw = torch.from_numpy(raw)
+    h = torch.randn(2, 3, dim)
+    exact = h @ ref.T
+    got = out(h)
+    top = exact.topk(8, dim=-1).indices
+    assert torch.allclose(got.gather(-1, top), exact.gather(-1, top), atol=1e-5)
+    assert torch.equal(got.argmax(-1), exact.argmax(-1))
+    assert (got - exact).abs().max() < 0.2

@@ -135,7 +135,7 @@ def build_model(args: ModelArgs, state_dict: dict[str, torch.Tensor], device: st
     if quantized:
         swap_quantized_modules(model, quantized)
     sd = dict(state_dict)
-    if args.tie_embeddings and "output.weight" not in sd:
+    if args.tie_embeddings and "output.weight" not in sd and "output" not in (quantized or {}):
         sd["output.weight"] = sd["tok_embeddings.weight"]
     model.load_state_dict(sd, assign=True, strict=True)
     if args.tie_embeddings and not quantized:  # assign=True replaced both parameters; share one again

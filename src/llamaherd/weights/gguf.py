@@ -50,7 +50,8 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, quantized: b
     the returned dict names those modules and their kind. Otherwise everything is dequantized to
     `dtype` and the dict is empty.
     """
-    from ..quantize.linear import pack_gguf_tensor, quantize_int8_rows
+    from ..quantize import native
+    from ..quantize.linear import NATIVE_TYPES, pack_gguf_tensor, quantize_int8_rows
 
     reader = GGUFFile(path)
     meta = reader.metadata
@@ -73,9 +74,12 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, quantized: b
                     state_dict["tok_embeddings.raw"] = raw
                 if module == "output" or args.tie_embeddings:
                     kinds["output"] = f"refined:{t.tensor_type.name}"
-                    state_dict.update({f"output.{n}": b for n, b in quantize_int8_rows(
-                        dequantize(t.data, t.tensor_type, shape)).items()})
-                    state_dict["output.exact.raw"] = raw  # shared with the embedding when tied
+                    if t.tensor_type in NATIVE_TYPES and native.available():  # RefinedBlockLinear
+                        state_dict["output.raw"] = raw  # shared with the embedding when tied
+                    else:  # RefinedInt8Linear
+                        state_dict.update({f"output.{n}": b for n, b in quantize_int8_rows(
+                            dequantize(t.data, t.tensor_type, shape)).items()})
+                        state_dict["output.exact.raw"] = raw
                 continue
             tensor = dequantize(t.data, t.tensor_type, shape, dtype=dtype)
         except FormatError as e:
