@@ -310,7 +310,8 @@ def test_regenerate_edit_and_keyboard(open_page):
     assert page.inner_text(".message.user .body") == "Say goodbye"
 
     page.click(".message.assistant .copy")
-    assert page.inner_text(".message.assistant .copy") == "Copied"
+    # The label changes once the clipboard write resolves: wait for it (reading it at once raced).
+    page.wait_for_selector(".message.assistant .copy:text-is('Copied')")
 
 
 def test_switching_models_and_seeing_them_loaded(open_page, herd):
