@@ -56,9 +56,6 @@ class HerdServer:
             time.sleep(0.3)
         raise RuntimeError(f"herd serve did not answer within {timeout} s: see {self.log_path}")
 
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
     def kill(self) -> None:
         """Stop at once, as a crash would (no graceful shutdown)."""
         if self.proc and self.proc.poll() is None:
