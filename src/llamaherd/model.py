@@ -172,8 +172,9 @@ class Transformer(nn.Module):
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
-        # RoPE table: not a parameter, not saved; rebuilt (and grown) on demand.
-        self.register_buffer("rope", precompute_rope(args, args.max_seq_len), persistent=False)
+        # RoPE table: not a parameter, not saved; built (and grown) on first use by `_ensure_rope`.
+        # Not here: under the meta device its complex ops would import torch's decompositions (~2 s).
+        self.register_buffer("rope", torch.empty(0, dtype=torch.complex64), persistent=False)
 
     @torch.no_grad()
     def init_weights(self, std: float = 0.02) -> None:

@@ -10,9 +10,10 @@ padding below) and the attention done row by row over exactly that row's keys, u
 numbers then depend only on its own tokens.
 
 Padding: float32 GEMMs on CPU (MKL) compute the last `M % 4` rows of a small batch, and a batch of
-one, with other kernels (other summation orders) than the rest; the int4/int8 CPU kernels are
-row-exact. Batches are padded with dummy rows to a multiple of `CPU_BATCH_MULTIPLE` on CPU so
-that every real row takes the main kernels.
+one, with other kernels (other summation orders) than the rest; the quantized CPU kernels (torch's
+int4/int8 and the native block kernel) are row-exact. Batches of a float model are padded with
+dummy rows to a multiple of `CPU_BATCH_MULTIPLE` on CPU so that every real row takes the main
+kernels; a quantized model's are not (the dummy rows would cost as much as real ones).
 
 Equal to `Transformer.forward` within float tolerance (tests/test_engine.py checks both).
 """
@@ -27,8 +28,9 @@ from ..model import apply_rope
 CPU_BATCH_MULTIPLE = 4
 
 
-def padded_size(n: int, device: torch.device) -> int:
-    multiple = CPU_BATCH_MULTIPLE if device.type == "cpu" else 1
+def padded_size(n: int, model) -> int:
+    float_cpu = model.norm.weight.device.type == "cpu" and isinstance(model.layers[0].attention.wo, torch.nn.Linear)
+    multiple = CPU_BATCH_MULTIPLE if float_cpu else 1
     return -(-n // multiple) * multiple
 
 
@@ -58,7 +60,7 @@ def decode_step(model, tokens: list[int], positions: list[int], rows: list[int])
     """
     device = model.norm.weight.device
     n = len(tokens)
-    size = padded_size(n, device)
+    size = padded_size(n, model)
     pad = size - n
     token_t = torch.tensor(tokens + [0] * pad, device=device)
     pos_t = torch.tensor(positions + [0] * pad, device=device)
