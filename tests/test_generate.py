@@ -80,6 +80,15 @@ def test_fast_path_accuracy(smollm2_ref, smollm2_fast, heldout_text):
     assert abs(ppl(fast) / ppl(ref) - 1) <= 0.01, (ppl(fast), ppl(ref))
 
 
+@pytest.mark.parametrize("prompt", RAW_PROMPTS + CHAT_PROMPTS)
+def test_fast_path_greedy_equals_the_reference(smollm2_ref, smollm2_fast, prompt):
+    """The quantized CPU path (native kernel, exact top-logit refinement) picks the same greedy
+    tokens as the float32 reference on the test prompts."""
+    ids = (smollm2_fast.encode(prompt) if prompt in RAW_PROMPTS
+           else smollm2_fast.encode_chat([{"role": "user", "content": prompt}]))
+    assert our_tokens(smollm2_fast, ids, **GREEDY) == our_tokens(smollm2_ref, ids, **GREEDY)
+
+
 def test_same_seed_same_output(smollm2_fast):
     ids = smollm2_fast.encode("My favourite colour is")
     opts = dict(temperature=1.0, top_k=50, top_p=0.95, seed=1234, num_predict=24)
