@@ -92,20 +92,22 @@ class Llama:
         return self.tokenizer.encode(text, bos=self.tokenizer.add_bos)
 
     def encode_chat(self, messages: Sequence[dict[str, Any]], template: str | None = None,
-                    add_generation_prompt: bool = True) -> list[int]:
-        """Chat prompt tokens, rendered with the model's chat template (or `template`)."""
+                    add_generation_prompt: bool = True, tools: list[dict[str, Any]] | None = None) -> list[int]:
+        """Chat prompt tokens, rendered with the model's chat template (or `template`), with
+        `tools` (function definitions) for templates that render them."""
         from .tokenizer.chat import format_prompt
 
         if not messages:
             raise HerdError("messages must not be empty")
-        return format_prompt(self.tokenizer, list(messages), add_generation_prompt, template)
+        return format_prompt(self.tokenizer, list(messages), add_generation_prompt, template, tools=tools)
 
-    def fit_chat(self, messages: Sequence[dict[str, Any]], num_ctx: int, template: str | None = None) -> list[int]:
-        """Chat prompt tokens that fit the context: drop the oldest non-system messages if needed."""
+    def fit_chat(self, messages: Sequence[dict[str, Any]], num_ctx: int, template: str | None = None,
+                 tools: list[dict[str, Any]] | None = None) -> list[int]:
+        """Chat prompt tokens that fit in 3/4 of the context: drop the oldest non-system messages if needed."""
         budget = num_ctx - num_ctx // 4
         messages = list(messages)
         while True:
-            tokens = self.encode_chat(messages, template)
+            tokens = self.encode_chat(messages, template, tools=tools)
             if len(tokens) <= budget:
                 return tokens
             droppable = [i for i, m in enumerate(messages[:-1]) if m.get("role") != "system"]

@@ -371,7 +371,7 @@ class Engine:
             tools = toolfmt.check_tools(req.tools) if req.tools else None
             messages, template_tools = toolfmt.prepare_messages(
                 messages, tools, template if template is not None else tok.chat_template)
-            prompt = self._fit_chat(llm, messages, opts.num_ctx, template, template_tools)
+            prompt = llm.fit_chat(messages, opts.num_ctx, template, tools=template_tools)
         elif isinstance(req.prompt, list):
             prompt = self._check_ids(llm, req.prompt)
         elif isinstance(req.prompt, str):
@@ -396,23 +396,6 @@ class Engine:
         if not ids or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab for i in ids):
             raise HerdError(f"a token-id prompt must be a non-empty list of integers in [0, {vocab})")
         return list(ids)
-
-    @staticmethod
-    def _fit_chat(llm, messages, num_ctx: int, template: str | None, tools) -> list[int]:
-        """Like `Llama.fit_chat`, with tools: drop the oldest non-system messages to fit 3/4 of num_ctx."""
-        from ..tokenizer.chat import format_prompt
-
-        budget = num_ctx - num_ctx // 4
-        messages = list(messages)
-        while True:
-            ids = format_prompt(llm.tokenizer, messages, True, template, tools=tools)
-            if len(ids) <= budget:
-                return ids
-            droppable = [i for i, m in enumerate(messages[:-1]) if m.get("role") != "system"]
-            if not droppable:
-                raise HerdError(f"the last message is {len(ids)} tokens with the system prompt, which does "
-                                f"not fit the context of {num_ctx} (raise num_ctx or shorten it)")
-            del messages[droppable[0]]
 
     @staticmethod
     def _text_prompt(llm, ref: ModelRef, req: GenerateRequest, template: str | None) -> list[int]:

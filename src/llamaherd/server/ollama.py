@@ -22,6 +22,20 @@ from .http import (ClientGone, dump, error_response, expiry_rfc3339, ndjson_line
                    parse_body, unless_disconnected)
 
 
+
+async def progress_response(request: Request, events, stream: bool):
+    """A pull's or a create's progress: streamed as NDJSON, or only its last event as one object."""
+    if stream:
+        return ndjson_stream(events)
+
+    async def last_event() -> dict[str, Any]:
+        last: dict[str, Any] = {}
+        async for last in events:
+            pass
+        return last
+
+    return JSONResponse(await unless_disconnected(request, last_event()))
+
 def handler_of(request: Request) -> Handler:
     return request.app.state.handler
 
@@ -213,17 +227,7 @@ def routes() -> APIRouter:
         body = await parse_body(request, s.ModelRequest)
         name = body.model_name()
         events = handler_of(request).pull(name)
-        if body.stream:
-            return ndjson_stream(events)
-        last: dict[str, Any] = {}
-
-        async def drain():
-            nonlocal last
-            async for last in events:
-                pass
-            return last
-
-        return JSONResponse(await unless_disconnected(request, drain()))
+        return await progress_response(request, events, body.stream)
 
     @router.delete("/api/delete")
     async def delete(request: Request):
@@ -243,17 +247,7 @@ def routes() -> APIRouter:
         h = handler_of(request)
         modelfile, base_dir = modelfile_of(body, request.app.state.blob_dir)
         events = h.create(body.model, modelfile, base_dir)
-        if body.stream:
-            return ndjson_stream(events)
-        last: dict[str, Any] = {}
-
-        async def drain():
-            nonlocal last
-            async for last in events:
-                pass
-            return last
-
-        return JSONResponse(await unless_disconnected(request, drain()))
+        return await progress_response(request, events, body.stream)
 
     @router.head("/api/blobs/{digest}")
     async def blob_exists(request: Request, digest: str):
