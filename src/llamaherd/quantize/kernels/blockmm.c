@@ -53,7 +53,7 @@ static inline float hsum(__m256 v) {
 
 /* x (n_blocks * 32 floats) -> int16 codes, each block's scale d, and d * (sum of its codes). */
 static void quantize_x(const float *x, int16_t *xq, float *xd, float *xs, int64_t n_blocks) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (n_blocks >= 256) /* a decode step's few blocks: not worth a fork */
     for (int64_t i = 0; i < n_blocks; i++) {
         const float *v = x + i * QK;
         float amax = 0.f;
