@@ -2,7 +2,8 @@
 
 Why native code: at batch 1 a 135M model's matmuls are small enough that torch's packed int4/int8
 CPU kernels are bound by their own arithmetic (bf16 dequantization), not by memory; ggml-style
-integer dot products on the file's own blocks do the same work ~2x faster (see benchmarks/).
+integer dot products on the file's own blocks do the same work faster (all of SmolLM2-135M's
+linear layers: 9.9 vs 12.9 ms at batch 1, 50 vs 85 ms at batch 16, on this project's machine).
 
 It is compiled with the machine's C compiler for the machine's own instruction set and cached
 under the llamaherd cache folder, keyed by the source's hash and the compiler flags, so later

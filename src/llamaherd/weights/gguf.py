@@ -73,10 +73,11 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, quantized: b
                     kinds[module] = f"ggml:{t.tensor_type.name}"
                     state_dict["tok_embeddings.raw"] = raw
                 if module == "output" or args.tie_embeddings:
-                    kinds["output"] = f"refined:{t.tensor_type.name}"
                     if t.tensor_type in NATIVE_TYPES and native.available():  # RefinedBlockLinear
+                        kinds["output"] = f"refined_block:{t.tensor_type.name}"
                         state_dict["output.raw"] = raw  # shared with the embedding when tied
                     else:  # RefinedInt8Linear
+                        kinds["output"] = f"refined:{t.tensor_type.name}"
                         state_dict.update({f"output.{n}": b for n, b in quantize_int8_rows(
                             dequantize(t.data, t.tensor_type, shape)).items()})
                         state_dict["output.exact.raw"] = raw
