@@ -364,7 +364,8 @@ def test_pull_shows_progress_and_adds_the_model(open_page):
     assert "smollm2:135m" not in page.locator("#model option").all_inner_texts()
     page.fill("#pull-name", "smollm2:135m")  # its file is in the store already: only the manifest is new
     page.click("#pull-button")
-    page.wait_for_function("() => document.querySelector('#pull-status').textContent.endsWith('success')")
+    # the stream's last event reads "success"; the page's own "<name>: success" comes after the model list refreshed
+    page.wait_for_function("() => document.querySelector('#pull-status').textContent === 'smollm2:135m: success'")
     assert page.evaluate("document.querySelector('#pull-progress').value") == 1
     assert page.input_value("#model") == "smollm2:135m"  # the empty conversation takes it
     assert "Chatting with smollm2:135m" in page.inner_text(".empty")
