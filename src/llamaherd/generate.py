@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from .errors import HerdError
+from .quantize import native
 
 
 @dataclass
@@ -152,6 +153,9 @@ PREFILL_CHUNK = 64
 @torch.inference_mode()
 def decode_one_token(model, token: int, pos: int) -> torch.Tensor:
     """Logits after feeding one token at position `pos`."""
+    logits = native.decode(model, [token], [pos], [0])  # GGUF-block models on CPU: one C call
+    if logits is not None:
+        return logits[0]
     device = model.device
     return model(torch.tensor([[token]], device=device), torch.tensor([[pos]], device=device))[0, -1]
 

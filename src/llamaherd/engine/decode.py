@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..model import apply_rope
+from ..quantize import native
 
 CPU_BATCH_MULTIPLE = 4
 
@@ -58,6 +59,9 @@ def decode_step(model, tokens: list[int], positions: list[int], rows: list[int])
         positions: (B) its position (the number of tokens before it in that sequence).
         rows: (B) each sequence's KV-cache row; the new keys and values are written there.
     """
+    logits = native.decode(model, tokens, positions, rows)  # GGUF-block models on CPU: one C call
+    if logits is not None:
+        return logits
     device = model.norm.weight.device
     n = len(tokens)
     size = padded_size(n, model)

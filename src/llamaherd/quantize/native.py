@@ -1,4 +1,5 @@
-"""The native block-quantized matmul (kernels/blockmm.c), built on first use, called through ctypes.
+"""The native kernels, built on first use, called through ctypes: the block-quantized matmul
+(kernels/blockmm.c) and a whole decode step over every transformer block (kernels/decode.c).
 
 Why native code: at batch 1 a 135M model's matmuls are small enough that torch's packed int4/int8
 CPU kernels are bound by their own arithmetic (bf16 dequantization), not by memory; ggml-style
@@ -22,13 +23,14 @@ import os
 import shutil
 import subprocess
 import tempfile
+import weakref
 from functools import cache
 from pathlib import Path
 
 import torch
 
 log = logging.getLogger("llamaherd.native")
-SOURCE = Path(__file__).with_name("kernels") / "blockmm.c"
+SOURCES = [Path(__file__).with_name("kernels") / name for name in ("blockmm.c", "decode.c")]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 
 
@@ -54,13 +56,13 @@ def _build() -> ctypes.CDLL | None:
         log.info("no C compiler: using torch's quantized kernels")
         return None
     flags = FLAGS + _torch_omp()
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([cc, *flags]).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"blockmm-{key}.so"
+    key = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES) + " ".join([cc, *flags]).encode()).hexdigest()[:16]
+    target = _cache_dir() / f"herd-{key}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             out = Path(tmp) / target.name
-            proc = subprocess.run([cc, *flags, str(SOURCE), "-o", str(out)], capture_output=True, text=True)
+            proc = subprocess.run([cc, *flags, *map(str, SOURCES), "-o", str(out)], capture_output=True, text=True)
             if proc.returncode != 0:
                 log.warning("building the native kernel failed, using torch's kernels:\n%s", proc.stderr[-2000:])
                 return None
@@ -70,6 +72,10 @@ def _build() -> ctypes.CDLL | None:
         return None
     lib.block_mm.restype = None
     lib.block_mm.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+    lib.herd_decode_scratch.restype = ctypes.c_int64
+    lib.herd_decode_scratch.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
+    lib.herd_decode.restype = None
+    lib.herd_decode.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 4
     return lib
 
 
@@ -98,3 +104,83 @@ def block_mm(x: torch.Tensor, raw: torch.Tensor, qtype: int) -> torch.Tensor:
     scratch = torch.empty(2 * M * K + 8 * M * (K // 32), dtype=torch.uint8)  # int16 codes, scales, sums
     library().block_mm(x.data_ptr(), raw.data_ptr(), scratch.data_ptr(), y.data_ptr(), M, raw.shape[0], K, qtype)
     return y
+
+
+# -- the whole decode step (kernels/decode.c) -------------------------------------------------
+
+class _Layer(ctypes.Structure):
+    _fields_ = [("attention_norm", ctypes.c_void_p), ("ffn_norm", ctypes.c_void_p),
+                ("wqkv", ctypes.c_void_p), ("wo", ctypes.c_void_p), ("w13", ctypes.c_void_p), ("w2", ctypes.c_void_p),
+                ("wqkv_type", ctypes.c_int32), ("wo_type", ctypes.c_int32), ("w13_type", ctypes.c_int32),
+                ("w2_type", ctypes.c_int32), ("k", ctypes.c_void_p), ("v", ctypes.c_void_p)]
+
+
+class _Model(ctypes.Structure):
+    _fields_ = [("n_layers", ctypes.c_int64), ("dim", ctypes.c_int64), ("n_heads", ctypes.c_int64),
+                ("n_kv_heads", ctypes.c_int64), ("head_dim", ctypes.c_int64), ("hidden", ctypes.c_int64),
+                ("max_seq", ctypes.c_int64), ("eps", ctypes.c_float), ("layers", ctypes.POINTER(_Layer))]
+
+
+# One description of the model's blocks per KV cache: a new cache (`setup_cache`) gets a new one.
+# Keyed weakly by the first layer's cache; the description holds raw pointers only, so the
+# tensors it points to are kept alive by the model and its caches, not by it.
+_decoders: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _describe(model) -> _Model | None:
+    """The ctypes description of `model`'s blocks for kernels/decode.c, or None where that kernel
+    does not apply: every matmul of every block must be a fused `BlockLinear` (the GGUF blocks),
+    the norms and the KV cache float32 on the CPU."""
+    from .linear import BlockLinear
+
+    args = model.args
+    if not available() or model.device.type != "cpu" or args.head_dim % 8 or args.dim % 32 or args.hidden_dim % 32:
+        return None
+    layers = (_Layer * args.n_layers)()
+    for out, layer in zip(layers, model.layers):
+        attn, ffn = layer.attention, layer.feed_forward
+        mats = [attn.wqkv, attn.wo, ffn.w13, ffn.w2]
+        floats = [layer.attention_norm.weight, layer.ffn_norm.weight, attn.cache.k, attn.cache.v]
+        if any(type(w) is not BlockLinear for w in mats) or any(
+                t.dtype != torch.float32 or not t.is_contiguous() for t in floats):
+            return None
+        out.attention_norm, out.ffn_norm, out.k, out.v = (t.data_ptr() for t in floats)
+        out.wqkv, out.wo, out.w13, out.w2 = (w.raw.data_ptr() for w in mats)
+        out.wqkv_type, out.wo_type, out.w13_type, out.w2_type = (int(w.qtype) for w in mats)
+    desc = _Model(args.n_layers, args.dim, args.n_heads, args.n_kv_heads, args.head_dim, args.hidden_dim,
+                  model.cache_len, args.norm_eps, layers)
+    desc._layers = layers  # keep the array alive with the description
+    return desc
+
+
+def decoder(model) -> _Model | None:
+    """The native description of `model` with its current KV cache (see `_describe`), or None."""
+    cache = model.layers[0].attention.cache
+    if cache is None:
+        return None
+    if cache not in _decoders:
+        _decoders[cache] = _describe(model)
+    return _decoders[cache]
+
+
+@torch.inference_mode()
+def decode(model, tokens: list[int], positions: list[int], rows: list[int]) -> torch.Tensor | None:
+    """The next-token logits (B, V) of one decode step run by kernels/decode.c — tokens fed at
+    `positions`, keys and values written into KV-cache `rows` — or None where that kernel does not
+    apply to `model` (then the caller runs the torch modules). Each row is computed exactly as if
+    it ran alone."""
+    desc = decoder(model)
+    if desc is None:
+        return None
+    n = model.cache_len
+    if max(positions) >= n or min(positions) < 0 or max(rows) >= model.layers[0].attention.cache.k.shape[0]:
+        raise IndexError(f"decode at positions {positions} of rows {rows}: outside the KV cache")
+    x = model.tok_embeddings(torch.tensor(tokens)).float().contiguous()  # (B, dim), updated in place
+    model._ensure_rope(max(positions) + 1)
+    # Every tensor whose address goes to C is named here, so that it lives until the call returns.
+    rows_t, pos_t, rope = torch.tensor(rows), torch.tensor(positions), torch.view_as_real(model.rope)
+    scratch = torch.empty(library().herd_decode_scratch(ctypes.byref(desc), len(tokens), max(positions)),
+                          dtype=torch.uint8)
+    library().herd_decode(ctypes.byref(desc), x.data_ptr(), len(tokens), rows_t.data_ptr(), pos_t.data_ptr(),
+                          rope.data_ptr(), scratch.data_ptr())
+    return model.output(model.norm(x))

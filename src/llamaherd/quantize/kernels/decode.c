@@ -1,0 +1,152 @@
+/* One decode step through every transformer block, in one call: the CPU decode path of a model
+ * whose linear layers are GGUF blocks (see blockmm.c).
+ *
+ * Why: at decode time a 135M model's matmuls take ~10 ms a token on two cores, but the ~40 small
+ * torch ops a block needs around them (norms, RoPE, cache writes, attention, casts, residual adds)
+ * cost 10-20 us each in dispatch alone: the same again and more. Here they are a few loops over
+ * B rows, and the matmuls are block_mm calls on the same buffers.
+ *
+ * The arithmetic is the model's (model.py), in float32:
+ *   h = rms_norm(x) * attention_norm; q, k, v = h @ wqkv^T; rotate q, k (interleaved pairs);
+ *   cache[row, :, pos] = k, v; y = softmax(q k^T / sqrt(Dh)) v over positions 0..pos (GQA);
+ *   x += y @ wo^T; h = rms_norm(x) * ffn_norm; x += (silu(h @ w1^T) * (h @ w3^T)) @ w2^T
+ * Every row of the batch goes through the same instructions in the same order whatever the other
+ * rows are, so a sequence's numbers do not depend on what it is batched with.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#endif
+
+void block_mm(const float *x, const uint8_t *w, void *scratch, float *y, int64_t M, int64_t N, int64_t K,
+              int type);
+
+typedef struct {
+    const float *attention_norm, *ffn_norm; /* (dim) */
+    const uint8_t *wqkv, *wo, *w13, *w2;    /* GGUF blocks: wq, wk, wv stacked; w1, w3 stacked */
+    int32_t wqkv_type, wo_type, w13_type, w2_type;
+    float *k, *v; /* KV cache (max_batch, n_kv_heads, max_seq, head_dim) */
+} herd_layer;
+
+typedef struct {
+    int64_t n_layers, dim, n_heads, n_kv_heads, head_dim, hidden, max_seq;
+    float eps;
+    const herd_layer *layers;
+} herd_model;
+
+static inline int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
+
+/* Bytes of scratch `herd_decode` needs for B rows whose largest position is max_pos. */
+int64_t herd_decode_scratch(const herd_model *m, int64_t B, int64_t max_pos) {
+    const int64_t qkv = (m->n_heads + 2 * m->n_kv_heads) * m->head_dim, kin = max64(m->dim, m->hidden);
+    const int64_t floats = B * (m->dim + qkv + m->n_heads * m->head_dim + m->dim + 2 * m->hidden + m->hidden) +
+                           B * m->n_heads * (max_pos + 1);
+    return 4 * floats + 2 * B * kin + 8 * B * (kin / 32) + 64;
+}
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+static inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* a . b over n floats (n a multiple of 8). */
+static inline float dot8(const float *a, const float *b, int64_t n) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t i = 0; i < n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+    return hsum8(acc);
+}
+
+static void rms_norm(const float *x, const float *w, float *out, int64_t B, int64_t n, float eps) {
+    for (int64_t b = 0; b < B; b++) {
+        const float *r = x + b * n;
+        const float scale = 1.f / sqrtf(dot8(r, r, n) / (float)n + eps);
+        for (int64_t i = 0; i < n; i++) out[b * n + i] = r[i] * scale * w[i];
+    }
+}
+
+/* Rotate n_heads vectors of Dh floats, pairs (2i, 2i+1), by the angles of position pos. */
+static void rope(float *v, int64_t n_heads, int64_t Dh, const float *table, int64_t pos) {
+    const float *cs = table + pos * Dh; /* (Dh/2) complex: cos, sin interleaved */
+    for (int64_t h = 0; h < n_heads; h++) {
+        float *p = v + h * Dh;
+        for (int64_t i = 0; i < Dh; i += 2) {
+            const float a = p[i], b = p[i + 1], c = cs[i], s = cs[i + 1];
+            p[i] = a * c - b * s;
+            p[i + 1] = a * s + b * c;
+        }
+    }
+}
+
+void herd_decode(const herd_model *m, float *x, int64_t B, const int64_t *rows, const int64_t *pos,
+                 const float *rope_table, void *scratch) {
+    const int64_t D = m->dim, H = m->n_heads, K = m->n_kv_heads, Dh = m->head_dim, F = m->hidden, S = m->max_seq;
+    const int64_t qkv_n = (H + 2 * K) * Dh, group = H / K;
+    int64_t max_pos = 0;
+    for (int64_t b = 0; b < B; b++) max_pos = max64(max_pos, pos[b]);
+    float *h = (float *)scratch, *qkv = h + B * D, *y = qkv + B * qkv_n, *o = y + B * H * Dh, *g = o + B * D,
+          *a = g + B * 2 * F, *scores = a + B * F;
+    void *mm_scratch = scores + B * H * (max_pos + 1);
+    const float inv_sqrt = 1.f / sqrtf((float)Dh);
+
+    for (int64_t l = 0; l < m->n_layers; l++) {
+        const herd_layer *L = m->layers + l;
+        rms_norm(x, L->attention_norm, h, B, D, m->eps);
+        block_mm(h, L->wqkv, mm_scratch, qkv, B, qkv_n, D, L->wqkv_type);
+        for (int64_t b = 0; b < B; b++) {
+            float *q = qkv + b * qkv_n, *k = q + H * Dh, *v = k + K * Dh;
+            rope(q, H + K, Dh, rope_table, pos[b]); /* q and k are adjacent */
+            for (int64_t kh = 0; kh < K; kh++) {
+                const int64_t at = ((rows[b] * K + kh) * S + pos[b]) * Dh;
+                memcpy(L->k + at, k + kh * Dh, Dh * sizeof(float));
+                memcpy(L->v + at, v + kh * Dh, Dh * sizeof(float));
+            }
+        }
+        /* Attention, one (row, head) at a time: scores, softmax, weighted sum of values. */
+#pragma omp parallel for schedule(static) if (B * H * (max_pos + 1) >= 4096)
+        for (int64_t bh = 0; bh < B * H; bh++) {
+            const int64_t b = bh / H, hd = bh % H, n = pos[b] + 1;
+            const float *q = qkv + b * qkv_n + hd * Dh;
+            const float *keys = L->k + (rows[b] * K + hd / group) * S * Dh;
+            const float *values = L->v + (rows[b] * K + hd / group) * S * Dh;
+            float *s = scores + bh * (max_pos + 1), top = -INFINITY, sum = 0.f;
+            for (int64_t j = 0; j < n; j++) {
+                s[j] = dot8(q, keys + j * Dh, Dh) * inv_sqrt;
+                top = fmaxf(top, s[j]);
+            }
+            for (int64_t j = 0; j < n; j++) {
+                s[j] = expf(s[j] - top);
+                sum += s[j];
+            }
+            float *out = y + b * H * Dh + hd * Dh;
+            for (int64_t i = 0; i < Dh; i += 8) {
+                __m256 acc = _mm256_setzero_ps();
+                for (int64_t j = 0; j < n; j++)
+                    acc = _mm256_fmadd_ps(_mm256_set1_ps(s[j]), _mm256_loadu_ps(values + j * Dh + i), acc);
+                _mm256_storeu_ps(out + i, _mm256_mul_ps(acc, _mm256_set1_ps(1.f / sum)));
+            }
+        }
+        block_mm(y, L->wo, mm_scratch, o, B, D, H * Dh, L->wo_type);
+        for (int64_t i = 0; i < B * D; i++) x[i] += o[i];
+
+        rms_norm(x, L->ffn_norm, h, B, D, m->eps);
+        block_mm(h, L->w13, mm_scratch, g, B, 2 * F, D, L->w13_type);
+        for (int64_t b = 0; b < B; b++)
+            for (int64_t i = 0; i < F; i++) {
+                const float gate = g[b * 2 * F + i], up = g[b * 2 * F + F + i];
+                a[b * F + i] = gate / (1.f + expf(-gate)) * up;
+            }
+        block_mm(a, L->w2, mm_scratch, o, B, D, F, L->w2_type);
+        for (int64_t i = 0; i < B * D; i++) x[i] += o[i];
+    }
+}
+#else
+void herd_decode(const herd_model *m, float *x, int64_t B, const int64_t *rows, const int64_t *pos,
+                 const float *rope_table, void *scratch) {
+    (void)m; (void)x; (void)B; (void)rows; (void)pos; (void)rope_table; (void)scratch;
+}
+#endif

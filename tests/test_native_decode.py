@@ -1,0 +1,79 @@
+"""The native decode step (kernels/decode.c) against the model's torch modules, on real SmolLM2."""
+
+import pytest
+import torch
+
+import llamaherd
+from llamaherd.quantize import native
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a land far away, there lived"]
+
+
+@pytest.fixture(scope="module")
+def model(smollm2_path):
+    """A model of its own: these tests write its KV cache behind the `Llama` object's back."""
+    return llamaherd.load(smollm2_path, device="cpu", quantized=True).model
+
+
+@pytest.fixture(scope="module")
+def rows_filled(model, smollm2):
+    """Three prompts prefilled into cache rows 2, 0, 1 by the torch modules; (tokens, positions, rows)
+    of the step that follows each."""
+    model.setup_cache(3, 256)
+    tokens, positions, rows = [], [], []
+    for row, prompt in zip([2, 0, 1], PROMPTS):
+        ids = smollm2.encode(prompt)
+        logits = model(torch.tensor([ids]), torch.arange(len(ids))[None], rows=torch.tensor([row]))
+        tokens.append(int(logits[0, -1].argmax()))
+        positions.append(len(ids))
+        rows.append(row)
+    return tokens, positions, rows
+
+
+def test_it_applies_to_gguf_block_models(model, rows_filled):
+    """The SmolLM2 GGUF on this machine must take the native step, not silently fall back."""
+    assert native.decoder(model) is not None
+
+
+def test_it_equals_the_torch_modules(model, rows_filled):
+    tokens, positions, rows = rows_filled
+    got = native.decode(model, tokens, positions, rows)
+    for i, (token, pos, row) in enumerate(zip(tokens, positions, rows)):
+        want = model(torch.tensor([[token]]), torch.tensor([[pos]]), rows=torch.tensor([row]))[0, -1]
+        # the same weights and activation blocks; only float summation orders differ
+        assert (got[i] - want).abs().max() < 1e-2 * want.abs().max()
+        assert got[i].argmax() == want.argmax()
+        assert torch.equal(got[i].topk(5).indices, want.topk(5).indices)
+
+
+def test_rows_do_not_depend_on_the_batch(model, rows_filled):
+    """Continuous batching: a sequence's logits are the same alone or beside others, to the bit."""
+    tokens, positions, rows = rows_filled
+    together = native.decode(model, tokens, positions, rows)
+    for i in range(3):
+        assert torch.equal(native.decode(model, tokens[i:i + 1], positions[i:i + 1], rows[i:i + 1])[0], together[i])
+    assert torch.equal(native.decode(model, tokens[1:], positions[1:], rows[1:]), together[1:])
+
+
+def test_positions_outside_the_cache_are_refused(model, rows_filled):
+    with pytest.raises(IndexError):
+        native.decode(model, [1], [256], [0])
+    with pytest.raises(IndexError):
+        native.decode(model, [1], [5], [3])
+
+
+def test_a_new_cache_gets_a_new_description(model, rows_filled):
+    first = native.decoder(model)
+    model.setup_cache(1, 64)
+    try:
+        assert native.decoder(model) is not first and native.decoder(model).max_seq == 64
+    finally:
+        model.setup_cache(3, 256)  # as rows_filled left it (for tests run after this one)
+
+
+def test_float_models_take_the_torch_modules(smollm2_ref):
+    smollm2_ref.model.setup_cache(1, 32)
+    try:
+        assert native.decoder(smollm2_ref.model) is None
+    finally:
+        smollm2_ref.model.clear_cache()
