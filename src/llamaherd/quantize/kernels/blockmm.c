@@ -26,7 +26,8 @@
 #endif
 
 #define QK 32
-#define MT 4 /* rows of x per pass over a row of W: each weight block is loaded once for them */
+#define MT 4 /* rows of x per tile: each weight block is decoded once for them */
+#define NT 2 /* rows of W (output features) per tile: each activation block is loaded once for them */
 enum { Q4_0 = 2, Q4_1 = 3, Q8_0 = 8 }; /* ggml's type ids */
 
 int block_mm_simd(void) {
@@ -56,17 +57,26 @@ static void quantize_x(const float *x, int16_t *xq, float *xd, float *xs, int64_
 #pragma omp parallel for schedule(static) if (n_blocks >= 256) /* a decode step's few blocks: not worth a fork */
     for (int64_t i = 0; i < n_blocks; i++) {
         const float *v = x + i * QK;
-        float amax = 0.f;
-        for (int j = 0; j < QK; j++) amax = fmaxf(amax, fabsf(v[j]));
-        const float d = amax / 32767.f, id = d > 0.f ? 1.f / d : 0.f;
-        int sum = 0;
-        for (int j = 0; j < QK; j++) {
-            const int q = (int)lrintf(v[j] * id);
-            xq[i * QK + j] = (int16_t)q;
-            sum += q;
+        const __m256 sign = _mm256_set1_ps(-0.f);
+        __m256 amax = _mm256_setzero_ps();
+        for (int j = 0; j < QK; j += 8) amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, _mm256_loadu_ps(v + j)));
+        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        const float d = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4))) / 32767.f;
+        const __m256 id = _mm256_set1_ps(d > 0.f ? 1.f / d : 0.f);
+        __m256i q[4], sum = _mm256_setzero_si256();
+        for (int j = 0; j < 4; j++) { /* round half to even, as lrintf */
+            q[j] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(v + 8 * j), id));
+            sum = _mm256_add_epi32(sum, q[j]);
         }
+        /* packs interleaves 128-bit lanes; the permute puts the 16 codes back in order */
+        _mm256_storeu_si256((__m256i *)(xq + i * QK), _mm256_permute4x64_epi64(_mm256_packs_epi32(q[0], q[1]), 0xD8));
+        _mm256_storeu_si256((__m256i *)(xq + i * QK + 16), _mm256_permute4x64_epi64(_mm256_packs_epi32(q[2], q[3]), 0xD8));
+        __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
         xd[i] = d;
-        xs[i] = d * (float)sum;
+        xs[i] = d * (float)_mm_cvtsi128_si32(s4);
     }
 }
 
@@ -87,57 +97,58 @@ static inline void codes(const uint8_t *qs, int type, __m256i w[2]) {
     }
 }
 
-/* Exact integer dot product of 32 weight codes with 32 activation codes, as 8 float partial sums
- * (|sum| < 2^31: 4 products of at most 128 * 32767 a lane). */
-static inline __m256 dot(const __m256i w[2], const int16_t *xq) {
-    const __m256i p0 = _mm256_madd_epi16(w[0], _mm256_loadu_si256((const __m256i *)xq));
-    const __m256i p1 = _mm256_madd_epi16(w[1], _mm256_loadu_si256((const __m256i *)(xq + 16)));
-    return _mm256_cvtepi32_ps(_mm256_add_epi32(p0, p1));
-}
-
-/* acc += the block's dot products with rows 0..mt-1 of x (whose blocks are i0, i0 + nb, ...). */
-static inline __attribute__((always_inline)) void block_step(const uint8_t *blk, const int16_t *xq, const float *xd,
-        const float *xs, int64_t i0, int64_t nb, __m256 *acc, float *mins, const int mt, const int type) {
-    __m256i q[2];
-    codes(blk + (type == Q4_1 ? 4 : 2), type, q);
-    const float d = f16(blk);
-    for (int r = 0; r < mt; r++) {
-        const int64_t i = i0 + r * nb;
-        acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * xd[i]), dot(q, xq + i * QK), acc[r]);
-        if (type == Q4_1) mins[r] += f16(blk + 2) * xs[i];
-    }
-}
-
-/* One output feature (a row of W) for rows m0 .. m0 + mt - 1 of x, written to y[(m0 + r) * N].
- * Inlined with `type` and `mt` constants so that the accumulators live in registers. Even and
- * odd blocks go to two accumulators so consecutive FMAs need not wait for each other; every row
- * gets the same split, so rows stay independent of M. */
-static inline __attribute__((always_inline)) void row_dot(const uint8_t *row, const int16_t *xq, const float *xd,
-        const float *xs, float *y, int64_t m0, int64_t nb, int64_t N, const int mt, const int type) {
+/* A tile of y: output features n .. n + nt - 1 (rows of W) for rows m0 .. m0 + mt - 1 of x.
+ * Inlined with `type`, `nt` and `mt` constants so that the nt * mt accumulators live in registers
+ * (2 x 4 of them, with the weight codes, fill AVX2's 16). Each activation block is loaded once for
+ * the nt features and each weight block is decoded once for the mt rows. Every row of x gets the
+ * same instructions in the same order whatever M is: rows stay independent of the batch. */
+static inline __attribute__((always_inline)) void tile(const uint8_t *w, int64_t row_bytes, const int16_t *xq,
+        const float *xd, const float *xs, float *y, int64_t n, int64_t m0, int64_t nb, int64_t N, const int nt,
+        const int mt, const int type) {
     const int64_t bs = type == Q4_0 ? 18 : type == Q4_1 ? 20 : 34;
-    __m256 even[MT], odd[MT];
-    float mins_even[MT], mins_odd[MT];
-    for (int r = 0; r < mt; r++) {
-        even[r] = odd[r] = _mm256_setzero_ps();
-        mins_even[r] = mins_odd[r] = 0.f;
+    __m256 acc[NT][MT];
+    float mins[NT][MT];
+    for (int f = 0; f < nt; f++)
+        for (int r = 0; r < mt; r++) {
+            acc[f][r] = _mm256_setzero_ps();
+            mins[f][r] = 0.f;
+        }
+    for (int64_t b = 0; b < nb; b++) {
+        __m256i q[NT][2];
+        __m256 d[NT];
+        float m[NT];
+        for (int f = 0; f < nt; f++) {
+            const uint8_t *blk = w + (n + f) * row_bytes + b * bs;
+            codes(blk + (type == Q4_1 ? 4 : 2), type, q[f]);
+            d[f] = _mm256_set1_ps(f16(blk));
+            m[f] = type == Q4_1 ? f16(blk + 2) : 0.f;
+        }
+        for (int r = 0; r < mt; r++) {
+            const int64_t i = (m0 + r) * nb + b;
+            const __m256i x0 = _mm256_loadu_si256((const __m256i *)(xq + i * QK));
+            const __m256i x1 = _mm256_loadu_si256((const __m256i *)(xq + i * QK + 16));
+            const __m256 s = _mm256_broadcast_ss(xd + i);
+            for (int f = 0; f < nt; f++) {
+                /* exact integer dot product of the 32 codes (|sum| < 2^31: 4 products of at most
+                 * 128 * 32767 a lane), then scaled once in float */
+                const __m256i p = _mm256_add_epi32(_mm256_madd_epi16(q[f][0], x0), _mm256_madd_epi16(q[f][1], x1));
+                acc[f][r] = _mm256_fmadd_ps(_mm256_mul_ps(d[f], s), _mm256_cvtepi32_ps(p), acc[f][r]);
+                if (type == Q4_1) mins[f][r] += m[f] * xs[i];
+            }
+        }
     }
-    int64_t b = 0;
-    for (; b + 1 < nb; b += 2) {
-        block_step(row + b * bs, xq, xd, xs, m0 * nb + b, nb, even, mins_even, mt, type);
-        block_step(row + (b + 1) * bs, xq, xd, xs, m0 * nb + b + 1, nb, odd, mins_odd, mt, type);
-    }
-    if (b < nb) block_step(row + b * bs, xq, xd, xs, m0 * nb + b, nb, even, mins_even, mt, type);
-    for (int r = 0; r < mt; r++)
-        y[(m0 + r) * N] = hsum(_mm256_add_ps(even[r], odd[r])) + (mins_even[r] + mins_odd[r]);
+    for (int f = 0; f < nt; f++)
+        for (int r = 0; r < mt; r++) y[(m0 + r) * N + n + f] = hsum(acc[f][r]) + mins[f][r];
 }
 
-#define ROWS(type)                                                                              \
+#define TILE(nt, type)                                                                          \
     switch (mt) {                                                                               \
-        case 1: row_dot(row, xq, xd, xs, y + n, m0, nb, N, 1, type); break;                     \
-        case 2: row_dot(row, xq, xd, xs, y + n, m0, nb, N, 2, type); break;                     \
-        case 3: row_dot(row, xq, xd, xs, y + n, m0, nb, N, 3, type); break;                     \
-        default: row_dot(row, xq, xd, xs, y + n, m0, nb, N, 4, type); break;                    \
+        case 1: tile(w, row_bytes, xq, xd, xs, y, n, m0, nb, N, nt, 1, type); break;            \
+        case 2: tile(w, row_bytes, xq, xd, xs, y, n, m0, nb, N, nt, 2, type); break;            \
+        case 3: tile(w, row_bytes, xq, xd, xs, y, n, m0, nb, N, nt, 3, type); break;            \
+        default: tile(w, row_bytes, xq, xd, xs, y, n, m0, nb, N, nt, 4, type); break;           \
     }
+#define TILES(type) if (n + 1 < N) TILE(2, type) else TILE(1, type)
 
 /* x: (M, K) float32; w: N rows of K/32 blocks; scratch: 2*M*K + 8*M*K/32 bytes; y: (M, N) float32. */
 void block_mm(const float *x, const uint8_t *w, void *scratch, float *y, int64_t M, int64_t N, int64_t K,
@@ -147,11 +158,10 @@ void block_mm(const float *x, const uint8_t *w, void *scratch, float *y, int64_t
     float *xd = (float *)(xq + M * K), *xs = xd + M * nb;
     quantize_x(x, xq, xd, xs, M * nb);
 #pragma omp parallel for schedule(static)
-    for (int64_t n = 0; n < N; n++)
+    for (int64_t n = 0; n < N; n += NT)
         for (int64_t m0 = 0; m0 < M; m0 += MT) {
             const int mt = (int)(M - m0 < MT ? M - m0 : MT);
-            const uint8_t *row = w + n * row_bytes;
-            if (type == Q4_0) ROWS(Q4_0) else if (type == Q4_1) ROWS(Q4_1) else ROWS(Q8_0)
+            if (type == Q4_0) TILES(Q4_0) else if (type == Q4_1) TILES(Q4_1) else TILES(Q8_0)
         }
 }
 #else
