@@ -6,8 +6,9 @@ For each number of concurrent clients, every client sends one greedy completion 
 (`/v1/completions`, temperature 0, `max_tokens` 96, a prompt of its own) at the same moment; the
 figure is the generated tokens of all clients (from `usage`) divided by the wall time until the last
 one is done. llama-server runs with `-t 2 -np 8` (or `--parallel`) and a context of 8 × 1024; herd
-serve with HERD_NUM_THREADS=2 and its default 16 rows. Both servers are started by this script on
-free loopback ports and are warmed up with one request before timing.
+serve with HERD_NUM_THREADS=2 and its default 16 rows. The servers are started by this script, one
+after the other (the other one is not running while one is measured), on free loopback ports, and
+are warmed up with one request before timing.
 
 It also checks what continuous batching must not change: herd's output for each prompt at every
 concurrency is compared with its output alone (column `same`).
@@ -121,20 +122,17 @@ def main() -> None:
         from llamaherd.fetch import smollm2_gguf
         model = smollm2_gguf()
 
-    servers = {}
-    with tempfile.TemporaryDirectory() as home:
-        procs = []
-        try:
-            proc, url = start_herd(model, args.threads, Path(home))
-            procs.append(proc)
-            servers["llamaherd"] = (proc, url, "bench")
-            if args.llama_server:
-                proc, url = start_llama_server(args.llama_server, model, args.threads, args.parallel)
-                procs.append(proc)
-                servers["llama-server"] = (proc, url, "model")
-            results: dict[str, dict[int, float]] = {}
-            same: dict[int, bool] = {}
-            for name, (proc, url, model_name) in servers.items():
+    # One server at a time: the other is not even started, so it cannot take CPU from the one measured.
+    starters = {"llamaherd": lambda home: (*start_herd(model, args.threads, home), "bench")}
+    if args.llama_server:
+        starters["llama-server"] = lambda home: (
+            *start_llama_server(args.llama_server, model, args.threads, args.parallel), "model")
+    results: dict[str, dict[int, float]] = {}
+    same: dict[int, bool] = {}
+    for name, start in starters.items():
+        with tempfile.TemporaryDirectory() as home:
+            proc, url, model_name = start(Path(home))
+            try:
                 wait_ready(url, proc)
                 complete(url, model_name, "Warm up:")
                 alone = {p: complete(url, model_name, p)[0] for p in PROMPTS} if name == "llamaherd" else {}
@@ -145,12 +143,9 @@ def main() -> None:
                     if alone:
                         same[n] = all(t == alone[PROMPTS[i % len(PROMPTS)]] for i, t in enumerate(texts))
                     print(f"{name:13s} {n:3d} streams: {rate:7.1f} tokens/s", file=sys.stderr, flush=True)
+            finally:
                 proc.terminate()
-        finally:
-            for proc in procs:
-                if proc.poll() is None:
-                    proc.terminate()
-                    proc.wait(30)
+                proc.wait(30)
 
     header = f"{'streams':>8s} " + " ".join(f"{n:>14s}" for n in results) + (
         "   ratio" if "llama-server" in results else "") + "   same as alone"
