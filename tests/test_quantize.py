@@ -147,3 +147,29 @@ def test_refined_block_output_is_exact_where_it_matters():
     assert torch.allclose(got.gather(-1, top), exact.gather(-1, top), atol=1e-5)
     assert torch.equal(got.argmax(-1), exact.argmax(-1))
     assert (got - exact).abs().max() < 0.2
+
+
+def test_the_kernels_follow_torchs_thread_count_on_every_thread():
+    """OpenMP's count is per thread: a Python thread (the server's scheduler) would otherwise use
+    every core whatever torch.set_num_threads said."""
+    import ctypes
+    import threading
+    from pathlib import Path
+
+    omp = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libgomp.so.1"))
+    layer = load_module(BlockLinear(64, 32, Q.Q8_0), pack_gguf_tensor(gguf_blocks(Q.Q8_0, 32, 64), Q.Q8_0, (32, 64))[1])
+    seen = []
+
+    def work():
+        layer(torch.randn(2, 64))
+        seen.append(omp.omp_get_max_threads())
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        thread = threading.Thread(target=work)
+        thread.start()
+        thread.join()
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [1]

@@ -23,6 +23,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
 import weakref
 from functools import cache
 from pathlib import Path
@@ -70,6 +71,7 @@ def _build() -> ctypes.CDLL | None:
     lib = ctypes.CDLL(str(target))
     if not lib.block_mm_simd():  # built without AVX2/FMA/F16C: torch's kernels are faster
         return None
+    lib.herd_set_threads.argtypes = [ctypes.c_int]
     lib.block_mm.restype = None
     lib.block_mm.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
     lib.herd_decode_scratch.restype = ctypes.c_int64
@@ -92,12 +94,25 @@ def available() -> bool:
     return library() is not None
 
 
+_thread = threading.local()
+
+
+def _match_torch_threads() -> None:
+    """Give this thread's OpenMP team torch's thread count (see herd_set_threads in blockmm.c):
+    torch.set_num_threads, called on the main thread, governs the kernels on every thread."""
+    n = torch.get_num_threads()
+    if getattr(_thread, "n", None) != n:
+        library().herd_set_threads(n)
+        _thread.n = n
+
+
 def block_mm(x: torch.Tensor, raw: torch.Tensor, qtype: int) -> torch.Tensor:
     """x (M, K) @ W^T, W (N, K) given by its GGUF blocks: raw (N, K/32 * block bytes) uint8 of type
     Q4_0, Q4_1 or Q8_0 (ggml type ids 2, 3, 8). Returns (M, N) float32.
 
     The activations are quantized to int16 blocks inside (see kernels/blockmm.c).
     """
+    _match_torch_threads()
     x = x.float().contiguous()
     M, K = x.shape
     y = torch.empty(M, raw.shape[0], dtype=torch.float32)
@@ -175,6 +190,7 @@ def decode(model, tokens: list[int], positions: list[int], rows: list[int]) -> t
     n = model.cache_len
     if max(positions) >= n or min(positions) < 0 or max(rows) >= model.layers[0].attention.cache.k.shape[0]:
         raise IndexError(f"decode at positions {positions} of rows {rows}: outside the KV cache")
+    _match_torch_threads()
     x = model.tok_embeddings(torch.tensor(tokens)).float().contiguous()  # (B, dim), updated in place
     model._ensure_rope(max(positions) + 1)
     # Every tensor whose address goes to C is named here, so that it lives until the call returns.

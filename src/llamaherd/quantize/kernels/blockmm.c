@@ -19,6 +19,7 @@
  * runtime torch ships, so torch.set_num_threads governs its threads too.
  */
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <string.h>
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
@@ -29,6 +30,11 @@
 #define MT 4 /* rows of x per tile: each weight block is decoded once for them */
 #define NT 2 /* rows of W (output features) per tile: each activation block is loaded once for them */
 enum { Q4_0 = 2, Q4_1 = 3, Q8_0 = 8 }; /* ggml's type ids */
+
+/* OpenMP's thread count is per calling thread, and a thread not started by OpenMP (a Python
+ * thread: the server's scheduler) starts with the machine's core count. native.py sets it to
+ * torch's count in every thread that calls in. */
+void herd_set_threads(int n) { omp_set_num_threads(n); }
 
 int block_mm_simd(void) {
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
