@@ -1,5 +1,9 @@
 """One batched decode step whose every row is computed exactly as if it ran alone.
 
+A model whose block matmuls are all GGUF blocks on the CPU takes the native step
+(`quantize.native.decode`, kernels/decode.c), row-exact by construction. Every other model (float
+weights, torch's int4/int8 kernels, CUDA) takes the torch modules, arranged as follows.
+
 `Transformer.forward` can decode rows at different positions together, but not bit-for-bit as
 each alone: its attention runs over the batch's longest row with a mask, and on CPU the result of
 `scaled_dot_product_attention` for a row changes (in the last bits) with the number of masked keys

@@ -7,7 +7,7 @@ Every request (a `Job`) gets a row of the KV cache for its whole life. One turn 
    chunks of `PREFILL_CHUNK` tokens at fixed positions; a job whose prompt is done samples its
    first token and joins the running set;
 3. one decode step for all running jobs: a single batched forward in which every row is at its
-   own position (`Transformer.forward(tokens, input_pos, rows=...)`);
+   own position (`decode.decode_step`);
 4. each job samples its next token with its own options and `torch.Generator`, checks its stop
    tokens, stop strings, grammar and limits, and streams what it made.
 
