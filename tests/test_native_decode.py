@@ -60,6 +60,8 @@ def test_positions_outside_the_cache_are_refused(model, rows_filled):
         native.decode(model, [1], [256], [0])
     with pytest.raises(IndexError):
         native.decode(model, [1], [5], [3])
+    with pytest.raises(IndexError):
+        native.decode(model, [1], [5], [-1])
 
 
 def test_a_new_cache_gets_a_new_description(model, rows_filled):

@@ -188,7 +188,7 @@ def decode(model, tokens: list[int], positions: list[int], rows: list[int]) -> t
     if desc is None:
         return None
     n = model.cache_len
-    if max(positions) >= n or min(positions) < 0 or max(rows) >= model.layers[0].attention.cache.k.shape[0]:
+    if max(positions) >= n or min(positions) < 0 or not 0 <= min(rows) <= max(rows) < model.layers[0].attention.cache.k.shape[0]:
         raise IndexError(f"decode at positions {positions} of rows {rows}: outside the KV cache")
     _match_torch_threads()
     x = model.tok_embeddings(torch.tensor(tokens)).float().contiguous()  # (B, dim), updated in place
