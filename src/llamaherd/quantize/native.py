@@ -31,7 +31,8 @@ from pathlib import Path
 import torch
 
 log = logging.getLogger("llamaherd.native")
-SOURCES = [Path(__file__).with_name("kernels") / name for name in ("blockmm.c", "decode.c")]
+KERNELS = Path(__file__).with_name("kernels")
+SOURCES = [KERNELS / "blockmm.c", KERNELS / "decode.c"]  # compiled together; both include simd.h
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 
 
@@ -57,7 +58,8 @@ def _build() -> ctypes.CDLL | None:
         log.info("no C compiler: using torch's quantized kernels")
         return None
     flags = FLAGS + _torch_omp()
-    key = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES) + " ".join([cc, *flags]).encode()).hexdigest()[:16]
+    code = b"".join(p.read_bytes() for p in [*SOURCES, KERNELS / "simd.h"])
+    key = hashlib.sha256(code + " ".join([cc, *flags]).encode()).hexdigest()[:16]
     target = _cache_dir() / f"herd-{key}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -149,7 +151,7 @@ def _describe(model) -> _Model | None:
     from .linear import BlockLinear
 
     args = model.args
-    if not available() or model.device.type != "cpu" or args.head_dim % 8 or args.dim % 32 or args.hidden_dim % 32:
+    if model.device.type != "cpu" or args.head_dim % 8 or args.dim % 32 or args.hidden_dim % 32:
         return None
     layers = (_Layer * args.n_layers)()
     for out, layer in zip(layers, model.layers):
@@ -162,6 +164,8 @@ def _describe(model) -> _Model | None:
         out.attention_norm, out.ffn_norm, out.k, out.v = (t.data_ptr() for t in floats)
         out.wqkv, out.wo, out.w13, out.w2 = (w.raw.data_ptr() for w in mats)
         out.wqkv_type, out.wo_type, out.w13_type, out.w2_type = (int(w.qtype) for w in mats)
+    if not available():  # asked only now: a float model's decode must not build the library
+        return None
     desc = _Model(args.n_layers, args.dim, args.n_heads, args.n_kv_heads, args.head_dim, args.hidden_dim,
                   model.cache_len, args.norm_eps, layers)
     desc._layers = layers  # keep the array alive with the description
@@ -187,8 +191,8 @@ def decode(model, tokens: list[int], positions: list[int], rows: list[int]) -> t
     desc = decoder(model)
     if desc is None:
         return None
-    n = model.cache_len
-    if max(positions) >= n or min(positions) < 0 or not 0 <= min(rows) <= max(rows) < model.layers[0].attention.cache.k.shape[0]:
+    n_rows, _, n_positions, _ = model.layers[0].attention.cache.k.shape
+    if not (0 <= min(positions) <= max(positions) < n_positions and 0 <= min(rows) <= max(rows) < n_rows):
         raise IndexError(f"decode at positions {positions} of rows {rows}: outside the KV cache")
     _match_torch_threads()
     x = model.tok_embeddings(torch.tensor(tokens)).float().contiguous()  # (B, dim), updated in place

@@ -18,13 +18,11 @@
  * on it). Built at first use by quantize/native.py (-O3 -march=native -fopenmp) against the OpenMP
  * runtime torch ships, so torch.set_num_threads governs its threads too.
  */
-#include <math.h>
 #include <omp.h>
 #include <stdint.h>
 #include <string.h>
-#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-#include <immintrin.h>
-#endif
+
+#include "simd.h"
 
 #define QK 32
 #define MT 4 /* rows of x per tile: each weight block is decoded once for them */
@@ -36,26 +34,13 @@ enum { Q4_0 = 2, Q4_1 = 3, Q8_0 = 8 }; /* ggml's type ids */
  * torch's count in every thread that calls in. */
 void herd_set_threads(int n) { omp_set_num_threads(n); }
 
-int block_mm_simd(void) {
-#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-    return 1;
-#else
-    return 0;
-#endif
-}
+int block_mm_simd(void) { return HERD_SIMD; }
 
-#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#if HERD_SIMD
 static inline float f16(const uint8_t *p) {
     uint16_t h;
     memcpy(&h, p, 2);
     return _cvtsh_ss(h);
-}
-
-static inline float hsum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
 }
 
 /* x (n_blocks * 32 floats) -> int16 codes, each block's scale d, and d * (sum of its codes). */

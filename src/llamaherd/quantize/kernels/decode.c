@@ -16,9 +16,8 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
-#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-#include <immintrin.h>
-#endif
+
+#include "simd.h"
 
 void block_mm(const float *x, const uint8_t *w, void *scratch, float *y, int64_t M, int64_t N, int64_t K,
               int type);
@@ -46,19 +45,12 @@ int64_t herd_decode_scratch(const herd_model *m, int64_t B, int64_t max_pos) {
     return 4 * floats + 2 * B * kin + 8 * B * (kin / 32) + 64;
 }
 
-#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-static inline float hsum8(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
+#if HERD_SIMD
 /* a . b over n floats (n a multiple of 8). */
 static inline float dot8(const float *a, const float *b, int64_t n) {
     __m256 acc = _mm256_setzero_ps();
     for (int64_t i = 0; i < n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
-    return hsum8(acc);
+    return hsum(acc);
 }
 
 static void rms_norm(const float *x, const float *w, float *out, int64_t B, int64_t n, float eps) {
