@@ -53,6 +53,46 @@ static inline float dot8(const float *a, const float *b, int64_t n) {
     return hsum(acc);
 }
 
+/* softmax(q . keys[j] * scale over j < n) . values, for one query head: out (Dh floats), s (n floats
+ * of scratch). Four keys at a time and all Dh outputs at once, so that no loop waits on the
+ * latency of a single chain of multiply-adds. */
+static void attend(const float *q, const float *keys, const float *values, int64_t n, int64_t Dh, float scale,
+                   float *s, float *out) {
+    float top = -INFINITY, sum = 0.f;
+    int64_t j = 0;
+    for (; j + 4 <= n; j += 4) {
+        const float *k0 = keys + j * Dh;
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int64_t i = 0; i < Dh; i += 8) {
+            const __m256 qi = _mm256_loadu_ps(q + i);
+            a0 = _mm256_fmadd_ps(qi, _mm256_loadu_ps(k0 + i), a0);
+            a1 = _mm256_fmadd_ps(qi, _mm256_loadu_ps(k0 + Dh + i), a1);
+            a2 = _mm256_fmadd_ps(qi, _mm256_loadu_ps(k0 + 2 * Dh + i), a2);
+            a3 = _mm256_fmadd_ps(qi, _mm256_loadu_ps(k0 + 3 * Dh + i), a3);
+        }
+        s[j] = hsum(a0) * scale, s[j + 1] = hsum(a1) * scale, s[j + 2] = hsum(a2) * scale, s[j + 3] = hsum(a3) * scale;
+    }
+    for (; j < n; j++) s[j] = dot8(q, keys + j * Dh, Dh) * scale;
+    for (j = 0; j < n; j++) top = s[j] > top ? s[j] : top;
+    for (j = 0; j < n; j++) {
+        s[j] = expf(s[j] - top);
+        sum += s[j];
+    }
+    for (int64_t i0 = 0; i0 < Dh; i0 += 64) { /* 8 accumulators: 64 outputs a pass */
+        const int64_t w = Dh - i0 < 64 ? Dh - i0 : 64;
+        __m256 acc[8];
+        for (int c = 0; c < 8; c++) acc[c] = _mm256_setzero_ps();
+        for (j = 0; j < n; j++) {
+            const __m256 p = _mm256_set1_ps(s[j]);
+            const float *v = values + j * Dh + i0;
+            for (int c = 0; c < 8; c++)
+                if (8 * c < w) acc[c] = _mm256_fmadd_ps(p, _mm256_loadu_ps(v + 8 * c), acc[c]);
+        }
+        for (int c = 0; c < 8; c++)
+            if (8 * c < w) _mm256_storeu_ps(out + i0 + 8 * c, _mm256_mul_ps(acc[c], _mm256_set1_ps(1.f / sum)));
+    }
+}
+
 static void rms_norm(const float *x, const float *w, float *out, int64_t B, int64_t n, float eps) {
     for (int64_t b = 0; b < B; b++) {
         const float *r = x + b * n;
@@ -99,28 +139,13 @@ void herd_decode(const herd_model *m, float *x, int64_t B, const int64_t *rows, 
             }
         }
         /* Attention, one (row, head) at a time: scores, softmax, weighted sum of values. */
-#pragma omp parallel for schedule(static) if (B * H * (max_pos + 1) >= 4096)
+#pragma omp parallel for schedule(static) if (B * H * (max_pos + 1) >= 512)
         for (int64_t bh = 0; bh < B * H; bh++) {
             const int64_t b = bh / H, hd = bh % H, n = pos[b] + 1;
             const float *q = qkv + b * qkv_n + hd * Dh;
             const float *keys = L->k + (rows[b] * K + hd / group) * S * Dh;
             const float *values = L->v + (rows[b] * K + hd / group) * S * Dh;
-            float *s = scores + bh * (max_pos + 1), top = -INFINITY, sum = 0.f;
-            for (int64_t j = 0; j < n; j++) {
-                s[j] = dot8(q, keys + j * Dh, Dh) * inv_sqrt;
-                top = fmaxf(top, s[j]);
-            }
-            for (int64_t j = 0; j < n; j++) {
-                s[j] = expf(s[j] - top);
-                sum += s[j];
-            }
-            float *out = y + b * H * Dh + hd * Dh;
-            for (int64_t i = 0; i < Dh; i += 8) {
-                __m256 acc = _mm256_setzero_ps();
-                for (int64_t j = 0; j < n; j++)
-                    acc = _mm256_fmadd_ps(_mm256_set1_ps(s[j]), _mm256_loadu_ps(values + j * Dh + i), acc);
-                _mm256_storeu_ps(out + i, _mm256_mul_ps(acc, _mm256_set1_ps(1.f / sum)));
-            }
+            attend(q, keys, values, n, Dh, inv_sqrt, scores + bh * (max_pos + 1), y + b * H * Dh + hd * Dh);
         }
         block_mm(y, L->wo, mm_scratch, o, B, D, H * Dh, L->wo_type);
         for (int64_t i = 0; i < B * D; i++) x[i] += o[i];
