@@ -114,7 +114,7 @@ static inline __attribute__((always_inline)) void tile(const uint8_t *w, int64_t
         float m[NT];
         for (int f = 0; f < nt; f++) {
             const uint8_t *blk = w + (n + f) * row_bytes + b * bs;
-                        _mm_prefetch((const char *)blk + PREFETCH, _MM_HINT_T0);
+            _mm_prefetch((const char *)blk + PREFETCH, _MM_HINT_T0);
             codes(blk + (type == Q4_1 ? 4 : 2), type, q[f]);
             d[f] = _mm256_set1_ps(f16(blk));
             m[f] = type == Q4_1 ? f16(blk + 2) : 0.f;
