@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from llamaherd.errors import HerdError
-from llamaherd.generate import SamplingOptions, apply_penalties, logits_to_probs
+from llamaherd.generate import SamplingOptions, apply_penalties, logits_to_probs, make_generator, sample
 from llamaherd.engine.text import stop_prefix_len as _stop_prefix_len
 
 RAW_PROMPTS = [
@@ -176,6 +176,19 @@ def test_sampling_filters():
     assert (probs > 0).tolist() == [True, True, False, False, False]  # e^-1 >= 0.3 > e^-2
     penalised = apply_penalties(torch.tensor([2.0, -2.0, 1.0]), [0, 1], SamplingOptions(repeat_penalty=2.0))
     assert penalised.tolist() == [1.0, -4.0, 1.0]
+
+
+def test_sample_draws_from_the_top_k_in_proportion():
+    # sample() softmaxes only the k best; the draws must still follow softmax over them, never another id
+    logits = torch.full((1000,), -5.0)
+    logits[[7, 300, 999]] = torch.tensor([2.0, 1.0, 0.0])
+    opts = SamplingOptions(temperature=1.0, top_k=3, top_p=1.0, repeat_penalty=1.0)
+    g = make_generator(0)
+    draws = [sample(logits, [], opts, g) for _ in range(3000)]
+    assert set(draws) <= {7, 300, 999}
+    expected = torch.softmax(torch.tensor([2.0, 1.0, 0.0]), 0)
+    for token, p in zip([7, 300, 999], expected.tolist()):
+        assert draws.count(token) / len(draws) == pytest.approx(p, abs=0.03)
 
 
 def test_stop_prefix_holdback():

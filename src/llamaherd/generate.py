@@ -112,8 +112,13 @@ def sample(logits: torch.Tensor, history: Sequence[int], opts: SamplingOptions,
     logits = apply_penalties(logits.float(), history, opts)
     if opts.temperature <= 0.0:
         return int(logits.argmax())
-    probs = logits_to_probs(logits, opts)
-    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+    ids = None
+    if 0 < opts.top_k < logits.shape[-1]:
+        # Only the k best can be drawn: softmax and the top-p sort over k values, not the whole
+        # vocabulary (~3 ms a token for 49k on a CPU). topk keeps exactly k, as llama.cpp does.
+        logits, ids = torch.topk(logits, opts.top_k)
+    i = int(torch.multinomial(logits_to_probs(logits, opts).cpu(), 1, generator=generator))
+    return i if ids is None else int(ids[i])
 
 
 def make_generator(seed: int | None) -> torch.Generator:
