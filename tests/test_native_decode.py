@@ -79,3 +79,21 @@ def test_float_models_take_the_torch_modules(smollm2_ref):
         assert native.decoder(smollm2_ref.model) is None
     finally:
         smollm2_ref.model.clear_cache()
+
+
+def test_prefill_equals_the_torch_modules_and_ignores_where_the_prompt_is_split(model, smollm2):
+    """The native prompt path (float32 matmuls) against the torch modules, and split anywhere: a
+    prompt resumed after any cached prefix gets the same keys, values and logits, to the bit."""
+    ids = smollm2.encode("A long time ago, the river that ran past the old mill carried boats " * 6)
+    model.setup_cache(1, 256)
+    want = model(torch.tensor([ids]), torch.arange(len(ids))[None])[0, -1]
+    model.setup_cache(1, 256)
+    whole = native.prefill(model, ids, 0)
+    keys = model.layers[-1].attention.cache.k[0, :, :len(ids)].clone()
+    assert (whole - want).abs().max() < 1e-2 * want.abs().max()
+    assert torch.equal(whole.topk(5).indices, want.topk(5).indices)
+    for split in (1, 37, len(ids) - 1):
+        model.setup_cache(1, 256)
+        native.prefill(model, ids[:split], 0)
+        assert torch.equal(native.prefill(model, ids[split:], split), whole)
+        assert torch.equal(model.layers[-1].attention.cache.k[0, :, :len(ids)], keys)

@@ -125,6 +125,30 @@ def test_block_linear_rows_do_not_depend_on_the_batch():
     assert torch.equal(layer(x[3:9]), together[3:9])
 
 
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q8_0])
+def test_native_dequantization_is_bit_exact(qtype):
+    N, K = 48, 256
+    raw = gguf_blocks(qtype, N, K, seed=3)
+    got = native.block_dequantize(torch.from_numpy(raw).view(N, -1), int(qtype), K)
+    assert torch.equal(got, torch.from_numpy(quants.dequantize(raw, qtype)).float())
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q8_0])
+def test_dense_kernel_is_the_float32_product_and_row_independent(qtype):
+    """The prompt path: weights expanded exactly, activations not rounded; each row the same in
+    any batch (rows 0-5 fill a 6-row tile, 6-12 a tile and a remainder)."""
+    N, K = 64, 192
+    raw = gguf_blocks(qtype, N, K, seed=4)
+    blocks = torch.from_numpy(raw).view(N, -1)
+    x = torch.randn(13, K)
+    y = native.block_mm_dense(x, blocks, int(qtype))
+    exact = x.double() @ dequantize(raw, qtype, (N, K)).double().T
+    assert (y.double() - exact).abs().max() < 1e-6 * exact.abs().max()
+    for i in range(13):
+        assert torch.equal(native.block_mm_dense(x[i:i + 1], blocks, int(qtype)), y[i:i + 1])
+    assert torch.equal(native.block_mm_dense(x[4:11], blocks, int(qtype)), y[4:11])
+
+
 def test_fused_block_projection_equals_its_parts():
     parts = [load_module(BlockLinear(128, n, Q.Q4_0), pack_gguf_tensor(gguf_blocks(Q.Q4_0, n, 128, seed),
                                                                        Q.Q4_0, (n, 128))[1])

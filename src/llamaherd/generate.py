@@ -138,10 +138,14 @@ def prefill(model, tokens: Sequence[int], start_pos: int = 0) -> torch.Tensor:
     kernels round differently for different numbers of rows, so a prompt split at other places would
     give slightly different keys and values; with fixed boundaries, a prompt resumed from a cached
     prefix that ends on a boundary is computed exactly as it would be from scratch. It also bounds
-    the memory a long prompt needs.
+    the memory a long prompt needs. (The native path computes every token on its own, so it needs
+    no fixed boundaries; they are kept for the torch path's sake.)
     """
-    device = model.device
     tokens = list(tokens)
+    logits = native.prefill(model, tokens, start_pos)  # GGUF-block models on CPU: whole-prompt C calls
+    if logits is not None:
+        return logits
+    device = model.device
     end = start_pos + len(tokens)
     pos = start_pos
     while pos < end:

@@ -36,6 +36,7 @@ import torch
 
 from ..errors import HerdError
 from ..generate import SamplingOptions, make_generator, sample
+from ..quantize import native
 from .decode import decode_step
 from .text import TextStream
 from .types import Delta, Done, TokenLogprob
@@ -301,10 +302,12 @@ class Scheduler:
                 job.started_at = time.perf_counter_ns()
             try:
                 self._ensure_capacity(end)
-                tokens = torch.tensor([job.prompt[start:end]], device=self.device)
-                pos = torch.arange(start, end, device=self.device)[None]
-                rows = torch.tensor([job.row], device=self.device)
-                logits = self.model(tokens, pos, rows=rows, last_only=True)[0, -1]
+                logits = native.prefill(self.model, job.prompt[start:end], start, job.row)
+                if logits is None:  # not a GGUF-block model on a CPU: the torch modules
+                    tokens = torch.tensor([job.prompt[start:end]], device=self.device)
+                    pos = torch.arange(start, end, device=self.device)[None]
+                    rows = torch.tensor([job.row], device=self.device)
+                    logits = self.model(tokens, pos, rows=rows, last_only=True)[0, -1]
             except Exception as e:  # noqa: BLE001 — a failed forward fails this job, not the server
                 log.exception("prefill failed")
                 self._prefilling.pop(0)

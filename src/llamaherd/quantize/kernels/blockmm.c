@@ -20,6 +20,7 @@
  */
 #include <omp.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "simd.h"
@@ -160,7 +161,98 @@ void block_mm(const float *x, const uint8_t *w, void *scratch, float *y, int64_t
             if (type == Q4_0) TILES(Q4_0) else if (type == Q4_1) TILES(Q4_1) else TILES(Q8_0)
         }
 }
+
+/* One row of nb blocks as float32: w = d * q (Q8_0), d * (q - 8) (Q4_0), d * q + m (Q4_1), rounded
+ * as ggml and gguf-py round them (a multiply, then an add: never fused). */
+__attribute__((optimize("fp-contract=off"), noinline)) static void dequantize_row(const uint8_t *w, float *o,
+                                                                                 int64_t nb, int type) {
+    const int64_t bs = type == Q4_0 ? 18 : type == Q4_1 ? 20 : 34;
+    for (int64_t b = 0; b < nb; b++, w += bs, o += QK) {
+        const float d = f16(w);
+        if (type == Q8_0) {
+            for (int j = 0; j < QK; j++) o[j] = (float)(int8_t)w[2 + j] * d;
+        } else if (type == Q4_0) {
+            for (int j = 0; j < QK / 2; j++) {
+                o[j] = d * (float)((w[2 + j] & 15) - 8);
+                o[j + 16] = d * (float)((w[2 + j] >> 4) - 8);
+            }
+        } else {
+            const float m = f16(w + 2);
+            for (int j = 0; j < QK / 2; j++) {
+                o[j] = d * (float)(w[4 + j] & 15) + m;
+                o[j + 16] = d * (float)(w[4 + j] >> 4) + m;
+            }
+        }
+    }
+}
+
+/* The float32 weights (N, K) of N rows of blocks. */
+void block_dequantize(const uint8_t *w, float *out, int64_t N, int64_t K, int type) {
+    const int64_t nb = K / QK, row_bytes = nb * (type == Q4_0 ? 18 : type == Q4_1 ? 20 : 34);
+#pragma omp parallel for schedule(static)
+    for (int64_t n = 0; n < N; n++) dequantize_row(w + n * row_bytes, out + n * K, nb, type);
+}
+
+/* The float32 path for many rows (a prompt): y = x @ W^T with W expanded to float32 one panel of
+ * 16 output features at a time (k-major, in the thread's cache) and multiplied by a 6 x 16
+ * register tile: per k, two loads of weights, six broadcasts of x and twelve multiply-adds, so the
+ * FMA units, not the decoding, set the pace. Every y[m, n] is one chain of multiply-adds over
+ * k = 0 .. K-1 from zero, whatever M is and wherever row m falls in a tile: rows stay independent
+ * of the batch here too. N must be a multiple of 16. */
+#define DN 16
+#define DM 6
+static inline __attribute__((always_inline)) void dense_tile(const float *x, const float *panel, float *y,
+                                                              int64_t m0, int64_t n0, int64_t K, int64_t N,
+                                                              const int mt) {
+    __m256 acc[DM][2];
+    for (int r = 0; r < mt; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K; k++) {
+        const __m256 w0 = _mm256_load_ps(panel + k * DN), w1 = _mm256_load_ps(panel + k * DN + 8);
+        for (int r = 0; r < mt; r++) {
+            const __m256 xb = _mm256_broadcast_ss(x + (m0 + r) * K + k);
+            acc[r][0] = _mm256_fmadd_ps(xb, w0, acc[r][0]);
+            acc[r][1] = _mm256_fmadd_ps(xb, w1, acc[r][1]);
+        }
+    }
+    for (int r = 0; r < mt; r++) {
+        _mm256_storeu_ps(y + (m0 + r) * N + n0, acc[r][0]);
+        _mm256_storeu_ps(y + (m0 + r) * N + n0 + 8, acc[r][1]);
+    }
+}
+
+void block_mm_dense(const float *x, const uint8_t *w, float *y, int64_t M, int64_t N, int64_t K, int type) {
+    const int64_t nb = K / QK, bs = type == Q4_0 ? 18 : type == Q4_1 ? 20 : 34;
+#pragma omp parallel
+    {
+        float *panel = aligned_alloc(32, (size_t)K * DN * sizeof(float)), *row = malloc((size_t)K * sizeof(float));
+#pragma omp for schedule(static)
+        for (int64_t n0 = 0; n0 < N; n0 += DN) {
+            for (int j = 0; j < DN; j++) {
+                dequantize_row(w + (n0 + j) * nb * bs, row, nb, type);
+                for (int64_t k = 0; k < K; k++) panel[k * DN + j] = row[k];
+            }
+            int64_t m0 = 0;
+            for (; m0 + DM <= M; m0 += DM) dense_tile(x, panel, y, m0, n0, K, N, DM);
+            switch (M - m0) {
+                case 1: dense_tile(x, panel, y, m0, n0, K, N, 1); break;
+                case 2: dense_tile(x, panel, y, m0, n0, K, N, 2); break;
+                case 3: dense_tile(x, panel, y, m0, n0, K, N, 3); break;
+                case 4: dense_tile(x, panel, y, m0, n0, K, N, 4); break;
+                case 5: dense_tile(x, panel, y, m0, n0, K, N, 5); break;
+                default: break;
+            }
+        }
+        free(panel);
+        free(row);
+    }
+}
 #else
+void block_mm_dense(const float *x, const uint8_t *w, float *y, int64_t M, int64_t N, int64_t K, int type) {
+    (void)x; (void)w; (void)y; (void)M; (void)N; (void)K; (void)type;
+}
+void block_dequantize(const uint8_t *w, float *out, int64_t N, int64_t K, int type) {
+    (void)w; (void)out; (void)N; (void)K; (void)type;
+}
 void block_mm(const float *x, const uint8_t *w, void *scratch, float *y, int64_t M, int64_t N, int64_t K,
               int type) {
     (void)x; (void)w; (void)scratch; (void)y; (void)M; (void)N; (void)K; (void)type;

@@ -14,6 +14,7 @@
  * rows are, so a sequence's numbers do not depend on what it is batched with.
  */
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -21,6 +22,7 @@
 
 void block_mm(const float *x, const uint8_t *w, void *scratch, float *y, int64_t M, int64_t N, int64_t K,
               int type);
+void block_mm_dense(const float *x, const uint8_t *w, float *y, int64_t M, int64_t N, int64_t K, int type);
 
 typedef struct {
     const float *attention_norm, *ffn_norm; /* (dim) */
@@ -41,7 +43,7 @@ static inline int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
 int64_t herd_decode_scratch(const herd_model *m, int64_t B, int64_t max_pos) {
     const int64_t qkv = (m->n_heads + 2 * m->n_kv_heads) * m->head_dim, kin = max64(m->dim, m->hidden);
     const int64_t floats = B * (m->dim + qkv + m->n_heads * m->head_dim + m->dim + 2 * m->hidden + m->hidden) +
-                           B * m->n_heads * (max_pos + 1);
+                           omp_get_max_threads() * (max_pos + 1); /* one row of attention scores a thread */
     return 4 * floats + 2 * B * kin + 8 * B * (kin / 32) + 64;
 }
 
@@ -93,7 +95,13 @@ static void attend(const float *q, const float *keys, const float *values, int64
     }
 }
 
+static void add(float *x, const float *o, int64_t n) { /* the residual: x += o */
+#pragma omp parallel for schedule(static) if (n >= 16 * 1024)
+    for (int64_t i = 0; i < n; i++) x[i] += o[i];
+}
+
 static void rms_norm(const float *x, const float *w, float *out, int64_t B, int64_t n, float eps) {
+#pragma omp parallel for schedule(static) if (B >= 16)
     for (int64_t b = 0; b < B; b++) {
         const float *r = x + b * n;
         const float scale = 1.f / sqrtf(dot8(r, r, n) / (float)n + eps);
@@ -114,21 +122,31 @@ static void rope(float *v, int64_t n_heads, int64_t Dh, const float *table, int6
     }
 }
 
+/* The matmuls of a step: on the blocks with int16 activations (decode: the same numbers for a row
+ * whatever the batch), or, for a prompt (dense), in float32 (also row-independent; faster for
+ * many rows). */
+static void matmul(const float *x, const uint8_t *w, void *scratch, float *y, int64_t M, int64_t N, int64_t K,
+                   int type, int dense) {
+    if (dense) block_mm_dense(x, w, y, M, N, K, type);
+    else block_mm(x, w, scratch, y, M, N, K, type);
+}
+
 void herd_decode(const herd_model *m, float *x, int64_t B, const int64_t *rows, const int64_t *pos,
-                 const float *rope_table, void *scratch) {
+                 const float *rope_table, void *scratch, int dense) {
     const int64_t D = m->dim, H = m->n_heads, K = m->n_kv_heads, Dh = m->head_dim, F = m->hidden, S = m->max_seq;
     const int64_t qkv_n = (H + 2 * K) * Dh, group = H / K;
     int64_t max_pos = 0;
     for (int64_t b = 0; b < B; b++) max_pos = max64(max_pos, pos[b]);
     float *h = (float *)scratch, *qkv = h + B * D, *y = qkv + B * qkv_n, *o = y + B * H * Dh, *g = o + B * D,
           *a = g + B * 2 * F, *scores = a + B * F;
-    void *mm_scratch = scores + B * H * (max_pos + 1);
+    void *mm_scratch = scores + omp_get_max_threads() * (max_pos + 1);
     const float inv_sqrt = 1.f / sqrtf((float)Dh);
 
     for (int64_t l = 0; l < m->n_layers; l++) {
         const herd_layer *L = m->layers + l;
         rms_norm(x, L->attention_norm, h, B, D, m->eps);
-        block_mm(h, L->wqkv, mm_scratch, qkv, B, qkv_n, D, L->wqkv_type);
+        matmul(h, L->wqkv, mm_scratch, qkv, B, qkv_n, D, L->wqkv_type, dense);
+#pragma omp parallel for schedule(static) if (B >= 16)
         for (int64_t b = 0; b < B; b++) {
             float *q = qkv + b * qkv_n, *k = q + H * Dh, *v = k + K * Dh;
             rope(q, H + K, Dh, rope_table, pos[b]); /* q and k are adjacent */
@@ -145,25 +163,28 @@ void herd_decode(const herd_model *m, float *x, int64_t B, const int64_t *rows, 
             const float *q = qkv + b * qkv_n + hd * Dh;
             const float *keys = L->k + (rows[b] * K + hd / group) * S * Dh;
             const float *values = L->v + (rows[b] * K + hd / group) * S * Dh;
-            attend(q, keys, values, n, Dh, inv_sqrt, scores + bh * (max_pos + 1), y + b * H * Dh + hd * Dh);
+            attend(q, keys, values, n, Dh, inv_sqrt, scores + omp_get_thread_num() * (max_pos + 1),
+                   y + b * H * Dh + hd * Dh);
         }
-        block_mm(y, L->wo, mm_scratch, o, B, D, H * Dh, L->wo_type);
-        for (int64_t i = 0; i < B * D; i++) x[i] += o[i];
+        matmul(y, L->wo, mm_scratch, o, B, D, H * Dh, L->wo_type, dense);
+        add(x, o, B * D);
 
         rms_norm(x, L->ffn_norm, h, B, D, m->eps);
-        block_mm(h, L->w13, mm_scratch, g, B, 2 * F, D, L->w13_type);
+        matmul(h, L->w13, mm_scratch, g, B, 2 * F, D, L->w13_type, dense);
+#pragma omp parallel for schedule(static) if (B >= 16)
         for (int64_t b = 0; b < B; b++)
             for (int64_t i = 0; i < F; i++) {
                 const float gate = g[b * 2 * F + i], up = g[b * 2 * F + F + i];
                 a[b * F + i] = gate / (1.f + expf(-gate)) * up;
             }
-        block_mm(a, L->w2, mm_scratch, o, B, D, F, L->w2_type);
-        for (int64_t i = 0; i < B * D; i++) x[i] += o[i];
+        matmul(a, L->w2, mm_scratch, o, B, D, F, L->w2_type, dense);
+        add(x, o, B * D);
     }
 }
 #else
 void herd_decode(const herd_model *m, float *x, int64_t B, const int64_t *rows, const int64_t *pos,
-                 const float *rope_table, void *scratch) {
+                 const float *rope_table, void *scratch, int dense) {
+    (void)dense;
     (void)m; (void)x; (void)B; (void)rows; (void)pos; (void)rope_table; (void)scratch;
 }
 #endif
