@@ -1,5 +1,6 @@
-"""The native kernels, built on first use, called through ctypes: the block-quantized matmul
-(kernels/blockmm.c) and a whole decode step over every transformer block (kernels/decode.c).
+"""The native kernels, built on first use, called through ctypes: the block-quantized matmuls
+(kernels/blockmm.c: int16 activations for decoding, float32 for prompts) and a whole decode step
+or prompt chunk over every transformer block (kernels/decode.c).
 
 Why native code: at batch 1 a 135M model's matmuls are small enough that torch's packed int4/int8
 CPU kernels are bound by their own arithmetic (bf16 dequantization), not by memory; ggml-style

@@ -1,5 +1,5 @@
-/* One decode step through every transformer block, in one call: the CPU decode path of a model
- * whose linear layers are GGUF blocks (see blockmm.c).
+/* One decode step (or a prompt chunk) through every transformer block, in one call: the CPU path
+ * of a model whose linear layers are GGUF blocks (see blockmm.c).
  *
  * Why: at decode time a 135M model's matmuls take ~10 ms a token on two cores, but the ~40 small
  * torch ops a block needs around them (norms, RoPE, cache writes, attention, casts, residual adds)
@@ -12,6 +12,12 @@
  *   x += y @ wo^T; h = rms_norm(x) * ffn_norm; x += (silu(h @ w1^T) * (h @ w3^T)) @ w2^T
  * Every row of the batch goes through the same instructions in the same order whatever the other
  * rows are, so a sequence's numbers do not depend on what it is batched with.
+ *
+ * A prompt goes through the same function: its tokens are B rows of one cache row at consecutive
+ * positions (all keys and values are written before any row attends, and each row attends only up
+ * to its own position). For a prompt the matmuls are float32 (dense: block_mm_dense), which is
+ * faster for many rows and just as independent of them, so where a prompt is split into calls
+ * changes nothing.
  */
 #include <math.h>
 #include <omp.h>
