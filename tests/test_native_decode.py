@@ -81,19 +81,23 @@ def test_float_models_take_the_torch_modules(smollm2_ref):
         smollm2_ref.model.clear_cache()
 
 
-def test_prefill_equals_the_torch_modules_and_ignores_where_the_prompt_is_split(model, smollm2):
-    """The native prompt path (float32 matmuls) against the torch modules, and split anywhere: a
-    prompt resumed after any cached prefix gets the same keys, values and logits, to the bit."""
-    ids = smollm2.encode("A long time ago, the river that ran past the old mill carried boats " * 6)
-    model.setup_cache(1, 256)
+@pytest.mark.parametrize("repeat", [1, 27])  # 11 tokens: int16 matmuls; ~300: float32 blocks, then an int16 tail
+def test_prefill_equals_the_torch_modules_and_resumes_exactly(model, smollm2, repeat):
+    """The native prompt path against the torch modules; and a prompt resumed after a cached prefix
+    that ends on a block boundary (as `Llama` resumes) gets the same keys, values and logits, to the
+    bit. Short prompts (all int16) can be split anywhere."""
+    ids = smollm2.encode("The river that ran past the old mill carried boats. " * repeat)
+    assert (len(ids) < native.DENSE_ROWS) == (repeat == 1) and (len(ids) > native.PROMPT_ROWS) == (repeat > 1)
+    model.setup_cache(1, 512)
     want = model(torch.tensor([ids]), torch.arange(len(ids))[None])[0, -1]
-    model.setup_cache(1, 256)
+    model.setup_cache(1, 512)
     whole = native.prefill(model, ids, 0)
     keys = model.layers[-1].attention.cache.k[0, :, :len(ids)].clone()
     assert (whole - want).abs().max() < 1e-2 * want.abs().max()
     assert torch.equal(whole.topk(5).indices, want.topk(5).indices)
-    for split in (1, 37, len(ids) - 1):
-        model.setup_cache(1, 256)
+    blocks = [n for n in (64, 128, 256) if n < len(ids)]
+    for split in blocks or [1, 5, len(ids) - 1]:
+        model.setup_cache(1, 512)
         native.prefill(model, ids[:split], 0)
         assert torch.equal(native.prefill(model, ids[split:], split), whole)
         assert torch.equal(model.layers[-1].attention.cache.k[0, :, :len(ids)], keys)

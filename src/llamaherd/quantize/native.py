@@ -238,23 +238,31 @@ def decode(model, tokens: list[int], positions: list[int], rows: list[int]) -> t
     return None if x is None else model.output(model.norm(x))
 
 
-PROMPT_ROWS = 256  # prompt tokens a call: enough to keep the float32 matmul busy, little scratch
+PROMPT_ROWS = 256  # prompt tokens a call at most: enough to keep the float32 matmul busy, little scratch
+DENSE_ROWS = 64  # the float32 path's unit (generate.PREFILL_CHUNK): fewer rows cost less on the blocks
 
 
 @torch.inference_mode()
 def prefill(model, tokens: list[int], start_pos: int, row: int = 0) -> torch.Tensor | None:
-    """Run a prompt through kernels/decode.c, its matmuls in float32 (`block_mm_dense`), into KV-cache
-    `row` from `start_pos`; the logits (V,) after its last token, or None where that kernel does not
-    apply (see `decode`). Every token is computed as if it ran alone, so where the prompt is split
-    changes nothing: a prompt resumed after a cached prefix gets the numbers it gets from scratch."""
+    """Run a prompt through kernels/decode.c into KV-cache `row` from `start_pos`; the logits (V,)
+    after its last token, or None where that kernel does not apply (see `decode`).
+
+    Positions in whole aligned blocks of DENSE_ROWS get float32 matmuls (`block_mm_dense`); the
+    prompt's last, partial block (and a short prompt) the int16 ones of decoding, which cost less
+    for few rows. Both compute every token as if it ran alone, so a prompt resumed after a cached
+    prefix that ends on a block boundary gets the numbers it gets from scratch, to the bit.
+    """
     args = model.args
     if (args.n_heads + 2 * args.n_kv_heads) * args.head_dim % 16 or args.dim % 16 or args.hidden_dim % 8:
         return None  # block_mm_dense computes 16 output features at a time
-    x = None
-    for at in range(0, len(tokens), PROMPT_ROWS):
-        chunk = tokens[at:at + PROMPT_ROWS]
-        positions = list(range(start_pos + at, start_pos + at + len(chunk)))
-        x = _run(model, chunk, positions, [row] * len(chunk), dense=True)
+    end, pos, x = start_pos + len(tokens), start_pos, None
+    dense_end = end // DENSE_ROWS * DENSE_ROWS
+    while pos < end:
+        dense = pos < dense_end
+        stop = min(dense_end if dense else end, pos + PROMPT_ROWS)
+        x = _run(model, tokens[pos - start_pos:stop - start_pos], list(range(pos, stop)), [row] * (stop - pos),
+                 dense=dense)
         if x is None:
             return None
+        pos = stop
     return model.output(model.norm(x[-1:]))[0]
