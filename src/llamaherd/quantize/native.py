@@ -188,7 +188,7 @@ def _describe(model) -> _Model | None:
             return None
         out.attention_norm, out.ffn_norm, out.k, out.v = (t.data_ptr() for t in floats)
         out.wqkv, out.wo, out.w13, out.w2 = (w.raw.data_ptr() for w in mats)
-        out.wqkv_type, out.wo_type, out.w13_type, out.w2_type = (int(w.qtype) for w in mats)
+        out.wqkv_type, out.wo_type, out.w13_type, out.w2_type = (w.kernel_type for w in mats)
     if not available():  # asked only now: a float model's decode must not build the library
         return None
     desc = _Model(args.n_layers, args.dim, args.n_heads, args.n_kv_heads, args.head_dim, args.hidden_dim,

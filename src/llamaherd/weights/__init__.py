@@ -128,7 +128,7 @@ def build_model(args: ModelArgs, state_dict: dict[str, torch.Tensor], device: st
     `quantized` names the modules whose buffers in `state_dict` are quantized (see `load_gguf`).
     """
     from ..model import Transformer
-    from ..quantize.linear import fuse_projections, swap_quantized_modules
+    from ..quantize.linear import fuse_projections, repack_block_layers, swap_quantized_modules
 
     with torch.device("meta"):
         model = Transformer(args)
@@ -142,5 +142,6 @@ def build_model(args: ModelArgs, state_dict: dict[str, torch.Tensor], device: st
         model.output.weight = model.tok_embeddings.weight
     if quantized:
         fuse_projections(model)
+        repack_block_layers(model)
     model._ensure_rope(args.max_seq_len)
     return model.to(device).eval()

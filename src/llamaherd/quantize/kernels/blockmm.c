@@ -33,6 +33,7 @@
 #define MT 4 /* rows of x per tile: each weight block is decoded once for them */
 #define NT 2 /* rows of W (output features) per tile: each activation block is loaded once for them */
 enum { Q4_0 = 2, Q4_1 = 3, Q8_0 = 8 }; /* ggml's type ids */
+enum { Q4_0_R8 = 102, Q4_1_R8 = 103 }; /* the same, repacked eight rows at a time (tile8) */
 
 /* OpenMP's thread count is per calling thread, and a thread not started by OpenMP (a Python
  * thread: the server's scheduler) starts with the machine's core count. native.py sets it to
@@ -138,6 +139,65 @@ static inline __attribute__((always_inline)) void tile(const uint8_t *w, int64_t
         for (int r = 0; r < mt; r++) y[(m0 + r) * N + n + f] = hsum(acc[f][r]) + mins[f][r];
 }
 
+/* The same product on Q4 weights repacked eight rows at a time (see linear.py `repack_rows8`): per
+ * block of 32 inputs, the eight rows' scales d[8] (and Q4_1's mins m[8]) as f16, then 8 x 16 bytes
+ * of codes: bytes 16t .. 16t + 15 hold, for rows i = 0..7 and e = 0, 1, code (i, 4t + e) in the low
+ * nibble of byte 2i + e and code (i, 4t + 2 + e) in the high one. So one 16-byte load widens to
+ * two registers of int16 pairs, a pair per row, and one `madd` with the broadcast pair of
+ * activations (x[4t], x[4t + 1]) gives each row's lane its own exact partial dot product: no
+ * horizontal sums, and the block's scaling is one vector op for all eight rows. About half the
+ * instructions of `tile` a multiply-add. */
+#define MT8 8 /* rows of x per pass over a group's weights (their 8 int32 sums stay in registers) */
+static inline __attribute__((always_inline)) void tile8(const uint8_t *w, const int16_t *xq, const float *xd,
+        const float *xs, float *y, int64_t g, int64_t m0, int64_t nb, int64_t N, const int mt, const int type) {
+    const int64_t bs = type == Q4_1 ? 160 : 144;
+    const __m128i low = _mm_set1_epi8(0x0F);
+    __m256 acc[MT8];
+    for (int r = 0; r < mt; r++) acc[r] = _mm256_setzero_ps();
+    const uint8_t *blk = w + g * nb * bs;
+    for (int64_t b = 0; b < nb; b++, blk += bs) {
+        _mm_prefetch((const char *)blk + PREFETCH, _MM_HINT_T0);
+        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)blk));
+        const uint8_t *qs = blk + (type == Q4_1 ? 32 : 16);
+        __m256i dot[MT8];
+        for (int r = 0; r < mt; r++) dot[r] = _mm256_setzero_si256();
+        for (int t = 0; t < 8; t++) {
+            const __m128i v = _mm_loadu_si128((const __m128i *)(qs + 16 * t));
+            __m256i lo = _mm256_cvtepu8_epi16(_mm_and_si128(v, low));
+            __m256i hi = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(v, 4), low));
+            if (type == Q4_0) {
+                lo = _mm256_sub_epi16(lo, _mm256_set1_epi16(8));
+                hi = _mm256_sub_epi16(hi, _mm256_set1_epi16(8));
+            }
+            for (int r = 0; r < mt; r++) {
+                const int32_t *xr = (const int32_t *)(xq + ((m0 + r) * nb + b) * QK);
+                dot[r] = _mm256_add_epi32(dot[r], _mm256_madd_epi16(lo, _mm256_set1_epi32(xr[2 * t])));
+                dot[r] = _mm256_add_epi32(dot[r], _mm256_madd_epi16(hi, _mm256_set1_epi32(xr[2 * t + 1])));
+            }
+        }
+        for (int r = 0; r < mt; r++) { /* |dot| <= 32 * 15 * 32767 < 2^31: exact */
+            const int64_t i = (m0 + r) * nb + b;
+            acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_set1_ps(xd[i])), _mm256_cvtepi32_ps(dot[r]), acc[r]);
+            if (type == Q4_1)
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(blk + 16))),
+                                         _mm256_set1_ps(xs[i]), acc[r]);
+        }
+    }
+    for (int r = 0; r < mt; r++) _mm256_storeu_ps(y + (m0 + r) * N + 8 * g, acc[r]);
+}
+
+#define TILE8(type)                                                                 \
+    switch (mt) {                                                                   \
+        case 1: tile8(w, xq, xd, xs, y, g, m0, nb, N, 1, type); break;              \
+        case 2: tile8(w, xq, xd, xs, y, g, m0, nb, N, 2, type); break;              \
+        case 3: tile8(w, xq, xd, xs, y, g, m0, nb, N, 3, type); break;              \
+        case 4: tile8(w, xq, xd, xs, y, g, m0, nb, N, 4, type); break;              \
+        case 5: tile8(w, xq, xd, xs, y, g, m0, nb, N, 5, type); break;              \
+        case 6: tile8(w, xq, xd, xs, y, g, m0, nb, N, 6, type); break;              \
+        case 7: tile8(w, xq, xd, xs, y, g, m0, nb, N, 7, type); break;              \
+        default: tile8(w, xq, xd, xs, y, g, m0, nb, N, 8, type); break;             \
+    }
+
 #define TILE(nt, type)                                                                          \
     switch (mt) {                                                                               \
         case 1: tile(w, row_bytes, xq, xd, xs, y, n, m0, nb, N, nt, 1, type); break;            \
@@ -154,6 +214,16 @@ void block_mm(const float *x, const uint8_t *w, void *scratch, float *y, int64_t
     int16_t *xq = (int16_t *)scratch;
     float *xd = (float *)(xq + M * K), *xs = xd + M * nb;
     quantize_x(x, xq, xd, xs, M * nb);
+    if (type == Q4_0_R8 || type == Q4_1_R8) {
+        const int t4 = type == Q4_0_R8 ? Q4_0 : Q4_1;
+#pragma omp parallel for schedule(static)
+        for (int64_t g = 0; g < N / 8; g++)
+            for (int64_t m0 = 0; m0 < M; m0 += MT8) {
+                const int mt = (int)(M - m0 < MT8 ? M - m0 : MT8);
+                if (t4 == Q4_0) TILE8(Q4_0) else TILE8(Q4_1)
+            }
+        return;
+    }
 #pragma omp parallel for schedule(static)
     for (int64_t n = 0; n < N; n += NT)
         for (int64_t m0 = 0; m0 < M; m0 += MT) {
@@ -220,16 +290,47 @@ static inline __attribute__((always_inline)) void dense_tile(const float *x, con
     }
 }
 
+/* Eight rows of repacked Q4 blocks (see tile8) into columns j0 .. j0 + 7 of a panel: one vector
+ * of eight rows' weights for each k, no transposing. */
+static void panel_rows8(const uint8_t *w, int64_t nb, int type, float *panel, int j0) {
+    const int64_t bs = type == Q4_1 ? 160 : 144;
+    const __m128i low = _mm_set1_epi8(0x0F);
+    const __m256i even = _mm256_set1_epi32(0xFFFF);
+    for (int64_t b = 0; b < nb; b++, w += bs) {
+        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)w));
+        const __m256 m = type == Q4_1 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + 16)))
+                                      : _mm256_mul_ps(d, _mm256_set1_ps(-8.f));
+        const uint8_t *qs = w + (type == Q4_1 ? 32 : 16);
+        for (int t = 0; t < 8; t++) {
+            const __m128i v = _mm_loadu_si128((const __m128i *)(qs + 16 * t));
+            const __m256i lo = _mm256_cvtepu8_epi16(_mm_and_si128(v, low));
+            const __m256i hi = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(v, 4), low));
+            const __m256i q[4] = {_mm256_and_si256(lo, even), _mm256_srli_epi32(lo, 16), _mm256_and_si256(hi, even),
+                                  _mm256_srli_epi32(hi, 16)}; /* k = 4t, 4t + 1, 4t + 2, 4t + 3 */
+            for (int e = 0; e < 4; e++)
+                _mm256_store_ps(panel + (b * QK + 4 * t + e) * DN + j0,
+                                _mm256_add_ps(_mm256_mul_ps(d, _mm256_cvtepi32_ps(q[e])), m));
+        }
+    }
+}
+
 void block_mm_dense(const float *x, const uint8_t *w, float *y, int64_t M, int64_t N, int64_t K, int type) {
     const int64_t nb = K / QK, bs = type == Q4_0 ? 18 : type == Q4_1 ? 20 : 34;
+    const int rows8 = type == Q4_0_R8 || type == Q4_1_R8, t4 = type == Q4_0_R8 ? Q4_0 : Q4_1;
 #pragma omp parallel
     {
         float *panel = aligned_alloc(32, (size_t)K * DN * sizeof(float)), *row = malloc((size_t)K * sizeof(float));
 #pragma omp for schedule(static)
         for (int64_t n0 = 0; n0 < N; n0 += DN) {
-            for (int j = 0; j < DN; j++) {
-                dequantize_row(w + (n0 + j) * nb * bs, row, nb, type);
-                for (int64_t k = 0; k < K; k++) panel[k * DN + j] = row[k];
+            if (rows8) {
+                const int64_t group_bytes = nb * (t4 == Q4_1 ? 160 : 144);
+                panel_rows8(w + n0 / 8 * group_bytes, nb, t4, panel, 0);
+                panel_rows8(w + (n0 / 8 + 1) * group_bytes, nb, t4, panel, 8);
+            } else {
+                for (int j = 0; j < DN; j++) {
+                    dequantize_row(w + (n0 + j) * nb * bs, row, nb, type);
+                    for (int64_t k = 0; k < K; k++) panel[k * DN + j] = row[k];
+                }
             }
             int64_t m0 = 0;
             for (; m0 + DM <= M; m0 += DM) dense_tile(x, panel, y, m0, n0, K, N, DM);
