@@ -176,6 +176,8 @@ def test_sampling_filters():
     assert (probs > 0).tolist() == [True, True, False, False, False]  # e^-1 >= 0.3 > e^-2
     penalised = apply_penalties(torch.tensor([2.0, -2.0, 1.0]), [0, 1], SamplingOptions(repeat_penalty=2.0))
     assert penalised.tolist() == [1.0, -4.0, 1.0]
+    opts = SamplingOptions(repeat_penalty=1.0, frequency_penalty=0.5, presence_penalty=0.25)
+    assert apply_penalties(torch.tensor([2.0, -2.0, 1.0]), [0, 1, 0], opts).tolist() == [0.75, -2.75, 1.0]
 
 
 def test_sample_draws_from_the_top_k_in_proportion():
