@@ -10,7 +10,7 @@ from llamaherd.quantize.ggml import dequantize
 from llamaherd.quantize import native
 from llamaherd.quantize.linear import (BlockLinear, GGMLEmbedding, Int4Linear, RefinedBlockLinear,
                                        RefinedInt8Linear, _concat, dequantized_weight, pack_gguf_tensor,
-                                       quantize_int8_rows, repack_rows8, unpack_rows8)
+                                       quantize_int8_rows, repack_rows8)
 
 
 def gguf_blocks(qtype, out_features=96, in_features=128, seed=0):
@@ -149,9 +149,9 @@ def test_dense_kernel_is_the_float32_product_and_row_independent(qtype):
     assert torch.equal(native.block_mm_dense(x[4:11], blocks, int(qtype)), y[4:11])
 
 
-@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1])
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q8_0])
 def test_rows8_layout_is_the_same_bytes_and_the_same_product(qtype):
-    """Q4 layers repacked 8 rows at a time for the kernel: a lossless reordering, the int16 product
+    """Layers repacked 8 rows at a time for the kernel: a lossless reordering, the int16 product
     of the same blocks (now summed exactly per block in integers), rows independent of the batch,
     and the float32 prompt path reads it too."""
     N, K = 48, 192
@@ -160,7 +160,8 @@ def test_rows8_layout_is_the_same_bytes_and_the_same_product(qtype):
     layer = load_module(BlockLinear(K, N, qtype), {"raw": blocks.clone()})
     layer.repack()
     assert layer.rows8 and not torch.equal(layer.raw, blocks)
-    assert torch.equal(unpack_rows8(repack_rows8(blocks, qtype), qtype), blocks)
+    ids = torch.tensor([0, 47, 8, 8, 13])
+    assert torch.equal(layer.rows(ids), dequantize(raw, qtype, (N, K))[ids])  # lookups from the new layout
     x = torch.randn(11, K, generator=torch.Generator().manual_seed(1))
     y = layer(x)
     assert torch.allclose(y.double(), int16_reference(x, raw, qtype, (N, K)), rtol=1e-5, atol=1e-4)

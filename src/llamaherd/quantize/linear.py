@@ -73,8 +73,23 @@ class GGMLEmbedding(nn.Module):
         block, size = GGML_QUANT_SIZES[self.qtype]
         self.register_buffer("raw", torch.empty(num_embeddings, dim // block * size, dtype=torch.uint8, device=device))
 
+    rows8 = False  # True once `repack` has put the blocks in the native kernel's 8-row layout
+
+    @property
+    def kernel_type(self) -> int:
+        """The type id kernels/blockmm.c knows the bytes by: ggml's, + 100 when repacked."""
+        return int(self.qtype) + (100 if self.rows8 else 0)
+
+    def repack(self) -> None:
+        """Put the rows in the native kernel's 8-row layout (`repack_rows8`)."""
+        if not self.rows8 and self.qtype in NATIVE_TYPES and self.raw.shape[0] % 8 == 0:
+            self.raw = repack_rows8(self.raw, self.qtype)
+            self.rows8 = True
+
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Float32 rows (n, dim) for token ids (n,)."""
+        if self.rows8:
+            return native.rows8_dequantize(self.raw, ids.reshape(-1), self.kernel_type, self.dim)
         return _dequantize_rows(self.raw[ids], self.qtype, (ids.numel(), self.dim))
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -96,26 +111,9 @@ class BlockLinear(GGMLEmbedding):
     """A linear layer whose weight rows stay in their GGUF blocks (Q4_0, Q4_1, Q8_0), multiplied by
     the native kernel (`native.block_mm`: int16 activation blocks, exact integer dot products)."""
 
-    rows8 = False  # True once `repack_rows8` has put the blocks in the kernel's 8-row layout
-
     def __init__(self, in_features: int, out_features: int, qtype: Q, device=None):
         super().__init__(out_features, in_features, qtype, device=device)
         self.in_features, self.out_features = in_features, out_features
-
-    @property
-    def kernel_type(self) -> int:
-        """The type id kernels/blockmm.c knows the bytes by: ggml's, + 100 when repacked."""
-        return int(self.qtype) + (100 if self.rows8 else 0)
-
-    def repack(self) -> None:
-        """Put Q4_0 / Q4_1 weights in the kernel's 8-row layout (see `repack_rows8`)."""
-        if not self.rows8 and self.qtype in (Q.Q4_0, Q.Q4_1) and self.out_features % 8 == 0:
-            self.raw = repack_rows8(self.raw, self.qtype)
-            self.rows8 = True
-
-    def rows(self, ids: torch.Tensor) -> torch.Tensor:
-        blocks = unpack_rows8(self.raw, self.qtype)[ids] if self.rows8 else self.raw[ids]
-        return _dequantize_rows(blocks, self.qtype, (ids.numel(), self.dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = native.block_mm(x.reshape(-1, self.in_features), self.raw, self.kernel_type)
@@ -135,38 +133,29 @@ class RefinedBlockLinear(BlockLinear):
 
 
 def repack_rows8(raw: torch.Tensor, qtype: Q) -> torch.Tensor:
-    """Q4_0 / Q4_1 rows of GGUF blocks (N, nb * bytes), N a multiple of 8, in the layout of
+    """Rows of Q4_0 / Q4_1 / Q8_0 GGUF blocks (N, nb * bytes), N a multiple of 8, in the layout of
     kernels/blockmm.c's `tile8`: per group of 8 rows and block, the 8 scales (and mins) as f16,
-    then the codes interleaved so one `madd` serves all 8 rows. The same bytes, in another order."""
-    bs = 18 if qtype == Q.Q4_0 else 20
+    then the codes interleaved so one `madd` serves all 8 rows. The same scales and codes, in another
+    order, and the same size."""
+    bs, head = {Q.Q4_0: (18, 2), Q.Q4_1: (20, 4), Q.Q8_0: (34, 2)}[qtype]
     N = raw.shape[0]
     blocks = raw.reshape(N // 8, 8, -1, bs).transpose(1, 2)  # (G, nb, 8 rows, bs)
-    head = 2 if qtype == Q.Q4_0 else 4
     qs = blocks[..., head:]
-    codes = torch.stack([qs & 0x0F, qs >> 4], dim=-2).flatten(-2)  # (G, nb, 8, 32): code k of each row
-    c = codes.reshape(*codes.shape[:3], 8, 2, 2)  # k = 4t + 2 * half + e -> (.., row, t, half, e)
-    packed = (c[..., 0, :] | (c[..., 1, :] << 4)).permute(0, 1, 3, 2, 4)  # (G, nb, t, row, e)
+    if qtype == Q.Q8_0:  # per pair of inputs j: each row's two int8 codes
+        packed = qs.reshape(*qs.shape[:3], 16, 2).permute(0, 1, 3, 2, 4)  # (G, nb, j, row, e)
+    else:
+        codes = torch.stack([qs & 0x0F, qs >> 4], dim=-2).flatten(-2)  # (G, nb, 8, 32): code k of each row
+        c = codes.reshape(*codes.shape[:3], 8, 2, 2)  # k = 4t + 2 * half + e -> (.., row, t, half, e)
+        packed = (c[..., 0, :] | (c[..., 1, :] << 4)).permute(0, 1, 3, 2, 4)  # (G, nb, t, row, e)
     scales = [blocks[..., 0:2], blocks[..., 2:4]] if qtype == Q.Q4_1 else [blocks[..., 0:2]]
     parts = [sc.flatten(-2) for sc in scales] + [packed.flatten(-3)]  # (G, nb, 16) each, then (G, nb, 128)
     return torch.cat(parts, dim=-1).reshape(N, -1)
 
 
-def unpack_rows8(packed: torch.Tensor, qtype: Q) -> torch.Tensor:
-    """The GGUF blocks (N, nb * bytes) that `repack_rows8` rearranged."""
-    bs, head = (18, 2) if qtype == Q.Q4_0 else (20, 4)
-    N = packed.shape[0]
-    groups = packed.reshape(N // 8, -1, 8 * bs)  # (G, nb, 8 * bs)
-    scales = groups[..., :8 * head].reshape(*groups.shape[:2], head // 2, 8, 2).permute(0, 1, 3, 2, 4)
-    qs = groups[..., 8 * head:].reshape(*groups.shape[:2], 8, 8, 2).permute(0, 1, 3, 2, 4)  # (G, nb, row, t, e)
-    codes = torch.stack([qs & 0x0F, qs >> 4], dim=-2).flatten(-3)  # (G, nb, row, 32): k = 4t + 2 * half + e
-    gguf_qs = codes[..., :16] | (codes[..., 16:] << 4)
-    blocks = torch.cat([scales.flatten(-2), gguf_qs], dim=-1)  # (G, nb, row, bs)
-    return blocks.transpose(1, 2).reshape(N, -1)
-
-
 def repack_block_layers(model: nn.Module) -> None:
-    """Repack every Q4 `BlockLinear` of the transformer blocks for the kernel (see `repack_rows8`);
-    done after `fuse_projections`, which concatenates the file's rows."""
+    """Repack every `BlockLinear` of the transformer blocks for the kernel (see `repack_rows8`); done
+    after `fuse_projections`, which concatenates the file's rows. (Not the output projection: it
+    shares its bytes with the embedding when tied, and at batch 1, memory-bound, it gains nothing.)"""
     for module in model.layers.modules():
         if type(module) is BlockLinear:
             module.repack()
@@ -330,5 +319,4 @@ def dequantized_weight(module: nn.Module) -> torch.Tensor:
 
 
 __all__ = ["Int4Linear", "Int8Linear", "GGMLEmbedding", "RefinedInt8Linear", "BlockLinear", "RefinedBlockLinear", "pack_gguf_tensor", "swap_quantized_modules", "fuse_projections",
-           "quantize_int8_rows", "pack_int4", "dequantized_weight", "repack_rows8", "unpack_rows8",
-           "repack_block_layers"]
+           "quantize_int8_rows", "pack_int4", "dequantized_weight", "repack_rows8", "repack_block_layers"]

@@ -79,6 +79,8 @@ def _build() -> ctypes.CDLL | None:
     lib.block_mm.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
     lib.block_dequantize.restype = None
     lib.block_dequantize.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2 + [ctypes.c_int]
+    lib.rows8_dequantize.restype = None
+    lib.rows8_dequantize.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
     lib.block_mm_dense.restype = None
     lib.block_mm_dense.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int]
     lib.herd_decode_scratch.restype = ctypes.c_int64
@@ -145,6 +147,17 @@ def block_dequantize(raw: torch.Tensor, qtype: int, K: int) -> torch.Tensor:
     _match_torch_threads()
     out = torch.empty(raw.shape[0], K, dtype=torch.float32)
     library().block_dequantize(raw.data_ptr(), out.data_ptr(), raw.shape[0], K, qtype)
+    return out
+
+
+def rows8_dequantize(packed: torch.Tensor, ids: torch.Tensor, kernel_type: int, K: int) -> torch.Tensor:
+    """Rows `ids` of weights repacked eight rows at a time (linear.repack_rows8; kernel_type: ggml's
+    type id + 100) as float32 (n, K), bit-exact with gguf's dequantization of the original rows."""
+    ids = ids.to(torch.int64).contiguous()
+    if ids.numel() and not (0 <= int(ids.min()) and int(ids.max()) < packed.shape[0]):
+        raise IndexError(f"row ids outside 0..{packed.shape[0] - 1}")
+    out = torch.empty(ids.numel(), K, dtype=torch.float32)
+    library().rows8_dequantize(packed.data_ptr(), ids.data_ptr(), ids.numel(), out.data_ptr(), K, kernel_type)
     return out
 
 

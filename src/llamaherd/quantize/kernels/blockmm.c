@@ -33,7 +33,7 @@
 #define MT 4 /* rows of x per tile: each weight block is decoded once for them */
 #define NT 2 /* rows of W (output features) per tile: each activation block is loaded once for them */
 enum { Q4_0 = 2, Q4_1 = 3, Q8_0 = 8 }; /* ggml's type ids */
-enum { Q4_0_R8 = 102, Q4_1_R8 = 103 }; /* the same, repacked eight rows at a time (tile8) */
+enum { Q4_0_R8 = 102, Q4_1_R8 = 103, Q8_0_R8 = 108 }; /* the same, repacked eight rows at a time (tile8) */
 
 /* OpenMP's thread count is per calling thread, and a thread not started by OpenMP (a Python
  * thread: the server's scheduler) starts with the machine's core count. native.py sets it to
@@ -147,11 +147,23 @@ static inline __attribute__((always_inline)) void tile(const uint8_t *w, int64_t
  * activations (x[4t], x[4t + 1]) gives each row's lane its own exact partial dot product: no
  * horizontal sums, and the block's scaling is one vector op for all eight rows. About half the
  * instructions of `tile` a multiply-add. */
+/* Group codes for k = 4t .. 4t + 3 as int16 pairs, a pair per row: lo (4t, 4t + 1), hi (4t + 2, 4t + 3).
+ * Q4: one 16-byte load, low and high nibbles; Q8_0: two 16-byte loads of int8 pairs. */
+static inline void codes8(const uint8_t *qs, int t, int type, __m256i *lo, __m256i *hi) {
+    if (type == Q8_0) {
+        *lo = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(qs + 32 * t)));
+        *hi = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(qs + 32 * t + 16)));
+        return;
+    }
+    const __m128i v = _mm_loadu_si128((const __m128i *)(qs + 16 * t)), low = _mm_set1_epi8(0x0F);
+    *lo = _mm256_cvtepu8_epi16(_mm_and_si128(v, low));
+    *hi = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(v, 4), low));
+}
+
 #define MT8 8 /* rows of x per pass over a group's weights (their 8 int32 sums stay in registers) */
 static inline __attribute__((always_inline)) void tile8(const uint8_t *w, const int16_t *xq, const float *xd,
         const float *xs, float *y, int64_t g, int64_t m0, int64_t nb, int64_t N, const int mt, const int type) {
-    const int64_t bs = type == Q4_1 ? 160 : 144;
-    const __m128i low = _mm_set1_epi8(0x0F);
+    const int64_t bs = type == Q4_1 ? 160 : type == Q4_0 ? 144 : 272;
     __m256 acc[MT8];
     for (int r = 0; r < mt; r++) acc[r] = _mm256_setzero_ps();
     const uint8_t *blk = w + g * nb * bs;
@@ -162,9 +174,8 @@ static inline __attribute__((always_inline)) void tile8(const uint8_t *w, const 
         __m256i dot[MT8];
         for (int r = 0; r < mt; r++) dot[r] = _mm256_setzero_si256();
         for (int t = 0; t < 8; t++) {
-            const __m128i v = _mm_loadu_si128((const __m128i *)(qs + 16 * t));
-            __m256i lo = _mm256_cvtepu8_epi16(_mm_and_si128(v, low));
-            __m256i hi = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(v, 4), low));
+            __m256i lo, hi;
+            codes8(qs, t, type, &lo, &hi);
             if (type == Q4_0) {
                 lo = _mm256_sub_epi16(lo, _mm256_set1_epi16(8));
                 hi = _mm256_sub_epi16(hi, _mm256_set1_epi16(8));
@@ -214,13 +225,12 @@ void block_mm(const float *x, const uint8_t *w, void *scratch, float *y, int64_t
     int16_t *xq = (int16_t *)scratch;
     float *xd = (float *)(xq + M * K), *xs = xd + M * nb;
     quantize_x(x, xq, xd, xs, M * nb);
-    if (type == Q4_0_R8 || type == Q4_1_R8) {
-        const int t4 = type == Q4_0_R8 ? Q4_0 : Q4_1;
+    if (type > 100) { /* repacked eight rows at a time */
 #pragma omp parallel for schedule(static)
         for (int64_t g = 0; g < N / 8; g++)
             for (int64_t m0 = 0; m0 < M; m0 += MT8) {
                 const int mt = (int)(M - m0 < MT8 ? M - m0 : MT8);
-                if (t4 == Q4_0) TILE8(Q4_0) else TILE8(Q4_1)
+                if (type == Q4_0_R8) TILE8(Q4_0) else if (type == Q4_1_R8) TILE8(Q4_1) else TILE8(Q8_0)
             }
         return;
     }
@@ -251,6 +261,31 @@ __attribute__((optimize("fp-contract=off"), noinline)) static void dequantize_ro
             for (int j = 0; j < QK / 2; j++) {
                 o[j] = d * (float)(w[4 + j] & 15) + m;
                 o[j + 16] = d * (float)(w[4 + j] >> 4) + m;
+            }
+        }
+    }
+}
+
+/* Rows ids[0 .. n-1] of weights repacked eight rows at a time (type: ggml's + 100) as float32 (n, K),
+ * rounded as dequantize_row rounds them: an embedding lookup, the output's refinement. */
+__attribute__((optimize("fp-contract=off"))) void rows8_dequantize(const uint8_t *w, const int64_t *ids, int64_t n,
+                                                                   float *out, int64_t K, int type) {
+    type -= 100;
+    const int64_t nb = K / QK, bs = type == Q4_1 ? 160 : type == Q4_0 ? 144 : 272;
+    for (int64_t i = 0; i < n; i++) {
+        const int64_t r = ids[i] % 8;
+        const uint8_t *blk = w + ids[i] / 8 * nb * bs;
+        for (int64_t b = 0; b < nb; b++, blk += bs) {
+            float *o = out + i * K + b * QK;
+            const float d = f16(blk + 2 * r);
+            const uint8_t *qs = blk + (type == Q4_1 ? 32 : 16);
+            for (int k = 0; k < QK; k++) { /* k = 4t + 2h + e (Q4: byte 16t + 2r + e, nibble h) or 2j + e (Q8_0) */
+                if (type == Q8_0) {
+                    o[k] = (float)(int8_t)qs[16 * (k / 2) + 2 * r + k % 2] * d;
+                } else {
+                    const int q = (qs[16 * (k / 4) + 2 * r + k % 2] >> (4 * (k / 2 % 2))) & 15;
+                    o[k] = type == Q4_0 ? d * (float)(q - 8) : d * (float)q + f16(blk + 16 + 2 * r);
+                }
             }
         }
     }
@@ -293,20 +328,18 @@ static inline __attribute__((always_inline)) void dense_tile(const float *x, con
 /* Eight rows of repacked Q4 blocks (see tile8) into columns j0 .. j0 + 7 of a panel: one vector
  * of eight rows' weights for each k, no transposing. */
 static void panel_rows8(const uint8_t *w, int64_t nb, int type, float *panel, int j0) {
-    const int64_t bs = type == Q4_1 ? 160 : 144;
-    const __m128i low = _mm_set1_epi8(0x0F);
-    const __m256i even = _mm256_set1_epi32(0xFFFF);
+    const int64_t bs = type == Q4_1 ? 160 : type == Q4_0 ? 144 : 272;
     for (int64_t b = 0; b < nb; b++, w += bs) {
         const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)w));
         const __m256 m = type == Q4_1 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + 16)))
-                                      : _mm256_mul_ps(d, _mm256_set1_ps(-8.f));
+                         : type == Q4_0 ? _mm256_mul_ps(d, _mm256_set1_ps(-8.f)) : _mm256_setzero_ps();
         const uint8_t *qs = w + (type == Q4_1 ? 32 : 16);
         for (int t = 0; t < 8; t++) {
-            const __m128i v = _mm_loadu_si128((const __m128i *)(qs + 16 * t));
-            const __m256i lo = _mm256_cvtepu8_epi16(_mm_and_si128(v, low));
-            const __m256i hi = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(v, 4), low));
-            const __m256i q[4] = {_mm256_and_si256(lo, even), _mm256_srli_epi32(lo, 16), _mm256_and_si256(hi, even),
-                                  _mm256_srli_epi32(hi, 16)}; /* k = 4t, 4t + 1, 4t + 2, 4t + 3 */
+            __m256i lo, hi;
+            codes8(qs, t, type, &lo, &hi);
+            /* the pairs' first and second halves, sign-extended: k = 4t, 4t + 1, 4t + 2, 4t + 3 */
+            const __m256i q[4] = {_mm256_srai_epi32(_mm256_slli_epi32(lo, 16), 16), _mm256_srai_epi32(lo, 16),
+                                  _mm256_srai_epi32(_mm256_slli_epi32(hi, 16), 16), _mm256_srai_epi32(hi, 16)};
             for (int e = 0; e < 4; e++)
                 _mm256_store_ps(panel + (b * QK + 4 * t + e) * DN + j0,
                                 _mm256_add_ps(_mm256_mul_ps(d, _mm256_cvtepi32_ps(q[e])), m));
@@ -316,16 +349,16 @@ static void panel_rows8(const uint8_t *w, int64_t nb, int type, float *panel, in
 
 void block_mm_dense(const float *x, const uint8_t *w, float *y, int64_t M, int64_t N, int64_t K, int type) {
     const int64_t nb = K / QK, bs = type == Q4_0 ? 18 : type == Q4_1 ? 20 : 34;
-    const int rows8 = type == Q4_0_R8 || type == Q4_1_R8, t4 = type == Q4_0_R8 ? Q4_0 : Q4_1;
+    const int rows8 = type > 100, t8 = type - 100;
 #pragma omp parallel
     {
         float *panel = aligned_alloc(32, (size_t)K * DN * sizeof(float)), *row = malloc((size_t)K * sizeof(float));
 #pragma omp for schedule(static)
         for (int64_t n0 = 0; n0 < N; n0 += DN) {
             if (rows8) {
-                const int64_t group_bytes = nb * (t4 == Q4_1 ? 160 : 144);
-                panel_rows8(w + n0 / 8 * group_bytes, nb, t4, panel, 0);
-                panel_rows8(w + (n0 / 8 + 1) * group_bytes, nb, t4, panel, 8);
+                const int64_t group_bytes = nb * (t8 == Q4_1 ? 160 : t8 == Q4_0 ? 144 : 272);
+                panel_rows8(w + n0 / 8 * group_bytes, nb, t8, panel, 0);
+                panel_rows8(w + (n0 / 8 + 1) * group_bytes, nb, t8, panel, 8);
             } else {
                 for (int j = 0; j < DN; j++) {
                     dequantize_row(w + (n0 + j) * nb * bs, row, nb, type);
@@ -348,6 +381,9 @@ void block_mm_dense(const float *x, const uint8_t *w, float *y, int64_t M, int64
     }
 }
 #else
+void rows8_dequantize(const uint8_t *w, const int64_t *ids, int64_t n, float *out, int64_t K, int type) {
+    (void)w; (void)ids; (void)n; (void)out; (void)K; (void)type;
+}
 void block_mm_dense(const float *x, const uint8_t *w, float *y, int64_t M, int64_t N, int64_t K, int type) {
     (void)x; (void)w; (void)y; (void)M; (void)N; (void)K; (void)type;
 }
