@@ -101,3 +101,18 @@ def test_prefill_equals_the_torch_modules_and_resumes_exactly(model, smollm2, re
         native.prefill(model, ids[:split], 0)
         assert torch.equal(native.prefill(model, ids[split:], split), whole)
         assert torch.equal(model.layers[-1].attention.cache.k[0, :, :len(ids)], keys)
+
+
+def test_prompts_prefilled_together_get_what_they_get_alone(model, smollm2):
+    """The server prefills waiting prompts in one call: each must come out as if alone, to the bit,
+    whether short (int16) or long (float32 blocks and an int16 tail)."""
+    prompts = [smollm2.encode(p) for p in PROMPTS] + [smollm2.encode("Rivers carry boats past mills. " * 20)]
+    assert max(map(len, prompts)) > native.DENSE_ROWS
+    model.setup_cache(len(prompts), 256)
+    alone = [native.prefill(model, ids, 0, row) for row, ids in enumerate(prompts)]
+    keys = model.layers[3].attention.cache.k.clone()
+    model.setup_cache(len(prompts), 256)
+    together = native.prefill_many(model, [(ids, 0, row) for row, ids in enumerate(prompts)])
+    for row, ids in enumerate(prompts):
+        assert torch.equal(together[row], alone[row])
+        assert torch.equal(model.layers[3].attention.cache.k[row, :, :len(ids)], keys[row, :, :len(ids)])

@@ -293,32 +293,42 @@ class Scheduler:
         self._capacity = new
 
     def _prefill(self) -> None:
-        budget = PREFILL_BUDGET
-        while self._prefilling and budget > 0:
-            job = self._prefilling[0]
+        """Prefill the next chunk of the waiting prompts, as many as PREFILL_BUDGET tokens take (at
+        least one), in one native call where the model has it (every token still gets the numbers it
+        gets alone); then the running streams get their next step."""
+        if not self._prefilling:
+            return
+        batch, budget = [], PREFILL_BUDGET
+        for job in self._prefilling:
             start = job.prefilled
             end = min(len(job.prompt), (start // PREFILL_CHUNK + 1) * PREFILL_CHUNK)
-            if job.started_at is None:
-                job.started_at = time.perf_counter_ns()
-            try:
-                self._ensure_capacity(end)
-                logits = native.prefill(self.model, job.prompt[start:end], start, job.row)
-                if logits is None:  # not a GGUF-block model on a CPU: the torch modules
-                    tokens = torch.tensor([job.prompt[start:end]], device=self.device)
-                    pos = torch.arange(start, end, device=self.device)[None]
-                    rows = torch.tensor([job.row], device=self.device)
-                    logits = self.model(tokens, pos, rows=rows, last_only=True)[0, -1]
-            except Exception as e:  # noqa: BLE001 — a failed forward fails this job, not the server
-                log.exception("prefill failed")
-                self._prefilling.pop(0)
-                self._fail(job, e)
-                continue
+            if batch and end - start > budget:
+                break
+            batch.append((job, start, end))
             budget -= end - start
+        now = time.perf_counter_ns()
+        for job, _, _ in batch:
+            job.started_at = job.started_at or now
+        try:
+            self._ensure_capacity(max(end for _, _, end in batch))
+            logits = native.prefill_many(self.model, [(job.prompt[s:e], s, job.row) for job, s, e in batch])
+            if logits is None:  # not a GGUF-block model on a CPU: the torch modules, a prompt at a time
+                logits = [self.model(torch.tensor([job.prompt[s:e]], device=self.device),
+                                     torch.arange(s, e, device=self.device)[None],
+                                     rows=torch.tensor([job.row], device=self.device), last_only=True)[0, -1]
+                          for job, s, e in batch]
+        except Exception as e:  # noqa: BLE001 — a failed forward fails these jobs, not the server
+            log.exception("prefill failed")
+            for job, _, _ in batch:
+                self._prefilling.remove(job)
+                self._fail(job, e)
+            return
+        for (job, _, end), row_logits in zip(batch, logits):
             job.prefilled = end
             if end == len(job.prompt):
-                self._prefilling.pop(0)
+                self._prefilling.remove(job)
                 self._running.append(job)
-                self._advance(job, logits.float())
+                self._advance(job, row_logits.float())
         self._running = [j for j in self._running if not j.finished]
 
     def _decode(self) -> None:

@@ -265,17 +265,29 @@ def prefill(model, tokens: list[int], start_pos: int, row: int = 0) -> torch.Ten
     for few rows. Both compute every token as if it ran alone, so a prompt resumed after a cached
     prefix that ends on a block boundary gets the numbers it gets from scratch, to the bit.
     """
+    logits = prefill_many(model, [(tokens, start_pos, row)])
+    return None if logits is None else logits[0]
+
+
+@torch.inference_mode()
+def prefill_many(model, prompts: list[tuple[list[int], int, int]]) -> torch.Tensor | None:
+    """`prefill` for several prompts at once, each (tokens, start position, KV-cache row), their rows
+    sharing the calls (several short prompts cost little more than one); the logits (n, V) after
+    each one's last token. Every token gets the numbers it gets alone."""
     args = model.args
     if (args.n_heads + 2 * args.n_kv_heads) * args.head_dim % 16 or args.dim % 16 or args.hidden_dim % 8:
         return None  # block_mm_dense computes 16 output features at a time
-    end, pos, x = start_pos + len(tokens), start_pos, None
-    dense_end = end // DENSE_ROWS * DENSE_ROWS
-    while pos < end:
-        dense = pos < dense_end
-        stop = min(dense_end if dense else end, pos + PROMPT_ROWS)
-        x = _run(model, tokens[pos - start_pos:stop - start_pos], list(range(pos, stop)), [row] * (stop - pos),
-                 dense=dense)
-        if x is None:
-            return None
-        pos = stop
-    return model.output(model.norm(x[-1:]))[0]
+    dense, tail = [], []  # (token, position, cache row, prompt index): float32 rows, then int16 ones
+    for i, (tokens, start, row) in enumerate(prompts):
+        dense_end = (start + len(tokens)) // DENSE_ROWS * DENSE_ROWS
+        for pos, token in enumerate(tokens, start):
+            (dense if pos < dense_end else tail).append((token, pos, row, i))
+    last = {}
+    for rows, is_dense in ((dense, True), (tail, False)):  # a prompt's later rows attend to its earlier ones
+        for at in range(0, len(rows), PROMPT_ROWS):
+            part = rows[at:at + PROMPT_ROWS]
+            x = _run(model, *([r[k] for r in part] for k in range(3)), dense=is_dense)
+            if x is None:
+                return None
+            last.update((r[3], x[j]) for j, r in enumerate(part))  # the last one seen is the prompt's last
+    return model.output(model.norm(torch.stack([last[i] for i in range(len(prompts))])))
