@@ -61,6 +61,25 @@ static inline float dot8(const float *a, const float *b, int64_t n) {
     return hsum(acc);
 }
 
+/* e^x for eight floats, within ~2 ulp of expf (Cephes' method: x = n ln 2 + r, |r| <= ln(2) / 2,
+ * a degree-7 polynomial for e^r, then the exponent bits). libm's expf, one value at a time, had
+ * become a tenth of a batched decode step through SiLU and the softmax. */
+static inline __m256 exp8(__m256 x) {
+    x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.3762626647949f)), _mm256_set1_ps(-87.3365478515625f));
+    const __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+    x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x); /* ln 2 in two parts, for an exact r */
+    x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.f)));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
 /* softmax(q . keys[j] * scale over j < n) . values, for one query head: out (Dh floats), s (n floats
  * of scratch). Four keys at a time and all Dh outputs at once, so that no loop waits on the
  * latency of a single chain of multiply-adds. */
@@ -82,7 +101,17 @@ static void attend(const float *q, const float *keys, const float *values, int64
     }
     for (; j < n; j++) s[j] = dot8(q, keys + j * Dh, Dh) * scale;
     for (j = 0; j < n; j++) top = s[j] > top ? s[j] : top;
-    for (j = 0; j < n; j++) {
+    j = 0;
+    if (n >= 8) { /* eight at a time, summed in eight lanes */
+        __m256 acc = _mm256_setzero_ps();
+        for (; j + 8 <= n; j += 8) {
+            const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + j), _mm256_set1_ps(top)));
+            _mm256_storeu_ps(s + j, e);
+            acc = _mm256_add_ps(acc, e);
+        }
+        sum = hsum(acc);
+    }
+    for (; j < n; j++) {
         s[j] = expf(s[j] - top);
         sum += s[j];
     }
@@ -177,11 +206,12 @@ void herd_decode(const herd_model *m, float *x, int64_t B, const int64_t *rows, 
 
         rms_norm(x, L->ffn_norm, h, B, D, m->eps);
         matmul(h, L->w13, mm_scratch, g, B, 2 * F, D, L->w13_type, dense);
-#pragma omp parallel for schedule(static) if (B >= 16)
+#pragma omp parallel for schedule(static) if (B * F >= 4096)
         for (int64_t b = 0; b < B; b++)
-            for (int64_t i = 0; i < F; i++) {
-                const float gate = g[b * 2 * F + i], up = g[b * 2 * F + F + i];
-                a[b * F + i] = gate / (1.f + expf(-gate)) * up;
+            for (int64_t i = 0; i < F; i += 8) { /* silu(gate) * up; F is a multiple of 32 */
+                const __m256 gate = _mm256_loadu_ps(g + b * 2 * F + i), up = _mm256_loadu_ps(g + b * 2 * F + F + i);
+                const __m256 den = _mm256_add_ps(_mm256_set1_ps(1.f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), gate)));
+                _mm256_storeu_ps(a + b * F + i, _mm256_mul_ps(_mm256_div_ps(gate, den), up));
             }
         matmul(a, L->w2, mm_scratch, o, B, D, F, L->w2_type, dense);
         add(x, o, B * D);
