@@ -160,6 +160,7 @@ def test_rows8_layout_is_the_same_bytes_and_the_same_product(qtype):
     layer = load_module(BlockLinear(K, N, qtype), {"raw": blocks.clone()})
     layer.repack()
     assert layer.rows8 and not torch.equal(layer.raw, blocks)
+    assert torch.equal(layer.raw, repack_rows8(blocks, qtype))  # the C repack is the torch reference's
     ids = torch.tensor([0, 47, 8, 8, 13])
     assert torch.equal(layer.rows(ids), dequantize(raw, qtype, (N, K))[ids])  # lookups from the new layout
     x = torch.randn(11, K, generator=torch.Generator().manual_seed(1))

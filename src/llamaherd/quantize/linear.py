@@ -83,7 +83,7 @@ class GGMLEmbedding(nn.Module):
     def repack(self) -> None:
         """Put the rows in the native kernel's 8-row layout (`repack_rows8`)."""
         if not self.rows8 and self.qtype in NATIVE_TYPES and self.raw.shape[0] % 8 == 0:
-            self.raw = repack_rows8(self.raw, self.qtype)
+            self.raw = native.rows8_repack(self.raw, int(self.qtype), self.dim)  # repack_rows8, fast
             self.rows8 = True
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:

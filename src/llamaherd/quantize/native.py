@@ -79,6 +79,8 @@ def _build() -> ctypes.CDLL | None:
     lib.block_mm.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
     lib.block_dequantize.restype = None
     lib.block_dequantize.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2 + [ctypes.c_int]
+    lib.rows8_repack.restype = None
+    lib.rows8_repack.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2 + [ctypes.c_int]
     lib.rows8_dequantize.restype = None
     lib.rows8_dequantize.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
     lib.block_mm_dense.restype = None
@@ -147,6 +149,14 @@ def block_dequantize(raw: torch.Tensor, qtype: int, K: int) -> torch.Tensor:
     _match_torch_threads()
     out = torch.empty(raw.shape[0], K, dtype=torch.float32)
     library().block_dequantize(raw.data_ptr(), out.data_ptr(), raw.shape[0], K, qtype)
+    return out
+
+
+def rows8_repack(raw: torch.Tensor, qtype: int, K: int) -> torch.Tensor:
+    """`linear.repack_rows8` in C: rows of GGUF blocks (N a multiple of 8) in tile8's layout."""
+    raw = raw.contiguous()
+    out = torch.empty_like(raw)
+    library().rows8_repack(raw.data_ptr(), out.data_ptr(), raw.shape[0], K, qtype)
     return out
 
 
