@@ -203,3 +203,29 @@ def test_stop_prefix_holdback():
 def heldout_text():
     from pathlib import Path
     return (Path(__file__).parent / "data" / "heldout.txt").read_text()
+
+
+SPECULATION_PROMPTS = [  # replies that repeat themselves or their prompt, where guesses hold
+    "Write the numbers from 1 to 40 separated by commas.",
+    "Convert this to JSON: name Alice, age 30, city Paris; name Bob, age 25, city Rome.",
+]
+
+
+@pytest.mark.parametrize("prompt", SPECULATION_PROMPTS)
+def test_speculation_changes_nothing_but_the_number_of_steps(smollm2_fast, prompt, monkeypatch):
+    """Prompt-lookup guesses checked in one native step: the greedy output is the same token for
+    token, with or without penalties, and guesses were really taken (fewer steps than tokens)."""
+    from llamaherd.quantize import native
+
+    steps = []
+    decode = native.decode
+    monkeypatch.setattr(native, "decode", lambda m, t, *a: steps.append(len(t)) or decode(m, t, *a))
+    ids = smollm2_fast.encode_chat([{"role": "user", "content": prompt}])
+    for penalty in (1.0, 1.1):
+        steps.clear()
+        plain = our_tokens(smollm2_fast, ids, temperature=0, repeat_penalty=penalty, num_predict=64)
+        plain_steps = len(steps)
+        steps.clear()
+        fast = our_tokens(smollm2_fast, ids, temperature=0, repeat_penalty=penalty, num_predict=64, speculate=6)
+        assert fast == plain
+        assert max(steps) > 1 and len(steps) < plain_steps

@@ -53,7 +53,8 @@ def resolve_model(name: str, progress=None):
 
 
 def _options(args) -> dict:
-    names = ("temperature", "top_k", "top_p", "min_p", "repeat_penalty", "seed", "num_predict", "num_ctx")
+    names = ("temperature", "top_k", "top_p", "min_p", "repeat_penalty", "seed", "num_predict", "num_ctx",
+             "speculate")
     return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
 
 
@@ -587,6 +588,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int)
     run.add_argument("--num-predict", dest="num_predict", type=int, help="maximum tokens to generate")
     run.add_argument("--num-ctx", dest="num_ctx", type=int, help="context window in tokens")
+    run.add_argument("--speculate", type=int, metavar="N",
+                     help="at temperature 0, check up to N tokens guessed by prompt lookup in one step "
+                          "(same output; faster when the reply repeats its prompt or itself; not on a server)")
     run.add_argument("--verbose", action="store_true", help="print timings and token rates on stderr")
     run.set_defaults(func=cmd_run)
 

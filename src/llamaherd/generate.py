@@ -32,6 +32,8 @@ class SamplingOptions:
     stop: Sequence[str] = field(default_factory=tuple)
     num_predict: int = -1  # -1: until a stop token or the context is full
     num_ctx: int | None = None  # context window; None: min(4096, the model's)
+    speculate: int = 0  # llamaherd's own: at temperature 0, check up to this many tokens guessed by
+    # prompt lookup in one step (see `PromptLookup`); the output is the same, only sooner
 
     @classmethod
     def from_dict(cls, options: dict | None) -> "SamplingOptions":
@@ -61,6 +63,7 @@ class SamplingOptions:
         number("presence_penalty")
         number("frequency_penalty")
         number("num_predict", int, lo=-2)
+        number("speculate", int, lo=0)
         if self.seed is not None:
             number("seed", int)
         if self.num_ctx is not None:
@@ -174,6 +177,27 @@ def decode_one_token(model, token: int, pos: int) -> torch.Tensor:
     return model(torch.tensor([[token]], device=device), torch.tensor([[pos]], device=device))[0, -1]
 
 
+class PromptLookup:
+    """Draft tokens by prompt lookup: where the last N tokens occurred before (in the prompt or the
+    reply), guess that what followed them then follows now. Summaries, quotes, code edits and
+    structured output repeat their input a lot. An index from each N-gram to its latest
+    continuation makes a guess O(1) a token."""
+
+    def __init__(self, tokens: Sequence[int], n: int = 3):
+        self.n, self.tokens, self.index = n, [], {}
+        for token in tokens:
+            self.push(token)
+
+    def push(self, token: int) -> None:
+        self.tokens.append(token)
+        if len(self.tokens) > self.n:  # the N-gram before the newest token: continued at the newest
+            self.index[tuple(self.tokens[-self.n - 1:-1])] = len(self.tokens) - 1
+
+    def propose(self, k: int) -> list[int]:
+        at = self.index.get(tuple(self.tokens[-self.n:]))
+        return [] if at is None or k <= 0 else self.tokens[at:at + k]
+
+
 def generate(model, prompt: Sequence[int], opts: SamplingOptions, stop_ids: frozenset[int] = frozenset(),
              cached: int = 0) -> Iterator[int]:
     """Yield new token ids after `prompt` until a stop token (not yielded), `num_predict` tokens, or a
@@ -195,12 +219,42 @@ def generate(model, prompt: Sequence[int], opts: SamplingOptions, stop_ids: froz
     history = list(prompt)
     logits = prefill(model, prompt[cached:], cached)
     budget = opts.num_predict if opts.num_predict >= 0 else num_ctx
-    for i in range(budget):
-        token = sample(logits, history, opts, generator)
+    # Speculation needs every guessed token's logits to be what a step of its own gives: the native
+    # step computes each row as if alone, so the output is exactly that of plain greedy decoding.
+    lookup = (PromptLookup(history) if opts.speculate and opts.temperature <= 0
+              and native.decoder(model) is not None else None)
+    produced, guesses = 0, opts.speculate  # guesses: how many to check next, adapted to how many hold
+    token = sample(logits, history, opts, generator) if budget > 0 else None
+    while token is not None:
         if token in stop_ids:
             return
         yield token
         history.append(token)
-        if i == budget - 1 or len(history) >= num_ctx:
+        produced += 1
+        if produced == budget or len(history) >= num_ctx:
             return
-        logits = decode_one_token(model, token, len(history) - 1)
+        drafts = []
+        if lookup:
+            lookup.push(token)
+            drafts = lookup.propose(min(guesses, budget - produced - 1, num_ctx - len(history) - 1))
+        if not drafts:
+            token = sample(decode_one_token(model, token, len(history) - 1), history, opts, generator)
+            continue
+        pos = len(history) - 1
+        rows = native.decode(model, [token, *drafts], list(range(pos, pos + len(drafts) + 1)), [0] * (len(drafts) + 1))
+        for held, (row, draft) in enumerate(zip(rows, drafts)):  # keep the guesses the model itself makes
+            token = sample(row, history, opts, generator)
+            if token != draft:  # a wrong guess cost a row: check fewer next time
+                guesses = max(1, held)
+                break
+            if token in stop_ids:
+                return
+            yield token
+            history.append(token)
+            lookup.push(token)
+            produced += 1
+            if produced == budget or len(history) >= num_ctx:
+                return
+        else:  # every guess held: the last row gives one more, and more guesses are worth checking
+            token = sample(rows[len(drafts)], history, opts, generator)
+            guesses = min(opts.speculate, 2 * guesses)
