@@ -3,9 +3,10 @@
 Weights stay 4- or 8-bit in memory. Two kernels multiply them:
 
 - the native kernel (`native.block_mm`, kernels/blockmm.c), used where it builds (a C compiler and
-  AVX2): `BlockLinear` keeps the file's own Q4_0 / Q4_1 / Q8_0 blocks, untouched, and multiplies
-  them with int16-quantized activation blocks (llama.cpp's method, with 8 more bits) — 1.3x as
-  fast as torch's int4 kernel at batch 1 and 1.7x at batch 16 on this project's machine;
+  AVX2): `BlockLinear` keeps the file's own Q4_0 / Q4_1 / Q8_0 blocks — the same codes and scales,
+  reordered eight rows at a time at load (`repack_rows8`) so one integer multiply-add serves eight
+  output features — and multiplies them with int16-quantized activation blocks (llama.cpp's
+  method, with 8 more bits); prompts take a float32 path over the same blocks (`block_mm_dense`);
 - torch's packed CPU kernels otherwise, with bf16 activations (their fp32 paths are reference
   loops, several times slower): `Int4Linear` holds 4-bit codes in groups of 32 with a scale and a
   zero per group, w = (q - 8) * scale + zero — GGUF Q4_0 and Q4_1 map onto it *exactly* (only the
