@@ -31,7 +31,7 @@ ROLES = ("system", "user", "assistant", "tool")
 PARAMETER_TYPES: dict[str, type] = {
     "temperature": float, "top_k": int, "top_p": float, "min_p": float, "repeat_penalty": float,
     "repeat_last_n": int, "presence_penalty": float, "frequency_penalty": float, "seed": int,
-    "num_predict": int, "num_ctx": int, "stop": list,
+    "num_predict": int, "num_ctx": int, "stop": list, "speculate": int,
 }
 
 
