@@ -91,7 +91,7 @@ class GGMLEmbedding(nn.Module):
         """Float32 rows (n, dim) for token ids (n,)."""
         if self.rows8:
             return native.rows8_dequantize(self.raw, ids.reshape(-1), self.kernel_type, self.dim)
-        return _dequantize_rows(self.raw[ids], self.qtype, (ids.numel(), self.dim))
+        return _dequantize_rows(self.raw.index_select(0, ids.reshape(-1)), self.qtype, (ids.numel(), self.dim))
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.rows(tokens.reshape(-1)).view(*tokens.shape, self.dim)
