@@ -223,38 +223,37 @@ def generate(model, prompt: Sequence[int], opts: SamplingOptions, stop_ids: froz
     # step computes each row as if alone, so the output is exactly that of plain greedy decoding.
     lookup = (PromptLookup(history) if opts.speculate and opts.temperature <= 0
               and native.decoder(model) is not None else None)
-    produced, guesses = 0, opts.speculate  # guesses: how many to check next, adapted to how many hold
-    token = sample(logits, history, opts, generator) if budget > 0 else None
-    while token is not None:
-        if token in stop_ids:
-            return
-        yield token
-        history.append(token)
-        produced += 1
-        if produced == budget or len(history) >= num_ctx:
-            return
-        drafts = []
-        if lookup:
-            lookup.push(token)
-            drafts = lookup.propose(min(guesses, budget - produced - 1, num_ctx - len(history) - 1))
-        if not drafts:
-            token = sample(decode_one_token(model, token, len(history) - 1), history, opts, generator)
-            continue
-        pos = len(history) - 1
-        rows = native.decode(model, [token, *drafts], list(range(pos, pos + len(drafts) + 1)), [0] * (len(drafts) + 1))
-        for held, (row, draft) in enumerate(zip(rows, drafts)):  # keep the guesses the model itself makes
-            token = sample(row, history, opts, generator)
-            if token != draft:  # a wrong guess cost a row: check fewer next time
-                guesses = max(1, held)
-                break
+    guesses = opts.speculate  # how many guesses to check next, adapted to how many hold
+    chosen = [sample(logits, history, opts, generator)] if budget > 0 else []
+    while chosen:
+        for token in chosen:
             if token in stop_ids:
                 return
             yield token
             history.append(token)
-            lookup.push(token)
-            produced += 1
-            if produced == budget or len(history) >= num_ctx:
+            if lookup:
+                lookup.push(token)
+            if len(history) - len(prompt) == budget or len(history) >= num_ctx:
                 return
-        else:  # every guess held: the last row gives one more, and more guesses are worth checking
-            token = sample(rows[len(drafts)], history, opts, generator)
-            guesses = min(opts.speculate, 2 * guesses)
+        room = min(budget - (len(history) - len(prompt)), num_ctx - len(history)) - 1
+        drafts = lookup.propose(min(guesses, room)) if lookup else []
+        chosen, guesses = next_tokens(model, history, drafts, opts, generator, guesses)
+
+
+def next_tokens(model, history: list[int], drafts: list[int], opts: SamplingOptions,
+                generator: torch.Generator, guesses: int) -> tuple[list[int], int]:
+    """The model's next token(s) after `history`, whose last token has not run yet: one, or, given
+    guesses `drafts` for what follows, all rows checked in one step — the guesses the model makes
+    itself, then its own choice — and how many guesses to check next time."""
+    pos = len(history) - 1
+    if not drafts:
+        return [sample(decode_one_token(model, history[-1], pos), history, opts, generator)], guesses
+    rows = native.decode(model, [history[-1], *drafts], list(range(pos, pos + len(drafts) + 1)),
+                         [0] * (len(drafts) + 1))
+    chosen = []
+    for row, draft in zip(rows, drafts):
+        chosen.append(sample(row, history + chosen, opts, generator))
+        if chosen[-1] != draft:  # a wrong guess cost a row: check fewer next time
+            return chosen, max(1, len(chosen) - 1)
+    chosen.append(sample(rows[len(drafts)], history + chosen, opts, generator))  # every guess held
+    return chosen, min(opts.speculate, 2 * guesses)
