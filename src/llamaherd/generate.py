@@ -146,8 +146,8 @@ def prefill(model, tokens: Sequence[int], start_pos: int = 0) -> torch.Tensor:
     kernels round differently for different numbers of rows, so a prompt split at other places would
     give slightly different keys and values; with fixed boundaries, a prompt resumed from a cached
     prefix that ends on a boundary is computed exactly as it would be from scratch. It also bounds
-    the memory a long prompt needs. (The native path computes every token on its own, so it needs
-    no fixed boundaries; they are kept for the torch path's sake.)
+    the memory a long prompt needs. (The native path computes every token on its own; its float32
+    blocks end on the same boundaries, so a resume there is exact on it too.)
     """
     tokens = list(tokens)
     logits = native.prefill(model, tokens, start_pos)  # GGUF-block models on CPU: whole-prompt C calls
@@ -164,7 +164,7 @@ def prefill(model, tokens: Sequence[int], start_pos: int = 0) -> torch.Tensor:
     return logits[0, -1]
 
 
-PREFILL_CHUNK = 64
+PREFILL_CHUNK = native.DENSE_ROWS  # 64; also where the native path's float32 blocks end, so resumes stay exact
 
 
 @torch.inference_mode()

@@ -262,7 +262,7 @@ def decode(model, tokens: list[int], positions: list[int], rows: list[int]) -> t
 
 
 PROMPT_ROWS = 256  # prompt tokens a call at most: enough to keep the float32 matmul busy, little scratch
-DENSE_ROWS = 64  # the float32 path's unit (generate.PREFILL_CHUNK): fewer rows cost less on the blocks
+DENSE_ROWS = 64  # the float32 path's unit (and generate.PREFILL_CHUNK): fewer rows cost less on the blocks
 
 
 @torch.inference_mode()
@@ -293,11 +293,11 @@ def prefill_many(model, prompts: list[tuple[list[int], int, int]]) -> torch.Tens
         for pos, token in enumerate(tokens, start):
             (dense if pos < dense_end else tail).append((token, pos, row, i))
     last = {}
-    for rows, is_dense in ((dense, True), (tail, False)):  # a prompt's later rows attend to its earlier ones
-        for at in range(0, len(rows), PROMPT_ROWS):
-            part = rows[at:at + PROMPT_ROWS]
-            x = _run(model, *([r[k] for r in part] for k in range(3)), dense=is_dense)
+    for group, is_dense in ((dense, True), (tail, False)):  # a prompt's later rows attend to its earlier ones
+        for at in range(0, len(group), PROMPT_ROWS):
+            tokens, positions, rows, owners = zip(*group[at:at + PROMPT_ROWS])
+            x = _run(model, list(tokens), list(positions), list(rows), dense=is_dense)
             if x is None:
                 return None
-            last.update((r[3], x[j]) for j, r in enumerate(part))  # the last one seen is the prompt's last
+            last.update(zip(owners, x))  # the last one seen is the prompt's last
     return model.output(model.norm(torch.stack([last[i] for i in range(len(prompts))])))

@@ -22,7 +22,6 @@ from .http import (ClientGone, dump, error_response, expiry_rfc3339, ndjson_line
                    parse_body, unless_disconnected)
 
 
-
 async def progress_response(request: Request, events, stream: bool):
     """A pull's or a create's progress: streamed as NDJSON, or only its last event as one object."""
     if stream:
@@ -35,6 +34,7 @@ async def progress_response(request: Request, events, stream: bool):
         return last
 
     return JSONResponse(await unless_disconnected(request, last_event()))
+
 
 def handler_of(request: Request) -> Handler:
     return request.app.state.handler

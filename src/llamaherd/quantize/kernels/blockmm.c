@@ -35,6 +35,11 @@
 enum { Q4_0 = 2, Q4_1 = 3, Q8_0 = 8 }; /* ggml's type ids */
 enum { Q4_0_R8 = 102, Q4_1_R8 = 103, Q8_0_R8 = 108 }; /* the same, repacked eight rows at a time (tile8) */
 
+/* Bytes of a block of 32 weights, and of what comes before its codes (d, and Q4_1's m). A group of
+ * eight repacked rows holds eight times both, per block. */
+static inline int64_t block_bytes(int type) { return type == Q4_0 ? 18 : type == Q4_1 ? 20 : 34; }
+static inline int64_t head_bytes(int type) { return type == Q4_1 ? 4 : 2; }
+
 /* OpenMP's thread count is per calling thread, and a thread not started by OpenMP (a Python
  * thread: the server's scheduler) starts with the machine's core count. native.py sets it to
  * torch's count in every thread that calls in. */
@@ -102,7 +107,7 @@ static inline void codes(const uint8_t *qs, int type, __m256i w[2]) {
 static inline __attribute__((always_inline)) void tile(const uint8_t *w, int64_t row_bytes, const int16_t *xq,
         const float *xd, const float *xs, float *y, int64_t n, int64_t m0, int64_t nb, int64_t N, const int nt,
         const int mt, const int type) {
-    const int64_t bs = type == Q4_0 ? 18 : type == Q4_1 ? 20 : 34;
+    const int64_t bs = block_bytes(type);
     __m256 acc[NT][MT];
     float mins[NT][MT];
     for (int f = 0; f < nt; f++)
@@ -117,7 +122,7 @@ static inline __attribute__((always_inline)) void tile(const uint8_t *w, int64_t
         for (int f = 0; f < nt; f++) {
             const uint8_t *blk = w + (n + f) * row_bytes + b * bs;
             _mm_prefetch((const char *)blk + PREFETCH, _MM_HINT_T0);
-            codes(blk + (type == Q4_1 ? 4 : 2), type, q[f]);
+            codes(blk + head_bytes(type), type, q[f]);
             d[f] = _mm256_set1_ps(f16(blk));
             m[f] = type == Q4_1 ? f16(blk + 2) : 0.f;
         }
@@ -139,14 +144,15 @@ static inline __attribute__((always_inline)) void tile(const uint8_t *w, int64_t
         for (int r = 0; r < mt; r++) y[(m0 + r) * N + n + f] = hsum(acc[f][r]) + mins[f][r];
 }
 
-/* The same product on Q4 weights repacked eight rows at a time (see linear.py `repack_rows8`): per
- * block of 32 inputs, the eight rows' scales d[8] (and Q4_1's mins m[8]) as f16, then 8 x 16 bytes
- * of codes: bytes 16t .. 16t + 15 hold, for rows i = 0..7 and e = 0, 1, code (i, 4t + e) in the low
- * nibble of byte 2i + e and code (i, 4t + 2 + e) in the high one. So one 16-byte load widens to
- * two registers of int16 pairs, a pair per row, and one `madd` with the broadcast pair of
- * activations (x[4t], x[4t + 1]) gives each row's lane its own exact partial dot product: no
- * horizontal sums, and the block's scaling is one vector op for all eight rows. About half the
- * instructions of `tile` a multiply-add. */
+/* The same product on weights repacked eight rows at a time (see linear.py `repack_rows8`): per
+ * block of 32 inputs, the eight rows' scales d[8] (and Q4_1's mins m[8]) as f16, then the codes.
+ * Q4: bytes 16t .. 16t + 15 hold, for rows i = 0..7 and e = 0, 1, code (i, 4t + e) in the low
+ * nibble of byte 2i + e and code (i, 4t + 2 + e) in the high one; Q8_0: bytes 16j .. 16j + 15
+ * hold each row's pair of codes (2j, 2j + 1). So a 16-byte load widens to a register of int16
+ * pairs, a pair per row, and one `madd` with the broadcast pair of activations gives each row's
+ * lane its own exact partial dot product: no horizontal sums, and the block's scaling is one
+ * vector op for all eight rows. About half the instructions of `tile` a multiply-add. */
+
 /* Group codes for k = 4t .. 4t + 3 as int16 pairs, a pair per row: lo (4t, 4t + 1), hi (4t + 2, 4t + 3).
  * Q4: one 16-byte load, low and high nibbles; Q8_0: two 16-byte loads of int8 pairs. */
 static inline void codes8(const uint8_t *qs, int t, int type, __m256i *lo, __m256i *hi) {
@@ -163,14 +169,14 @@ static inline void codes8(const uint8_t *qs, int t, int type, __m256i *lo, __m25
 #define MT8 8 /* rows of x per pass over a group's weights (their 8 int32 sums stay in registers) */
 static inline __attribute__((always_inline)) void tile8(const uint8_t *w, const int16_t *xq, const float *xd,
         const float *xs, float *y, int64_t g, int64_t m0, int64_t nb, int64_t N, const int mt, const int type) {
-    const int64_t bs = type == Q4_1 ? 160 : type == Q4_0 ? 144 : 272;
+    const int64_t bs = 8 * block_bytes(type);
     __m256 acc[MT8];
     for (int r = 0; r < mt; r++) acc[r] = _mm256_setzero_ps();
     const uint8_t *blk = w + g * nb * bs;
     for (int64_t b = 0; b < nb; b++, blk += bs) {
         _mm_prefetch((const char *)blk + PREFETCH, _MM_HINT_T0);
         const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)blk));
-        const uint8_t *qs = blk + (type == Q4_1 ? 32 : 16);
+        const uint8_t *qs = blk + 8 * head_bytes(type);
         __m256i dot[MT8];
         for (int r = 0; r < mt; r++) dot[r] = _mm256_setzero_si256();
         for (int t = 0; t < 8; t++) {
@@ -221,7 +227,7 @@ static inline __attribute__((always_inline)) void tile8(const uint8_t *w, const 
 /* x: (M, K) float32; w: N rows of K/32 blocks; scratch: 2*M*K + 8*M*K/32 bytes; y: (M, N) float32. */
 void block_mm(const float *x, const uint8_t *w, void *scratch, float *y, int64_t M, int64_t N, int64_t K,
               int type) {
-    const int64_t nb = K / QK, row_bytes = nb * (type == Q4_0 ? 18 : type == Q4_1 ? 20 : 34);
+    const int64_t nb = K / QK, row_bytes = nb * block_bytes(type);
     int16_t *xq = (int16_t *)scratch;
     float *xd = (float *)(xq + M * K), *xs = xd + M * nb;
     quantize_x(x, xq, xd, xs, M * nb);
@@ -246,7 +252,7 @@ void block_mm(const float *x, const uint8_t *w, void *scratch, float *y, int64_t
  * as ggml and gguf-py round them (a multiply, then an add: never fused). */
 __attribute__((optimize("fp-contract=off"), noinline)) static void dequantize_row(const uint8_t *w, float *o,
                                                                                  int64_t nb, int type) {
-    const int64_t bs = type == Q4_0 ? 18 : type == Q4_1 ? 20 : 34;
+    const int64_t bs = block_bytes(type);
     for (int64_t b = 0; b < nb; b++, w += bs, o += QK) {
         const float d = f16(w);
         if (type == Q8_0) {
@@ -271,20 +277,20 @@ __attribute__((optimize("fp-contract=off"), noinline)) static void dequantize_ro
 __attribute__((optimize("fp-contract=off"))) void rows8_dequantize(const uint8_t *w, const int64_t *ids, int64_t n,
                                                                    float *out, int64_t K, int type) {
     type -= 100;
-    const int64_t nb = K / QK, bs = type == Q4_1 ? 160 : type == Q4_0 ? 144 : 272;
+    const int64_t nb = K / QK, bs = 8 * block_bytes(type);
     for (int64_t i = 0; i < n; i++) {
         const int64_t r = ids[i] % 8;
         const uint8_t *blk = w + ids[i] / 8 * nb * bs;
         for (int64_t b = 0; b < nb; b++, blk += bs) {
             float *o = out + i * K + b * QK;
-            const float d = f16(blk + 2 * r);
-            const uint8_t *qs = blk + (type == Q4_1 ? 32 : 16);
+            const float d = f16(blk + 2 * r), m = type == Q4_1 ? f16(blk + 16 + 2 * r) : 0.f;
+            const uint8_t *qs = blk + 8 * head_bytes(type);
             for (int k = 0; k < QK; k++) { /* k = 4t + 2h + e (Q4: byte 16t + 2r + e, nibble h) or 2j + e (Q8_0) */
                 if (type == Q8_0) {
                     o[k] = (float)(int8_t)qs[16 * (k / 2) + 2 * r + k % 2] * d;
                 } else {
                     const int q = (qs[16 * (k / 4) + 2 * r + k % 2] >> (4 * (k / 2 % 2))) & 15;
-                    o[k] = type == Q4_0 ? d * (float)(q - 8) : d * (float)q + f16(blk + 16 + 2 * r);
+                    o[k] = type == Q4_0 ? d * (float)(q - 8) : d * (float)q + m;
                 }
             }
         }
@@ -294,7 +300,7 @@ __attribute__((optimize("fp-contract=off"))) void rows8_dequantize(const uint8_t
 /* N rows of GGUF blocks (Q4_0, Q4_1, Q8_0) into the layout of tile8: linear.py's `repack_rows8`,
  * which says the same in torch ops, ~20x slower (a third of a second of a 135M model's load). */
 void rows8_repack(const uint8_t *src, uint8_t *dst, int64_t N, int64_t K, int type) {
-    const int64_t nb = K / QK, bs = type == Q4_0 ? 18 : type == Q4_1 ? 20 : 34, head = type == Q4_1 ? 4 : 2;
+    const int64_t nb = K / QK, bs = block_bytes(type), head = head_bytes(type);
 #pragma omp parallel for schedule(static)
     for (int64_t g = 0; g < N / 8; g++)
         for (int64_t b = 0; b < nb; b++) {
@@ -320,7 +326,7 @@ void rows8_repack(const uint8_t *src, uint8_t *dst, int64_t N, int64_t K, int ty
 
 /* The float32 weights (N, K) of N rows of blocks. */
 void block_dequantize(const uint8_t *w, float *out, int64_t N, int64_t K, int type) {
-    const int64_t nb = K / QK, row_bytes = nb * (type == Q4_0 ? 18 : type == Q4_1 ? 20 : 34);
+    const int64_t nb = K / QK, row_bytes = nb * block_bytes(type);
 #pragma omp parallel for schedule(static)
     for (int64_t n = 0; n < N; n++) dequantize_row(w + n * row_bytes, out + n * K, nb, type);
 }
@@ -352,15 +358,15 @@ static inline __attribute__((always_inline)) void dense_tile(const float *x, con
     }
 }
 
-/* Eight rows of repacked Q4 blocks (see tile8) into columns j0 .. j0 + 7 of a panel: one vector
+/* Eight rows of repacked blocks (see tile8) into columns j0 .. j0 + 7 of a panel: one vector
  * of eight rows' weights for each k, no transposing. */
 static void panel_rows8(const uint8_t *w, int64_t nb, int type, float *panel, int j0) {
-    const int64_t bs = type == Q4_1 ? 160 : type == Q4_0 ? 144 : 272;
+    const int64_t bs = 8 * block_bytes(type);
     for (int64_t b = 0; b < nb; b++, w += bs) {
         const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)w));
         const __m256 m = type == Q4_1 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + 16)))
                          : type == Q4_0 ? _mm256_mul_ps(d, _mm256_set1_ps(-8.f)) : _mm256_setzero_ps();
-        const uint8_t *qs = w + (type == Q4_1 ? 32 : 16);
+        const uint8_t *qs = w + 8 * head_bytes(type);
         for (int t = 0; t < 8; t++) {
             __m256i lo, hi;
             codes8(qs, t, type, &lo, &hi);
@@ -375,7 +381,7 @@ static void panel_rows8(const uint8_t *w, int64_t nb, int type, float *panel, in
 }
 
 void block_mm_dense(const float *x, const uint8_t *w, float *y, int64_t M, int64_t N, int64_t K, int type) {
-    const int64_t nb = K / QK, bs = type == Q4_0 ? 18 : type == Q4_1 ? 20 : 34;
+    const int64_t nb = K / QK, bs = block_bytes(type);
     const int rows8 = type > 100, t8 = type - 100;
 #pragma omp parallel
     {
@@ -383,7 +389,7 @@ void block_mm_dense(const float *x, const uint8_t *w, float *y, int64_t M, int64
 #pragma omp for schedule(static)
         for (int64_t n0 = 0; n0 < N; n0 += DN) {
             if (rows8) {
-                const int64_t group_bytes = nb * (t8 == Q4_1 ? 160 : t8 == Q4_0 ? 144 : 272);
+                const int64_t group_bytes = nb * 8 * block_bytes(t8);
                 panel_rows8(w + n0 / 8 * group_bytes, nb, t8, panel, 0);
                 panel_rows8(w + (n0 / 8 + 1) * group_bytes, nb, t8, panel, 8);
             } else {

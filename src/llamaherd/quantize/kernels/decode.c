@@ -85,7 +85,7 @@ static inline __m256 exp8(__m256 x) {
  * latency of a single chain of multiply-adds. */
 static void attend(const float *q, const float *keys, const float *values, int64_t n, int64_t Dh, float scale,
                    float *s, float *out) {
-    float top = -INFINITY, sum = 0.f;
+    float top = -INFINITY, sum;
     int64_t j = 0;
     for (; j + 4 <= n; j += 4) {
         const float *k0 = keys + j * Dh;
@@ -101,16 +101,13 @@ static void attend(const float *q, const float *keys, const float *values, int64
     }
     for (; j < n; j++) s[j] = dot8(q, keys + j * Dh, Dh) * scale;
     for (j = 0; j < n; j++) top = s[j] > top ? s[j] : top;
-    j = 0;
-    if (n >= 8) { /* eight at a time, summed in eight lanes */
-        __m256 acc = _mm256_setzero_ps();
-        for (; j + 8 <= n; j += 8) {
-            const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + j), _mm256_set1_ps(top)));
-            _mm256_storeu_ps(s + j, e);
-            acc = _mm256_add_ps(acc, e);
-        }
-        sum = hsum(acc);
+    __m256 lanes = _mm256_setzero_ps(); /* eight at a time, summed in eight lanes */
+    for (j = 0; j + 8 <= n; j += 8) {
+        const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + j), _mm256_set1_ps(top)));
+        _mm256_storeu_ps(s + j, e);
+        lanes = _mm256_add_ps(lanes, e);
     }
+    sum = hsum(lanes);
     for (; j < n; j++) {
         s[j] = expf(s[j] - top);
         sum += s[j];
