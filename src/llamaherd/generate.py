@@ -10,6 +10,7 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, fields
 
+import numpy as np
 import torch
 
 from .errors import HerdError
@@ -77,23 +78,27 @@ class SamplingOptions:
 
 def apply_penalties(logits: torch.Tensor, history: Sequence[int], opts: SamplingOptions) -> torch.Tensor:
     """Repeat (llama.cpp: divide positive logits, multiply negative ones), presence and frequency
-    penalties over the last `repeat_last_n` tokens. logits: (V,) float32."""
+    penalties over the last `repeat_last_n` tokens. logits: (V,) float32 on the CPU; a new tensor
+    if any penalty applies."""
     n = len(history) if opts.repeat_last_n == -1 else opts.repeat_last_n
-    recent = list(history[-n:]) if n > 0 else []
+    recent = history[-n:] if n > 0 else []
     if not recent or (opts.repeat_penalty == 1.0 and not opts.presence_penalty and not opts.frequency_penalty):
         return logits
-    counted = Counter(recent)  # a few dozen ids: cheaper in Python than torch.unique (this runs every token)
-    ids = torch.tensor(list(counted), device=logits.device)
-    logits = logits.clone()
-    picked = logits[ids]
+    # In numpy: this runs for every token of every stream, and on a few dozen values each numpy
+    # operation costs ~1 µs where torch's cost ~5-10 (measured: 84 -> 20 µs a call).
+    counted = Counter(recent)
+    ids = np.fromiter(counted, dtype=np.int64, count=len(counted))
+    out = logits.numpy().copy()
+    picked = out[ids]
     if opts.repeat_penalty != 1.0:
-        picked = torch.where(picked > 0, picked / opts.repeat_penalty, picked * opts.repeat_penalty)
+        penalty = np.float32(opts.repeat_penalty)
+        picked = np.where(picked > 0, picked / penalty, picked * penalty)
     if opts.frequency_penalty:
-        picked -= torch.tensor(list(counted.values()), dtype=picked.dtype, device=picked.device) * opts.frequency_penalty
+        picked -= np.fromiter(counted.values(), dtype=np.float32, count=len(counted)) * np.float32(opts.frequency_penalty)
     if opts.presence_penalty:
-        picked -= opts.presence_penalty
-    logits[ids] = picked
-    return logits
+        picked -= np.float32(opts.presence_penalty)
+    out[ids] = picked
+    return torch.from_numpy(out)
 
 
 def logits_to_probs(logits: torch.Tensor, opts: SamplingOptions) -> torch.Tensor:
@@ -117,9 +122,9 @@ def logits_to_probs(logits: torch.Tensor, opts: SamplingOptions) -> torch.Tensor
 def sample(logits: torch.Tensor, history: Sequence[int], opts: SamplingOptions,
            generator: torch.Generator | None = None) -> int:
     """Pick the next token from logits (V,) given the tokens so far."""
-    logits = apply_penalties(logits.float(), history, opts)
+    logits = apply_penalties(logits.float().cpu(), history, opts)
     if opts.temperature <= 0.0:
-        return int(logits.argmax())
+        return int(logits.numpy().argmax())  # numpy's is vectorized: 5 µs for 49k logits, torch's 56
     ids = None
     if 0 < opts.top_k < logits.shape[-1]:
         # Only the k best can be drawn: softmax and the top-p sort over k values, not the whole
