@@ -3,7 +3,8 @@
     python benchmarks/bench_serve.py --llama-server /path/to/llama-server [--streams 1 4 8 16]
 
 For each number of concurrent clients, every client sends one greedy completion request
-(`/v1/completions`, temperature 0, `max_tokens` 96, a prompt of its own) at the same moment; the
+(`/v1/completions`, temperature 0, `max_tokens` 96, a prompt of its own) at the same moment, over
+a connection it opened before the clock started; the
 figure is the generated tokens of all clients (from `usage`) divided by the wall time until the last
 one is done, the best of --rounds rounds (3 by default, for each server alike). llama-server runs
 with `-t 2 -np 8` (or `--parallel`) and a context of 8 × 1024; herd serve with HERD_NUM_THREADS=2
@@ -69,21 +70,36 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
     raise RuntimeError(f"{url} did not come up within {timeout} s")
 
 
-def complete(url: str, model: str, prompt: str) -> tuple[str, int]:
+def complete(client: httpx.Client, url: str, model: str, prompt: str) -> tuple[str, int]:
     body = {"model": model, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0, "seed": 0}
-    r = httpx.post(url + "/v1/completions", json=body, timeout=900)
+    r = client.post(url + "/v1/completions", json=body)
     r.raise_for_status()
     data = r.json()
     return data["choices"][0]["text"], data["usage"]["completion_tokens"]
 
 
+def clients(url: str, n: int) -> list[httpx.Client]:
+    """n HTTP clients, each with an open connection to the server. Made before the clock starts: a
+    new httpx client costs ~30 ms of CPU (its SSL context), which the 8 requests of a round would
+    otherwise spend on the measured machine's two cores, beside the server they measure."""
+    made = [httpx.Client(timeout=900) for _ in range(n)]
+    for c in made:
+        c.get(url + "/v1/models").raise_for_status()
+    return made
+
+
 def run_round(url: str, model: str, n: int) -> tuple[float, list[str]]:
-    """n concurrent requests; (aggregate tokens/s, the texts)."""
+    """n concurrent requests, one per client; (aggregate tokens/s, the texts)."""
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(n)]
-    with ThreadPoolExecutor(n) as pool:
-        t0 = time.perf_counter()
-        results = list(pool.map(lambda p: complete(url, model, p), prompts))
-        wall = time.perf_counter() - t0
+    conns = clients(url, n)
+    try:
+        with ThreadPoolExecutor(n) as pool:
+            t0 = time.perf_counter()
+            results = list(pool.map(lambda c, p: complete(c, url, model, p), conns, prompts))
+            wall = time.perf_counter() - t0
+    finally:
+        for c in conns:
+            c.close()
     return sum(k for _, k in results) / wall, [t for t, _ in results]
 
 
@@ -136,8 +152,9 @@ def main() -> None:
             proc, url, model_name = start(Path(home))
             try:
                 wait_ready(url, proc)
-                complete(url, model_name, "Warm up:")
-                alone = {p: complete(url, model_name, p)[0] for p in PROMPTS} if name == "llamaherd" else {}
+                with httpx.Client(timeout=900) as client:
+                    complete(client, url, model_name, "Warm up:")
+                    alone = {p: complete(client, url, model_name, p)[0] for p in PROMPTS} if name == "llamaherd" else {}
                 results[name] = {}
                 for n in args.streams:
                     rate = 0.0
