@@ -136,6 +136,40 @@ def test_cache_grows_and_keeps_what_it_holds(scheduler, llm):
     assert tokens == ref
 
 
+def test_a_kept_prompt_prefix_is_reused_and_changes_nothing(scheduler, llm):
+    """A chat's second turn starts with the first turn's prompt: the row that ran it gives those
+    keys and values again, in whole 64-position units, and the output and its logprobs are the
+    bits a fresh prefill gives."""
+    story = "Here is a story. " + " ".join(f"On day {i} the fox found {i + 2} berries by the river." for i in range(12))
+    turn1 = [{"role": "user", "content": story + " How many berries on day 3?"}]
+
+    def run(messages):
+        ids = llm.encode_chat(messages)
+        q = queue.Queue()
+        job = Job(ids, llm.options(temperature=0, num_predict=10), llm.tokenizer.stop_ids, llm.tokenizer, q.put,
+                  logprobs=0)
+        scheduler.submit(job)
+        tokens, text, logprobs, done = collect(q)
+        return ids, tokens, text, [lp.logprob for lp in logprobs], done
+
+    ids1, _, answer, _, _ = run(turn1)
+    question = "And on day 7? " + "Answer with the number alone, please, and with nothing else. " * 6
+    turn2 = turn1 + [{"role": "assistant", "content": answer}, {"role": "user", "content": question}]
+    before = scheduler.reused_tokens
+    ids2, tokens, _, logprobs, done = run(turn2)
+    reused = scheduler.reused_tokens - before
+    # the first prompt's last, partial unit (computed as a prompt's tail) is a whole unit of the second
+    assert ids2[:len(ids1)] == ids1 and len(ids1) > 128 and len(ids2) >= (len(ids1) // 64 + 1) * 64
+    assert reused == len(ids1) // 64 * 64  # the first prompt's whole units, none of the answer
+    assert done.prompt_eval_count == len(ids2)  # the prompt's size, reused or not
+
+    scheduler.call(lambda: setattr(scheduler, "_kept", [[] for _ in range(scheduler.n_rows)])).result()
+    before = scheduler.reused_tokens
+    _, fresh_tokens, _, fresh_logprobs, _ = run(turn2)
+    assert scheduler.reused_tokens == before  # nothing kept: all computed again
+    assert tokens == fresh_tokens and logprobs == fresh_logprobs  # bitwise
+
+
 def test_json_schema_output_parses_and_validates(llm):
     pytest.importorskip("llguidance")
 

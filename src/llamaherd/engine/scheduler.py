@@ -14,8 +14,14 @@ Every request (a `Job`) gets a row of the KV cache for its whole life. One turn 
 Same output alone or in a crowd. A request's numbers must not depend on who else is running, so
 that greedy output is reproducible: prefill runs alone, chunked at positions that depend only on
 the prompt, and the decode step (`decode.decode_step`) computes every row exactly as if it were
-alone — batched linear layers, row-by-row attention (see there why). (KV reuse across requests is
-not done: a prefix computed in a batch of another shape would differ in the last bits.)
+alone — batched linear layers, row-by-row attention (see there why).
+
+Prompt reuse. A row that a job has left still holds the keys and values of its prompt, and a new
+job whose prompt starts with the same tokens (a chat's next turn, a shared system prompt) takes
+that row and prefills only the rest. Only what a fresh prefill would compute to the same bits is
+reused: whole units of the prompt path (`native.DENSE_ROWS` positions on the native path, a
+`PREFILL_CHUNK` on the torch one) that lay inside the earlier prompt — not the reply's tokens, which
+decoding computed in another way. So the output is the same with or without the reuse (tested).
 
 The KV cache is `n_rows` rows by `capacity` positions; the capacity grows
 (doubling, up to the model's context length) when a sequence needs it, so memory follows the
@@ -38,7 +44,7 @@ from ..errors import HerdError
 from ..generate import SamplingOptions, make_generator, sample
 from ..quantize import native
 from .decode import decode_step
-from .text import TextStream
+from .text import TextStream, common_prefix
 from .types import Delta, Done, TokenLogprob
 
 log = logging.getLogger("llamaherd.engine")
@@ -122,7 +128,9 @@ class Scheduler:
         self.max_ctx = max_ctx
         self.name = name
         self.device = model.norm.weight.device
-        self._free = list(range(n_rows - 1, -1, -1))  # pop() hands out row 0 first
+        self._free = list(range(n_rows))  # least recently freed first
+        self._kept: list[list[int]] = [[] for _ in range(n_rows)]  # per row: the prompt prefix it can give again
+        self.reused_tokens = 0  # prompt tokens not computed again thanks to a kept prefix (stats, tests)
         self._capacity = 0
         self._waiting: deque[Job] = deque()
         self._prefilling: list[Job] = []
@@ -234,6 +242,7 @@ class Scheduler:
                 future.set_exception(error)
         self.model.clear_cache()
         self._capacity = 0
+        self._kept = [[] for _ in range(self.n_rows)]
 
     def _emit(self, job: Job, event: Any) -> None:
         try:
@@ -275,8 +284,29 @@ class Scheduler:
                 job.started_at = job.first_token_at = time.perf_counter_ns()
                 self._finish(job, "length")
                 continue
-            job.row = self._free.pop()
+            self._take_row(job)
             self._prefilling.append(job)
+
+    def _reuse_unit(self) -> int:
+        """Prompt positions are computed the same from scratch and after a kept prefix only if the
+        prefix ends where a fresh prefill starts a new piece of work (see the module's docstring)."""
+        return native.DENSE_ROWS if native.prompts_native(self.model) else PREFILL_CHUNK
+
+    def _take_row(self, job: Job) -> None:
+        """Give `job` the free row that holds the longest reusable prefix of its prompt, or else the
+        one left longest ago (whose prefix is the least likely to be asked for again)."""
+        row, n = self._free[0], 0
+        if self._capacity:
+            unit = self._reuse_unit()
+            for r in self._free:
+                # at least one prompt token is left to compute: its logits give the first token
+                k = min(common_prefix(self._kept[r], job.prompt), len(job.prompt) - 1) // unit * unit
+                if k > n:
+                    row, n = r, k
+        self._free.remove(row)
+        job.row, job.prefilled = row, n
+        self._kept[row] = job.prompt[:n]  # the rest of the row is about to be overwritten
+        self.reused_tokens += n
 
     def _ensure_capacity(self, n: int) -> None:
         """Make the KV cache hold at least n positions per row, keeping what it holds."""
@@ -285,6 +315,8 @@ class Scheduler:
         new = min(self.max_ctx, max(MIN_CAPACITY, 1 << (n - 1).bit_length()))
         layers = self.model.layers
         old = [(layer.attention.cache.k, layer.attention.cache.v) for layer in layers] if self._capacity else None
+        if old is None:  # a new cache holds no one's prompt
+            self._kept = [[] for _ in range(self.n_rows)]
         self.model.setup_cache(self.n_rows, new)
         if old:
             for layer, (k, v) in zip(layers, old):
@@ -326,6 +358,8 @@ class Scheduler:
         for (job, _, end), row_logits in zip(batch, logits):
             job.prefilled = end
             if end == len(job.prompt):
+                unit = self._reuse_unit()
+                self._kept[job.row] = job.prompt[:end // unit * unit]
                 self._prefilling.remove(job)
                 self._running.append(job)
                 self._advance(job, row_logits.float())

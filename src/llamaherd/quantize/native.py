@@ -279,14 +279,21 @@ def prefill(model, tokens: list[int], start_pos: int, row: int = 0) -> torch.Ten
     return None if logits is None else logits[0]
 
 
+def prompts_native(model) -> bool:
+    """Whether `prefill_many` runs `model`'s prompts (it needs the KV cache set up to know)."""
+    args = model.args
+    if (args.n_heads + 2 * args.n_kv_heads) * args.head_dim % 16 or args.dim % 16 or args.hidden_dim % 8:
+        return False  # block_mm_dense computes 16 output features at a time
+    return decoder(model) is not None
+
+
 @torch.inference_mode()
 def prefill_many(model, prompts: list[tuple[list[int], int, int]]) -> torch.Tensor | None:
     """`prefill` for several prompts at once, each (tokens, start position, KV-cache row), their rows
     sharing the calls (several short prompts cost little more than one); the logits (n, V) after
     each one's last token. Every token gets the numbers it gets alone."""
-    args = model.args
-    if (args.n_heads + 2 * args.n_kv_heads) * args.head_dim % 16 or args.dim % 16 or args.hidden_dim % 8:
-        return None  # block_mm_dense computes 16 output features at a time
+    if not prompts_native(model):
+        return None
     dense, tail = [], []  # (token, position, cache row, prompt index): float32 rows, then int16 ones
     for i, (tokens, start, row) in enumerate(prompts):
         dense_end = (start + len(tokens)) // DENSE_ROWS * DENSE_ROWS
@@ -297,7 +304,5 @@ def prefill_many(model, prompts: list[tuple[list[int], int, int]]) -> torch.Tens
         for at in range(0, len(group), PROMPT_ROWS):
             tokens, positions, rows, owners = zip(*group[at:at + PROMPT_ROWS])
             x = _run(model, list(tokens), list(positions), list(rows), dense=is_dense)
-            if x is None:
-                return None
             last.update(zip(owners, x))  # the last one seen is the prompt's last
     return model.output(model.norm(torch.stack([last[i] for i in range(len(prompts))])))
