@@ -6,11 +6,12 @@ For each number of concurrent clients, every client sends one greedy completion 
 (`/v1/completions`, temperature 0, `max_tokens` 96, a prompt of its own) at the same moment, over
 a connection it opened before the clock started; the
 figure is the generated tokens of all clients (from `usage`) divided by the wall time until the last
-one is done, the best of --rounds rounds (3 by default, for each server alike). llama-server runs
-with `-t 2 -np 8` (or `--parallel`) and a context of 8 × 1024; herd serve with HERD_NUM_THREADS=2
-and its default 16 rows. The servers are started by this script, one
-after the other (the other one is not running while one is measured), on free loopback ports, and
-are warmed up with one request before timing.
+one is done, the best of --rounds rounds (3 by default, for each server alike); the ratio of each
+round to the other server's round beside it is shown too. llama-server runs with `-t 2 -np 8` (or
+`--parallel`) and a context of 8 × 1024; herd serve with HERD_NUM_THREADS=2 and its default 16
+rows. The script starts both on free loopback ports and warms each up with one request; then the
+rounds alternate between them (an idle server takes no CPU), so that the machine's slow and fast
+phases fall on both alike.
 
 It also checks what continuous batching must not change: herd's output for each prompt at every
 concurrency is compared with its output alone (column `same`).
@@ -24,6 +25,7 @@ Build llama-server from the llama.cpp sources vendored in the llama-cpp-python s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import socket
@@ -140,49 +142,59 @@ def main() -> None:
         from llamaherd.fetch import smollm2_gguf
         model = smollm2_gguf()
 
-    # One server at a time: the other is not even started, so it cannot take CPU from the one measured.
+    # Both servers are up (an idle one takes no CPU) and the rounds alternate between them, in
+    # turn order swapped every round: this machine's speed drifts by up to ±35% over minutes, and a
+    # server measured alone would get whatever phase its minutes fell in.
     starters = {"llamaherd": lambda home: (*start_herd(model, args.threads, home), "bench")}
     if args.llama_server:
         starters["llama-server"] = lambda home: (
             *start_llama_server(args.llama_server, model, args.threads, args.parallel), "model")
-    results: dict[str, dict[int, float]] = {}
+    results: dict[str, dict[int, float]] = {name: {} for name in starters}
+    ratios: dict[int, list[float]] = {}
     same: dict[int, bool] = {}
-    for name, start in starters.items():
-        with tempfile.TemporaryDirectory() as home:
-            proc, url, model_name = start(Path(home))
-            try:
-                wait_ready(url, proc)
-                with httpx.Client(timeout=900) as client:
-                    complete(client, url, model_name, "Warm up:")
-                    alone = {p: complete(client, url, model_name, p)[0] for p in PROMPTS} if name == "llamaherd" else {}
-                results[name] = {}
-                for n in args.streams:
-                    rate = 0.0
-                    for _ in range(args.rounds):  # the best round: this machine's timings move ±20%
-                        r, texts = run_round(url, model_name, n)
-                        rate = max(rate, r)
-                        if alone:
-                            same[n] = same.get(n, True) and all(
-                                t == alone[PROMPTS[i % len(PROMPTS)]] for i, t in enumerate(texts))
-                    results[name][n] = rate
-                    print(f"{name:13s} {n:3d} streams: {rate:7.1f} tokens/s", file=sys.stderr, flush=True)
-            finally:
-                proc.terminate()
-                proc.wait(30)
+    with contextlib.ExitStack() as stack:
+        servers = {}
+        for name, start in starters.items():
+            proc, url, model_name = start(Path(stack.enter_context(tempfile.TemporaryDirectory())))
+            stack.callback(proc.wait, 30)
+            stack.callback(proc.terminate)
+            servers[name] = (proc, url, model_name)
+        for name, (proc, url, model_name) in servers.items():
+            wait_ready(url, proc)
+            with httpx.Client(timeout=900) as client:
+                complete(client, url, model_name, "Warm up:")
+        _, url, model_name = servers["llamaherd"]
+        with httpx.Client(timeout=900) as client:
+            alone = {p: complete(client, url, model_name, p)[0] for p in PROMPTS}
+        for n in args.streams:
+            for i in range(args.rounds):
+                names = list(servers) if i % 2 == 0 else list(servers)[::-1]
+                rates = {}
+                for name in names:
+                    _, url, model_name = servers[name]
+                    rates[name], texts = run_round(url, model_name, n)
+                    results[name][n] = max(results[name].get(n, 0.0), rates[name])
+                    if name == "llamaherd":
+                        same[n] = same.get(n, True) and all(
+                            t == alone[PROMPTS[j % len(PROMPTS)]] for j, t in enumerate(texts))
+                if "llama-server" in rates:
+                    ratios.setdefault(n, []).append(rates["llamaherd"] / rates["llama-server"])
+            print(f"{n:3d} streams: " + ", ".join(f"{name} {results[name][n]:.1f}" for name in servers)
+                  + " tokens/s", file=sys.stderr, flush=True)
 
-    header = f"{'streams':>8s} " + " ".join(f"{n:>14s}" for n in results) + (
-        "   ratio" if "llama-server" in results else "") + "   same as alone"
-    print(header)
+    versus = "llama-server" in results
+    print(f"{'streams':>8s} " + " ".join(f"{n:>14s}" for n in results)
+          + ("   ratio   ratio a round (min-max)" if versus else "") + "   same as alone")
     for n in args.streams:
         row = f"{n:8d} " + " ".join(f"{results[name][n]:14.1f}" for name in results)
-        if "llama-server" in results:
-            row += f"   {results['llamaherd'][n] / results['llama-server'][n]:5.2f}x"
+        if versus:
+            row += (f"   {results['llamaherd'][n] / results['llama-server'][n]:5.2f}x"
+                    f"   {min(ratios[n]):5.2f}-{max(ratios[n]):.2f}x          ")
         print(row + f"   {'yes' if same[n] else 'NO'}")
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"model": str(model), "threads": args.threads, "max_tokens": MAX_TOKENS,
-                               "tokens_per_s": results, "same_as_alone": same}, indent=2))
-
+                               "tokens_per_s": results, "round_ratios": ratios, "same_as_alone": same}, indent=2))
 
 if __name__ == "__main__":
     main()
