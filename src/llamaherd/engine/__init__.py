@@ -1,8 +1,9 @@
 """The serving engine: one model instance per loaded model, shared by every request.
 
 - `scheduler`: continuous batching. A thread owns the model and its KV cache rows; requests are
-  prefilled alone, then decode together in one batched forward per step; each keeps its own
-  sampling options, seed, stop conditions and grammar.
+  prefilled (each token as if alone, a prompt's reusable prefix taken from the row that holds
+  it), then decode together in one batched forward per step; each keeps its own sampling
+  options, seed, stop conditions and grammar.
 - `models`: the model lifecycle — load on first use, keep-alive, least-recently-used unloading —
   and the asyncio-facing `Engine` the server calls.
 - `grammar`: constrained decoding (JSON mode, JSON schema) with llguidance.

@@ -2,10 +2,11 @@
 
 Every request (a `Job`) gets a row of the KV cache for its whole life. One turn of the loop:
 
-1. drop cancelled jobs — their rows are free at once — and give free rows to waiting jobs;
-2. prefill up to `PREFILL_BUDGET` prompt tokens, each job alone (a batch of one, its own row), in
-   chunks of `PREFILL_CHUNK` tokens at fixed positions; a job whose prompt is done samples its
-   first token and joins the running set;
+1. drop cancelled jobs — their rows are free at once — and give free rows to waiting jobs (the
+   row that holds the longest reusable prefix of the prompt: see "Prompt reuse" below);
+2. prefill up to `PREFILL_BUDGET` prompt tokens of the waiting jobs, in chunks of `PREFILL_CHUNK`
+   tokens at fixed positions (on the native path in one call for all of them, each token computed
+   as if alone); a job whose prompt is done samples its first token and joins the running set;
 3. one decode step for all running jobs: a single batched forward in which every row is at its
    own position (`decode.decode_step`);
 4. each job samples its next token with its own options and `torch.Generator`, checks its stop
