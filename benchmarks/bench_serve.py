@@ -82,7 +82,7 @@ def complete(client: httpx.Client, url: str, model: str, prompt: str) -> tuple[s
 
 def clients(url: str, n: int) -> list[httpx.Client]:
     """n HTTP clients, each with an open connection to the server. Made before the clock starts: a
-    new httpx client costs ~30 ms of CPU (its SSL context), which the 8 requests of a round would
+    new httpx client costs ~30 ms of CPU (its SSL context), which a round's requests would
     otherwise spend on the measured machine's two cores, beside the server they measure."""
     made = [httpx.Client(timeout=900) for _ in range(n)]
     for c in made:
@@ -195,6 +195,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"model": str(model), "threads": args.threads, "max_tokens": MAX_TOKENS,
                                "tokens_per_s": results, "round_ratios": ratios, "same_as_alone": same}, indent=2))
+
 
 if __name__ == "__main__":
     main()

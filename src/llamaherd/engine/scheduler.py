@@ -242,8 +242,7 @@ class Scheduler:
             if future.set_running_or_notify_cancel():
                 future.set_exception(error)
         self.model.clear_cache()
-        self._capacity = 0
-        self._kept = [[] for _ in range(self.n_rows)]
+        self._capacity = 0  # the next cache starts with nothing kept (`_ensure_capacity`)
 
     def _emit(self, job: Job, event: Any) -> None:
         try:
