@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from llamaherd import cli
+from llamaherd.cli import common
 from llamaherd.config import ModelArgs
 from llamaherd.errors import HerdError
 from llamaherd.store import ModelNotFound, Store, parse_name
@@ -549,8 +550,8 @@ def test_cli_store_commands(home, tmp_path, capsys):
 
 
 def test_human_formats():
-    assert [cli.human_size(n) for n in (512, 98_363_229, 4_661_224_676)] == ["512 B", "98 MB", "4.7 GB"]
-    assert [cli.human_ago(s) for s in (0.2, 5, 70, 150, 4000, 8000, 3 * 86400, 30 * 86400)] == [
+    assert [common.human_size(n) for n in (512, 98_363_229, 4_661_224_676)] == ["512 B", "98 MB", "4.7 GB"]
+    assert [common.human_ago(s) for s in (0.2, 5, 70, 150, 4000, 8000, 3 * 86400, 30 * 86400)] == [
         "Less than a second ago", "5 seconds ago", "About a minute ago", "2 minutes ago", "About an hour ago",
         "2 hours ago", "3 days ago", "4 weeks ago"]
 

@@ -1,0 +1,302 @@
+"""`herd run MODEL [PROMPT]`: answer a prompt, or chat interactively as `ollama run` does."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from ..errors import HerdError
+from .common import DEFAULT_MODEL, resolve_model, server_show, use_server
+
+INTERACTIVE_HELP = """Available commands:
+  /set parameter NAME VALUE   set a generation option (temperature, top_k, top_p, min_p, seed,
+                              num_predict, num_ctx, repeat_penalty, repeat_last_n, stop)
+  /set system TEXT            set the system message
+  /set verbose | quiet        show or hide statistics after each reply
+  /show parameters            show the options in force
+  /clear                      forget the conversation
+  /bye                        exit
+  /?, /help                   this help
+Use \"\"\" to begin and end a multi-line message."""
+
+
+def _options(args) -> dict:
+    names = ("temperature", "top_k", "top_p", "min_p", "repeat_penalty", "seed", "num_predict", "num_ctx",
+             "speculate")
+    return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+
+
+def _print_stats(stats: dict) -> None:
+    """`--verbose` statistics on stderr, from a reply's final object (Ollama's names, nanoseconds)."""
+    def dur(ns):
+        return f"{ns / 1e9:.3f}s" if ns >= 1e9 else f"{ns / 1e6:.2f}ms"
+
+    def rate(count, ns):
+        return f"{count / (ns / 1e9):.2f} tokens/s" if ns else "n/a"
+
+    n = {k: stats.get(k) or 0 for k in ("total_duration", "load_duration", "prompt_eval_count",
+                                         "prompt_eval_duration", "eval_count", "eval_duration")}
+    lines = [
+        f"total duration:       {dur(n['total_duration'])}",
+        f"load duration:        {dur(n['load_duration'])}",
+        f"prompt eval count:    {n['prompt_eval_count']} token(s)",
+        f"prompt eval duration: {dur(n['prompt_eval_duration'])}",
+        f"prompt eval rate:     {rate(n['prompt_eval_count'], n['prompt_eval_duration'])}",
+        f"eval count:           {n['eval_count']} token(s)",
+        f"eval duration:        {dur(n['eval_duration'])}",
+        f"eval rate:            {rate(n['eval_count'], n['eval_duration'])}",
+    ]
+    print("\n".join(lines), file=sys.stderr)
+
+
+def _print_reply(events, verbose: bool, out=None) -> str:
+    """Stream a reply to `out` (default: the current stdout) and return its text. `events` are
+    text pieces, then the final statistics as a dict (`_local_reply`, `_server_reply`)."""
+    out = out or sys.stdout
+    text = []
+    for event in events:
+        if isinstance(event, str):
+            text.append(event)
+            out.write(event)
+            out.flush()
+        else:
+            out.write("\n")
+            out.flush()
+            if verbose:
+                _print_stats(event)
+    return "".join(text)
+
+
+def _local_reply(llm, prompt_ids, opts, load_duration: float):
+    """Reply events (see `_print_reply`) of the model loaded here."""
+    start = time.perf_counter_ns()
+    for chunk in llm.stream(prompt_ids, opts):
+        if chunk.done:
+            yield {"total_duration": time.perf_counter_ns() - start, "load_duration": int(load_duration * 1e9),
+                   "prompt_eval_count": chunk.prompt_eval_count, "prompt_eval_duration": chunk.prompt_eval_duration,
+                   "eval_count": chunk.eval_count, "eval_duration": chunk.eval_duration}
+        elif chunk.text:
+            yield chunk.text
+
+
+def _server_reply(path: str, body: dict):
+    """Reply events (see `_print_reply`) of a server's /api/chat or /api/generate."""
+    from ..server.client import server_stream
+
+    for obj in server_stream("POST", path, {**body, "stream": True}):
+        if obj.get("done"):
+            yield obj
+        elif text := (obj["message"].get("content") if "message" in obj else obj.get("response")):
+            yield text
+
+
+def _read_prompt(args) -> str | None:
+    if args.prompt is None and not sys.stdin.isatty():
+        return sys.stdin.read()
+    return args.prompt
+
+
+def _names_a_path(name: str) -> bool:
+    """Whether `herd run NAME` means a file or directory (always run here: a server knows names)."""
+    from ..store import parse_name
+
+    try:
+        parse_name(name)
+    except HerdError:
+        return True
+    return Path(name).expanduser().exists()
+
+
+def cmd_run(args) -> int:
+    """Run a model: answer PROMPT and exit, or chat interactively."""
+    if not _names_a_path(args.model) and use_server(args):
+        return _run_on_server(args)
+    from ..llm import Llama
+
+    model = resolve_model(args.model)
+    if model.adapters:
+        raise HerdError(f"model '{args.model}' has adapters, which llamaherd cannot apply yet")
+    llm = Llama.load(model.path)
+    # The model's stored parameters and system prompt apply unless the command line overrides them.
+    options = {**model.params, **_options(args)}
+    system = args.system if args.system is not None else model.system
+    prompt = _read_prompt(args)
+    if prompt is not None:
+        opts = llm.options(**options)
+        if args.raw:
+            ids = llm.encode(prompt)
+        else:
+            messages = ([{"role": "system", "content": system}] if system else []) + model.messages + [
+                {"role": "user", "content": prompt}]
+            ids = llm.fit_chat(messages, opts.num_ctx, model.template)
+        _print_reply(_local_reply(llm, ids, opts, llm.load_duration), args.verbose)
+        return 0
+
+    def chat(messages, options, verbose):
+        opts = llm.options(**options)
+        return _print_reply(_local_reply(llm, llm.fit_chat(messages, opts.num_ctx, model.template), opts, 0.0), verbose)
+
+    return interactive(chat, options, system, args.verbose, model.messages, check=lambda o: llm.options(**o))
+
+
+def _run_on_server(args) -> int:
+    """`herd run` through a running server: /api/generate for a raw prompt, /api/chat otherwise.
+    The server adds the model's stored system prompt and messages; only --system overrides go out."""
+    info = server_show(args.model, pull=True)
+    options = {**info["parameters"], **_options(args)}
+    prompt = _read_prompt(args)
+    if prompt is not None and args.raw:
+        _print_reply(_server_reply("/api/generate", {"model": args.model, "prompt": prompt, "raw": True,
+                                                     "options": options}), args.verbose)
+        return 0
+
+    def chat(messages, options, verbose):
+        return _print_reply(_server_reply("/api/chat", {"model": args.model, "messages": messages,
+                                                        "options": options}), verbose)
+
+    if prompt is not None:
+        system = [{"role": "system", "content": args.system}] if args.system else []
+        chat(system + [{"role": "user", "content": prompt}], options, args.verbose)
+        return 0
+    from ..server.client import server_request
+
+    server_request("POST", "/api/chat", {"model": args.model}, timeout=None)  # load it before the first prompt
+    return interactive(chat, options, args.system, args.verbose, check=_check_options)
+
+
+def _check_options(options: dict) -> None:
+    from ..generate import SamplingOptions
+
+    SamplingOptions.from_dict(options)
+
+
+def _read_message() -> str | None:
+    """One message from the terminal; \"\"\" starts and ends a multi-line one. None at end of input."""
+    try:
+        line = input(">>> ")
+    except EOFError:
+        return None
+    if not line.lstrip().startswith('"""'):
+        return line
+    parts = [line.lstrip()[3:]]
+    while True:
+        if parts[-1].rstrip().endswith('"""') and (len(parts) > 1 or parts[0].strip() not in ("", '"""')):
+            parts[-1] = parts[-1].rstrip()[:-3]
+            return "\n".join(parts).strip("\n")
+        try:
+            parts.append(input("... "))
+        except EOFError:
+            return "\n".join(parts)
+
+
+def interactive(chat, options: dict, system: str | None, verbose: bool, start: list[dict] | None = None,
+                check=None) -> int:
+    """A chat with history and streaming, like `ollama run`. `chat(messages, options, verbose)`
+    prints a reply and returns its text; `start` begins the history (a stored model's MESSAGE
+    lines); `check(options)` raises HerdError for options that would not do."""
+    try:
+        import readline  # noqa: F401  (line editing and history for input())
+    except ImportError:
+        pass
+    history: list[dict] = list(start or [])
+    print('Send a message (/? for help)', file=sys.stderr)
+    while True:
+        text = _read_message()
+        if text is None:
+            print(file=sys.stderr)
+            return 0
+        stripped = text.strip()
+        if not stripped:
+            continue
+        if stripped.startswith("/"):
+            cmd, _, rest = stripped.partition(" ")
+            if cmd == "/bye":
+                return 0
+            if cmd in ("/?", "/help"):
+                print(INTERACTIVE_HELP)
+            elif cmd == "/clear":
+                history.clear()
+                print("Cleared session context")
+            elif cmd == "/show" and rest.strip() == "parameters":
+                print("\n".join(f"{k} {v}" for k, v in options.items()) or "(defaults)")
+            elif cmd == "/set":
+                what, _, value = rest.strip().partition(" ")
+                if what == "system":
+                    system = value.strip() or None
+                    print("Set system message.")
+                elif what == "verbose":
+                    verbose = True
+                    print("Set 'verbose' mode.")
+                elif what == "quiet":
+                    verbose = False
+                    print("Set 'quiet' mode.")
+                elif what == "parameter":
+                    name, _, raw = value.strip().partition(" ")
+                    try:
+                        candidate = {**options, name: _parse_value(name, raw.strip())}
+                        if check is not None:
+                            check(candidate)
+                    except HerdError as e:
+                        print(f"Error: {e}")
+                        continue
+                    options = candidate
+                    print(f"Set parameter '{name}' to '{raw.strip()}'")
+                else:
+                    print("Usage: /set parameter NAME VALUE | /set system TEXT | /set verbose | /set quiet")
+            else:
+                print(f"Unknown command '{cmd}'. Type /? for help")
+            continue
+        history.append({"role": "user", "content": text})
+        messages = ([{"role": "system", "content": system}] if system else []) + history
+        try:
+            reply = chat(messages, options, verbose)
+        except KeyboardInterrupt:  # Ctrl-C stops the reply, not the chat
+            print()
+            history.pop()
+            continue
+        except HerdError as e:
+            print(f"Error: {e}", file=sys.stderr)
+            history.pop()
+            continue
+        history.append({"role": "assistant", "content": reply})
+
+
+def _parse_value(name: str, raw: str):
+    if name == "stop":
+        return [raw]
+    if name in ("seed", "top_k", "num_predict", "num_ctx", "repeat_last_n"):
+        try:
+            return int(raw)
+        except ValueError:
+            raise HerdError(f"parameter {name} must be an integer, got {raw!r}") from None
+    try:
+        return float(raw)
+    except ValueError:
+        raise HerdError(f"unknown parameter or bad value: {name} {raw!r}") from None
+
+
+# -- the model store: pull, list, show, rm, cp, create --------------------------------------------
+
+
+def register(sub, local) -> None:
+    run = sub.add_parser("run", help="run a model: answer a prompt, or chat", description=cmd_run.__doc__,
+                         parents=[local])
+    run.add_argument("model", help=f"a model name ({DEFAULT_MODEL}; pulled if missing), a .gguf file, "
+                     "or a HF or Meta checkpoint directory")
+    run.add_argument("prompt", nargs="?", help="answer this and exit (default: interactive chat)")
+    run.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    run.add_argument("--system", help="system message")
+    run.add_argument("--temperature", type=float)
+    run.add_argument("--top-k", dest="top_k", type=int)
+    run.add_argument("--top-p", dest="top_p", type=float)
+    run.add_argument("--min-p", dest="min_p", type=float)
+    run.add_argument("--repeat-penalty", dest="repeat_penalty", type=float)
+    run.add_argument("--seed", type=int)
+    run.add_argument("--num-predict", dest="num_predict", type=int, help="maximum tokens to generate")
+    run.add_argument("--num-ctx", dest="num_ctx", type=int, help="context window in tokens")
+    run.add_argument("--speculate", type=int, metavar="N",
+                     help="at temperature 0, check up to N tokens guessed by prompt lookup in one step "
+                          "(same output; faster when the reply repeats its prompt or itself; not on a server)")
+    run.add_argument("--verbose", action="store_true", help="print timings and token rates on stderr")
+    run.set_defaults(func=cmd_run)
