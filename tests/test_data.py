@@ -299,6 +299,8 @@ def test_bad_input_is_counted_or_one_clear_line(tmp_path, capsys):
         ([str(tmp_path / "missing")], "no such file or folder"),
         ([str(tmp_path / "empty"), "--mix", "web"], "--mix wants NAME=SHARE"),
         ([str(tmp_path / "empty"), "--tokenizer", str(tmp_path / "empty")], "no tokenizer found"),
+        ([str(tmp_path / "empty"), "--badwords", str(tmp_path / "nope.txt")], "cannot read the bad-word list"),
+        ([str(tmp_path / "empty"), "--quality", str(tmp_path / "nope.safetensors")], "cannot read the quality model"),
     ]:
         assert main(["data", "prepare", *argv, "--out", str(tmp_path / "cli"), "--quiet"]) == 1
         err = capsys.readouterr().err
@@ -325,3 +327,12 @@ def test_workers_give_the_same_shards(rng, tmp_path):
     two = prepare([str(root)], tmp_path / "two", PrepareConfig(chunk_bytes=2000), workers=2, progress=False)
     assert two["removed"] == one["removed"] and two["documents_out"] == one["documents_out"]
     assert (tmp_path / "one" / "shard_00000.bin").read_bytes() == (tmp_path / "two" / "shard_00000.bin").read_bytes()
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_a_models_tokenizer(rng, tmp_path, smollm2_path, smollm2):
+    docs = [clean_doc(rng) for _ in range(3)]
+    report = run([write_jsonl(tmp_path / "in.jsonl", docs)], tmp_path / "out", tokenizer=str(smollm2_path))
+    assert report["tokenizer"]["vocab_size"] == smollm2.n_words
+    assert [smollm2.decode(t.tolist()) for t in iter_documents(tmp_path / "out")] == docs

@@ -30,12 +30,13 @@ import shutil
 import sys
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
+from functools import cache
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import HerdError
-from .heuristics import BadWords, C4Rules, GopherQuality, GopherRepetition
+from .heuristics import BadWords, C4Rules, GopherQuality, GopherRepetition, load_badwords
 from .kl import kl_divergence
 from .lines import frequent_keys, line_hashes, line_keys, remove_lines
 from .minhash import MinHasher, band_keys, near_duplicates
@@ -245,6 +246,7 @@ def _dedup(units: list[Unit], work: Path, config: PrepareConfig) -> dict:
 
 # --- phase 3: tokenize (per unit, in worker processes) --------------------------------------------
 
+@cache  # tokenizers are read-only; loaded before the workers fork, they inherit it
 def _load_tokenizer(spec: str):
     from ..tokenizer import load_tokenizer
 
@@ -388,7 +390,17 @@ def prepare(inputs: list[str | os.PathLike], out: str | os.PathLike, config: Pre
         from .langid import LanguageID, check_languages
 
         check_languages(list(config.lang), LanguageID())
-    tokenizer = _load_tokenizer(config.tokenizer)  # a bad --tokenizer fails before any work
+    # Bad settings fail here, in one line, before any work (not later inside a worker process).
+    tokenizer = _load_tokenizer(config.tokenizer)
+    if config.badwords is not None and config.badwords.path:
+        try:
+            load_badwords(config.badwords.path)
+        except (OSError, UnicodeDecodeError) as e:
+            raise HerdError(f"cannot read the bad-word list {config.badwords.path}: {e}") from None
+    if config.quality_model:
+        from .quality import QualityModel
+
+        QualityModel(config.quality_model)
 
     out = Path(out)
     units = plan_units(inputs, config.chunk_bytes)
