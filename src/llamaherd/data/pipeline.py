@@ -29,7 +29,7 @@ import os
 import shutil
 import sys
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import cache
 from pathlib import Path
 
@@ -377,11 +377,7 @@ def prepare(inputs: list[str | os.PathLike], out: str | os.PathLike, config: Pre
         The report (also written to OUT/report.json): documents_in, documents_out, tokens_out,
         removed (documents per stage; documents_in = documents_out + their sum), shards, tokenizer.
     """
-    config = config or PrepareConfig()
-    for key, value in options.items():
-        if not hasattr(config, key):
-            raise TypeError(f"prepare() got an unknown option {key!r}")
-        setattr(config, key, value)
+    config = replace(config or PrepareConfig(), **options)  # a copy: the caller's config stays as it was
     config.lang = tuple(config.lang.split(",") if isinstance(config.lang, str) else config.lang)
     config.mix = parse_mix(config.mix)
     if config.lang:
