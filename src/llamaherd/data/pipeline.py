@@ -121,10 +121,17 @@ def _verdict(doc: Document, config: PrepareConfig) -> tuple[str | None, str]:
     return None, lang
 
 
-def _atomic_save(path: Path, **arrays) -> None:
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+def _save(folder: Path, index: int, **arrays) -> None:
+    """Each array as folder/NNNNN.NAME.npy (plain .npy files, so readers can memory-map them)."""
+    for name, array in arrays.items():
+        path = folder / f"{index:05d}.{name}.npy"
+        tmp = path.with_name(path.name + ".tmp.npy")
+        np.save(tmp, array)
+        os.replace(tmp, path)
+
+
+def _load(folder: Path, index: int, name: str) -> np.ndarray:
+    return np.load(folder / f"{index:05d}.{name}.npy", mmap_mode="r")
 
 
 def _write_json(path: Path, obj) -> None:
@@ -163,9 +170,9 @@ def _scan_unit(index: int, unit: Unit, work: str) -> dict:
             lhashes.extend(hashes)
             lcounts.append(len(hashes))
     os.replace(docs_path.with_suffix(".tmp"), docs_path)
-    _atomic_save(work / f"{index:05d}.npz", text_key=np.array(keys, np.uint64), url_key=np.array(urls, np.uint64),
-                 date=np.array(dates, np.float64), sig=np.array(sigs, np.uint32).reshape(-1, n_perm),
-                 line_hash=np.array(lhashes, np.uint64), line_count=np.array(lcounts, np.int64))
+    _save(work, index, text_key=np.array(keys, np.uint64), url_key=np.array(urls, np.uint64),
+          date=np.array(dates, np.float64), sig=np.array(sigs, np.uint32).reshape(-1, n_perm),
+          line_hash=np.array(lhashes, np.uint64), line_count=np.array(lcounts, np.int64))
     result = {"documents_in": n_in, "removed": counts}
     _write_json(work / f"{index:05d}.json", result)  # written last: the unit is done
     return result
@@ -174,14 +181,15 @@ def _scan_unit(index: int, unit: Unit, work: str) -> dict:
 # --- phase 2: dedup (global, hashes only) ---------------------------------------------------------
 
 def _dedup(units: list[Unit], work: Path, config: PrepareConfig) -> dict:
-    """Decides which scanned documents the dedup stages remove; writes dedup/NNNNN.npz (keep, bucket)."""
-    scan = [np.load(work / "scan" / f"{i:05d}.npz") for i in range(len(units))]
-    sizes = [len(s["text_key"]) for s in scan]
+    """Decides which scanned documents the dedup stages remove; writes dedup/NNNNN.npy (the bucket of each kept document, -1 for a removed one)."""
+    folder = work / "scan"
+    sizes = [len(_load(folder, i, "text_key")) for i in range(len(units))]
     offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
     n = int(offsets[-1])
     removed = {"url_dedup": 0, "exact_dedup": 0, "minhash": 0, "line_dedup": 0}
     alive = np.ones(n, bool)
-    cat = (lambda name: np.concatenate([s[name] for s in scan])) if n else (lambda name: np.zeros(0))
+    def cat(name: str) -> np.ndarray:  # one number per document, for the whole corpus
+        return np.concatenate([_load(folder, i, name) for i in range(len(units))])
 
     if config.url_dedup and n:
         url, date = cat("url_key"), np.nan_to_num(cat("date"), nan=-np.inf)
@@ -204,7 +212,8 @@ def _dedup(units: list[Unit], work: Path, config: PrepareConfig) -> dict:
         idx = np.flatnonzero(alive)
 
         def read_band(band: int) -> np.ndarray:
-            keys = np.concatenate([band_keys(s["sig"], band, config.minhash_rows) for s in scan])
+            keys = np.concatenate([band_keys(_load(folder, i, "sig"), band, config.minhash_rows)
+                                   for i in range(len(units))])
             return keys[idx]
 
         dup = near_duplicates(read_band, len(idx), config.minhash_bands, config.minhash_rows)
@@ -217,16 +226,16 @@ def _dedup(units: list[Unit], work: Path, config: PrepareConfig) -> dict:
     frequent = np.zeros(0, np.uint64)
     if config.line_dedup and n:
         def unit_keys(i: int) -> tuple[np.ndarray, np.ndarray]:
-            counts = scan[i]["line_count"]
+            counts = _load(folder, i, "line_count")
             doc_bucket = bucket[offsets[i]:offsets[i + 1]]
             line_doc = np.repeat(np.arange(len(counts)), counts)
             live = doc_bucket[line_doc] >= 0
-            return line_keys(scan[i]["line_hash"][live], doc_bucket[line_doc][live]), line_doc[live]
+            return line_keys(_load(folder, i, "line_hash")[live], doc_bucket[line_doc][live]), line_doc[live]
 
         def read_keys(p: int, parts: int) -> list[np.ndarray]:
             return [k[k % np.uint64(parts) == np.uint64(p)] for k in (unit_keys(i)[0] for i in range(len(units)))]
 
-        total = int(sum(s["line_count"].sum() for s in scan))
+        total = int(cat("line_count").sum())
         frequent = frequent_keys(read_keys, total, config.line_dedup_threshold)
         for i in range(len(units)):
             keys, line_doc = unit_keys(i)
@@ -258,7 +267,7 @@ def _load_tokenizer(spec: str):
 
 
 def _tokenize_unit(index: int, work: str) -> dict:
-    """Tokenizes a unit's kept documents (frequent lines removed); writes tok/NNNNN.npz."""
+    """Tokenizes a unit's kept documents (frequent lines removed); writes tok/NNNNN.*.npy."""
     config: PrepareConfig = _WORKER["config"]
     if "tokenizer" not in _WORKER:
         _WORKER["tokenizer"] = _load_tokenizer(config.tokenizer)
@@ -280,49 +289,45 @@ def _tokenize_unit(index: int, work: str) -> dict:
             keys.append(text_key(text))
             groups.append(group_of(doc["source"], doc["lang"], config.mix))
             kept.append(row)
-    _atomic_save(work / "tok" / f"{index:05d}.npz", tokens=np.array(ids, np.uint32),
-                 lengths=np.array(lengths, np.int64), text_key=np.array(keys, np.uint64),
-                 group=np.array(groups, dtype=str), row=np.array(kept, np.int64))
+    _save(work / "tok", index, tokens=np.array(ids, np.uint32), lengths=np.array(lengths, np.int64),
+          text_key=np.array(keys, np.uint64), group=np.array(groups, dtype=str))
+    (work / "tok" / f"{index:05d}.done").touch()
     return {"documents": len(lengths)}
 
 
 # --- phase 4: KL, mix, shards, report -------------------------------------------------------------
 
 def _write(units: list[Unit], work: Path, out: Path, config: PrepareConfig, vocab: int) -> tuple[dict, list]:
+    folder, n_units = work / "tok", len(units)
     corpus = np.zeros(vocab, np.int64)
-    tok_files = [work / "tok" / f"{i:05d}.npz" for i in range(len(units))]
-    for path in tok_files:
-        with np.load(path) as t:
-            corpus += np.bincount(t["tokens"], minlength=vocab)[:vocab]
+    for i in range(n_units):
+        corpus += np.bincount(_load(folder, i, "tokens"), minlength=vocab)[:vocab]
     removed = {"kl": 0, "mix": 0}
-    keep, groups, lengths = [], [], []
-    for path in tok_files:  # KL first, then the mix over what KL kept
-        with np.load(path) as t:
-            ok = np.ones(len(t["lengths"]), bool)
-            if config.kl:
-                ok &= kl_divergence(t["tokens"], t["lengths"], corpus) <= config.kl_threshold
-            removed["kl"] += int((~ok).sum())
-            keep.append(ok)
-            groups.append(t["group"])
-            lengths.append(t["lengths"])
+    keep = []
+    for i in range(n_units):  # KL first, then the mix over what KL kept
+        ok = np.ones(len(_load(folder, i, "lengths")), bool)
+        if config.kl:
+            ok &= kl_divergence(_load(folder, i, "tokens"), _load(folder, i, "lengths"), corpus) <= config.kl_threshold
+        removed["kl"] += int((~ok).sum())
+        keep.append(ok)
     if config.mix:
         per_group: dict[str, int] = {}
-        for ok, g, n in zip(keep, groups, lengths):
-            for name in np.unique(g[ok]):
-                per_group[str(name)] = per_group.get(str(name), 0) + int(n[ok & (g == name)].sum())
+        for i, ok in enumerate(keep):
+            group, lengths = _load(folder, i, "group"), _load(folder, i, "lengths")
+            for name in np.unique(group[ok]):
+                per_group[str(name)] = per_group.get(str(name), 0) + int(lengths[ok & (group == name)].sum())
         rates = keep_rates(per_group, config.mix)
-        for i, path in enumerate(tok_files):
-            with np.load(path) as t:
-                rate = np.array([rates.get(str(g), 0.0) for g in t["group"]])
-                drop = keep[i] & (draws(t["text_key"], config.seed) >= rate)
+        for i in range(n_units):
+            rate = np.array([rates.get(str(g), 0.0) for g in _load(folder, i, "group")])
+            drop = keep[i] & (draws(_load(folder, i, "text_key"), config.seed) >= rate)
             removed["mix"] += int(drop.sum())
             keep[i] &= ~drop
     writer = ShardWriter(out, config.shard_tokens)
-    for ok, path in zip(keep, tok_files):
-        with np.load(path) as t:
-            ends = np.cumsum(t["lengths"])
-            for j in np.flatnonzero(ok):
-                writer.write(t["tokens"][ends[j] - t["lengths"][j]:ends[j]])
+    for i, ok in enumerate(keep):
+        tokens, ends = _load(folder, i, "tokens"), np.cumsum(_load(folder, i, "lengths"))
+        starts = ends - _load(folder, i, "lengths")
+        for j in np.flatnonzero(ok):
+            writer.write(tokens[starts[j]:ends[j]])
     return removed, writer.close()
 
 
@@ -422,7 +427,7 @@ def prepare(inputs: list[str | os.PathLike], out: str | os.PathLike, config: Pre
         dedup_removed = json.loads((work / "dedup" / "done.json").read_text())
     else:
         dedup_removed = _dedup(units, work, config)
-    todo = [(i, str(work)) for i in range(len(units)) if not (work / "tok" / f"{i:05d}.npz").exists()]
+    todo = [(i, str(work)) for i in range(len(units)) if not (work / "tok" / f"{i:05d}.done").exists()]
     _run_units(_tokenize_unit, todo, config, workers, "tokenize", progress)
     for old in out.glob("shard_*"):  # a run stopped while writing shards starts them again
         old.unlink()
