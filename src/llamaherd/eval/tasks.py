@@ -205,13 +205,14 @@ def _item(kind: str, obj: dict, where: str, index: int) -> dict[str, Any]:
             # MBPP's prompt as lm-evaluation-harness's mbpp task writes it; the answer ends at [DONE].
             item["prompt"] = (f"You are an expert Python programmer, and here is your task: {text} "
                               f"Your code should pass these tests:\n\n" + "\n".join(tests) + "\n[BEGIN]\n")
-            item["program"] = "{completion}\n" + setup + "\n" + "\n".join(tests) + "\n"
-            item["completion_only"] = True
+            item["test"] = "\n" + setup + "\n" + "\n".join(tests) + "\n"
+            item["prompt_in_program"] = False
         else:  # HumanEval
             item["prompt"] = _need(obj, "prompt", str, where)
             test = _need(obj, "test", str, where)
             entry = _need(obj, "entry_point", str, where)
-            item["program"] = "{prompt}{completion}\n\n" + test + f"\n\ncheck({entry})\n"
+            item["test"] = "\n\n" + test + f"\n\ncheck({entry})\n"
+            item["prompt_in_program"] = True
         if "canonical_solution" in obj:
             item["canonical_solution"] = obj["canonical_solution"]
     return item
@@ -227,7 +228,7 @@ def _apply_header(task: Task, header: dict, where: str) -> None:
         raise HerdError(f"{where}: \"description\" must be a string")
     stop = header.get("stop")
     if stop is None:
-        stop = HUMANEVAL_STOP if task.kind == "code" else ["\n\n"] if task.kind == "generate" else []
+        stop = (["[DONE]"] if task.items[0].get("prompt_in_program") is False else HUMANEVAL_STOP) if task.kind == "code" else ["\n\n"] if task.kind == "generate" else []
     if isinstance(stop, str):
         stop = [stop]
     if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
@@ -273,6 +274,8 @@ def mmlu(subject: str | None = None) -> Task:
         if not line.strip():
             continue
         row = json.loads(line)
+        if row.get("correct_answer", "").strip().upper() not in ("A", "B", "C", "D"):
+            continue  # the file has two stray CSV header rows ("question", ..., "answer")
         topic = row["topic"]
         if subject and topic.replace(" ", "_") != subject.replace(" ", "_"):
             continue
