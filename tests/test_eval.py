@@ -94,25 +94,24 @@ def test_builtin_tasks_install_offline():
     assert len(mmlu.subset(200)) == 200 and len({x["group"] for x in mmlu.subset(200)}) == 57
 
 
-def _herd(*args: str) -> tuple[int, str, str]:
-    import subprocess
+def _herd(capsys, *args: str) -> tuple[int, str, str]:
+    from llamaherd.cli import main
 
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1] / "src"))
-    p = subprocess.run([sys.executable, "-m", "llamaherd", "eval", *args], capture_output=True, text=True,
-                       env=env, timeout=120)
-    return p.returncode, p.stdout, p.stderr
+    code = main(["eval", *args])
+    out, err = capsys.readouterr()
+    return code, out, err
 
 
-def test_cli_bad_inputs_one_line(tmp_path):
-    code, out, err = _herd("whatever.gguf", "--task", "no_such_task")
+def test_cli_bad_inputs_one_line(tmp_path, capsys):
+    code, out, err = _herd(capsys, "whatever.gguf", "--task", "no_such_task")
     assert code == 1 and err.count("\n") == 1 and err.startswith("Error: unknown task 'no_such_task'")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "Q", "choices": ["a", "b"], "answer": 0}\n{oops\n', encoding="utf-8")
-    code, out, err = _herd("whatever.gguf", "--task", str(bad))
+    code, out, err = _herd(capsys, "whatever.gguf", "--task", str(bad))
     assert code == 1 and err.count("\n") == 1 and f"{bad}:2: not valid JSON" in err
     not_a_model = tmp_path / "notes.txt"
     not_a_model.write_text("not weights", encoding="utf-8")
-    code, out, err = _herd(str(not_a_model), "--task", "ko_mc")
+    code, out, err = _herd(capsys, str(not_a_model), "--task", "ko_mc")
     assert code == 1 and err.count("\n") == 1 and err.startswith("Error: ") and "Traceback" not in err
 
 
@@ -132,3 +131,135 @@ def test_rolling_windows_score_every_token_once():
         assert [t for _, cont in reqs for t in cont] == tokens[1:]
         for ctx, cont in reqs:  # each target's context is everything before it (then cut to the window)
             assert tokens[:len(ctx)] == ctx and len(cont) <= stride
+
+
+# -- scoring on the real model, against transformers and lm-evaluation-harness -----------------
+
+TINY = [
+    {"question": "Question: What color is the sky on a clear day?\nAnswer:", "choices": ["blue", "green", "red"], "answer": 0},
+    {"question": "Question: How many legs does a cat have?\nAnswer:", "choices": ["two", "four", "six"], "answer": 1},
+    {"question": "Question: Which animal says moo?\nAnswer:", "choices": ["a dog", "a cow", "a bird"], "answer": 1},
+    {"question": "Question: What is 2 + 2?\nAnswer:", "choices": ["3", "4", "22"], "answer": 1},
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_task(tmp_path_factory):
+    """The made-up task as a JSONL file (herd eval's format) and as an lm-eval task directory."""
+    d = tmp_path_factory.mktemp("tiny_task")
+    data = d / "tiny.jsonl"
+    data.write_text("".join(json.dumps(x) + "\n" for x in TINY), encoding="utf-8")
+    (d / "herd_tiny.yaml").write_text(f"""task: herd_tiny
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: answer
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+  - metric: acc_norm
+    aggregation: mean
+    higher_is_better: true
+""", encoding="utf-8")
+    return d
+
+
+def _lm_eval(lm, task_dir) -> tuple[list[list[float]], dict]:
+    """Per-choice log-likelihoods of every item, and acc/acc_norm, from lm-eval's own evaluator."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    tm = TaskManager(include_path=str(task_dir), include_defaults=False)
+    r = lm_eval.simple_evaluate(model=lm, tasks=["herd_tiny"], task_manager=tm, log_samples=True, batch_size=8)
+    samples = sorted(r["samples"]["herd_tiny"], key=lambda s: s["doc_id"])
+    lls = [[resp[0] for resp in s["filtered_resps"]] for s in samples]
+    res = r["results"]["herd_tiny"]
+    return lls, {"acc": res["acc,none"], "acc_norm": res["acc_norm,none"]}
+
+
+@pytest.fixture(scope="module")
+def hf_reference(hf_smollm2_model, hf_smollm2, tiny_task):
+    """lm-eval's `hf` backend on transformers' float32 SmolLM2 (the same GGUF): the oracle."""
+    pytest.importorskip("lm_eval")
+    from lm_eval.models.huggingface import HFLM
+
+    return _lm_eval(HFLM(pretrained=hf_smollm2_model, tokenizer=hf_smollm2, batch_size=8), tiny_task)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_lm_eval_backend_matches_hf_backend(smollm2_ref, smollm2_fast, tiny_task, hf_reference):
+    from llamaherd.eval.harness import HerdLM
+
+    want_lls, want = hf_reference
+    assert want["acc"] > 0  # the oracle ran and scored something
+    lls, got = _lm_eval(HerdLM(llm=smollm2_ref), tiny_task)  # the float reference path
+    assert got == want
+    assert max(abs(a - b) for r, s in zip(lls, want_lls) for a, b in zip(r, s)) <= 1e-4
+    lls, got = _lm_eval(HerdLM(llm=smollm2_fast), tiny_task)  # 4-bit weights, bf16 matmul inputs
+    assert got == want
+    assert max(abs(a - b) for r, s in zip(lls, want_lls) for a, b in zip(r, s)) <= 3e-3
+
+
+@pytest.mark.integration
+def test_herd_eval_mc_matches_lm_eval(smollm2_ref, tiny_task, hf_reference):
+    from llamaherd.eval import run
+
+    want_lls, want = hf_reference
+    report = run([smollm2_ref], str(tiny_task / "tiny.jsonl"), names=["ref"], progress=False)
+    result = report["results"]["ref"]
+    assert result["metrics"] == pytest.approx(want, abs=1e-12)
+    for item, expected in zip(result["items"], want_lls):
+        assert item["loglikelihoods"] == pytest.approx(expected, abs=1e-4)
+    json.dumps(report)  # every per-item result is JSON
+
+
+TEXT = ("The quick brown fox jumps over the lazy dog. Llamas are domesticated South American camelids, "
+        "widely used as meat and pack animals by Andean cultures since the pre-Columbian era.")
+
+
+def _hf_nll(hf_model, requests) -> float:
+    """Sum of -log P(continuation | context) by transformers, one forward pass per request."""
+    import torch
+
+    total = 0.0
+    with torch.no_grad():
+        for ctx, cont in requests:
+            ids = torch.tensor([list(ctx) + list(cont)])
+            logp = torch.log_softmax(hf_model(ids).logits[0].float(), dim=-1)
+            n = len(ctx)
+            total -= sum(float(logp[n - 1 + i, t]) for i, t in enumerate(cont))
+    return total
+
+
+@pytest.mark.integration
+def test_perplexity_equals_transformers(smollm2_ref, hf_smollm2_model, tmp_path):
+    import torch
+
+    from llamaherd.eval import run
+    from llamaherd.eval.scoring import prefix_token, rolling_requests
+
+    (tmp_path / "doc.txt").write_text(TEXT, encoding="utf-8")
+    tokens = [prefix_token(smollm2_ref.tokenizer)] + smollm2_ref.tokenizer.encode(TEXT)
+    # One window: exp of the mean teacher-forced NLL, as transformers' own loss computes it.
+    report = run([smollm2_ref], str(tmp_path / "doc.txt"), window=256, names=["m"], progress=False)
+    m = report["results"]["m"]["metrics"]
+    with torch.no_grad():
+        ids = torch.tensor([tokens])
+        loss = float(hf_smollm2_model(ids, labels=ids).loss)
+    assert m["tokens"] == len(tokens) - 1
+    assert m["perplexity"] == pytest.approx(math.exp(loss), rel=1e-4)
+    assert m["bits_per_byte"] == pytest.approx(loss * (len(tokens) - 1) / len(TEXT.encode()) / math.log(2), rel=1e-4)
+    # A sliding window of 16 tokens, stride 8: the same NLL as transformers on the same windows.
+    report = run([smollm2_ref], str(tmp_path / "doc.txt"), window=16, stride=8, names=["m"], progress=False)
+    windowed = report["results"]["m"]["metrics"]["nll"]
+    requests = [((ctx + cont)[-17:-len(cont)] if len(ctx + cont) > 17 else ctx, cont)
+                for ctx, cont in rolling_requests(tokens, 16, 8)]
+    assert windowed == pytest.approx(_hf_nll(hf_smollm2_model, requests), rel=1e-4)
+    assert windowed > loss * (len(tokens) - 1)  # less context per token: a higher NLL
