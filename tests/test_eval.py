@@ -263,3 +263,124 @@ def test_perplexity_equals_transformers(smollm2_ref, hf_smollm2_model, tmp_path)
                 for ctx, cont in rolling_requests(tokens, 16, 8)]
     assert windowed == pytest.approx(_hf_nll(hf_smollm2_model, requests), rel=1e-4)
     assert windowed > loss * (len(tokens) - 1)  # less context per token: a higher NLL
+
+
+# -- the sandbox: hostile programs are contained and reported ------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sandbox():
+    from llamaherd.eval import sandbox
+
+    ok, why = sandbox.namespaces_available()
+    assert ok, f"the sandbox cannot isolate programs here: {why}"
+    return sandbox
+
+
+@pytest.fixture
+def canary():
+    """A directory outside the sandbox, visible in it (read-only), with a file to protect."""
+    import shutil
+    import tempfile
+
+    d = Path(tempfile.mkdtemp(prefix="herd-canary-", dir="/var/tmp"))
+    (d / "keep.txt").write_text("precious", encoding="utf-8")
+    (d / ".ssh").mkdir()
+    (d / ".ssh" / "id_ed25519").write_text("SECRET KEY", encoding="utf-8")
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def test_sandbox_runs_a_program_in_its_own_writable_dir(sandbox):
+    r = sandbox.run_program("import os\nopen('out.txt', 'w').write('ok')\nprint(os.getcwd(), os.getuid() != 0, "
+                            "sorted(os.listdir('.')))\n")
+    assert r.status == "ok" and r.isolated
+    assert r.stdout == "/tmp/work True ['main.py', 'out.txt']\n"
+
+
+def test_sandbox_cannot_delete_files_outside_its_dir(sandbox, canary):
+    r = sandbox.run_program(f"import shutil\nshutil.rmtree({str(canary)!r})\n")
+    assert r.status == "failed" and ("Read-only file system" in r.stderr or "Permission denied" in r.stderr)
+    assert (canary / "keep.txt").read_text(encoding="utf-8") == "precious"
+    r = sandbox.run_program(f"open({str(canary / 'new.txt')!r}, 'w')\n")
+    assert r.status == "failed" and not (canary / "new.txt").exists()
+
+
+def test_sandbox_has_no_network(sandbox):
+    import socket
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    port = server.getsockname()[1]
+    try:
+        r = sandbox.run_program(f"import socket\ns = socket.create_connection(('127.0.0.1', {port}), timeout=3)\n")
+        assert r.status == "failed" and ("ConnectionRefused" in r.stderr or "unreachable" in r.stderr)
+        r = sandbox.run_program("import socket\nsocket.create_connection(('1.1.1.1', 80), timeout=3)\n")
+        assert r.status == "failed" and "Network is unreachable" in r.stderr
+    finally:
+        server.close()
+
+
+def test_sandbox_hides_home_and_ssh_keys(sandbox, canary, monkeypatch):
+    monkeypatch.setenv("HOME", str(canary))  # the sandbox hides $HOME (and /root, /home)
+    r = sandbox.run_program(f"import os\nprint(os.listdir({str(canary)!r}))\n"
+                            f"print(open({str(canary / '.ssh' / 'id_ed25519')!r}).read())\n")
+    assert r.status == "failed" and r.stdout == "[]\n" and "FileNotFoundError" in r.stderr
+    r = sandbox.run_program("import os\nprint(os.listdir('/root'), os.path.exists('/root/.ssh'))\n")
+    assert r.status == "ok" and "True" not in r.stdout
+
+
+def test_sandbox_bounds_a_fork_bomb(sandbox):
+    import subprocess
+
+    limits = sandbox.Limits(timeout=4, cpu=2, nproc=16)
+    r = sandbox.run_program("import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n",
+                            limits)
+    assert r.status in ("timeout", "cpu_limit")
+    # Nothing it started survives: no process of a sandbox uid is left once the kernel has torn
+    # down its PID namespace (which takes a moment after the kill).
+    import time
+
+    for _ in range(50):
+        ps = subprocess.run(["ps", "-eo", "uid="], capture_output=True, text=True).stdout.split()
+        if not [u for u in ps if 200000 <= int(u) < 300000]:
+            break
+        time.sleep(0.1)
+    assert not [u for u in ps if 200000 <= int(u) < 300000]
+
+
+def test_sandbox_limits_cpu_memory_and_output(sandbox):
+    r = sandbox.run_program("while True:\n    pass\n", sandbox.Limits(timeout=30, cpu=1))
+    assert r.status == "cpu_limit" and r.seconds < 30
+    r = sandbox.run_program("import time\ntime.sleep(60)\n", sandbox.Limits(timeout=1))
+    assert r.status == "timeout" and r.seconds < 10
+    r = sandbox.run_program("x = bytearray(10 * 1024 ** 3)\n")  # 10 GB
+    assert r.status == "memory_limit"
+    r = sandbox.run_program("while True:\n    print('x' * 1000)\n", sandbox.Limits(output=100_000))
+    assert r.status == "output_limit" and len(r.stdout) <= 100_000
+
+
+def test_sandbox_fallback_keeps_the_limits():
+    """Without namespaces (the fallback) the resource limits still hold."""
+    from llamaherd.eval.sandbox import Limits, _launch
+
+    r = _launch("x = bytearray(10 * 1024 ** 3)\n", Limits(), isolate=False)
+    assert r.status == "memory_limit" and not r.isolated
+    r = _launch("print('fine')\n", Limits(), isolate=False)
+    assert r.status == "ok" and r.stdout == "fine\n"
+
+
+@pytest.mark.slow
+def test_humaneval_canonical_solutions_pass_and_wrong_ones_fail(sandbox):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from llamaherd.eval.runner import check_completion
+
+    items = load_task("humaneval").items
+    with ThreadPoolExecutor(4) as pool:
+        right = list(pool.map(lambda it: check_completion(it, it["canonical_solution"]), items))
+        wrong = list(pool.map(lambda it: check_completion(it, "    return None\n"), items[::8]))
+    assert [it["id"] for it, r in zip(items, right) if not r.passed] == []
+    assert sum(r.passed for r in right) == 164
+    assert not any(r.passed for r in wrong) and all(r.status == "failed" for r in wrong)

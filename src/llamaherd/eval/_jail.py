@@ -15,7 +15,8 @@ user namespace requires). Steps, each a line below:
 The parent process here waits for the child and exits with its status (128 + signal if killed).
 
 CONFIG_JSON keys: program (path), python, isolate (bool), limits {cpu, memory, nproc, fsize,
-nofile, disk}. With isolate false only step 5 is done (the fallback; the caller warns).
+nofile, disk}. With isolate false only the resource limits of step 5 apply, under the caller's
+own uid (the fallback; the caller warns): no process-count limit, no isolation.
 """
 
 import ctypes
@@ -161,15 +162,15 @@ def main():
     path = os.path.join(work, "main.py")
     with open(path, "w", encoding="utf-8") as f:
         f.write(code)
-    if os.geteuid() == 0 and not userns:
-        os.chown(work, uid, uid)
-        os.chown(path, uid, uid)
     set_limits(limits)
-    if cfg["isolate"] or os.geteuid() == 0:
-        # NPROC counts the processes of one uid (in its user namespace): only when that uid is
-        # this sandbox's own is the limit about this program alone.
+    if cfg["isolate"]:
+        if os.geteuid() == 0 and not userns:
+            os.chown(work, uid, uid)
+            os.chown(path, uid, uid)
+        # NPROC counts the processes of one uid (in its user namespace): the uid is this
+        # sandbox's own, so the limit is about this program alone.
         resource.setrlimit(resource.RLIMIT_NPROC, (limits["nproc"], limits["nproc"]))
-    drop(uid, userns)
+        drop(uid, userns)
     libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     os.chdir(work)

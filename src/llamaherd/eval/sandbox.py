@@ -7,8 +7,9 @@ namespace too when not root), which needs no setuid helper such as bubblewrap: t
 (`_jail.py`) makes the whole file system read-only, hides home directories and /run under empty
 tmpfs, gives the program a size-limited tmpfs /tmp, drops to an unprivileged uid and execs
 `python -I`. Where namespaces are not available (no unshare, a container that forbids them),
-programs still run with the resource limits, in a temporary directory, with a bare environment;
-`run_program` then warns once that there is no network or file-system isolation.
+programs still run with the CPU, memory, file-size, output and wall-clock limits, in a temporary
+directory, with a bare environment, as the calling user; `run_program` then warns once that
+there is no network, file-system or process-count isolation.
 
     result = run_program("print(1 + 1)")
     result.status   # "ok", "failed", "timeout", "cpu_limit", "memory_limit", "output_limit", "error"
@@ -117,7 +118,7 @@ def run_program(code: str, limits: Limits | None = None) -> Result:
     ok, why = namespaces_available()
     if not ok and not _warned:
         log.warning("sandbox: Linux namespaces are not available here (%s); generated code runs with "
-                    "resource limits only, without network or file-system isolation", why)
+                    "resource limits only, without network, file-system or process-count isolation", why)
         _warned = True
     return _launch(code, limits, isolate=ok)
 
@@ -131,8 +132,6 @@ def _launch(code: str, limits: Limits, isolate: bool) -> Result:
                   "workdir": str(workdir), "uid": 200000 + os.getpid() % 100000,
                   "limits": {"cpu": limits.cpu, "memory": limits.memory, "nproc": limits.nproc,
                              "fsize": limits.fsize, "nofile": limits.nofile, "disk": limits.disk}}
-        if os.geteuid() == 0 and not isolate:
-            os.chmod(tmp, 0o755)  # the dropped uid must reach its work dir
         start = time.monotonic()
         proc = subprocess.Popen([sys.executable, "-I", "-S", str(JAIL), json.dumps(config)],
                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
