@@ -384,3 +384,51 @@ def test_humaneval_canonical_solutions_pass_and_wrong_ones_fail(sandbox):
     assert [it["id"] for it, r in zip(items, right) if not r.passed] == []
     assert sum(r.passed for r in right) == 164
     assert not any(r.passed for r in wrong) and all(r.status == "failed" for r in wrong)
+
+
+# -- herd serve's tokenizer endpoints (lm-eval's remote tokenizer protocol) ------------------------
+
+
+@pytest.fixture
+def tokenizer_client(smollm2_path, tmp_path):
+    from types import SimpleNamespace
+
+    from fastapi.testclient import TestClient
+
+    from llamaherd.server.app import Settings, create_app
+    from llamaherd.store import ModelNotFound, ResolvedModel
+
+    class OneModelStore:
+        root = tmp_path
+
+        def list(self):
+            return [SimpleNamespace(name="smollm2:135m")]
+
+        def resolve(self, name, pull=False, progress=None):
+            if name not in ("smollm2:135m", "smollm2"):
+                raise ModelNotFound(name)
+            return ResolvedModel(name="smollm2:135m", path=smollm2_path, format="gguf", digest="sha256:test",
+                                 details={"context_length": 8192})
+
+    app = create_app(Settings(), engine=None, store=OneModelStore())
+    return TestClient(app, base_url="http://localhost:11434")
+
+
+@pytest.mark.integration
+def test_tokenizer_endpoints_match_transformers(tokenizer_client, hf_smollm2):
+    c = tokenizer_client
+    info = c.get("/tokenizer_info").json()
+    assert info["eos_token"] == hf_smollm2.eos_token and info["chat_template"] == hf_smollm2.chat_template
+    text = "Llamas, 라마, and <|im_end|> tokens: 12345!"
+    r = c.post("/tokenize", json={"prompt": text, "add_special_tokens": False}).json()
+    assert r["tokens"] == hf_smollm2.encode(text, add_special_tokens=False) and r["count"] == len(r["tokens"])
+    eos = c.post("/tokenize", json={"prompt": info["eos_token"], "add_special_tokens": False}).json()["tokens"]
+    assert eos == [hf_smollm2.eos_token_id]  # how lm-eval's remote tokenizer finds the EOS id
+    assert c.post("/detokenize", json={"tokens": r["tokens"]}).json() == {"prompt": hf_smollm2.decode(r["tokens"])}
+    assert c.post("/tokenize", json={"model": "smollm2", "prompt": "hi"}).status_code == 200
+    # Bad input: a 4xx with one clear error, the server stays up.
+    bad = c.post("/detokenize", json={"tokens": [10 ** 9]})
+    assert bad.status_code == 400 and "outside the vocabulary" in bad.json()["error"]
+    assert c.post("/tokenize", json={"model": "nope:1b", "prompt": "x"}).status_code == 404
+    assert c.post("/tokenize", json={"text": "x"}).status_code == 400
+    assert c.get("/tokenizer_info").status_code == 200
