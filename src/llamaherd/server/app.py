@@ -244,7 +244,7 @@ def create_app(settings: Settings | None = None, engine: Any = None, store: Any 
                 await close()
 
     from .. import __version__
-    from . import ollama, openai, ui
+    from . import ollama, openai, tokenize, ui
 
     app = FastAPI(title="llamaherd", version=__version__, lifespan=lifespan,
                   description="Ollama- and OpenAI-compatible API over one batching engine.")
@@ -274,6 +274,7 @@ def create_app(settings: Settings | None = None, engine: Any = None, store: Any 
 
     app.include_router(ollama.routes())
     app.include_router(openai.routes())
+    app.include_router(tokenize.routes())  # /tokenizer_info, /tokenize, /detokenize (lm-eval)
     ui.mount_ui(app)  # the chat page at /ui/
     app.add_middleware(CORSMiddleware, allow_origin_regex=_origin_regex(DEFAULT_ORIGINS + settings.origins),
                        allow_methods=["GET", "POST", "DELETE", "HEAD", "OPTIONS"],
