@@ -12,6 +12,7 @@ Settings come from the environment (names and defaults as Ollama's, with HERD_ f
     HERD_KEEP_ALIVE         how long an idle model stays loaded (seconds or "5m"; <0 forever) 5m
     HERD_NUM_PARALLEL       requests one model decodes together (KV-cache rows)              16
     HERD_CONTEXT_LENGTH     default num_ctx (clipped to the model's)                         4096
+    HERD_MAX_CONTEXT        the largest num_ctx a request gets (larger ones are clamped)     the model's
     HERD_MAX_BODY           request body size limit in bytes (suffix K/M/G); blob uploads     32M
                             (POST /api/blobs) are exempt: they are hashed as they stream
     HERD_NUM_THREADS        torch CPU threads                                                torch's default
@@ -104,6 +105,7 @@ class Settings:
     keep_alive: float = 300.0
     num_parallel: int = 16
     context_length: int = 4096
+    max_context: int | None = None
     max_body: int = 32 << 20
     num_threads: int | None = None
     home: Path | None = None
@@ -124,6 +126,7 @@ class Settings:
             keep_alive=300.0 if keep_alive is None else keep_alive,
             num_parallel=_int(env, "HERD_NUM_PARALLEL", 16),
             context_length=_int(env, "HERD_CONTEXT_LENGTH", 4096),
+            max_context=_int(env, "HERD_MAX_CONTEXT", 0) if env.get("HERD_MAX_CONTEXT", "").strip() else None,
             max_body=parse_size(env.get("HERD_MAX_BODY"), 32 << 20),
             num_threads=_int(env, "HERD_NUM_THREADS", 0) if threads else None,
             home=Path(env["HERD_HOME"]).expanduser() if env.get("HERD_HOME") else None,
@@ -214,7 +217,8 @@ def create_app(settings: Settings | None = None, engine: Any = None, store: Any 
             own = Engine(store_resolver(store), EngineConfig(
                 num_parallel=settings.num_parallel, max_queue=settings.max_queue,
                 max_loaded=settings.max_loaded_models, max_memory=settings.max_memory,
-                keep_alive=settings.keep_alive, context_length=settings.context_length))
+                keep_alive=settings.keep_alive, context_length=settings.context_length,
+                max_context=settings.max_context))
             app.state.handler.engine = own
         start = getattr(app.state.handler.engine, "start", None)
         if start is not None:
@@ -227,7 +231,7 @@ def create_app(settings: Settings | None = None, engine: Any = None, store: Any 
                 await close()
 
     from .. import __version__
-    from . import ollama, openai, ui
+    from . import ollama, openai, responses, ui
 
     app = FastAPI(title="llamaherd", version=__version__, lifespan=lifespan,
                   description="Ollama- and OpenAI-compatible API over one batching engine.")
@@ -261,6 +265,7 @@ def create_app(settings: Settings | None = None, engine: Any = None, store: Any 
 
     app.include_router(ollama.routes())
     app.include_router(openai.routes())
+    app.include_router(responses.routes())
     ui.mount_ui(app)  # the chat page at /ui/
     app.add_middleware(CORSMiddleware, allow_origin_regex=origin_regex(DEFAULT_ORIGINS + settings.origins),
                        allow_methods=["GET", "POST", "DELETE", "HEAD", "OPTIONS"],

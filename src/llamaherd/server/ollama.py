@@ -238,7 +238,8 @@ def routes() -> APIRouter:
         template = info.get("template") or ""
         if "tools" not in template.lower():
             template = f"{template}{TOOLS_NOTE}" if template else ""
-        modified = next((m.modified for m in await h.list_models() if m.name == info.get("name")), None)
+        name = info.get("name") or body.model_name()
+        modified = next((m.modified for m in await h.list_models() if m.name in (name, f"{name}:latest")), None)
         return dump(s.ShowResponse(
             modelfile=info.get("modelfile", ""), parameters=params, template=template,
             system=info.get("system"), license=info.get("license"), details=details_of(d),
@@ -291,11 +292,11 @@ def gguf_metadata(path: str | None) -> dict[str, Any] | None:
     """The GGUF header's metadata of a model's weights, or None for other formats."""
     from pathlib import Path
 
+    if not path or not Path(path).is_file():
+        return None
     from ..errors import FormatError
     from ..weights.gguf_file import GGUFFile
 
-    if not path or not Path(path).is_file():
-        return None
     try:
         return GGUFFile(path).metadata
     except (FormatError, OSError):
@@ -313,7 +314,9 @@ def model_info(details: dict[str, Any], meta: dict[str, Any] | None, verbose: bo
         for key, value in meta.items():
             if key == "tokenizer.chat_template":
                 continue
-            out[key] = value if verbose or not isinstance(value, list) else []
+            if hasattr(value, "tolist"):  # numpy arrays and scalars, as JSON values
+                value = value.tolist()
+            out[key] = value if verbose or not isinstance(value, (list, tuple)) else []
     else:
         for key, gguf_key in (("context_length", "context_length"), ("embedding_length", "embedding_length"),
                               ("block_count", "block_count"), ("head_count", "attention.head_count"),
@@ -322,7 +325,7 @@ def model_info(details: dict[str, Any], meta: dict[str, Any] | None, verbose: bo
                 out[f"{arch}.{gguf_key}"] = details[key]
     if details.get("parameter_count") is not None:
         out.setdefault("general.parameter_count", details["parameter_count"])
-    return {k: (v.item() if hasattr(v, "item") else v) for k, v in out.items()}
+    return out
 
 
 def capabilities(meta: dict[str, Any] | None) -> list[str]:
