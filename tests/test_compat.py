@@ -94,7 +94,7 @@ def test_json_endpoints_take_json_bodies_only(client, engine):
         r = client.post("/api/chat", content=body, headers={"Content-Type": ctype})
         assert r.status_code == 415 and "application/json" in r.json()["error"]
         r = client.post("/v1/chat/completions", content=body, headers={"Content-Type": ctype})
-        assert r.status_code == 415
+        assert r.status_code == 415 and r.json()["error"]["type"] == "invalid_request_error"  # OpenAI's shape
     # a form a web page posts (it carries an Origin, even an allowed one) is not JSON either
     r = client.post("/api/chat", content=body, headers={"Content-Type": "application/x-www-form-urlencoded",
                                                         "Origin": "http://localhost:3000"})

@@ -117,27 +117,27 @@ def test_large_num_predict_is_accepted(herd):
 
 
 @pytest.mark.slow
-def test_a_long_message_grows_the_context_and_one_row_of_kv(herd, smollm2):
+def test_a_long_message_grows_the_context_and_one_row_of_kv(herd):
     """A message of ~3,300 tokens at the default num_ctx 4096 (a quarter kept for the reply: 3,072)
     used to be refused; the context grows to fit. Its KV cache costs one row's worth, not one per
     row (16 rows × 4,096 positions × 46 KB was 3 GB)."""
     import psutil
 
     text = "Summarise this log in one line.\n" + "".join(
-        f"line {i}: service {i % 7} answered request {i * 13} in {i % 50} ms\n" for i in range(200))
-    n = len(smollm2.encode(text))
-    assert 3100 < n < 4000
+        f"line {i}: service {i % 7} answered request {i * 13} in {i % 50} ms\n" for i in range(160))
     proc = psutil.Process(herd.proc.pid)
     before_rss, before = proc.memory_info().rss, ps(herd)["size"]
     r = httpx.post(herd.url + "/api/chat", timeout=TIMEOUT, json={
         "model": MODEL, "stream": False, "messages": [{"role": "user", "content": text}], "options": SHORT})
     assert r.status_code == 200, r.text
     reply = r.json()
-    assert reply["prompt_eval_count"] > n and 4096 < reply["num_ctx"] <= 8192
+    assert 3072 < reply["prompt_eval_count"] < 4096 and 4096 < reply["num_ctx"] <= 8192
     per_position = 30 * 2 * 3 * 64 * 4  # layers × (k, v) × kv heads × head dim × float32
     kv = ps(herd)["size"] - before
     assert 0 < kv <= (reply["prompt_eval_count"] + 8) * per_position  # the row's prompt prefix, kept
     grown = proc.memory_info().rss - before_rss
+    print(f"prompt {reply['prompt_eval_count']} tokens, num_ctx {reply['num_ctx']}: KV {kv >> 20} MiB, "
+          f"server RSS +{grown >> 20} MiB")  # for the record (pytest -s)
     assert grown < 4 * reply["num_ctx"] * per_position, f"RSS grew {grown >> 20} MiB"
 
 
@@ -168,6 +168,7 @@ def test_keep_alive_falls_back_to_the_server_default(herd):
     assert timedelta(minutes=9) < left <= timedelta(minutes=10)
 
 
+@pytest.mark.slow  # the first structured output builds the grammar tokenizer
 def test_streamed_tool_call_comes_before_the_final_chunk(herd):
     oc = ollama.Client(host=herd.url, timeout=TIMEOUT)
     chunks = list(oc.chat(MODEL, [{"role": "user", "content": "Weather in Paris?"}], tools=[WEATHER],
@@ -200,6 +201,7 @@ def test_langchain_openai_chat_and_responses(herd):
     assert "".join(c.text for c in responses.stream("Say hi."))
 
 
+@pytest.mark.slow  # importing litellm takes seconds
 def test_litellm_providers(herd):
     import litellm
     from litellm.llms.ollama.common_utils import OllamaModelInfo

@@ -28,8 +28,6 @@ import ipaddress
 import re
 import socket
 
-from fastapi.responses import JSONResponse
-
 DEFAULT_ORIGINS = [f"{scheme}://{host}{port}" for scheme in ("http", "https")
                    for host in ("localhost", "127.0.0.1", "[::1]", "0.0.0.0") for port in ("", ":*")] + [
     "app://*", "file://*", "tauri://*", "vscode-webview://*", "vscode-file://*",
@@ -98,21 +96,21 @@ class Access:
             return True  # same origin: a page the server itself serves (the chat page, on any address)
         return self._pattern.fullmatch(origin) is not None
 
-    def refusal(self, method: str, path: str, headers: dict[str, str]) -> JSONResponse | None:
-        """The error response for a request that must not run, or None."""
+    def refusal(self, method: str, path: str, headers: dict[str, str]) -> tuple[int, str] | None:
+        """The status and message for a request that must not run, or None."""
         host = headers.get("host", "localhost")
         if self.check_host and not host_allowed(host):
-            return JSONResponse({"error": f"forbidden host {split_host(host)!r}: a loopback server answers "
-                                          "local names only (DNS-rebinding protection)"}, 403)
+            return 403, (f"forbidden host {split_host(host)!r}: a loopback server answers local names only "
+                         "(DNS-rebinding protection)")
         origin = headers.get("origin")
         if origin is not None and not self.origin_allowed(origin, host):
-            return JSONResponse({"error": f"origin {origin!r} is not allowed (set HERD_ORIGINS to allow it)"}, 403)
+            return 403, f"origin {origin!r} is not allowed (set HERD_ORIGINS to allow it)"
         if method in ("POST", "PUT", "PATCH", "DELETE") and not path.startswith("/api/blobs/"):
             return self._content_type_refusal(headers, browser=origin is not None)
         return None
 
     @staticmethod
-    def _content_type_refusal(headers: dict[str, str], browser: bool) -> JSONResponse | None:
+    def _content_type_refusal(headers: dict[str, str], browser: bool) -> tuple[int, str] | None:
         if headers.get("content-length", "") == "0" and "transfer-encoding" not in headers:
             return None  # no body: nothing is parsed
         ctype = headers.get("content-type", "").split(";")[0].strip().lower()
@@ -120,5 +118,4 @@ class Access:
             return None
         if not browser and ctype in ("", "application/x-www-form-urlencoded"):
             return None  # curl -d, or a client that names no type: not a web page
-        return JSONResponse({"error": f"unsupported content type {ctype or '(none)'!r}: send the body as "
-                                      "application/json"}, 415)
+        return 415, f"unsupported content type {ctype or '(none)'!r}: send the body as application/json"

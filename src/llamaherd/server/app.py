@@ -158,7 +158,10 @@ class Guard:
         path, method = scope.get("path", ""), scope.get("method", "GET")
         refusal = self.access.refusal(method, path, headers)
         if refusal is not None:
-            return await refusal(scope, receive, send)
+            status, message = refusal
+            response = (openai_error(message, status) if path.startswith("/v1/")
+                        else JSONResponse({"error": message}, status))
+            return await response(scope, receive, send)
         key = self.settings.api_key
         if key and method != "OPTIONS" and not (path == "/" and method in ("GET", "HEAD")):
             given = headers.get("authorization", "")
