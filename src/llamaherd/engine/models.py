@@ -8,6 +8,17 @@
   least recently used idle ones (waiting for one to become idle if none is).
 - Requests waiting for a KV-cache row count against `max_queue`; beyond it, `QueueFull` (503).
 
+The context policy (a request's `num_ctx`):
+- Unset: `context_length` (HERD_CONTEXT_LENGTH). Above the limit — the model's trained context,
+  `max_context` (HERD_MAX_CONTEXT) and what `max_memory` leaves after the weights — it is clamped
+  to the limit, with a log line, and the reply's statistics give the context used (`num_ctx`).
+- A prompt that does not fit (with a quarter of the context left for the reply) makes the context
+  grow to fit it, up to the limit, before it is refused; nothing is cut silently. (A chat longer
+  than the limit still drops its oldest messages, as `Llama.fit_chat` does.)
+- Memory: a KV-cache row costs what it holds (`kvcache`). Before a request runs, its context
+  (prompt + what it may generate, at most num_ctx positions) is reserved against `max_memory`:
+  one that can never fit is refused (400), one that fits once others finish gets 503.
+
 Prompts are made here, because they need the model's tokenizer and template: chat messages
 (with tools), Ollama's generate prompt (system, template, raw, suffix, context), or token ids.
 Embeddings are the mean over the prompt's tokens of the final normalised hidden states
@@ -30,6 +41,7 @@ import torch
 
 from ..errors import HerdError
 from ..generate import SamplingOptions
+from . import kvcache
 from . import tools as toolfmt
 from .tools import check_messages
 from .scheduler import Job, Scheduler, token_logprob
@@ -64,6 +76,7 @@ class EngineConfig:
     max_memory: int | None = None  # bytes of weights + KV cache over all models; None: no limit
     keep_alive: float = 300.0  # seconds an idle model stays loaded; < 0: forever
     context_length: int = 4096  # default num_ctx (clipped to the model's)
+    max_context: int | None = None  # the largest num_ctx a request gets; None: the model's trained context
     device: str | None = None  # None: cuda if available, else cpu
 
 
@@ -79,6 +92,8 @@ class Loaded:
     last_used: float = field(default_factory=time.monotonic)
     expires_at: float = math.inf  # time.time() at which an idle model is unloaded
     lltok: Any = None  # llguidance tokenizer, made on first structured output
+    kv_reserved: int = 0  # bytes of KV cache reserved by the requests in flight (`Engine._admit`)
+    num_ctx: int = 0  # the context of the latest request (what /api/ps shows)
 
     def memory(self) -> int:
         return self.size + self.scheduler.kv_bytes()
@@ -117,6 +132,8 @@ class Generation:
         self.keep_alive = keep_alive
         self.queue: asyncio.Queue = asyncio.Queue()
         self.job: Job | None = None
+        self.num_ctx = 0  # the context the request runs with (after clamping or growing)
+        self.reserved = 0  # bytes of KV cache reserved for it
         self._released = False
 
     @property
@@ -147,6 +164,7 @@ class Generation:
             self.loaded.scheduler.cancel(self.job)
         if not self._released:
             self._released = True
+            self.loaded.kv_reserved -= self.reserved
             self.engine._release(self.loaded, self.keep_alive)
 
 
@@ -227,7 +245,8 @@ class Engine:
                 max_ctx = llm.args.max_seq_len
                 scheduler = Scheduler(llm.model, n_rows=self.config.num_parallel, max_ctx=max_ctx, name=ref.name)
                 loaded = Loaded(ref, llm, scheduler, load_ns, _weights_bytes(llm.model),
-                                keep_alive=self.config.keep_alive)
+                                keep_alive=self.config.keep_alive,
+                                num_ctx=min(self.config.context_length, max_ctx))
                 self._models[ref.name] = loaded
                 future.set_result(None)
             except BaseException as e:
@@ -239,16 +258,16 @@ class Engine:
             break
         loaded.in_flight += 1
         loaded.last_used = time.monotonic()
-        if keep_alive is not None:
-            loaded.keep_alive = keep_alive
+        # Each request sets how long the model stays after it; one without keep_alive gets the
+        # server's default again (as Ollama), not what an earlier request asked for.
+        loaded.keep_alive = self.config.keep_alive if keep_alive is None else keep_alive
         loaded.expires_at = math.inf
         return loaded, load_ns
 
     def _release(self, loaded: Loaded, keep_alive: float | None) -> None:
         loaded.in_flight -= 1
         loaded.last_used = time.monotonic()
-        if keep_alive is not None:
-            loaded.keep_alive = keep_alive
+        loaded.keep_alive = self.config.keep_alive if keep_alive is None else keep_alive
         if loaded.in_flight == 0:
             ka = loaded.keep_alive
             loaded.expires_at = math.inf if ka < 0 else time.time() + ka
@@ -308,8 +327,9 @@ class Engine:
         for m in sorted(self._models.values(), key=lambda m: -m.last_used):
             expires = m.expires_at if m.in_flight == 0 else (
                 math.inf if m.keep_alive < 0 else time.time() + m.keep_alive)
-            out.append(RunningModel(m.ref.name, m.ref.digest, m.memory(), expires, m.llm.args.max_seq_len,
-                                    m.ref.details))
+            on_gpu = m.llm.model.norm.weight.device.type != "cpu"
+            out.append(RunningModel(m.ref.name, m.ref.digest, m.memory(), expires, m.num_ctx or m.llm.args.max_seq_len,
+                                    m.ref.details, size_vram=m.memory() if on_gpu else 0))
         return out
 
     def _queued(self) -> int:
@@ -330,27 +350,43 @@ class Engine:
                 loop.call_soon_threadsafe(gen.queue.put_nowait, event)
 
             job = await asyncio.to_thread(self._make_job, loaded, req, emit)
-            gen.prompt = job.prompt
+            gen.prompt, gen.num_ctx = job.prompt, job.opts.num_ctx
+            await self._admit(loaded, job, gen)
             gen.job = job
+            loaded.num_ctx = job.opts.num_ctx
             loaded.scheduler.submit(job)
         except BaseException:
             gen.cancel()
             raise
         return gen
 
+    def context_limit(self, loaded: Loaded) -> int:
+        """The largest context a request on `loaded` may have: the model's trained context,
+        `max_context`, and what `max_memory` leaves after the loaded models' weights."""
+        limit = loaded.llm.args.max_seq_len
+        if self.config.max_context is not None:
+            limit = min(limit, self.config.max_context)
+        if self.config.max_memory is not None:
+            free = self.config.max_memory - sum(m.size for m in self._models.values())
+            limit = min(limit, max(1, free // kvcache.bytes_per_position(loaded.llm.model)))
+        return limit
+
     def options(self, loaded: Loaded, options: dict[str, Any]) -> SamplingOptions:
-        """The request's options over the model's stored ones, checked against the model."""
+        """The request's options over the model's stored ones, checked against the model; a
+        num_ctx above `context_limit` is clamped to it (as Ollama clamps to the trained context).
+        A large num_predict is fine: generation ends at the context's end anyway."""
         if not isinstance(options, dict):
             raise HerdError("options must be an object")
         merged = {**loaded.ref.params, **options}
         opts = SamplingOptions.from_dict(merged)
-        max_ctx = loaded.llm.args.max_seq_len
+        limit = self.context_limit(loaded)
         if opts.num_ctx is None:
-            opts.num_ctx = min(self.config.context_length, max_ctx)
-        if opts.num_ctx > max_ctx:
-            raise HerdError(f"num_ctx {opts.num_ctx} exceeds the model's context length {max_ctx}")
-        if opts.num_predict > max_ctx:
-            raise HerdError(f"num_predict {opts.num_predict} exceeds the model's context length {max_ctx}")
+            opts.num_ctx = min(self.config.context_length, limit)
+        elif opts.num_ctx > limit:
+            log.warning("%s: num_ctx %d clamped to %d (the model's context length %d, HERD_MAX_CONTEXT %s, "
+                        "memory)", loaded.ref.name, opts.num_ctx, limit, loaded.llm.args.max_seq_len,
+                        self.config.max_context or "unset")
+            opts.num_ctx = limit
         # torch.Generator.manual_seed takes 64 bits; a larger seed used to fail on the scheduler
         # thread, after the request was accepted, instead of being a 400 here.
         if opts.seed is not None and not -(1 << 63) <= opts.seed < (1 << 64):
@@ -371,11 +407,15 @@ class Engine:
             tools = toolfmt.check_tools(req.tools) if req.tools else None
             messages, template_tools = toolfmt.prepare_messages(
                 messages, tools, template if template is not None else tok.chat_template)
-            prompt = llm.fit_chat(messages, opts.num_ctx, template, tools=template_tools)
+            prompt = llm.encode_chat(messages, template, tools=template_tools)
+            if not self._grow(loaded, opts, len(prompt)):  # longer than the largest context: drop old turns
+                prompt = llm.fit_chat(messages, opts.num_ctx, template, tools=template_tools)
         elif isinstance(req.prompt, list):
             prompt = self._check_ids(llm, req.prompt)
+            self._grow(loaded, opts, len(prompt))
         elif isinstance(req.prompt, str):
             prompt = self._text_prompt(llm, ref, req, template)
+            self._grow(loaded, opts, len(prompt))
         else:
             raise HerdError("prompt must be a string or a list of token ids")
         if req.logprobs is not None and not 0 <= req.logprobs <= 20:
@@ -389,6 +429,47 @@ class Engine:
                 loaded.lltok = grammar.grammar_tokenizer(tok)
             constraint = grammar.Constraint(loaded.lltok, compiled, llm.args.vocab_size)
         return Job(prompt, opts, tok.stop_ids, tok, emit, logprobs=req.logprobs, constraint=constraint)
+
+    def _grow(self, loaded: Loaded, opts: SamplingOptions, n_prompt: int) -> bool:
+        """Make `opts.num_ctx` hold a prompt of n_prompt tokens and a quarter of the context for the
+        reply, growing it up to `context_limit`; False if even that is too small (num_ctx is then
+        the limit, and the prompt is cut by whole turns or refused by the caller, never silently)."""
+        room = opts.num_ctx // 4
+        if n_prompt + room <= opts.num_ctx:
+            return True
+        limit = self.context_limit(loaded)
+        grown = max(opts.num_ctx, min(limit, n_prompt + room))
+        if grown != opts.num_ctx:
+            log.info("%s: context grown from %d to %d for a prompt of %d tokens", loaded.ref.name,
+                     opts.num_ctx, grown, n_prompt)
+            opts.num_ctx = grown
+        return n_prompt + room <= grown
+
+    async def _admit(self, loaded: Loaded, job: Job, gen: Generation) -> None:
+        """Reserve the job's KV cache against `max_memory`: its prompt and what it may generate,
+        at most num_ctx positions. Refused (400) if it can never fit, 503 if it fits once others end."""
+        bpp = kvcache.bytes_per_position(loaded.llm.model)
+        need = min(job.opts.num_ctx, len(job.prompt) + job.budget) * bpp
+        limit = self.config.max_memory
+        if limit is not None:
+            weights = sum(m.size for m in self._models.values())
+            if weights + need > limit:
+                raise HerdError(f"this request needs {need >> 20} MiB of KV cache for {need // bpp} positions, "
+                                f"more than HERD_MAX_MEMORY leaves after the weights ({max(0, limit - weights) >> 20} "
+                                "MiB): lower num_ctx or num_predict, or shorten the prompt")
+
+            def used() -> int:
+                return weights + sum(m.kv_reserved + m.scheduler.kept_bytes() for m in self._models.values())
+
+            if used() + need > limit:  # prompt prefixes kept for reuse give way first
+                for m in self._models.values():
+                    if m.scheduler.kept_bytes():
+                        await asyncio.wrap_future(m.scheduler.call(m.scheduler.forget_kept))
+            if used() + need > limit:
+                raise QueueFull(f"server busy: not enough memory free for this request's context "
+                                f"({need >> 20} MiB of KV cache) under HERD_MAX_MEMORY, retry later")
+        gen.reserved = need
+        loaded.kv_reserved += need
 
     @staticmethod
     def _check_ids(llm, ids: list) -> list[int]:

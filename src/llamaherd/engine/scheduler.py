@@ -25,8 +25,9 @@ reused: whole units of the prompt path (`native.DENSE_ROWS` positions on the nat
 decoding computed in another way. So the output is the same with or without the reuse (tested).
 
 The KV cache is `n_rows` rows by `capacity` positions; the capacity grows
-(doubling, up to the model's context length) when a sequence needs it, so memory follows the
-longest live sequence rather than the largest possible one.
+(doubling, up to the model's context length) when a sequence needs it. On the CPU the cache is
+lazily committed memory (`kvcache`): a row costs memory for the positions it holds, and a row given
+back returns what it does not keep, so one long request does not grow every row.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ import torch
 from ..errors import HerdError
 from ..generate import SamplingOptions, make_generator, sample
 from ..quantize import native
+from . import kvcache
 from .decode import decode_step
 from .text import TextStream, common_prefix
 from .types import Delta, Done, TokenLogprob
@@ -183,10 +185,33 @@ class Scheduler:
         return self.n_rows - len(self._free)
 
     def kv_bytes(self) -> int:
+        """Bytes the KV cache holds: the positions rows hold where it is lazy, else all of it."""
         cache = self.model.layers[0].attention.cache
         if cache is None:
             return 0
+        if kvcache.is_lazy(self.model):
+            return sum(self._row_lengths()) * kvcache.bytes_per_position(self.model)
         return len(self.model.layers) * 2 * cache.k.numel() * cache.k.element_size()
+
+    def kept_bytes(self) -> int:
+        """Bytes of the prompt prefixes free rows keep for reuse (what `forget_kept` gives back)."""
+        return sum(len(self._kept[r]) for r in list(self._free)) * kvcache.bytes_per_position(self.model)
+
+    def forget_kept(self) -> None:
+        """Drop the prefixes free rows keep and give their memory back. Scheduler thread (`call`)."""
+        for r in self._free:
+            self._kept[r] = []
+            kvcache.release(self.model, r, 0)
+
+    def _row_lengths(self) -> list[int]:
+        """Positions each row holds: a job's tokens so far, or the prefix a free row keeps."""
+        lengths = [len(k) for k in self._kept]
+        for jobs, held in ((list(self._prefilling), lambda j: j.prefilled), (list(self._running), lambda j: len(j.history))):
+            for job in jobs:
+                row = job.row
+                if row is not None:
+                    lengths[row] = max(lengths[row], held(job))
+        return lengths
 
     def close(self) -> None:
         """Stop the thread; jobs still queued or running end with an error."""
@@ -253,6 +278,7 @@ class Scheduler:
 
     def _free_row(self, job: Job) -> None:
         if job.row is not None:
+            kvcache.release(self.model, job.row, len(self._kept[job.row]))  # keeps only the reusable prefix
             self._free.append(job.row)
             job.row = None
 
@@ -317,11 +343,18 @@ class Scheduler:
         old = [(layer.attention.cache.k, layer.attention.cache.v) for layer in layers] if self._capacity else None
         if old is None:  # a new cache holds no one's prompt
             self._kept = [[] for _ in range(self.n_rows)]
-        self.model.setup_cache(self.n_rows, new)
+        lengths = self._row_lengths()
+        if self.device.type == "cpu":
+            kvcache.setup_lazy_cache(self.model, self.n_rows, new)
+        else:
+            self.model.setup_cache(self.n_rows, new)
         if old:
             for layer, (k, v) in zip(layers, old):
-                layer.attention.cache.k[:, :, :k.shape[2]] = k
-                layer.attention.cache.v[:, :, :v.shape[2]] = v
+                for row, n in enumerate(lengths):  # only what rows hold: the rest stays uncommitted
+                    n = min(n, k.shape[2])
+                    if n:
+                        layer.attention.cache.k[row, :, :n] = k[row, :, :n]
+                        layer.attention.cache.v[row, :, :n] = v[row, :, :n]
         self._capacity = new
 
     def _prefill(self) -> None:

@@ -13,7 +13,8 @@ class ModelNotFound(HerdError):
     """The model name is not in the store (HTTP 404)."""
 
     def __init__(self, name: str):
-        super().__init__(f"model '{name}' not found")
+        # Ollama's wording, which apps match to offer a pull.
+        super().__init__(f'model "{name}" not found, try pulling it first')
         self.name = name
 
 
@@ -128,5 +129,6 @@ class RunningModel:
     digest: str
     size: int  # bytes in memory: weights and KV cache
     expires_at: float  # Unix time; inf: kept until unloaded
-    context_length: int
+    context_length: int  # the context in use (the latest request's num_ctx)
     details: dict[str, Any] = field(default_factory=dict)
+    size_vram: int = 0  # bytes of it in GPU memory

@@ -4,7 +4,7 @@ Settings come from the environment (names and defaults as Ollama's, with HERD_ f
 
     HERD_HOST               address to bind: host:port, host, :port or a URL   127.0.0.1:11434
     HERD_ORIGINS            more browser origins allowed by CORS (comma-separated, * wildcards);
-                            localhost, 127.0.0.1, [::1] and 0.0.0.0 on any port are always allowed
+                            Ollama's defaults are always allowed (`access.DEFAULT_ORIGINS`)
     HERD_API_KEY            if set, every request but GET / needs "Authorization: Bearer <key>"
     HERD_MAX_QUEUE          requests waiting for a slot before the server answers 503      512
     HERD_MAX_LOADED_MODELS  models loaded at once; the least recently used idle one goes     3
@@ -12,20 +12,21 @@ Settings come from the environment (names and defaults as Ollama's, with HERD_ f
     HERD_KEEP_ALIVE         how long an idle model stays loaded (seconds or "5m"; <0 forever) 5m
     HERD_NUM_PARALLEL       requests one model decodes together (KV-cache rows)              16
     HERD_CONTEXT_LENGTH     default num_ctx (clipped to the model's)                         4096
+    HERD_MAX_CONTEXT        the largest num_ctx a request gets (larger ones are clamped)     the model's
     HERD_MAX_BODY           request body size limit in bytes (suffix K/M/G); blob uploads     32M
                             (POST /api/blobs) are exempt: they are hashed as they stream
     HERD_NUM_THREADS        torch CPU threads                                                torch's default
     HERD_HOME               the model store                                                  ~/.llamaherd
 
 Security: the server binds loopback by default. When it is bound to loopback it also refuses
-requests whose Host header is not a loopback name (DNS rebinding: a web page that resolves its
-own domain to 127.0.0.1 must not reach the API). Model names reach the disk only through the
+requests whose Host header is a public name (DNS rebinding: a web page that resolves its own
+domain to 127.0.0.1 must not reach the API); a disallowed browser Origin gets 403 before
+anything runs, and JSON endpoints take JSON bodies only (see `access`). Model names reach the disk only through the
 store's name validation; /api/create accepts model names and uploaded blobs, never server paths.
 """
 
 from __future__ import annotations
 
-import fnmatch
 import ipaddress
 import logging
 import os
@@ -43,15 +44,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
 from ..errors import HerdError
+from .access import DEFAULT_ORIGINS, Access, origin_regex
 from .handler import Handler, parse_keep_alive
-from .http import ClientGone, error_response
+from .http import ClientGone, error_response, openai_error
 
 log = logging.getLogger("llamaherd.server")
 
 DEFAULT_PORT = 11434
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1", "[::1]")
-DEFAULT_ORIGINS = [f"{scheme}://{host}{port}" for scheme in ("http", "https")
-                   for host in ("localhost", "127.0.0.1", "[::1]", "0.0.0.0") for port in ("", ":*")]
 
 
 def parse_host(value: str | None) -> tuple[str, int]:
@@ -105,6 +105,7 @@ class Settings:
     keep_alive: float = 300.0
     num_parallel: int = 16
     context_length: int = 4096
+    max_context: int | None = None
     max_body: int = 32 << 20
     num_threads: int | None = None
     home: Path | None = None
@@ -125,6 +126,7 @@ class Settings:
             keep_alive=300.0 if keep_alive is None else keep_alive,
             num_parallel=_int(env, "HERD_NUM_PARALLEL", 16),
             context_length=_int(env, "HERD_CONTEXT_LENGTH", 4096),
+            max_context=_int(env, "HERD_MAX_CONTEXT", 0) if env.get("HERD_MAX_CONTEXT", "").strip() else None,
             max_body=parse_size(env.get("HERD_MAX_BODY"), 32 << 20),
             num_threads=_int(env, "HERD_NUM_THREADS", 0) if threads else None,
             home=Path(env["HERD_HOME"]).expanduser() if env.get("HERD_HOME") else None,
@@ -140,39 +142,26 @@ class Settings:
             return False
 
 
-def _origin_regex(patterns: list[str]) -> str:
-    return "|".join(fnmatch.translate(p) for p in patterns)
-
-
-def _host_allowed(host_header: str) -> bool:
-    """A Host header naming the loopback interface (any port)."""
-    host = host_header.strip().lower()
-    if host.startswith("["):
-        host = host[1:host.find("]")] if "]" in host else host
-    else:
-        host = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
-    if host in ("localhost", "") or host.endswith(".localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 class Guard:
-    """ASGI middleware: Host check (loopback binds), bearer key, and the body size limit."""
+    """ASGI middleware: Host, Origin and content-type checks (`access.Access`), bearer key, and
+    the body size limit."""
 
     def __init__(self, app, settings: Settings):
         self.app = app
         self.settings = settings
+        self.access = Access(settings.origins, check_host=settings.loopback)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         path, method = scope.get("path", ""), scope.get("method", "GET")
-        if self.settings.loopback and not _host_allowed(headers.get("host", "localhost")):
-            return await JSONResponse({"error": "forbidden host"}, 403)(scope, receive, send)
+        refusal = self.access.refusal(method, path, headers)
+        if refusal is not None:
+            status, message = refusal
+            response = (openai_error(message, status) if path.startswith("/v1/")
+                        else JSONResponse({"error": message}, status))
+            return await response(scope, receive, send)
         key = self.settings.api_key
         if key and method != "OPTIONS" and not (path == "/" and method in ("GET", "HEAD")):
             given = headers.get("authorization", "")
@@ -231,7 +220,8 @@ def create_app(settings: Settings | None = None, engine: Any = None, store: Any 
             own = Engine(store_resolver(store), EngineConfig(
                 num_parallel=settings.num_parallel, max_queue=settings.max_queue,
                 max_loaded=settings.max_loaded_models, max_memory=settings.max_memory,
-                keep_alive=settings.keep_alive, context_length=settings.context_length))
+                keep_alive=settings.keep_alive, context_length=settings.context_length,
+                max_context=settings.max_context))
             app.state.handler.engine = own
         start = getattr(app.state.handler.engine, "start", None)
         if start is not None:
@@ -244,7 +234,7 @@ def create_app(settings: Settings | None = None, engine: Any = None, store: Any 
                 await close()
 
     from .. import __version__
-    from . import ollama, openai, tokenize, ui
+    from . import ollama, openai, responses, tokenize, ui
 
     app = FastAPI(title="llamaherd", version=__version__, lifespan=lifespan,
                   description="Ollama- and OpenAI-compatible API over one batching engine.")
@@ -266,6 +256,10 @@ def create_app(settings: Settings | None = None, engine: Any = None, store: Any 
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException):
+        if request.url.path.startswith("/v1/"):  # OpenAI's shape, for SDKs that read error.message
+            message = (f"Invalid URL ({request.method} {request.url.path})" if e.status_code in (404, 405)
+                       else str(e.detail))
+            return openai_error(message, e.status_code, "unknown_url" if e.status_code in (404, 405) else None)
         return JSONResponse({"error": str(e.detail)}, e.status_code, headers=getattr(e, "headers", None))
 
     @app.exception_handler(Exception)
@@ -275,8 +269,9 @@ def create_app(settings: Settings | None = None, engine: Any = None, store: Any 
     app.include_router(ollama.routes())
     app.include_router(openai.routes())
     app.include_router(tokenize.routes())  # /tokenizer_info, /tokenize, /detokenize (lm-eval)
+    app.include_router(responses.routes())
     ui.mount_ui(app)  # the chat page at /ui/
-    app.add_middleware(CORSMiddleware, allow_origin_regex=_origin_regex(DEFAULT_ORIGINS + settings.origins),
+    app.add_middleware(CORSMiddleware, allow_origin_regex=origin_regex(DEFAULT_ORIGINS + settings.origins),
                        allow_methods=["GET", "POST", "DELETE", "HEAD", "OPTIONS"],
                        allow_headers=["Authorization", "Content-Type", "User-Agent", "Accept", "X-Requested-With"])
     app.add_middleware(Guard, settings=settings)

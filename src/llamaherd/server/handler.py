@@ -101,6 +101,7 @@ class Final:
     done: Done
     tool_calls: list[dict[str, Any]] | None
     total_duration: int  # ns, from the request's arrival
+    num_ctx: int | None = None  # the context the request ran with (clamped or grown)
 
 
 class Reply:
@@ -138,7 +139,8 @@ class Reply:
                         calls = toolfmt.parse_tool_calls(held, self.tools or [])
                         if calls is None:
                             yield Text(held, held_lp)
-                    yield Final(event, calls, time.perf_counter_ns() - self.start)
+                    yield Final(event, calls, time.perf_counter_ns() - self.start,
+                                getattr(self.gen, "num_ctx", None) or None)
                     return
                 lps = [self.token_info(lp) for lp in event.logprobs or ()] if self.want_logprobs else []
                 if holding:

@@ -65,15 +65,25 @@ async def parse_body(request: Request, schema: type[T]) -> T:
         raise HerdError(validation_message(e)) from None
 
 
+def openai_error(message: str, status: int, code: str | None = None) -> JSONResponse:
+    """OpenAI's error object: `type` invalid_request_error for the client's mistakes (404 too, as
+    OpenAI answers an unknown model), authentication_error for 401, server_error for 5xx."""
+    kind = ("authentication_error" if status == 401 else "invalid_request_error" if status < 500
+            else "server_error")
+    return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": code}}, status)
+
+
 def error_response(e: BaseException, openai: bool = False) -> JSONResponse:
+    from ..store import ModelNotFound as StoreModelNotFound
+
     status = status_of(e)
     if status == 500:
         log.error("request failed", exc_info=e)
     message = message_of(e)
     if openai:
-        kind = {404: "not_found_error", 503: "server_busy"}.get(status, "invalid_request_error"
-                                                                   if status < 500 else "api_error")
-        return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": None}}, status)
+        code = ("model_not_found" if isinstance(e, (ModelNotFound, StoreModelNotFound))
+                else "server_busy" if status == 503 else None)
+        return openai_error(message, status, code)
     return JSONResponse({"error": message}, status)
 
 

@@ -2,10 +2,15 @@
 
 Streaming endpoints answer NDJSON by default and one JSON object with `"stream": false`.
 `GET /` answers "Ollama is running", as clients that probe for Ollama expect.
+
+`/api/version` answers `OLLAMA_API_VERSION`, the Ollama release whose API this server matches
+(clients check a minimum Ollama version before using a feature: structured outputs 0.5, tool
+streaming 0.8, logprobs 0.12, /v1/responses 0.13.3), and llamaherd's own version beside it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -36,6 +41,16 @@ async def progress_response(request: Request, events, stream: bool):
     return JSONResponse(await unless_disconnected(request, last_event()))
 
 
+OLLAMA_API_VERSION = "0.13.5"
+# Shown in /api/show's template when the chat template has no tools section: the server still
+# takes tools (Meta's JSON tool calling in the prompt), and clients such as litellm decide whether
+# a model supports tools by looking for "tools" in the template.
+TOOLS_NOTE = ("{#- llamaherd: tools are supported: without a tools section in this template, tool definitions "
+              "go into the first user message (Llama 3.1 JSON tool calling) #}")
+FIM_TOKENS = (("<fim_prefix>", "<fim_suffix>", "<fim_middle>"),
+              ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"))
+
+
 def handler_of(request: Request) -> Handler:
     return request.app.state.handler
 
@@ -59,7 +74,7 @@ def _stats(final: Final) -> dict[str, Any]:
     d = final.done
     return dict(done_reason=d.reason, total_duration=final.total_duration, load_duration=d.load_duration,
                 prompt_eval_count=d.prompt_eval_count, prompt_eval_duration=d.prompt_eval_duration,
-                eval_count=d.eval_count, eval_duration=d.eval_duration)
+                eval_count=d.eval_count, eval_duration=d.eval_duration, num_ctx=final.num_ctx)
 
 
 def _logprob_request(logprobs: bool | None, top: int | None) -> int | None:
@@ -77,7 +92,15 @@ async def _respond(request: Request, reply: Reply, stream: bool, chunk, final) -
     if stream:
         async def chunks() -> AsyncIterator[Any]:
             async for event in reply.events():
-                yield chunk(event) if isinstance(event, Text) else final(event, None, None)
+                if isinstance(event, Text):
+                    yield chunk(event)
+                    continue
+                last = final(event, None, None)
+                if isinstance(last, s.ChatResponse) and last.message.tool_calls:
+                    # As Ollama: the calls come on a `done: false` chunk, then the statistics.
+                    yield s.ChatResponse(model=last.model, created_at=last.created_at, message=last.message)
+                    last.message = s.ChatMessageOut()
+                yield last
         return ndjson_stream(chunks())
 
     async def collect():
@@ -106,7 +129,7 @@ def routes() -> APIRouter:
 
     @router.api_route("/api/version", methods=["GET", "HEAD"])
     async def version():
-        return dump(s.VersionResponse(version=__version__))
+        return dump(s.VersionResponse(version=OLLAMA_API_VERSION, llamaherd=__version__))
 
     @router.post("/api/generate")
     async def generate(request: Request):
@@ -200,27 +223,28 @@ def routes() -> APIRouter:
         return dump(s.ProcessResponse(models=[
             s.RunningModelOut(name=m.name, model=m.name, size=m.size, digest=m.digest.removeprefix("sha256:"),
                               details=details_of(m.details), expires_at=expiry_rfc3339(m.expires_at),
-                              size_vram=0, context_length=m.context_length)
+                              size_vram=m.size_vram, context_length=m.context_length)
             for m in handler_of(request).running()]))
 
     @router.post("/api/show")
     async def show(request: Request):
         body = await parse_body(request, s.ModelRequest)
-        info = await handler_of(request).show(body.model_name())
+        h = handler_of(request)
+        info = await h.show(body.model_name())
         d = info.get("details", {})
         params = "\n".join(f"{k:<30}{v}" for k, vs in info.get("parameters", {}).items()
                            for v in (vs if isinstance(vs, list) else [vs]))
-        arch = d.get("architecture") or "llama"
-        model_info = {"general.architecture": arch, "general.parameter_count": d.get("parameter_count")}
-        for key in ("context_length", "embedding_length", "block_count", "head_count", "head_count_kv",
-                    "vocab_size"):
-            if d.get(key) is not None:
-                model_info[f"{arch}.{key}"] = d[key]
-        capabilities = ["completion", "tools", "embedding"]
+        meta = await asyncio.to_thread(gguf_metadata, info.get("path"))
+        template = info.get("template") or ""
+        if "tools" not in template.lower():
+            template = f"{template}{TOOLS_NOTE}" if template else ""
+        name = info.get("name") or body.model_name()
+        modified = next((m.modified for m in await h.list_models() if m.name in (name, f"{name}:latest")), None)
         return dump(s.ShowResponse(
-            modelfile=info.get("modelfile", ""), parameters=params, template=info.get("template") or "",
+            modelfile=info.get("modelfile", ""), parameters=params, template=template,
             system=info.get("system"), license=info.get("license"), details=details_of(d),
-            model_info={k: v for k, v in model_info.items() if v is not None}, capabilities=capabilities))
+            model_info=model_info(d, meta, body.verbose), capabilities=capabilities(meta),
+            modified_at=now_rfc3339(modified) if modified is not None else None))
 
     @router.post("/api/pull")
     async def pull(request: Request):
@@ -260,6 +284,59 @@ def routes() -> APIRouter:
         return Response(status_code=201)
 
     return router
+
+
+# -- /api/show --------------------------------------------------------------------------------
+
+def gguf_metadata(path: str | None) -> dict[str, Any] | None:
+    """The GGUF header's metadata of a model's weights, or None for other formats."""
+    from pathlib import Path
+
+    if not path or not Path(path).is_file():
+        return None
+    from ..errors import FormatError
+    from ..weights.gguf_file import GGUFFile
+
+    try:
+        return GGUFFile(path).metadata
+    except (FormatError, OSError):
+        return None
+
+
+def model_info(details: dict[str, Any], meta: dict[str, Any] | None, verbose: bool) -> dict[str, Any]:
+    """Ollama's `model_info`: the GGUF metadata under its own keys (`llama.attention.head_count`,
+    `general.file_type`, `tokenizer.ggml.*`, ...) — arrays (the vocabulary) empty unless verbose,
+    the chat template left to `template` — or, for a model that is not GGUF, the same keys made
+    from its details."""
+    arch = (meta or {}).get("general.architecture") or details.get("architecture") or "llama"
+    out: dict[str, Any] = {"general.architecture": arch}
+    if meta is not None:
+        for key, value in meta.items():
+            if key == "tokenizer.chat_template":
+                continue
+            if hasattr(value, "tolist"):  # numpy arrays and scalars, as JSON values
+                value = value.tolist()
+            out[key] = value if verbose or not isinstance(value, (list, tuple)) else []
+    else:
+        for key, gguf_key in (("context_length", "context_length"), ("embedding_length", "embedding_length"),
+                              ("block_count", "block_count"), ("head_count", "attention.head_count"),
+                              ("head_count_kv", "attention.head_count_kv")):
+            if details.get(key) is not None:
+                out[f"{arch}.{gguf_key}"] = details[key]
+    if details.get("parameter_count") is not None:
+        out.setdefault("general.parameter_count", details["parameter_count"])
+    return out
+
+
+def capabilities(meta: dict[str, Any] | None) -> list[str]:
+    """What the model can do, as Ollama lists it: completion and tools (any template: see
+    TOOLS_NOTE), insert when its vocabulary has fill-in-the-middle tokens. Not embedding: that
+    names embedding models, and these are chat models (/api/embed still pools their states)."""
+    caps = ["completion", "tools"]
+    tokens = set((meta or {}).get("tokenizer.ggml.tokens") or ())
+    if any(all(t in tokens for t in fim) for fim in FIM_TOKENS):
+        caps.append("insert")
+    return caps
 
 
 # -- /api/create and blobs ---------------------------------------------------------------------

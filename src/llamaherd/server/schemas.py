@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class Wire(BaseModel):
@@ -69,6 +69,13 @@ class Options(FiniteWire):
 
     SAMPLING: ClassVar[tuple[str, ...]] = ("num_ctx", "num_predict", "temperature", "top_k", "top_p", "min_p", "repeat_penalty",
                 "repeat_last_n", "presence_penalty", "frequency_penalty", "seed", "stop")
+
+    @field_validator("num_ctx", "num_predict", "top_k", "repeat_last_n", "seed", "num_keep", "num_batch", "num_gpu",
+                     "main_gpu", "num_thread", "mirostat", mode="before")
+    @classmethod
+    def _whole_number(cls, value: Any) -> Any:
+        """2048.0 is 2048, as Ollama reads it (JavaScript clients and sliders send floats)."""
+        return int(value) if isinstance(value, float) and value.is_integer() else value
 
     def sampling(self) -> dict[str, Any]:
         """The options the engine uses, as a dict without the unset ones."""
@@ -151,6 +158,7 @@ class Stats(Wire):
     prompt_eval_duration: int | None = Field(None, description="Time spent evaluating the prompt.")
     eval_count: int | None = Field(None, description="Tokens generated.")
     eval_duration: int | None = Field(None, description="Time spent generating.")
+    num_ctx: int | None = Field(None, description="(llamaherd) The context the request ran with: num_ctx after clamping to the model's, or growing to fit the prompt.")
 
 
 class GenerateResponse(Stats):
@@ -278,7 +286,7 @@ class RunningModelOut(Wire):
     details: ModelDetails = Field(description="Architecture facts.")
     expires_at: str = Field(description="RFC 3339 time at which it will be unloaded if idle.")
     size_vram: int = Field(description="Bytes in GPU memory.")
-    context_length: int = Field(description="The model's context length.")
+    context_length: int = Field(description="The context in use (the latest request's num_ctx).")
 
 
 class ProcessResponse(Wire):
@@ -298,7 +306,8 @@ class ShowResponse(Wire):
 
 
 class VersionResponse(Wire):
-    version: str = Field(description="Server version.")
+    version: str = Field(description="The Ollama version whose API the server matches (for clients that check one).")
+    llamaherd: str | None = Field(None, description="llamaherd's own version.")
 
 
 class ErrorResponse(Wire):
