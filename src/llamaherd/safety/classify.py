@@ -151,6 +151,10 @@ def local_engine(model: str | Path, device: str | None = None, loader=None):
 
 async def guard_async(model: str | Path, conversations, *, role: str | None = None, device: str | None = None,
                       loader=None, **kwargs) -> Verdict | list[Verdict]:
+    from .llama_guard import normalize_conversation
+
+    for c in (conversations if _is_many(conversations) else [conversations]):
+        normalize_conversation(c, role)  # a bad conversation fails before the model loads
     engine, name = local_engine(model, device, loader)
     await engine.start()
     try:
