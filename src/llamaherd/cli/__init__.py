@@ -11,11 +11,11 @@ import os
 import sys
 
 from ..errors import HerdError
-from . import data, eval as evaluation, models, run, serve
+from . import data, eval as evaluation, guard, models, run, serve
 
 # The verb groups, in the order `herd --help` lists them. A new group is a module with
 # `register(sub, local)` added here.
-COMMANDS = (run, models, serve, data, evaluation)
+COMMANDS = (run, models, serve, data, evaluation, guard)
 
 
 def build_parser() -> argparse.ArgumentParser:

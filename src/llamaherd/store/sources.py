@@ -428,6 +428,9 @@ CATALOG: dict[str, Family] = {
                       {"135m": "HuggingFaceTB/SmolLM2-135M-Instruct", "360m": "HuggingFaceTB/SmolLM2-360M-Instruct",
                        "1.7b": "HuggingFaceTB/SmolLM2-1.7B-Instruct"},
                       {("135m", "q4_1"): SMOLLM2_135M}),
+    # Guard models for `herd guard` / HERD_GUARD (Meta's weights are gated; these are GGUF conversions).
+    "llama-guard3": Family("8b", {"1b": "QuantFactory/Llama-Guard-3-1B-GGUF", "8b": "QuantFactory/Llama-Guard-3-8B-GGUF"},
+                           {"1b": "meta-llama/Llama-Guard-3-1B", "8b": "meta-llama/Llama-Guard-3-8B"}, {}),
 }
 # The quantization a tag without one gets, per family (SmolLM2's default is the PyPI file).
 _DEFAULT_QUANTS = {"smollm2": "q4_1"}
