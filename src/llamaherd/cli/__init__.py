@@ -11,11 +11,11 @@ import os
 import sys
 
 from ..errors import HerdError
-from . import models, run, serve
+from . import doctor, models, run, serve
 
 # The verb groups, in the order `herd --help` lists them. A new group is a module with
 # `register(sub, local)` added here.
-COMMANDS = (run, models, serve)
+COMMANDS = (run, models, doctor, serve)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,6 +42,12 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except HerdError as e:
         print(f"Error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # a storage fault (read-only, full disk, permissions): one line too
+        if e.strerror is None:
+            raise
+        where = f": {e.filename}" if e.filename else ""
+        print(f"Error: {e.strerror}{where}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(file=sys.stderr)

@@ -351,10 +351,6 @@ class Engine:
             raise HerdError(f"num_ctx {opts.num_ctx} exceeds the model's context length {max_ctx}")
         if opts.num_predict > max_ctx:
             raise HerdError(f"num_predict {opts.num_predict} exceeds the model's context length {max_ctx}")
-        # torch.Generator.manual_seed takes 64 bits; a larger seed used to fail on the scheduler
-        # thread, after the request was accepted, instead of being a 400 here.
-        if opts.seed is not None and not -(1 << 63) <= opts.seed < (1 << 64):
-            raise HerdError(f"option seed must fit in 64 bits, got {opts.seed}")
         return opts
 
     def _make_job(self, loaded: Loaded, req: GenerateRequest, emit) -> Job:

@@ -221,15 +221,32 @@ class Handler:
         await self.engine.unload(model)
         await asyncio.to_thread(store.remove, model)
 
+    async def check_pullable(self, model: str) -> None:
+        """A 400 for an invalid name, a 404 for one no source has: before a pull's stream starts."""
+        from ..store import parse_name
+
+        parse_name(model)
+        source = getattr(self._store(), "source", None)
+        if source is not None:
+            await asyncio.to_thread(source, model)
+
     async def pull(self, model: str) -> AsyncIterator[dict[str, Any]]:
         """Pull a model; yields Ollama progress objects, the last `{"status": "success"}`."""
         store = self._store()
         async for event in _progress_of(lambda progress: store.pull(model, progress)):
             yield event
 
-    async def create(self, model: str, modelfile: str, base_dir: str) -> AsyncIterator[dict[str, Any]]:
+    async def check_creatable(self, model: str, definition: Any) -> None:
+        """A 4xx before a create's stream starts for what can be known at once (see `Store.check_create`)."""
+        check = getattr(self._store(), "check_create", None)
+        if check is not None:
+            await asyncio.to_thread(check, model, definition)
+
+    async def create(self, model: str, definition: Any) -> AsyncIterator[dict[str, Any]]:
+        """Create `model` from a `store.modelfile.Modelfile` (FROM a stored model or blob: never a
+        path on the server's disk)."""
         store = self._store()
-        async for event in _progress_of(lambda progress: store.create(model, modelfile, base_dir, progress)):
+        async for event in _progress_of(lambda progress: store.create(model, definition, None, progress)):
             yield event
 
 
