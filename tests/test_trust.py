@@ -328,3 +328,182 @@ def test_one_option_validation_for_every_caller(options, message, home, tmp_path
 def test_nan_in_a_modelfile_is_refused():
     with pytest.raises(HerdError, match="Modelfile line 2: option temperature must be a finite number"):
         parse_modelfile("FROM x\nPARAMETER temperature nan\n")
+
+
+# -- wrong answers and 500s ---------------------------------------------------------------------------------
+
+
+def test_a_stop_tokens_logprob_is_reported_for_completions_only(home):
+    from llamaherd.engine.types import Delta, Done, TokenLogprob
+
+    class StopsAtOnce(FakeEngine):
+        async def generate(self, req):
+            gen = await super().generate(req)
+
+            async def events():
+                yield Delta("", (), [TokenLogprob(3, -0.25, [(3, -0.25)])])  # the stop token, no text
+                yield Done("stop", prompt_eval_count=3, eval_count=0, context=[1, 2, 3])
+
+            gen.__aiter__ = events
+            return _Iter(gen, events)
+
+    class _Iter:
+        def __init__(self, gen, events):
+            self.gen, self.events = gen, events
+
+        def __getattr__(self, name):
+            return getattr(self.gen, name)
+
+        def __aiter__(self):
+            return self.events()
+
+    with client_for(Store(), engine=StopsAtOnce()) as c:
+        r = c.post("/v1/completions", json={"model": "m", "prompt": "Hello world", "echo": True, "logprobs": 1,
+                                            "max_tokens": 1, "temperature": 0}).json()
+        lp = r["choices"][0]["logprobs"]["token_logprobs"]
+        assert lp == [None, -1.0, -2.0, -0.25]  # prompt (echoed), then the generated stop token's entry
+        assert r["choices"][0]["finish_reason"] == "stop"
+        r = c.post("/api/generate", json={"model": "m", "prompt": "hi", "logprobs": True, "stream": False}).json()
+        assert r["response"] == "" and "logprobs" not in r
+
+
+@pytest.fixture(scope="module")
+def tiny_loader(smollm2):
+    """path -> a Llama: a 2-layer random model with the real SmolLM2 tokenizer."""
+    import torch
+
+    from llamaherd.config import ModelArgs
+    from llamaherd.llm import Llama
+    from llamaherd.model import Transformer
+
+    def load(path):
+        torch.manual_seed(0)
+        args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=smollm2.n_words, hidden_dim=128,
+                         max_seq_len=512, tie_embeddings=True)
+        model = Transformer(args)
+        model.init_weights()
+        return Llama(model.eval(), smollm2, path=path)
+
+    return load
+
+
+def tiny_engine(tiny_loader, **config):
+    from llamaherd.engine.models import Engine, EngineConfig, ModelRef
+
+    return Engine(lambda name: ModelRef(name, Path("/models") / name, digest=name), EngineConfig(**config),
+                  loader=tiny_loader)
+
+
+def test_the_scheduler_reports_the_stop_tokens_logprob(tiny_loader):
+    import queue
+
+    from llamaherd.engine.scheduler import Job, Scheduler
+    from llamaherd.engine.types import Delta, Done
+    from llamaherd.generate import SamplingOptions
+
+    llm = tiny_loader("x")
+    scheduler = Scheduler(llm.model, n_rows=1, max_ctx=512)
+    try:
+        events: queue.Queue = queue.Queue()
+        every_token = frozenset(range(llm.tokenizer.n_words))  # whatever comes first is a stop token
+        scheduler.submit(Job(llm.encode("Hello"), SamplingOptions.from_dict({"temperature": 0, "num_ctx": 64}),
+                             every_token, llm.tokenizer, events.put, logprobs=1))
+        first, last = events.get(timeout=60), events.get(timeout=60)
+        assert isinstance(first, Delta) and first.text == "" and first.tokens == () and len(first.logprobs) == 1
+        assert first.logprobs[0].logprob <= 0 and isinstance(last, Done) and last.reason == "stop"
+    finally:
+        scheduler.close()
+
+
+def test_max_queue_holds_under_a_burst(tiny_loader):
+    from llamaherd.engine.types import GenerateRequest, QueueFull
+
+    async def run():
+        engine = tiny_engine(tiny_loader, num_parallel=2, max_queue=3)
+        await engine.start()
+        try:
+            await engine.load("a")
+            req = GenerateRequest(model="a", prompt="hi " * 100, options={"num_predict": 50, "num_ctx": 512})
+            results = await asyncio.gather(*(engine.generate(req) for _ in range(20)), return_exceptions=True)
+            accepted = [g for g in results if not isinstance(g, BaseException)]
+            assert len(accepted) == 2 + 3 and all(isinstance(e, QueueFull) for e in results if e not in accepted)
+            for g in accepted:
+                g.cancel()
+        finally:
+            await engine.close()
+
+    import asyncio
+
+    asyncio.run(run())
+
+
+def test_huge_prompts_are_refused_by_length_before_tokenizing(tiny_loader, monkeypatch):
+    import asyncio
+
+    from llamaherd.engine.types import EmbedRequest, GenerateRequest, ScoreRequest
+
+    huge = "word " * 2_000_000  # 10 MB
+
+    async def run():
+        engine = tiny_engine(tiny_loader)
+        await engine.start()
+        try:
+            await engine.load("a")
+            tok = engine._models["a"].llm.tokenizer
+            monkeypatch.setattr(tok, "encode", lambda *a, **k: pytest.fail("tokenized a huge prompt"))
+            for req in [GenerateRequest(model="a", prompt=huge), GenerateRequest(model="a", prompt=huge, raw=True),
+                        GenerateRequest(model="a", messages=[{"role": "user", "content": huge}])]:
+                start = time.monotonic()
+                with pytest.raises(HerdError, match="characters.*, more than fit in"):
+                    await engine.generate(req)
+                assert time.monotonic() - start < 1
+            with pytest.raises(HerdError, match="characters"):
+                await engine.score(ScoreRequest(model="a", prompt=huge))
+            with pytest.raises(HerdError, match="characters"):
+                await engine.embed(EmbedRequest(model="a", inputs=[huge], truncate=False))
+        finally:
+            await engine.close()
+
+    asyncio.run(run())
+
+
+def test_tool_choice_and_tool_schemas(home):
+    engine = FakeEngine()
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}},
+             {"type": "function", "function": {"name": "other", "parameters": {"type": "object"}}}]
+    body = {"model": "m", "messages": [{"role": "user", "content": "the weather?"}], "tools": tools}
+    with client_for(Store(), engine=engine) as c:
+        assert c.post("/v1/chat/completions", json=body).status_code == 200
+        assert engine.requests[-1].format is None and len(engine.requests[-1].tools) == 2
+        assert c.post("/v1/chat/completions", json={**body, "tool_choice": "none"}).status_code == 200
+        assert engine.requests[-1].tools is None
+        r = c.post("/v1/chat/completions", json={**body, "tool_choice": "required"})
+        assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "tool_calls"
+        names = [o["properties"]["name"]["const"] for o in engine.requests[-1].format["anyOf"]]
+        assert names == ["get_weather", "other"]
+        named = {"type": "function", "function": {"name": "get_weather"}}
+        assert c.post("/v1/chat/completions", json={**body, "tool_choice": named}).status_code == 200
+        assert engine.requests[-1].format["properties"]["name"] == {"const": "get_weather"}
+        for bad, message in [({"tool_choice": "sometimes"}, "tool_choice must be"),
+                             ({"tool_choice": {"type": "function", "function": {"name": "nope"}}}, "not among"),
+                             ({"tool_choice": "required", "tools": None}, "needs tools"),
+                             ({"tools": [{"type": "function", "function": {"name": "f", "parameters": [1]}}]},
+                              "parameters must be a JSON schema of type object"),
+                             ({"stop": [{"a": 1}]}, "stop")]:
+            r = c.post("/v1/chat/completions", json={**body, **bad})
+            assert r.status_code == 400 and message in r.json()["error"]["message"], (bad, r.text)
+        r = c.post("/api/chat", json={"model": "m", "messages": body["messages"], "stream": False,
+                                      "tools": [{"type": "function", "function": {"name": "f", "parameters": "x"}}]})
+        assert r.status_code == 400 and "type object" in r.json()["error"]
+
+
+def test_a_bad_ref_in_a_schema_is_a_short_message():
+    pytest.importorskip("llguidance")
+    from llamaherd.engine.grammar import compile_format
+
+    for schema in [{"$ref": "#/$defs/nope"}, {"type": "object", "properties": {"a": {"$ref": "http://x/y"}}}]:
+        with pytest.raises(HerdError) as e:
+            compile_format(schema)
+        assert str(e.value).startswith("invalid JSON schema:") and "\n" not in str(e.value)
+        assert len(str(e.value)) < 400

@@ -398,6 +398,8 @@ class Scheduler:
             token = sample(scores, job.history, job.opts, job.generator)
             lp = None if job.logprobs is None else [token_logprob(logits, token, job.logprobs)]
             if token in job.stop_ids:
+                if lp is not None:  # the stop token's own log-probability, with no text (see Reply)
+                    self._emit(job, Delta("", (), lp))
                 return self._finish(job, "stop")
             if job.constraint is not None:
                 job.constraint.accept(token)

@@ -106,11 +106,13 @@ class Final:
 class Reply:
     """A generation as the routes see it: `Text`s then one `Final`."""
 
-    def __init__(self, gen: GenerationAPI, tools: list[dict[str, Any]] | None, start: int, want_logprobs: bool):
+    def __init__(self, gen: GenerationAPI, tools: list[dict[str, Any]] | None, start: int, want_logprobs: bool,
+                 stop_logprob: bool = False):
         self.gen = gen
         self.tools = tools
         self.start = start
         self.want_logprobs = want_logprobs
+        self.stop_logprob = stop_logprob
 
     @property
     def model(self) -> str:
@@ -140,6 +142,8 @@ class Reply:
                             yield Text(held, held_lp)
                     yield Final(event, calls, time.perf_counter_ns() - self.start)
                     return
+                if event.logprobs and not event.tokens and not self.stop_logprob:
+                    continue  # a stop token's log-probability: only /v1/completions shows it
                 lps = [self.token_info(lp) for lp in event.logprobs or ()] if self.want_logprobs else []
                 if holding:
                     held += event.text
@@ -173,8 +177,13 @@ class Handler:
 
     # -- running models -------------------------------------------------------------------
 
-    async def generate(self, req: GenerateRequest) -> Reply:
-        """Start a generation; request errors raise here, before anything is streamed."""
+    async def generate(self, req: GenerateRequest, stop_logprob: bool = False) -> Reply:
+        """Start a generation; request errors raise here, before anything is streamed.
+
+        With `stop_logprob`, a generation that ends on a stop token reports that token's
+        log-probability too (as vLLM's completions do): lm-evaluation-harness reads the last
+        entry as the generated token's and slices it off; without it, the continuation's own
+        last token was sliced away instead and scored 0, silently."""
         start = time.perf_counter_ns()
         if req.messages is not None:
             req.messages = toolfmt.check_messages(req.messages)
@@ -183,7 +192,7 @@ class Handler:
             tools = toolfmt.check_tools(tools)
             req.tools = tools
         gen = await self.engine.generate(req)
-        return Reply(gen, tools, start, req.logprobs is not None)
+        return Reply(gen, tools, start, req.logprobs is not None, stop_logprob)
 
     async def score(self, req: ScoreRequest) -> ScoreResult:
         return await self.engine.score(req)
