@@ -507,3 +507,103 @@ def test_a_bad_ref_in_a_schema_is_a_short_message():
             compile_format(schema)
         assert str(e.value).startswith("invalid JSON schema:") and "\n" not in str(e.value)
         assert len(str(e.value)) < 400
+
+
+# -- slow clients ------------------------------------------------------------------------------------------
+
+
+def test_slow_clients_are_closed_and_connections_bounded(home):
+    import socket
+    import threading
+
+    import uvicorn
+
+    from llamaherd.server.app import connection_limits
+
+    settings = Settings(max_connections=8, header_timeout=0.5)
+    app = create_app(settings, engine=FakeEngine(), store=Store())
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error",
+                                           **connection_limits(settings)))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+        def request() -> bytes:
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as c:
+                c.sendall(b"GET /api/version HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+                return c.recv(65536)
+
+        def closed(c: socket.socket, within: float) -> bool:
+            c.settimeout(within)
+            try:
+                return c.recv(1) == b""
+            except ConnectionResetError:  # closed with our bytes unread: a reset
+                return True
+            except socket.timeout:
+                return False
+
+        slow = [socket.create_connection(("127.0.0.1", port)) for _ in range(20)]
+        for c in slow:
+            c.sendall(b"GET /api/version HTTP/1.1\r\nHost: local")  # and then nothing
+        time.sleep(0.2)
+        # Over the limit of 8: closed at once; the others when their headers are late.
+        assert sum(closed(c, 0.05) for c in slow) >= 12
+        assert all(closed(c, 2) for c in slow)
+        for c in slow:
+            c.close()
+        time.sleep(0.1)
+        assert request().startswith(b"HTTP/1.1 200")
+        # A keep-alive connection must send its next request's headers in time too.
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as c:
+            c.sendall(b"GET /api/version HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            assert c.recv(65536).startswith(b"HTTP/1.1 200")
+            c.sendall(b"GET /api/version HTTP/1.1\r\n")
+            assert closed(c, 3)
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def test_embeddings_interleave_with_decoding_and_stop_when_cancelled(tiny_loader):
+    import asyncio
+
+    from llamaherd.engine.types import EmbedRequest, GenerateRequest
+
+    async def run():
+        engine = tiny_engine(tiny_loader)
+        await engine.start()
+        try:
+            await engine.load("a")
+            scheduler = engine._models["a"].scheduler
+            gen = await engine.generate(GenerateRequest(model="a", prompt="hi", options={"num_predict": 400}))
+            events = gen.__aiter__()
+            await events.__anext__()  # decoding
+            seen, real_call = [], scheduler.call
+
+            def call(fn):
+                seen.append(scheduler.steps)
+                return real_call(fn)
+
+            scheduler.call = call
+            await engine.embed(EmbedRequest(model="a", inputs=["one two three " * 20] * 6))
+            assert len(seen) == 6 and all(b > a for a, b in zip(seen, seen[1:]))  # a step between inputs
+            seen.clear()
+            task = asyncio.create_task(engine.embed(EmbedRequest(model="a", inputs=["x " * 200] * 50)))
+            while len(seen) < 2:
+                await asyncio.sleep(0.01)
+            task.cancel()  # the client left
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            await asyncio.sleep(0.3)
+            assert len(seen) <= 3  # the rest never ran
+            gen.cancel()
+        finally:
+            await engine.close()
+
+    asyncio.run(run())

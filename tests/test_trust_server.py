@@ -68,6 +68,11 @@ def test_lm_eval_local_completions_scores_as_its_hf_backend(herd, tmp_path, hf_s
     r = herd.api("POST", "/v1/completions", json={"model": MODEL, "prompt": CONTEXT + CONTINUATIONS[0],
                                                   "max_tokens": 1, "temperature": 0})
     assert r.json()["choices"][0]["finish_reason"] == "stop" and r.json()["choices"][0]["text"] == ""
+    # What lm-eval sends: every prompt token's entry, then the generated (stop) token's.
+    ids = hf_smollm2(CONTEXT + CONTINUATIONS[0])["input_ids"]
+    r = herd.api("POST", "/v1/completions", json={"model": MODEL, "prompt": ids, "max_tokens": 1, "echo": True,
+                                                  "logprobs": 1, "temperature": 0}).json()
+    assert len(r["choices"][0]["logprobs"]["token_logprobs"]) == len(ids) + 1
 
     hf_smollm2.save_pretrained(tmp_path / "tokenizer")
     requests = [Instance("loglikelihood", {}, (CONTEXT, c), i) for i, c in enumerate(CONTINUATIONS)]

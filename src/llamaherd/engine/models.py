@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import time
@@ -526,18 +527,19 @@ class Engine:
             if req.dimensions is not None and not 1 <= req.dimensions <= llm.args.dim:
                 raise HerdError(f"dimensions must be between 1 and {llm.args.dim}")
 
-            def run() -> list[list[float]]:
-                vectors = []
+            def run(ids: list[int]) -> list[float]:
                 with _without_cache(llm.model):
-                    for ids in batches:
-                        h = llm.model.hidden_states(torch.tensor([ids], device=llm.device))[0].float()
-                        v = h.mean(dim=0)
-                        if req.dimensions is not None:
-                            v = v[:req.dimensions]
-                        vectors.append(torch.nn.functional.normalize(v, dim=0).cpu().tolist())
-                return vectors
+                    h = llm.model.hidden_states(torch.tensor([ids], device=llm.device))[0].float()
+                v = h.mean(dim=0)
+                if req.dimensions is not None:
+                    v = v[:req.dimensions]
+                return torch.nn.functional.normalize(v, dim=0).cpu().tolist()
 
-            vectors = await asyncio.wrap_future(loaded.scheduler.call(run))
+            # One input per scheduler call, each awaited before the next: decoding streams take a
+            # step between two inputs, and a cancelled request (its client gone) stops at once.
+            vectors = []
+            for ids in batches:
+                vectors.append(await asyncio.wrap_future(loaded.scheduler.call(functools.partial(run, ids))))
             return EmbedResult(vectors, sum(len(b) for b in batches), load_ns)
         finally:
             self._release(loaded, req.keep_alive)

@@ -207,8 +207,9 @@ class Scheduler:
                         self._cond.wait()
                     if self._closed:
                         break
-                    calls = list(self._calls)
-                    self._calls.clear()
+                    # One call a turn, then a step: embeddings and scores (one input each) interleave
+                    # with decoding instead of holding every stream for all of them.
+                    calls = [self._calls.popleft()] if self._calls else []
                 for fn, future in calls:
                     self._run_call(fn, future)
                 self._drop_cancelled()
