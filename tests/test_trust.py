@@ -367,9 +367,8 @@ def test_a_stop_tokens_logprob_is_reported_for_completions_only(home):
         assert r["response"] == "" and "logprobs" not in r
 
 
-@pytest.fixture(scope="module")
-def tiny_loader(smollm2):
-    """path -> a Llama: a 2-layer random model with the real SmolLM2 tokenizer."""
+def tiny_llama_loader(tokenizer):
+    """path -> a Llama: a 2-layer random model with `tokenizer` (the real SmolLM2 one)."""
     import torch
 
     from llamaherd.config import ModelArgs
@@ -378,13 +377,18 @@ def tiny_loader(smollm2):
 
     def load(path):
         torch.manual_seed(0)
-        args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=smollm2.n_words, hidden_dim=128,
-                         max_seq_len=512, tie_embeddings=True)
+        args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=tokenizer.n_words,
+                         hidden_dim=128, max_seq_len=512, tie_embeddings=True)
         model = Transformer(args)
         model.init_weights()
-        return Llama(model.eval(), smollm2, path=path)
+        return Llama(model.eval(), tokenizer, path=path)
 
     return load
+
+
+@pytest.fixture(scope="module")
+def tiny_loader(smollm2):
+    return tiny_llama_loader(smollm2)
 
 
 def tiny_engine(tiny_loader, **config):

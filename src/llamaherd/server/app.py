@@ -331,6 +331,9 @@ def create_app(settings: Settings | None = None, engine: Any = None, store: Any 
     app.include_router(ollama.routes())
     app.include_router(openai.routes())
     ui.mount_ui(app)  # the chat page at /ui/
+    from .openapi import with_request_bodies
+
+    with_request_bodies(app)  # /openapi.json describes the JSON bodies the routes read
     app.add_middleware(CORSMiddleware, allow_origin_regex=_origin_regex(DEFAULT_ORIGINS + settings.origins),
                        allow_methods=["GET", "POST", "DELETE", "HEAD", "OPTIONS"],
                        allow_headers=["Authorization", "Content-Type", "User-Agent", "Accept", "X-Requested-With"])
