@@ -286,8 +286,9 @@ def test_queue_limit_is_a_503(tiny_loader):
         try:
             req = GenerateRequest(model="a", prompt="hi", options={"num_predict": 400, "num_ctx": 512})
             first = await engine.generate(req)
-            async for _ in first:
-                break  # running: it holds the only row
+            # running: it holds the only row (the iterator kept: a dropped one is closed, which cancels)
+            events = first.__aiter__()
+            await events.__anext__()
             second = await engine.generate(req)  # waits for the row
             with pytest.raises(QueueFull):
                 await engine.generate(req)

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from .errors import HerdError
+from .options import check_option
 from .quantize import native
 
 
@@ -47,33 +48,12 @@ class SamplingOptions:
         return opts
 
     def validate(self) -> None:
-        def number(name, kind=float, lo=None):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
-                raise HerdError(f"option {name} must be {'an integer' if kind is int else 'a number'}, got {value!r}")
-            if lo is not None and value < lo:
-                raise HerdError(f"option {name} must be >= {lo}, got {value!r}")
-            setattr(self, name, kind(value))
-
-        number("temperature", lo=0)
-        number("top_k", int, lo=0)
-        number("top_p", lo=0)
-        number("min_p", lo=0)
-        number("repeat_penalty", lo=0)
-        number("repeat_last_n", int, lo=-1)
-        number("presence_penalty")
-        number("frequency_penalty")
-        number("num_predict", int, lo=-2)
-        number("speculate", int, lo=0)
-        if self.seed is not None:
-            number("seed", int)
-        if self.num_ctx is not None:
-            number("num_ctx", int, lo=1)
-        if isinstance(self.stop, str):
-            self.stop = (self.stop,)
-        if not all(isinstance(s, str) for s in self.stop):
-            raise HerdError("option stop must be a string or a list of strings")
-        self.stop = tuple(s for s in self.stop if s)
+        """Check and type every option (`llamaherd.options`: the one validation the CLI, the
+        Modelfile and both APIs share); `HerdError` naming the option and its range."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is not None:
+                setattr(self, f.name, check_option(f.name, value))
 
 
 def apply_penalties(logits: torch.Tensor, history: Sequence[int], opts: SamplingOptions) -> torch.Tensor:

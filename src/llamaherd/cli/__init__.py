@@ -11,11 +11,11 @@ import os
 import sys
 
 from ..errors import HerdError
-from . import data, eval as evaluation, guard, models, run, serve
+from . import data, doctor, eval as evaluation, guard, models, run, serve
 
 # The verb groups, in the order `herd --help` lists them. A new group is a module with
 # `register(sub, local)` added here.
-COMMANDS = (run, models, serve, data, evaluation, guard)
+COMMANDS = (run, models, doctor, serve, data, evaluation, guard)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,6 +42,12 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except HerdError as e:
         print(f"Error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # a storage fault (read-only, full disk, permissions): one line too
+        if e.strerror is None:
+            raise
+        where = f": {e.filename}" if e.filename else ""
+        print(f"Error: {e.strerror}{where}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(file=sys.stderr)

@@ -26,13 +26,15 @@ def cmd_list(args) -> int:
     if use_server(args):
         from ..server.client import server_request
 
-        models = [(m["name"], m["digest"][:12], m["size"], parse_time(m["modified_at"]))
+        models = [(m["name"], m["digest"][:12], m["size"], parse_time(m["modified_at"]), m.get("error"))
                   for m in server_request("GET", "/api/tags")["models"]]
     else:
-        models = [(m.name, m.id, m.size, m.modified) for m in open_store().list()]
+        models = [(m.name, m.id, m.size, m.modified, m.error) for m in open_store().list()]
     now = time.time()
+    # A model that cannot be read is listed with what is wrong, never hidden (herd doctor says more).
     print_table([("NAME", "ID", "SIZE", "MODIFIED")] +
-                 [(name, id, human_size(size), human_ago(now - modified)) for name, id, size, modified in models])
+                [(name, id, human_size(size), human_ago(now - modified)) if error is None else
+                 (name, "-", "-", f"BROKEN: {error}") for name, id, size, modified, error in models])
     return 0
 
 

@@ -66,11 +66,17 @@ def compile_format(format: str | dict[str, Any]) -> str:
     try:
         grammar = llg.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)
     except (ValueError, TypeError) as e:
-        raise HerdError(f"invalid JSON schema: {e}") from None
+        raise HerdError(f"invalid JSON schema: {_short(e)}") from None
     is_error, messages = llg.LLMatcher.validate_grammar_with_warnings(grammar)
     if is_error:
-        raise HerdError(f"invalid JSON schema: {messages[0] if messages else 'rejected'}")
+        raise HerdError(f"invalid JSON schema: {_short(messages[0]) if messages else 'rejected'}")
     return grammar
+
+
+def _short(message: Any) -> str:
+    """llguidance's message, without the matcher state some of them append: its first line, cut."""
+    text = str(message).strip().splitlines()[0] if str(message).strip() else "rejected"
+    return text if len(text) <= 300 else text[:300] + "..."
 
 
 class _Wrapped:
@@ -118,7 +124,7 @@ class Constraint:
         llg = _llguidance()
         self.matcher = llg.LLMatcher(lltok, grammar, log_level=0)
         if self.matcher.is_error():
-            raise HerdError(f"invalid format: {self.matcher.get_error()}")
+            raise HerdError(f"invalid format: {_short(self.matcher.get_error())}")
         self.vocab_size = vocab_size
         self._n_words = lltok.vocab_size
         self._bitmask = torch.zeros((1, (self._n_words + 31) // 32), dtype=torch.int32)
@@ -129,7 +135,7 @@ class Constraint:
 
         fill_next_token_bitmask(self.matcher, self._bitmask)
         if self.matcher.is_error():
-            raise HerdError(f"structured output failed: {self.matcher.get_error()}")
+            raise HerdError(f"structured output failed: {_short(self.matcher.get_error())}")
         bits = np.unpackbits(self._bitmask.numpy().view(np.uint8), bitorder="little")[: self._n_words]
         allowed = torch.zeros(self.vocab_size, dtype=torch.bool)
         n = min(self.vocab_size, self._n_words)
@@ -142,7 +148,7 @@ class Constraint:
 
     def accept(self, token: int) -> None:
         if not self.matcher.consume_token(token):
-            raise HerdError(f"structured output failed: {self.matcher.get_error() or 'token rejected'}")
+            raise HerdError(f"structured output failed: {_short(self.matcher.get_error() or 'token rejected')}")
 
     @property
     def done(self) -> bool:

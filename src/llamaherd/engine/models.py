@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import time
@@ -118,6 +119,47 @@ def _without_cache(model):
     finally:
         for layer, cache in zip(model.layers, caches):
             layer.attention.cache = cache
+
+
+def max_token_chars(tok) -> int:
+    """The most bytes any one token of `tok` stands for. A text of n characters is at least n
+    bytes, so it is at least n / max_token_chars tokens: a prompt longer than that many contexts
+    is refused before it is tokenized (10 MB took 9.6 s to tokenize, to then be refused)."""
+    cached = getattr(tok, "_herd_max_token_chars", None)
+    if cached is None:
+        cached = max([len(tok.token_bytes(i)) for i in range(tok.n_words)] + [1])
+        try:
+            tok._herd_max_token_chars = cached
+        except AttributeError:  # a tokenizer with __slots__: computed each time (~20 ms)
+            pass
+    return cached
+
+
+def check_chars(tok, text: str, tokens: int, what: str = "the prompt") -> None:
+    """`HerdError` if `text` is surely more than `tokens` tokens, judged by its length alone."""
+    if len(text) > tokens * max_token_chars(tok):
+        raise HerdError(f"{what} is {len(text):,} characters, more than fit in {tokens:,} tokens "
+                        "(shorten it or raise num_ctx)")
+
+
+def _trim_by_chars(tok, messages: list[dict[str, Any]], tokens: int) -> list[dict[str, Any]]:
+    """Drop the oldest non-system messages that surely cannot fit in `tokens` with the rest
+    (judged by characters, before any tokenizing; `Llama.fit_chat` then drops by tokens)."""
+    limit = tokens * max_token_chars(tok)
+
+    def size(m) -> int:
+        content = m.get("content")
+        return len(content) if isinstance(content, str) else len(str(content or ""))
+
+    total = sum(size(m) for m in messages)
+    messages = list(messages)
+    while total > limit:
+        droppable = [i for i, m in enumerate(messages[:-1]) if m.get("role") != "system"]
+        if not droppable:
+            raise HerdError(f"the last message is {size(messages[-1]):,} characters with the system prompt, "
+                            f"more than fit in {tokens:,} tokens (raise num_ctx or shorten it)")
+        total -= size(messages.pop(droppable[0]))
+    return messages
 
 
 class Generation:
@@ -333,7 +375,11 @@ class Engine:
         return out
 
     def _queued(self) -> int:
-        return sum(m.scheduler.n_waiting for m in self._models.values())
+        """Requests beyond the KV-cache rows, over all models: they wait. Counted from the requests
+        the engine has accepted (`in_flight`), not from the scheduler's queue: a request is in
+        flight from its acceptance, while its prompt is still being prepared in a thread, so a
+        burst cannot slip past the limit before any of it reaches the scheduler."""
+        return sum(max(0, m.in_flight - m.scheduler.n_rows) for m in self._models.values())
 
     async def generate(self, req: GenerateRequest) -> Generation:
         """Start a generation. Errors in the request (bad options, a prompt too long, an unknown
@@ -341,7 +387,7 @@ class Engine:
         loaded, load_ns = await self._acquire(req.model, req.keep_alive)
         gen = Generation(self, loaded, [], load_ns, req.keep_alive)
         try:
-            if self._queued() >= self.config.max_queue:
+            if self._queued() > self.config.max_queue:  # this request counts itself (no await since _acquire)
                 raise QueueFull(f"server busy: {self.config.max_queue} requests are already waiting, "
                                 "retry later")
             loop = asyncio.get_running_loop()
@@ -405,6 +451,7 @@ class Engine:
             if ref.system and not any(m["role"] == "system" for m in messages):
                 messages.insert(0, {"role": "system", "content": ref.system})
             tools = toolfmt.check_tools(req.tools) if req.tools else None
+            messages = _trim_by_chars(tok, messages, opts.num_ctx - opts.num_ctx // 4)  # fit_chat's budget
             messages, template_tools = toolfmt.prepare_messages(
                 messages, tools, template if template is not None else tok.chat_template)
             prompt = llm.encode_chat(messages, template, tools=template_tools)
@@ -414,6 +461,7 @@ class Engine:
             prompt = self._check_ids(llm, req.prompt)
             self._grow(loaded, opts, len(prompt))
         elif isinstance(req.prompt, str):
+            check_chars(tok, req.prompt + (req.suffix or "") + (req.system or ""), opts.num_ctx)
             prompt = self._text_prompt(llm, ref, req, template)
             self._grow(loaded, opts, len(prompt))
         else:
@@ -511,7 +559,8 @@ class Engine:
             if isinstance(req.prompt, list):
                 ids = self._check_ids(llm, req.prompt)
             elif isinstance(req.prompt, str):
-                ids = llm.encode(req.prompt)
+                check_chars(llm.tokenizer, req.prompt, llm.args.max_seq_len)
+                ids = await asyncio.to_thread(llm.encode, req.prompt)  # not on the event loop
             else:
                 raise HerdError("prompt must be a string or a list of token ids")
             if not ids:
@@ -542,7 +591,12 @@ class Engine:
             batches = []
             for i, item in enumerate(req.inputs):
                 if isinstance(item, str):
-                    ids = llm.encode(item)
+                    chars = opts.num_ctx * max_token_chars(llm.tokenizer)
+                    if len(item) > chars:  # surely over the context: cut it before tokenizing
+                        if not req.truncate:
+                            check_chars(llm.tokenizer, item, opts.num_ctx, f"input[{i}]")
+                        item = item[:chars]
+                    ids = await asyncio.to_thread(llm.encode, item)  # not on the event loop
                 elif isinstance(item, list):
                     ids = self._check_ids(llm, item)
                 else:
@@ -558,18 +612,19 @@ class Engine:
             if req.dimensions is not None and not 1 <= req.dimensions <= llm.args.dim:
                 raise HerdError(f"dimensions must be between 1 and {llm.args.dim}")
 
-            def run() -> list[list[float]]:
-                vectors = []
+            def run(ids: list[int]) -> list[float]:
                 with _without_cache(llm.model):
-                    for ids in batches:
-                        h = llm.model.hidden_states(torch.tensor([ids], device=llm.device))[0].float()
-                        v = h.mean(dim=0)
-                        if req.dimensions is not None:
-                            v = v[:req.dimensions]
-                        vectors.append(torch.nn.functional.normalize(v, dim=0).cpu().tolist())
-                return vectors
+                    h = llm.model.hidden_states(torch.tensor([ids], device=llm.device))[0].float()
+                v = h.mean(dim=0)
+                if req.dimensions is not None:
+                    v = v[:req.dimensions]
+                return torch.nn.functional.normalize(v, dim=0).cpu().tolist()
 
-            vectors = await asyncio.wrap_future(loaded.scheduler.call(run))
+            # One input per scheduler call, each awaited before the next: decoding streams take a
+            # step between two inputs, and a cancelled request (its client gone) stops at once.
+            vectors = []
+            for ids in batches:
+                vectors.append(await asyncio.wrap_future(loaded.scheduler.call(functools.partial(run, ids))))
             return EmbedResult(vectors, sum(len(b) for b in batches), load_ns)
         finally:
             self._release(loaded, req.keep_alive)

@@ -232,8 +232,9 @@ class Scheduler:
                         self._cond.wait()
                     if self._closed:
                         break
-                    calls = list(self._calls)
-                    self._calls.clear()
+                    # One call a turn, then a step: embeddings and scores (one input each) interleave
+                    # with decoding instead of holding every stream for all of them.
+                    calls = [self._calls.popleft()] if self._calls else []
                 for fn, future in calls:
                     self._run_call(fn, future)
                 self._drop_cancelled()
@@ -431,6 +432,8 @@ class Scheduler:
             token = sample(scores, job.history, job.opts, job.generator)
             lp = None if job.logprobs is None else [token_logprob(logits, token, job.logprobs)]
             if token in job.stop_ids:
+                if lp is not None:  # the stop token's own log-probability, with no text (see Reply)
+                    self._emit(job, Delta("", (), lp))
                 return self._finish(job, "stop")
             if job.constraint is not None:
                 job.constraint.accept(token)

@@ -99,8 +99,25 @@ def check_tools(tools: Any) -> list[dict[str, Any]]:
             raise HerdError("each tool must be {\"type\": \"function\", \"function\": {...}}")
         if not isinstance(fn.get("name"), str) or not fn["name"]:
             raise HerdError("each tool function needs a name")
+        params = fn.get("parameters")
+        if params is not None and (not isinstance(params, Mapping) or params.get("type", "object") != "object"):
+            raise HerdError(f"tool {fn['name']}: parameters must be a JSON schema of type object")
         out.append({"type": "function", "function": dict(fn)})
     return out
+
+
+def required_call_schema(tools: list[dict[str, Any]], name: str | None = None) -> dict[str, Any]:
+    """A JSON schema that only a call of one of `tools` (or of the tool `name`) satisfies, in the
+    form `parse_tool_calls` reads: `{"name": ..., "parameters": {...}}`. OpenAI's tool_choice
+    "required" and a named tool_choice are this schema as the output's grammar."""
+    chosen = [t for t in tools if name is None or t["function"]["name"] == name]
+    if not chosen:
+        raise HerdError(f"tool_choice names {name!r}, which is not among the tools")
+    options = [{"type": "object", "properties": {
+        "name": {"const": t["function"]["name"]},
+        "parameters": t["function"].get("parameters") or {"type": "object"}},
+        "required": ["name", "parameters"], "additionalProperties": False} for t in chosen]
+    return options[0] if len(options) == 1 else {"anyOf": options}
 
 
 def template_knows(template: str | None, word: str) -> bool:

@@ -13,12 +13,21 @@ Settings come from the environment (names and defaults as Ollama's, with HERD_ f
     HERD_NUM_PARALLEL       requests one model decodes together (KV-cache rows)              16
     HERD_CONTEXT_LENGTH     default num_ctx (clipped to the model's)                         4096
     HERD_MAX_CONTEXT        the largest num_ctx a request gets (larger ones are clamped)     the model's
-    HERD_MAX_BODY           request body size limit in bytes (suffix K/M/G); blob uploads     32M
-                            (POST /api/blobs) are exempt: they are hashed as they stream
+    HERD_MAX_BODY           request body size limit in bytes (suffix K/M/G), blob uploads     32M
+                            (POST /api/blobs) too: raise it to upload model files
+    HERD_ALLOW_REQUEST_TEMPLATES  1: accept `template` in requests (vLLM's                     0
+                            --trust-request-chat-template); stored templates always apply
+    HERD_MAX_CONNECTIONS    open connections before new ones are refused (slowloris)         1024
+    HERD_HEADER_TIMEOUT     seconds a client has to send its request line and headers        10
     HERD_NUM_THREADS        torch CPU threads                                                torch's default
     HERD_HOME               the model store                                                  ~/.llamaherd
 
-Security: the server binds loopback by default. When it is bound to loopback it also refuses
+Security: the server binds loopback by default. Bound beyond it (HERD_HOST=0.0.0.0) without
+HERD_API_KEY it prints a warning, and the management endpoints (create, delete, copy, pull, push,
+blobs) refuse clients that are not on this machine. Error messages never show server paths.
+Slow clients: a connection that has not sent its headers within HERD_HEADER_TIMEOUT seconds, or
+stays idle between requests for 5 s, is closed, and at most HERD_MAX_CONNECTIONS are open at once.
+When the server is bound to loopback it also refuses
 requests whose Host header is a public name (DNS rebinding: a web page that resolves its own
 domain to 127.0.0.1 must not reach the API); a disallowed browser Origin gets 403 before
 anything runs, and JSON endpoints take JSON bodies only (see `access`). Model names reach the disk only through the
@@ -27,11 +36,13 @@ store's name validation; /api/create accepts model names and uploaded blobs, nev
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
 import os
 import re
 import secrets
+import sys
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,7 +57,7 @@ from starlette.middleware.cors import CORSMiddleware
 from ..errors import HerdError
 from .access import DEFAULT_ORIGINS, Access, origin_regex
 from .handler import Handler, parse_keep_alive
-from .http import ClientGone, error_response, openai_error
+from .http import ClientGone, error_response, hide_paths, openai_error
 
 log = logging.getLogger("llamaherd.server")
 
@@ -109,6 +120,9 @@ class Settings:
     max_body: int = 32 << 20
     num_threads: int | None = None
     home: Path | None = None
+    allow_request_templates: bool = False
+    max_connections: int = 1024
+    header_timeout: float = 10.0
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> "Settings":
@@ -130,6 +144,9 @@ class Settings:
             max_body=parse_size(env.get("HERD_MAX_BODY"), 32 << 20),
             num_threads=_int(env, "HERD_NUM_THREADS", 0) if threads else None,
             home=Path(env["HERD_HOME"]).expanduser() if env.get("HERD_HOME") else None,
+            allow_request_templates=env.get("HERD_ALLOW_REQUEST_TEMPLATES", "").strip().lower() in ("1", "true", "yes"),
+            max_connections=_int(env, "HERD_MAX_CONNECTIONS", 1024),
+            header_timeout=float(_int(env, "HERD_HEADER_TIMEOUT", 10)),
         )
 
     @property
@@ -140,6 +157,30 @@ class Settings:
             return ipaddress.ip_address(self.host.strip("[]")).is_loopback
         except ValueError:
             return False
+
+
+# What changes the store: refused to clients on other machines unless a key is required.
+MANAGEMENT = ("/api/create", "/api/delete", "/api/copy", "/api/pull", "/api/push", "/api/blobs/")
+
+
+def _is_loopback_client(scope) -> bool:
+    client = scope.get("client")
+    if not client:
+        return False
+    try:
+        return ipaddress.ip_address(str(client[0]).split("%")[0]).is_loopback
+    except ValueError:
+        return False
+
+
+def exposure_warning(settings: "Settings") -> str | None:
+    """The warning `herd serve` prints when it is reachable from other machines without a key."""
+    if settings.loopback or settings.api_key:
+        return None
+    return (f"WARNING: listening on {settings.host}:{settings.port}, beyond this machine, without HERD_API_KEY: "
+            "anyone who can reach this port can run the models. Model management (create, delete, copy, "
+            "pull, push, blobs) is refused to other machines. Set HERD_API_KEY=<a secret> to require "
+            "\"Authorization: Bearer <secret>\" on every request and allow management with it.")
 
 
 class Guard:
@@ -169,8 +210,11 @@ class Guard:
             if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), key.encode()):
                 return await JSONResponse({"error": "unauthorized: a valid API key is required"}, 401,
                                           headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)
+        if not key and path.startswith(MANAGEMENT) and not _is_loopback_client(scope):
+            return await JSONResponse({"error": "model management is only allowed from this machine when the "
+                                                "server has no HERD_API_KEY"}, 403)(scope, receive, send)
         limit = self.settings.max_body
-        if limit is None or path.startswith("/api/blobs/"):
+        if limit is None:
             return await self.app(scope, receive, send)
         length = headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > limit:
@@ -223,6 +267,10 @@ def create_app(settings: Settings | None = None, engine: Any = None, store: Any 
                 keep_alive=settings.keep_alive, context_length=settings.context_length,
                 max_context=settings.max_context))
             app.state.handler.engine = own
+        clean = getattr(store, "clean_temporary", None)
+        if clean is not None:  # what killed uploads left, and blobs no model uses (as Ollama prunes)
+            await asyncio.to_thread(clean)
+            await asyncio.to_thread(store.prune)
         start = getattr(app.state.handler.engine, "start", None)
         if start is not None:
             await start()
@@ -240,10 +288,16 @@ def create_app(settings: Settings | None = None, engine: Any = None, store: Any 
                   description="Ollama- and OpenAI-compatible API over one batching engine.")
     app.state.settings = settings
     app.state.handler = Handler(engine, store)
-    app.state.blob_dir = Path(getattr(store, "root", settings.home or ".")) / "uploads"
+    root = getattr(store, "root", None)
+    if root is not None:
+        hide_paths(root)
 
     @app.exception_handler(HerdError)
     async def herd_error(request: Request, e: HerdError):
+        return error_response(e, openai=request.url.path.startswith("/v1/"))
+
+    @app.exception_handler(OSError)  # a storage fault (disk full, read-only store): 503 / 507, no path
+    async def os_error(request: Request, e: OSError):
         return error_response(e, openai=request.url.path.startswith("/v1/"))
 
     @app.exception_handler(BodyTooLarge)
@@ -271,6 +325,9 @@ def create_app(settings: Settings | None = None, engine: Any = None, store: Any 
     app.include_router(tokenize.routes())  # /tokenizer_info, /tokenize, /detokenize (lm-eval)
     app.include_router(responses.routes())
     ui.mount_ui(app)  # the chat page at /ui/
+    from .openapi import with_request_bodies
+
+    with_request_bodies(app)  # /openapi.json describes the JSON bodies the routes read
     app.add_middleware(CORSMiddleware, allow_origin_regex=origin_regex(DEFAULT_ORIGINS + settings.origins),
                        allow_methods=["GET", "POST", "DELETE", "HEAD", "OPTIONS"],
                        allow_headers=["Authorization", "Content-Type", "User-Agent", "Accept", "X-Requested-With"])
@@ -288,6 +345,19 @@ def serve(settings: Settings | None = None) -> None:
 
         torch.set_num_threads(settings.num_threads)
     app = create_app(settings)
+    warning = exposure_warning(settings)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     log.info("llamaherd listening on %s:%d", settings.host, settings.port)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning", access_log=False,
-                timeout_graceful_shutdown=5)
+                timeout_graceful_shutdown=5, **connection_limits(settings))
+
+
+def connection_limits(settings: Settings) -> dict[str, Any]:
+    """uvicorn's limits against slow clients (slowloris): at most `max_connections` open at once
+    (more are answered 503), idle keep-alive connections closed after 5 s, and a connection that has
+    not sent its request line and headers within `header_timeout` s closed (`SlowHeaders`)."""
+    from .connections import header_timeout_protocol
+
+    return {"limit_concurrency": settings.max_connections, "timeout_keep_alive": 5,
+            "http": header_timeout_protocol(settings.header_timeout)}

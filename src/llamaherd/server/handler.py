@@ -107,11 +107,13 @@ class Final:
 class Reply:
     """A generation as the routes see it: `Text`s then one `Final`."""
 
-    def __init__(self, gen: GenerationAPI, tools: list[dict[str, Any]] | None, start: int, want_logprobs: bool):
+    def __init__(self, gen: GenerationAPI, tools: list[dict[str, Any]] | None, start: int, want_logprobs: bool,
+                 stop_logprob: bool = False):
         self.gen = gen
         self.tools = tools
         self.start = start
         self.want_logprobs = want_logprobs
+        self.stop_logprob = stop_logprob
 
     @property
     def model(self) -> str:
@@ -142,6 +144,8 @@ class Reply:
                     yield Final(event, calls, time.perf_counter_ns() - self.start,
                                 getattr(self.gen, "num_ctx", None) or None)
                     return
+                if event.logprobs and not event.tokens and not self.stop_logprob:
+                    continue  # a stop token's log-probability: only /v1/completions shows it
                 lps = [self.token_info(lp) for lp in event.logprobs or ()] if self.want_logprobs else []
                 if holding:
                     held += event.text
@@ -175,8 +179,13 @@ class Handler:
 
     # -- running models -------------------------------------------------------------------
 
-    async def generate(self, req: GenerateRequest) -> Reply:
-        """Start a generation; request errors raise here, before anything is streamed."""
+    async def generate(self, req: GenerateRequest, stop_logprob: bool = False) -> Reply:
+        """Start a generation; request errors raise here, before anything is streamed.
+
+        With `stop_logprob`, a generation that ends on a stop token reports that token's
+        log-probability too (as vLLM's completions do): lm-evaluation-harness reads the last
+        entry as the generated token's and slices it off; without it, the continuation's own
+        last token was sliced away instead and scored 0, silently."""
         start = time.perf_counter_ns()
         if req.messages is not None:
             req.messages = toolfmt.check_messages(req.messages)
@@ -185,7 +194,7 @@ class Handler:
             tools = toolfmt.check_tools(tools)
             req.tools = tools
         gen = await self.engine.generate(req)
-        return Reply(gen, tools, start, req.logprobs is not None)
+        return Reply(gen, tools, start, req.logprobs is not None, stop_logprob)
 
     async def score(self, req: ScoreRequest) -> ScoreResult:
         return await self.engine.score(req)
@@ -223,15 +232,32 @@ class Handler:
         await self.engine.unload(model)
         await asyncio.to_thread(store.remove, model)
 
+    async def check_pullable(self, model: str) -> None:
+        """A 400 for an invalid name, a 404 for one no source has: before a pull's stream starts."""
+        from ..store import parse_name
+
+        parse_name(model)
+        source = getattr(self._store(), "source", None)
+        if source is not None:
+            await asyncio.to_thread(source, model)
+
     async def pull(self, model: str) -> AsyncIterator[dict[str, Any]]:
         """Pull a model; yields Ollama progress objects, the last `{"status": "success"}`."""
         store = self._store()
         async for event in _progress_of(lambda progress: store.pull(model, progress)):
             yield event
 
-    async def create(self, model: str, modelfile: str, base_dir: str) -> AsyncIterator[dict[str, Any]]:
+    async def check_creatable(self, model: str, definition: Any) -> None:
+        """A 4xx before a create's stream starts for what can be known at once (see `Store.check_create`)."""
+        check = getattr(self._store(), "check_create", None)
+        if check is not None:
+            await asyncio.to_thread(check, model, definition)
+
+    async def create(self, model: str, definition: Any) -> AsyncIterator[dict[str, Any]]:
+        """Create `model` from a `store.modelfile.Modelfile` (FROM a stored model or blob: never a
+        path on the server's disk)."""
         store = self._store()
-        async for event in _progress_of(lambda progress: store.create(model, modelfile, base_dir, progress)):
+        async for event in _progress_of(lambda progress: store.create(model, definition, None, progress)):
             yield event
 
 

@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import errno
 import json
 import logging
 import math
+import re
 from collections.abc import AsyncIterator, Awaitable
+from pathlib import Path
 from typing import Any, TypeVar
 
 from fastapi import Request
@@ -30,6 +33,37 @@ log = logging.getLogger("llamaherd.server")
 T = TypeVar("T", bound=BaseModel)
 
 
+# Storage faults are the server's condition, not a bug: a clear status and message (no path).
+STORAGE_ERRORS = {
+    errno.ENOSPC: (507, "no space left on the server's disk"),
+    errno.EDQUOT: (507, "the server's disk quota is used up"),
+    errno.EROFS: (503, "the server's model store is on a read-only file system"),
+    errno.EACCES: (503, "the server may not write to its model store (permission denied)"),
+    errno.EPERM: (503, "the server may not write to its model store (operation not permitted)"),
+    errno.EIO: (503, "the server's disk failed to read or write (I/O error)"),
+}
+_hidden: dict[str, str] = {}  # server paths -> what messages say instead
+
+
+def hide_paths(store_root) -> None:
+    """Never show the server's paths in error messages: the store's (blob paths become "blob
+    sha256:..."), the home folder's and the working folder's."""
+    _hidden[str(Path(store_root).expanduser().resolve())] = "$HERD_HOME"
+    _hidden[str(Path(store_root).expanduser())] = "$HERD_HOME"
+    _hidden[str(Path.home())] = "~"
+
+
+def redact(message: str) -> str:
+    message = _BLOB_PATH.sub(lambda m: f"blob sha256:{m[1]}", message)
+    for path, shown in sorted(_hidden.items(), key=lambda kv: -len(kv[0])):
+        if len(path) > 1:
+            message = message.replace(path, shown)
+    return message
+
+
+_BLOB_PATH = re.compile(r"\S*/blobs/sha256-([0-9a-f]{64})")
+
+
 def status_of(e: BaseException) -> int:
     from ..store import ModelNotFound as StoreModelNotFound
 
@@ -38,12 +72,18 @@ def status_of(e: BaseException) -> int:
     if isinstance(e, QueueFull):
         return 503
     if isinstance(e, HerdError):
-        return 400
+        return getattr(e, "status", 400)  # store.StorageError: 503 / 507
+    if isinstance(e, OSError) and e.errno in STORAGE_ERRORS:
+        return STORAGE_ERRORS[e.errno][0]
     return 500
 
 
 def message_of(e: BaseException) -> str:
-    return str(e) if isinstance(e, HerdError) else "internal server error"
+    if isinstance(e, HerdError):
+        return redact(str(e))
+    if isinstance(e, OSError) and e.errno in STORAGE_ERRORS:
+        return STORAGE_ERRORS[e.errno][1]
+    return "internal server error"
 
 
 def validation_message(e: ValidationError) -> str:
@@ -77,7 +117,7 @@ def error_response(e: BaseException, openai: bool = False) -> JSONResponse:
     from ..store import ModelNotFound as StoreModelNotFound
 
     status = status_of(e)
-    if status == 500:
+    if status == 500 or (status >= 500 and not isinstance(e, HerdError)):
         log.error("request failed", exc_info=e)
     message = message_of(e)
     if openai:

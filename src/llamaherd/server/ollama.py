@@ -24,7 +24,7 @@ from ..errors import HerdError
 from . import schemas as s
 from .handler import Final, Handler, Reply, Text, TokenInfo, parse_keep_alive
 from .http import (ClientGone, dump, error_response, expiry_rfc3339, ndjson_line, ndjson_stream, now_rfc3339,
-                   parse_body, unless_disconnected)
+                   parse_body, redact, unless_disconnected)
 
 
 async def progress_response(request: Request, events, stream: bool):
@@ -138,6 +138,9 @@ def routes() -> APIRouter:
         keep_alive = parse_keep_alive(body.keep_alive)
         if body.images:
             raise et.Unsupported("images are not supported: the models here are text-only")
+        if body.template is not None and not request.app.state.settings.allow_request_templates:
+            raise HerdError("templates in requests are not allowed by this server (set "
+                            "HERD_ALLOW_REQUEST_TEMPLATES=1 to allow them, or create a model with the template)")
         if not body.prompt and not body.suffix:
             name, reason = await h.load(body.model, keep_alive)
             return _load_reply(name, reason, chat=False)
@@ -215,7 +218,8 @@ def routes() -> APIRouter:
         models = await handler_of(request).list_models()
         return dump(s.ListResponse(models=[
             s.ListedModel(name=m.name, model=m.name, modified_at=now_rfc3339(m.modified), size=m.size,
-                          digest=m.digest.removeprefix("sha256:"), details=details_of(m.details))
+                          digest=m.digest.removeprefix("sha256:"), details=details_of(m.details),
+                          error=redact(m.error) if getattr(m, "error", None) else None)
             for m in models]))
 
     @router.api_route("/api/ps", methods=["GET", "HEAD"])
@@ -250,7 +254,9 @@ def routes() -> APIRouter:
     async def pull(request: Request):
         body = await parse_body(request, s.ModelRequest)
         name = body.model_name()
-        events = handler_of(request).pull(name)
+        h = handler_of(request)
+        await h.check_pullable(name)  # a bad name or one no source has: 400/404 before streaming, as Ollama
+        events = h.pull(name)
         return await progress_response(request, events, body.stream)
 
     @router.delete("/api/delete")
@@ -268,15 +274,16 @@ def routes() -> APIRouter:
     @router.post("/api/create")
     async def create(request: Request):
         body = await parse_body(request, s.CreateRequest)
-        h = handler_of(request)
-        modelfile, base_dir = modelfile_of(body, request.app.state.blob_dir)
-        events = h.create(body.model, modelfile, base_dir)
+        h, definition = handler_of(request), definition_of(body)
+        await h.check_creatable(body.model, definition)
+        events = h.create(body.model, definition)
         return await progress_response(request, events, body.stream)
 
     @router.head("/api/blobs/{digest}")
     async def blob_exists(request: Request, digest: str):
-        path = blob_path(request.app.state.blob_dir, digest)
-        return Response(status_code=200 if path.is_file() else 404)
+        store = handler_of(request)._store()
+        check_digest(digest)
+        return Response(status_code=200 if store.blobs.has(digest) else 404)
 
     @router.post("/api/blobs/{digest}")
     async def blob_upload(request: Request, digest: str):
@@ -341,45 +348,57 @@ def capabilities(meta: dict[str, Any] | None) -> list[str]:
 
 # -- /api/create and blobs ---------------------------------------------------------------------
 
-def blob_path(blob_dir, digest: str):
-    from ..store.blobs import check_digest
+def check_digest(digest: str) -> str:
+    from ..store.blobs import check_digest as check
 
-    check_digest(digest)
-    return blob_dir / digest.replace(":", "-")
+    return check(digest)
 
 
 async def receive_blob(request: Request, digest: str) -> None:
-    """Stream an upload to the blob folder, verifying its sha256 before it is kept."""
+    """Stream an upload into the store, verifying its sha256 before it becomes a blob.
+
+    An upload is an ordinary blob once kept: collected when no model uses it. It is written to a
+    `.upload-*` file beside the blobs (removed on failure, and at the next start if the server is
+    killed), and bounded by HERD_MAX_BODY (the Guard counts the bytes; this checks the disk)."""
     import asyncio
     import hashlib
     import os
-    import tempfile
+    import shutil
 
-    target = blob_path(request.app.state.blob_dir, digest)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    check_digest(digest)
+    store = handler_of(request)._store()
+    length = request.headers.get("content-length")
+    fd, tmp = await asyncio.to_thread(store.upload_file)
+    if length is not None and length.isdigit():
+        free = shutil.disk_usage(tmp.parent).free
+        if int(length) > free:
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+            raise HerdError(f"not enough disk space for the upload: {int(length):,} bytes, {free:,} free")
     sha = hashlib.sha256()
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".upload-")
     try:
         with os.fdopen(fd, "wb") as f:
             async for chunk in request.stream():
                 sha.update(chunk)
                 await asyncio.to_thread(f.write, chunk)
+            await asyncio.to_thread(f.flush)
+            await asyncio.to_thread(os.fsync, f.fileno())
         if f"sha256:{sha.hexdigest()}" != digest:
             raise HerdError(f"digest mismatch: the upload is sha256:{sha.hexdigest()}, not {digest}")
-        os.replace(tmp, target)
+        await asyncio.to_thread(store.commit_upload, tmp, digest)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
 
 
-def modelfile_of(body: s.CreateRequest, blob_dir) -> tuple[str, str]:
-    """Modelfile text (and its base folder) for an /api/create request.
+def definition_of(body: s.CreateRequest):
+    """The model definition of an /api/create request, built from its JSON fields directly.
 
-    `from` names a stored model; `files` name uploaded blobs (one GGUF). Paths on the server's
-    disk are not accepted: a client names only models and blobs it uploaded.
-    """
+    No Modelfile text is written and parsed again: a newline or `\"\"\"` in a system prompt, a
+    template or a message is then just text (it used to inject lines such as `ADAPTER /any/path`).
+    `from` names a stored model; `files` name one uploaded GGUF blob. Paths on the server's disk
+    are not accepted: a client names only models and blobs."""
     from ..store import parse_name
-    from ..store.modelfile import Modelfile, format_modelfile
+    from ..store.modelfile import Modelfile
 
     if body.quantize:
         raise et.Unsupported("quantize is not supported by /api/create")
@@ -389,17 +408,13 @@ def modelfile_of(body: s.CreateRequest, blob_dir) -> tuple[str, str]:
         if len(body.files) != 1 or body.from_:
             raise HerdError("give one GGUF file in files, or from: a model name")
         (_, digest), = body.files.items()
-        path = blob_path(blob_dir, digest)
-        if not path.is_file():
-            raise HerdError(f"blob {digest} was not uploaded (POST /api/blobs/{digest} first)")
-        base = str(path)
+        base = check_digest(digest)
     elif body.from_:
         parse_name(body.from_)  # a model name, never a path
         base = body.from_
     else:
         raise HerdError("from or files is required")
     license = [body.license] if isinstance(body.license, str) else list(body.license or [])
-    mf = Modelfile(from_=base, parameters=dict(body.parameters or {}), template=body.template, system=body.system,
-                   messages=[m.model_dump(exclude_none=True) for m in body.messages or []], licenses=license,
-                   adapters=[])
-    return format_modelfile(mf), str(blob_dir)
+    return Modelfile(from_=base, parameters=dict(body.parameters or {}), template=body.template,
+                     system=body.system, licenses=license, adapters=[],
+                     messages=[m.model_dump(exclude_none=True) for m in body.messages or []])

@@ -113,6 +113,36 @@ def _format(rf: s.ResponseFormat | None) -> str | dict | None:
     return rf.json_schema.schema_
 
 
+def _tools_and_format(body: s.ChatCompletionRequest) -> tuple[list[dict] | None, str | dict | None]:
+    """The tools and output format of a chat request, per its tool_choice: "auto" (the default)
+    lets the model choose; "none" sends no tools; "required", or `{"type": "function", "function":
+    {"name": ...}}`, makes the output a call (of that tool) by grammar. Anything else is a 400."""
+    from ..engine import tools as toolfmt
+
+    choice = body.tool_choice
+    format = _format(body.response_format)
+    if not body.tools:
+        if choice not in (None, "none", "auto"):
+            raise HerdError("tool_choice needs tools")
+        return None, format
+    tools = toolfmt.check_tools([t.model_dump() for t in body.tools])
+    if choice in (None, "auto"):
+        return tools, format
+    if choice == "none":
+        return None, format
+    if choice == "required":
+        name = None
+    elif (isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("function"), dict)
+          and isinstance(choice["function"].get("name"), str)):
+        name = choice["function"]["name"]
+    else:
+        raise HerdError('tool_choice must be "none", "auto", "required" or {"type": "function", '
+                        '"function": {"name": ...}}')
+    if format is not None:
+        raise HerdError("tool_choice that forces a call cannot be combined with response_format")
+    return tools, toolfmt.required_call_schema(tools, name)
+
+
 def _logprob_text(info: TokenInfo) -> str:
     return info.text
 
@@ -127,12 +157,10 @@ def routes() -> APIRouter:
         body = await parse_body(request, s.ChatCompletionRequest)
         if body.top_logprobs is not None and not 0 <= body.top_logprobs <= 20:
             raise HerdError("top_logprobs must be between 0 and 20")
-        tools = None
-        if body.tools and body.tool_choice != "none":
-            tools = [t.model_dump() for t in body.tools]
+        tools, format = _tools_and_format(body)
         reply = await handler_of(request).generate(et.GenerateRequest(
             model=body.model, messages=_messages(body.messages), tools=tools, options=_options(body),
-            format=_format(body.response_format), keep_alive=parse_keep_alive(body.keep_alive),
+            format=format, keep_alive=parse_keep_alive(body.keep_alive),
             logprobs=(body.top_logprobs or 0) if body.logprobs else None))
         cid, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), reply.model
         base = {"id": cid, "created": created, "model": model, "system_fingerprint": FINGERPRINT}
@@ -201,7 +229,7 @@ def routes() -> APIRouter:
                 raise HerdError("echo is not supported with stream")
             reply = await h.generate(et.GenerateRequest(
                 model=body.model, prompt=prompts[0], raw=True, suffix=body.suffix, options=options,
-                keep_alive=keep_alive, logprobs=body.logprobs))
+                keep_alive=keep_alive, logprobs=body.logprobs), stop_logprob=True)
             base = {"id": cid, "object": "text_completion", "created": created, "model": reply.model,
                     "system_fingerprint": FINGERPRINT}
             include_usage = body.stream_options is not None and body.stream_options.include_usage
@@ -322,7 +350,7 @@ async def _completion(h: Handler, body: s.CompletionRequest, prompt: str | list[
     if not (body.echo and options.get("num_predict") == 0):
         reply = await h.generate(et.GenerateRequest(
             model=body.model, prompt=prompt, raw=True, suffix=body.suffix, options=options, keep_alive=keep_alive,
-            logprobs=body.logprobs))
+            logprobs=body.logprobs), stop_logprob=True)
         model = reply.model
         async for event in reply.events():
             if isinstance(event, Text):

@@ -272,6 +272,8 @@ class ListedModel(Wire):
     size: int = Field(description="Bytes on disk.")
     digest: str = Field(description="Manifest digest (hex).")
     details: ModelDetails = Field(description="Architecture facts.")
+    error: str | None = Field(None, description="(llamaherd) Why the model cannot be read (a damaged manifest or config); "
+                                                "absent for a good one. Its blobs are kept: `herd doctor` says more.")
 
 
 class ListResponse(Wire):

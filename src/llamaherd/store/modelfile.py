@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import HerdError
+from ..options import check_option, check_options
 
 COMMANDS = ("FROM", "PARAMETER", "TEMPLATE", "SYSTEM", "MESSAGE", "LICENSE", "ADAPTER")
 ROLES = ("system", "user", "assistant", "tool")
@@ -59,10 +60,44 @@ def parse_parameter(name: str, raw: str, where: str = "") -> tuple[str, Any]:
     if kind is list:
         return key, raw
     try:
-        return key, kind(raw)
+        value = kind(raw)
     except ValueError:
         what = "an integer" if kind is int else "a number"
         raise HerdError(f"{prefix}parameter {key} must be {what}, got {raw!r}") from None
+    try:
+        return key, check_option(key, value)  # the ranges every way of giving options shares
+    except HerdError as e:
+        raise HerdError(f"{prefix}{e}") from None
+
+
+def check_parameters(params: Any, context_length: int | None = None) -> dict[str, Any]:
+    """Parameters as they are stored with a model: known names and valid values only (the one
+    option validation, `llamaherd.options`), num_ctx within the model's context. A bad value
+    stored would break every later request for the model."""
+    checked = check_options(params, unknown="error")
+    if context_length and checked.get("num_ctx", 0) > context_length:
+        raise HerdError(f"parameter num_ctx {checked['num_ctx']} exceeds the model's context length {context_length}")
+    return checked
+
+
+def check_definition(mf: Modelfile) -> None:
+    """Check what a Modelfile (parsed, or built from `/api/create`'s JSON) would store: the
+    parameters, the template's Jinja syntax, message roles and texts. `HerdError` if wrong."""
+    from ..tokenizer.chat import check_template
+
+    if not isinstance(mf.from_, str) or not mf.from_.strip():
+        raise HerdError("FROM needs a model name or a path")
+    check_parameters(mf.parameters)
+    for what, text in (("template", mf.template), ("system", mf.system)):
+        if text is not None and not isinstance(text, str):
+            raise HerdError(f"{what} must be a string")
+    if mf.template is not None:
+        check_template(mf.template)
+    for m in mf.messages:
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise HerdError(f"a message needs a role ({', '.join(ROLES)}) and a string content")
+    if not all(isinstance(t, str) for t in mf.licenses):
+        raise HerdError("license must be a string or a list of strings")
 
 
 def parse_modelfile(text: str) -> Modelfile:

@@ -16,10 +16,12 @@ store lock also covers `remove`'s garbage collection, so it can't free a blob a 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -30,14 +32,24 @@ from typing import Any, Iterator
 
 from ..errors import HerdError
 from . import manifest as mt
-from .blobs import BlobStore, atomic_write, copy_hashing, digest_bytes, file_lock
+from .blobs import BlobStore, atomic_write, copy_hashing, digest_bytes, digest_file, file_lock
 from .details import model_details
 from .manifest import Layer, Manifest
-from .modelfile import Modelfile, format_modelfile, parse_modelfile
+from .modelfile import Modelfile, check_definition, check_parameters, format_modelfile, parse_modelfile
 from .names import ModelName, parse_name
 from .sources import HF_MODEL_FILES, Fetched, Progress, Source, catalog_names, catalog_source
 
 GGUF_MAGIC = b"GGUF"
+_BLOB_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+_DIGEST_IN_TEXT = re.compile(rb"sha256[:-]([0-9a-f]{64})")
+
+
+def _is_json(data: bytes) -> bool:
+    try:
+        json.loads(data)
+    except ValueError:
+        return False
+    return True
 
 
 def herd_home() -> Path:
@@ -82,13 +94,15 @@ class ResolvedModel:
 
 @dataclass
 class ModelEntry:
-    """A line of `herd list`: name, manifest digest, total size, modification time (POSIX seconds)."""
+    """A line of `herd list`: name, manifest digest, total size, modification time (POSIX seconds),
+    and for a model that cannot be read (a damaged manifest or config), what is wrong with it."""
 
     name: str
     digest: str
     size: int
     modified: float
     details: dict[str, Any]
+    error: str | None = None
 
     @property
     def id(self) -> str:
@@ -106,14 +120,28 @@ def _no_progress(event: dict[str, Any]) -> None:
 
 @contextmanager
 def _disk_errors(root: Path) -> Iterator[None]:
-    """A full disk as a one-line error (what was written so far stays under partial/)."""
+    """A full disk, a read-only store or one we may not write as a one-line error (what was
+    written so far stays under partial/)."""
     try:
         yield
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise HerdError(f"no space left on the disk of {root}: free some and try again "
-                            "(a download resumes where it stopped)") from None
+            raise StorageError(f"no space left on the disk of {root}: free some and try again "
+                               "(a download resumes where it stopped)", 507) from None
+        if e.errno == errno.EROFS:
+            raise StorageError(f"the model store {root} is on a read-only file system") from None
+        if e.errno in (errno.EACCES, errno.EPERM):
+            raise StorageError(f"no permission to write in the model store {root}") from None
         raise
+
+
+class StorageError(HerdError):
+    """The store's disk refused a write (full, read-only, no permission): the server's condition,
+    not the client's mistake, so a server answers `status` (507 full, else 503)."""
+
+    def __init__(self, message: str, status: int = 503):
+        super().__init__(message)
+        self.status = status
 
 
 class Store:
@@ -167,23 +195,45 @@ class Store:
             raise HerdError(f"blob {layer.digest} is corrupt: {e}") from None
 
     def _details(self, manifest: Manifest) -> dict[str, Any]:
-        return self._json(manifest.config, {})
+        details = self._json(manifest.config, {})
+        if not isinstance(details, dict):  # valid JSON, but not the object a config is
+            raise HerdError(f"blob {manifest.config.digest} is corrupt: the model's config is not a JSON object")
+        return details
+
+    def _manifest_files(self) -> Iterator[Path]:
+        """Every manifest file (a name's `<host>/<namespace>/<model>/<tag>`)."""
+        base = self.root / "manifests"
+        for path in sorted(base.glob("*/*/*/*")) if base.is_dir() else []:
+            if path.is_file() and not path.name.startswith("."):
+                yield path
+
+    def _display_name(self, path: Path) -> str:
+        """The name a manifest file stands for (its path's parts, if they are not a valid name)."""
+        parts = path.relative_to(self.root / "manifests").parts
+        try:
+            return parse_name(_name_from_parts(*parts)).display()
+        except HerdError:
+            return "/".join(parts)
 
     def list(self) -> list[ModelEntry]:
-        """Every model in the store, most recently modified first."""
-        base = self.root / "manifests"
+        """Every model in the store, most recently modified first. A model that cannot be read is
+        listed too, with `error` saying why (it is never hidden: its blobs are still kept)."""
         entries = []
-        for path in base.glob("*/*/*/*") if base.is_dir() else []:
-            if not path.is_file() or path.name.startswith("."):
-                continue
+        for path in self._manifest_files():
+            name = self._display_name(path)
             try:
-                name = parse_name(_name_from_parts(*path.relative_to(base).parts))
-                _, manifest, data = self._read(name)
-                details = {k: v for k, v in self._details(manifest).items() if k != "chat_template"}
-            except HerdError:  # a stray or damaged file: `list` shows what it can
+                data = path.read_bytes()
+            except OSError as e:
+                entries.append(ModelEntry(name, "", 0, 0.0, {}, f"cannot read its manifest: {e.strerror}"))
                 continue
-            entries.append(ModelEntry(name.display(), digest_bytes(data), manifest.size, path.stat().st_mtime,
-                                      details))
+            modified = path.stat().st_mtime
+            try:
+                manifest = Manifest.from_bytes(data, "its manifest")
+                details = {k: v for k, v in self._details(manifest).items() if k != "chat_template"}
+            except HerdError as e:
+                entries.append(ModelEntry(name, digest_bytes(data), len(data), modified, {}, str(e)))
+                continue
+            entries.append(ModelEntry(name, digest_bytes(data), manifest.size, modified, details))
         return sorted(entries, key=lambda e: (-e.modified, e.name))
 
     def resolve(self, name: str, pull: bool = False, progress: Progress | None = None) -> ResolvedModel:
@@ -277,7 +327,7 @@ class Store:
         progress({"status": "pulling manifest"})
         key = _key(source.key)
         work = self.root / "partial" / key
-        with file_lock(self.root / "locks" / f"pull-{key}.lock"), _disk_errors(self.root):
+        with _disk_errors(self.root), file_lock(self.root / "locks" / f"pull-{key}.lock"):
             work.mkdir(parents=True, exist_ok=True)
             files = source.fetch(work, self.blobs, progress)
             details = self._details_of(files, work)
@@ -371,7 +421,7 @@ class Store:
     def remove(self, name: str) -> None:
         """Remove `name`; blobs no other model uses are deleted."""
         n = parse_name(name)
-        with self._locked():
+        with _disk_errors(self.root), self._locked():
             path = self._manifest_path(n)
             if not path.is_file():
                 raise ModelNotFound(f"model '{name}' not found")
@@ -385,52 +435,128 @@ class Store:
 
     def prune(self) -> int:
         """Delete blobs and model directories no manifest uses; returns the bytes freed."""
-        with self._locked():
+        with _disk_errors(self.root), self._locked():
             return self._collect_garbage()
 
     def _collect_garbage(self) -> int:
+        """Delete the blobs and model folders no manifest uses (store lock held); returns bytes freed.
+
+        A manifest that cannot be parsed may still be a model someone wants back (a schemaVersion
+        a newer herd wrote, a file an editor truncated): every digest that appears in its text is
+        kept, and if its text is not even JSON (truncated: the digests it named past the cut are
+        unknown) nothing is deleted at all. Losing weights for good is worse than keeping a few."""
         used: set[str] = set()
         dirs: set[str] = set()
-        base = self.root / "manifests"
-        for path in base.glob("*/*/*/*") if base.is_dir() else []:
-            if path.is_file() and not path.name.startswith("."):
-                try:
-                    manifest = Manifest.from_bytes(path.read_bytes())
-                except HerdError:
-                    continue
-                used |= manifest.digests()
-                for media in (mt.MODEL, mt.ADAPTER):
-                    for group in {l.group for l in manifest.of_type(media)}:
-                        layers = [l for l in manifest.of_type(media) if l.group == group]
-                        dirs.add(_dir_key(layers))
+        for path in self._manifest_files():
+            try:
+                data = path.read_bytes()
+            except OSError:
+                return 0  # cannot tell what it uses
+            try:
+                manifest = Manifest.from_bytes(data)
+            except HerdError:
+                if not _is_json(data):
+                    return 0
+                used |= {"sha256:" + h.decode() for h in _DIGEST_IN_TEXT.findall(data)}
+                dirs.add("*")  # keep every model folder too
+                continue
+            used |= manifest.digests()
+            for media in (mt.MODEL, mt.ADAPTER):
+                for group in {l.group for l in manifest.of_type(media)}:
+                    layers = [l for l in manifest.of_type(media) if l.group == group]
+                    dirs.add(_dir_key(layers))
         freed = 0
         for digest in self.blobs.digests() - used:
             path = self.blobs.path(digest)
-            freed += path.stat().st_size
-            path.unlink(missing_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                freed += path.stat().st_size
+                path.unlink()
         models = self.root / "models"
-        for d in models.iterdir() if models.is_dir() else []:
+        for d in models.iterdir() if models.is_dir() and "*" not in dirs else []:
             if d.name not in dirs and not d.name.startswith(".tmp-"):  # .tmp-: being made by a resolve
                 shutil.rmtree(d, ignore_errors=True)
         return freed
+
+    def clean_temporary(self) -> None:
+        """Delete what killed uploads left in `blobs/` (`.upload-*`); `herd serve` does it at start."""
+        for path in self.blobs.dir.glob(".upload-*") if self.blobs.dir.is_dir() else []:
+            path.unlink(missing_ok=True)
+
+    def check(self) -> list[tuple[str, str]]:
+        """Verify every manifest and every blob it names (present, the right size, the right sha256,
+        configs and parameters readable): `(model, what is wrong)` pairs, empty when all is well.
+        What `herd doctor` prints. Reads every blob: minutes for a store of large models."""
+        problems: list[tuple[str, str]] = []
+        verified: dict[str, str | None] = {}  # digest -> problem (each blob is hashed once)
+        for path in self._manifest_files():
+            name = self._display_name(path)
+            try:
+                manifest = Manifest.from_bytes(path.read_bytes(), "its manifest")
+            except (OSError, HerdError) as e:
+                problems.append((name, str(e) if isinstance(e, HerdError) else f"cannot read its manifest: "
+                                 f"{e.strerror}"))
+                continue
+            for layer in [manifest.config, *manifest.layers]:
+                if layer.digest not in verified:
+                    verified[layer.digest] = self._check_blob(layer)
+                if verified[layer.digest]:
+                    problems.append((name, verified[layer.digest]))
+            if any(verified[l.digest] for l in [manifest.config, *manifest.layers]):
+                continue
+            try:
+                self._details(manifest)
+                params = self._json(manifest.first(mt.PARAMS), {})
+                if not isinstance(params, dict):
+                    raise HerdError("its parameters are not a JSON object")
+                check_parameters(params)
+                for layer in manifest.of_type(mt.MESSAGES):
+                    if not isinstance(self._json(layer, []), list):
+                        raise HerdError("its messages are not a JSON list")
+            except HerdError as e:
+                problems.append((name, str(e)))
+        return problems
+
+    def _check_blob(self, layer: Layer) -> str | None:
+        path = self.blobs.path(layer.digest)
+        try:
+            size = path.stat().st_size
+            if size != layer.size:
+                return f"blob {layer.digest} has {size} bytes, its manifest says {layer.size}"
+            if digest_file(path) != layer.digest:
+                return f"blob {layer.digest} is corrupt: its content has another sha256"
+        except FileNotFoundError:
+            return f"blob {layer.digest} is missing"
+        except OSError as e:
+            return f"blob {layer.digest} cannot be read: {e.strerror}"
+        return None
 
     def copy(self, src: str, dst: str) -> None:
         """Make `dst` another name for `src` (the same manifest; no blob is copied)."""
         _, _, data = self._read(src)
         d = parse_name(dst)
-        with self._locked():
+        with _disk_errors(self.root), self._locked():
             atomic_write(self._manifest_path(d), data)
 
     # -- creating -------------------------------------------------------------------------
 
-    def create(self, name: str, modelfile: str, base_dir: str | Path = ".",
+    def create(self, name: str, modelfile: str | Modelfile, base_dir: str | Path | None = ".",
                progress: Progress | None = None) -> str:
-        """Create (or replace) `name` from Modelfile text; paths in it are relative to `base_dir`.
-        Returns the manifest digest. Progress events as for `pull`."""
+        """Create (or replace) `name` from a Modelfile (its text, or a `Modelfile` built directly, as
+        `/api/create` does); returns the manifest digest. Progress events as for `pull`.
+
+        Args:
+            base_dir: the folder relative paths in FROM and ADAPTER start from; None: paths are
+                not accepted at all (a server's clients name only stored models and blobs).
+        FROM may also be `sha256:<hex>`, a GGUF blob already in the store (an upload): it is used
+        in place, not copied. The parameters, template and messages are checked before anything
+        is written (`check_parameters`, the template's syntax, num_ctx against the model's context).
+        """
         progress = progress or _no_progress
         n = parse_name(name)
-        mf = parse_modelfile(modelfile)
-        base_dir = Path(base_dir).expanduser()
+        mf = parse_modelfile(modelfile) if isinstance(modelfile, str) else modelfile
+        check_definition(mf)
+        if base_dir is None and mf.adapters:
+            raise HerdError("adapters are not accepted here")
         params: dict[str, Any] = {}
         template = system = None
         messages: list = []
@@ -438,7 +564,7 @@ class Store:
         adapters: list[list[Fetched]] = []
         key = _key(f"create:{n.display()}")
         work = self.root / "partial" / key
-        with file_lock(self.root / "locks" / f"pull-{key}.lock"), _disk_errors(self.root):
+        with _disk_errors(self.root), file_lock(self.root / "locks" / f"pull-{key}.lock"):
             work.mkdir(parents=True, exist_ok=True)
             base = self._base_model(mf, base_dir, progress)
             if isinstance(base, Manifest):  # FROM a stored model: inherit what it has
@@ -452,17 +578,24 @@ class Store:
                 for group in sorted({l.group for l in base.of_type(mt.ADAPTER)}):
                     adapters.append([Fetched(l.digest, l.size, None, l.name)
                                      for l in base.of_type(mt.ADAPTER) if l.group == group])
+            elif isinstance(base, str):  # FROM an uploaded blob: used in place
+                path = self.blobs.path(base)
+                with open(path, "rb") as f:
+                    if f.read(4) != GGUF_MAGIC:
+                        raise HerdError(f"blob {base} is not a GGUF file")
+                files = [Fetched(base, path.stat().st_size, None, None)]
+                details = model_details(path)
             else:
                 progress({"status": f"copying model files from {base}"})
                 files = self._import(base, work / "model")
                 details = self._details_of(files, work)
             for i, adapter in enumerate(mf.adapters):
-                path = (base_dir / Path(adapter).expanduser())
+                path = (Path(base_dir) / Path(adapter).expanduser())
                 if not path.exists():
                     raise HerdError(f"ADAPTER {adapter}: no such file or directory")
                 progress({"status": f"copying adapter {adapter}"})
                 adapters.append(self._import(path, work / f"adapter{i}", adapter=True))
-            params = {**params, **mf.parameters}
+            params = check_parameters({**params, **mf.parameters}, details.get("context_length"))
             template = mf.template if mf.template is not None else template
             system = mf.system if mf.system is not None else system
             messages = mf.messages or messages
@@ -475,22 +608,60 @@ class Store:
         progress({"status": "success"})
         return digest
 
-    def _base_model(self, mf: Modelfile, base_dir: Path, progress: Progress) -> Manifest | Path:
-        """What FROM names: a stored model's manifest (pulled first if needed), or a path."""
-        where = f"Modelfile line {mf.from_line}: FROM {mf.from_}"
+    def check_create(self, name: str, mf: Modelfile) -> None:
+        """What `create(name, mf, base_dir=None)` would refuse before it starts (a bad name or
+        definition, a FROM that names no stored model, catalog model or blob): a server answers
+        these with a 4xx rather than in the progress stream."""
+        parse_name(name)
+        check_definition(mf)
+        if _BLOB_DIGEST.fullmatch(mf.from_):
+            if not self.blobs.has(mf.from_):
+                raise HerdError(f"from {mf.from_!r}: no such blob (upload it first: POST /api/blobs/{mf.from_})")
+            return
+        base = parse_name(mf.from_)
+        if not self.has(base) and self.catalog(base) is None:
+            raise ModelNotFound(f"from {mf.from_!r}: no such model")
+
+    def _base_model(self, mf: Modelfile, base_dir: Path | None, progress: Progress) -> Manifest | Path | str:
+        """What FROM names: a stored model's manifest (pulled first if needed), a stored blob's
+        digest, or (with a `base_dir`) a path."""
+        where = f"Modelfile line {mf.from_line}: FROM {mf.from_}" if mf.from_line else f"from {mf.from_!r}"
+        if _BLOB_DIGEST.fullmatch(mf.from_):
+            if not self.blobs.has(mf.from_):
+                raise HerdError(f"{where}: no such blob (upload it first: POST /api/blobs/{mf.from_})")
+            return mf.from_
         try:
             name = parse_name(mf.from_)
         except HerdError:
             name = None
         if name is not None and self.has(name):
             return self._read(name)[1]
-        path = base_dir / Path(mf.from_).expanduser()
-        if path.exists():
-            return path
+        if base_dir is not None:
+            path = Path(base_dir).expanduser() / Path(mf.from_).expanduser()
+            if path.exists():
+                return path
         if name is not None and self.catalog(name) is not None:
             self.pull(mf.from_, progress)
             return self._read(name)[1]
-        raise HerdError(f"{where}: no such model, file or directory")
+        raise HerdError(f"{where}: no such model, file or directory" if base_dir is not None
+                        else f"{where}: no such model")
+
+    # -- uploads ----------------------------------------------------------------------------
+
+    def upload_file(self) -> tuple[int, Path]:
+        """A new temporary file for an upload, beside the blobs (`.upload-*`: deleted at the next
+        server start if the upload never finishes). Returns (fd, path)."""
+        with _disk_errors(self.root):
+            self.blobs.dir.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.blobs.dir, prefix=".upload-")
+        return fd, Path(tmp)
+
+    def commit_upload(self, tmp: Path, digest: str) -> None:
+        """Keep a finished, verified upload as the blob `digest`: an ordinary blob, collected like
+        any other once no model uses it (a create that names it must come before the next
+        collection: a `herd rm`, `prune` or a server start)."""
+        with _disk_errors(self.root), self._locked():
+            self.blobs.commit(tmp, digest)
 
     def _import(self, path: Path, work: Path, adapter: bool = False) -> list[Fetched]:
         """Copy a model (or adapter) file or directory into `work`, hashing it; no blob is written."""

@@ -22,9 +22,9 @@ from typing import TYPE_CHECKING, Any
 
 import jinja2
 import jinja2.ext
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from ..errors import HerdError
+from .sandbox import BoundedSandbox, render_bounded
 
 if TYPE_CHECKING:
     from . import Tokenizer
@@ -101,8 +101,8 @@ def _strftime_now(fmt: str) -> str:
 @lru_cache(maxsize=32)
 def _compile(source: str) -> jinja2.Template:
     # A chat template comes with the model file: untrusted code. The immutable sandbox blocks
-    # attribute tricks (`''.__class__`) and mutating the inputs.
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+    # attribute tricks (`''.__class__`) and mutating the inputs; ours also bounds sizes and time.
+    env = BoundedSandbox(trim_blocks=True, lstrip_blocks=True,
                                         extensions=[jinja2.ext.loopcontrols])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
@@ -111,6 +111,12 @@ def _compile(source: str) -> jinja2.Template:
         return env.from_string(source)
     except jinja2.TemplateError as e:
         raise HerdError(f"invalid chat template: {e}") from None
+
+
+def check_template(source: str) -> None:
+    """`HerdError` if `source` is not a valid Jinja template (checked when a model is created,
+    not at its first chat)."""
+    _compile(source)
 
 
 class JinjaChatTemplate:
@@ -141,12 +147,12 @@ class JinjaChatTemplate:
             HerdError: the template failed (bad syntax, `raise_exception`, a sandbox violation).
         """
         try:
-            return self.template.render(
-                messages=messages, add_generation_prompt=add_generation_prompt, tools=tools,
+            return render_bounded(
+                self.template, messages=messages, add_generation_prompt=add_generation_prompt, tools=tools,
                 bos_token=self.bos_token, eos_token=self.eos_token, **kwargs)
         except jinja2.TemplateError as e:
             raise HerdError(f"chat template error: {e}") from None
-        except (TypeError, ValueError, LookupError, ArithmeticError) as e:
+        except (TypeError, ValueError, LookupError, ArithmeticError, RecursionError, MemoryError) as e:
             # The template's own code failed on these messages (e.g. `content + 1`).
             raise HerdError(f"chat template error: {type(e).__name__}: {e}") from None
 
