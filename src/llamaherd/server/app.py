@@ -1,21 +1,7 @@
 """The FastAPI application of `herd serve`, and its settings.
 
-Settings come from the environment (names and defaults as Ollama's, with HERD_ for OLLAMA_):
-
-    HERD_HOST               address to bind: host:port, host, :port or a URL   127.0.0.1:11434
-    HERD_ORIGINS            more browser origins allowed by CORS (comma-separated, * wildcards);
-                            localhost, 127.0.0.1, [::1] and 0.0.0.0 on any port are always allowed
-    HERD_API_KEY            if set, every request but GET / needs "Authorization: Bearer <key>"
-    HERD_MAX_QUEUE          requests waiting for a slot before the server answers 503      512
-    HERD_MAX_LOADED_MODELS  models loaded at once; the least recently used idle one goes     3
-    HERD_MAX_MEMORY         bytes of weights + KV cache over loaded models (suffix K/M/G)    unlimited
-    HERD_KEEP_ALIVE         how long an idle model stays loaded (seconds or "5m"; <0 forever) 5m
-    HERD_NUM_PARALLEL       requests one model decodes together (KV-cache rows)              16
-    HERD_CONTEXT_LENGTH     default num_ctx (clipped to the model's)                         4096
-    HERD_MAX_BODY           request body size limit in bytes (suffix K/M/G); blob uploads     32M
-                            (POST /api/blobs) are exempt: they are hashed as they stream
-    HERD_NUM_THREADS        torch CPU threads                                                torch's default
-    HERD_HOME               the model store                                                  ~/.llamaherd
+Settings come from the environment, every HERD_* variable read in `llamaherd.settings` (names and
+defaults as Ollama's, with HERD_ for OLLAMA_; `herd serve --help` lists them with their defaults).
 
 Security: the server binds loopback by default. When it is bound to loopback it also refuses
 requests whose Host header is not a loopback name (DNS rebinding: a web page that resolves its
@@ -29,68 +15,29 @@ import fnmatch
 import ipaddress
 import logging
 import os
-import re
 import secrets
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
+from .. import settings as envconfig
 from ..errors import HerdError
-from .handler import Handler, parse_keep_alive
+from ..settings import DEFAULT_PORT, parse_host, parse_size  # noqa: F401  (re-exported)
+from .handler import Handler
 from .http import ClientGone, error_response
+from .log import AccessLog
 
 log = logging.getLogger("llamaherd.server")
 
-DEFAULT_PORT = 11434
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1", "[::1]")
 DEFAULT_ORIGINS = [f"{scheme}://{host}{port}" for scheme in ("http", "https")
                    for host in ("localhost", "127.0.0.1", "[::1]", "0.0.0.0") for port in ("", ":*")]
-
-
-def parse_host(value: str | None) -> tuple[str, int]:
-    """HERD_HOST as Ollama reads OLLAMA_HOST: "host:port", "host", ":port", "http://host:port", "[::1]:port"."""
-    value = (value or "").strip()
-    if not value:
-        return "127.0.0.1", DEFAULT_PORT
-    if "://" not in value:
-        value = "http://" + value
-    parts = urlsplit(value)
-    try:
-        port = parts.port or DEFAULT_PORT
-    except ValueError:
-        raise HerdError(f"HERD_HOST {value!r}: bad port") from None
-    host = parts.hostname or "127.0.0.1"
-    return host, port
-
-
-def parse_size(value: str | None, default: int | None) -> int | None:
-    if value is None or not value.strip():
-        return default
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*", value, re.IGNORECASE)
-    if not m:
-        raise HerdError(f"bad size {value!r}: give bytes, or a number with K, M or G")
-    scale = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}[m.group(2).upper()]
-    return int(float(m.group(1)) * scale)
-
-
-def _int(env: dict, name: str, default: int, lo: int = 1) -> int:
-    raw = env.get(name)
-    if raw is None or not raw.strip():
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise HerdError(f"{name} must be an integer, got {raw!r}") from None
-    if value < lo:
-        raise HerdError(f"{name} must be >= {lo}, got {value}")
-    return value
 
 
 @dataclass
@@ -108,26 +55,19 @@ class Settings:
     max_body: int = 32 << 20
     num_threads: int | None = None
     home: Path | None = None
+    debug: bool = False
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> "Settings":
         env = dict(os.environ if env is None else env)
-        host, port = parse_host(env.get("HERD_HOST"))
-        keep_alive = parse_keep_alive(env.get("HERD_KEEP_ALIVE"))
-        threads = env.get("HERD_NUM_THREADS")
+        host, port = envconfig.host(env)
         return cls(
-            host=host, port=port,
-            origins=[o.strip() for o in env.get("HERD_ORIGINS", "").split(",") if o.strip()],
-            api_key=env.get("HERD_API_KEY") or None,
-            max_queue=_int(env, "HERD_MAX_QUEUE", 512, lo=0),
-            max_loaded_models=_int(env, "HERD_MAX_LOADED_MODELS", 3),
-            max_memory=parse_size(env.get("HERD_MAX_MEMORY"), None),
-            keep_alive=300.0 if keep_alive is None else keep_alive,
-            num_parallel=_int(env, "HERD_NUM_PARALLEL", 16),
-            context_length=_int(env, "HERD_CONTEXT_LENGTH", 4096),
-            max_body=parse_size(env.get("HERD_MAX_BODY"), 32 << 20),
-            num_threads=_int(env, "HERD_NUM_THREADS", 0) if threads else None,
-            home=Path(env["HERD_HOME"]).expanduser() if env.get("HERD_HOME") else None,
+            host=host, port=port, origins=envconfig.origins(env), api_key=envconfig.api_key(env),
+            max_queue=envconfig.max_queue(env), max_loaded_models=envconfig.max_loaded_models(env),
+            max_memory=envconfig.max_memory(env), keep_alive=envconfig.keep_alive(env),
+            num_parallel=envconfig.num_parallel(env), context_length=envconfig.context_length(env),
+            max_body=envconfig.max_body(env), num_threads=envconfig.num_threads(env),
+            home=envconfig.home(env), debug=envconfig.debug(env),
         )
 
     @property
@@ -236,6 +176,9 @@ def create_app(settings: Settings | None = None, engine: Any = None, store: Any 
         start = getattr(app.state.handler.engine, "start", None)
         if start is not None:
             await start()
+        if own is not None:  # a real `herd serve` (tests that pass an engine stay quiet)
+            for line in startup_lines(settings, store):
+                log.info(line)
         try:
             yield
         finally:
@@ -279,19 +222,47 @@ def create_app(settings: Settings | None = None, engine: Any = None, store: Any 
                        allow_methods=["GET", "POST", "DELETE", "HEAD", "OPTIONS"],
                        allow_headers=["Authorization", "Content-Type", "User-Agent", "Accept", "X-Requested-With"])
     app.add_middleware(Guard, settings=settings)
+    app.add_middleware(AccessLog, store_root=getattr(store, "root", settings.home or "."))
     return app
 
 
-def serve(settings: Settings | None = None) -> None:
-    """Run the server until interrupted (what `herd serve` does)."""
+def serve(settings: Settings | None = None, sock=None) -> None:
+    """Run the server until interrupted (what `herd serve` does), on `sock` if given (a bound,
+    listening socket), else on settings.host:port. Logs to stderr: where it listens, then one line
+    per request (`server/log.py`); more with HERD_DEBUG."""
+    import sys
+
     import uvicorn
 
     settings = settings or Settings.from_env()
+    logging.basicConfig(level=logging.DEBUG if settings.debug else logging.INFO, format="%(message)s",
+                        stream=sys.stderr)
     if settings.num_threads:
         import torch
 
         torch.set_num_threads(settings.num_threads)
     app = create_app(settings)
-    log.info("llamaherd listening on %s:%d", settings.host, settings.port)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning", access_log=False,
-                timeout_graceful_shutdown=5)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, access_log=False,
+                            log_level="debug" if settings.debug else "warning", timeout_graceful_shutdown=5)
+    server = uvicorn.Server(config)
+    server.run(sockets=[sock] if sock is not None else None)
+
+
+def startup_lines(settings: Settings, store: Any) -> list[str]:
+    """What `herd serve` prints once it is ready: its address, the chat page, the store."""
+    from .. import __version__
+    from .client import store_id
+
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    url = f"http://{host}:{settings.port}"
+    page = url.replace("0.0.0.0", "127.0.0.1").replace("[::]", "[::1]") + "/"
+    root = Path(getattr(store, "root", settings.home or "."))
+    try:
+        count = f"{len(store.list())} models"
+    except Exception:  # a store that cannot be listed still gets served; its errors come per request
+        count = "not readable"
+    lines = [f"llamaherd {__version__} listening on {url} (pid {os.getpid()})", f"chat page: {page}",
+             f"store: {root} ({count}; id {store_id(root)})"]
+    if not settings.loopback:
+        lines.append(f"note: bound to {settings.host}, not loopback: other machines can reach this server")
+    return lines
