@@ -42,7 +42,9 @@ GGUF_MAGIC = b"GGUF"
 
 def herd_home() -> Path:
     """The store's folder: `$HERD_HOME`, else `~/.llamaherd`."""
-    return Path(os.environ.get("HERD_HOME") or Path.home() / ".llamaherd").expanduser()
+    from .. import settings
+
+    return settings.home()
 
 
 class ModelNotFound(HerdError):
@@ -282,7 +284,7 @@ class Store:
             files = source.fetch(work, self.blobs, progress)
             details = self._details_of(files, work)
             progress({"status": "writing manifest"})
-            digest = self._commit(n, files, details, source=source.describe())
+            digest = self._commit(n, files, details, source=source.describe(), params=getattr(source, "params", None))
             shutil.rmtree(work, ignore_errors=True)
         progress({"status": "success"})
         return digest
