@@ -87,8 +87,18 @@ def test_run_answers_through_the_server_as_it_does_locally(server, client_home, 
     for stat in ("total duration:", "load duration:", "prompt eval count:", "eval rate:"):
         assert stat in remote.stderr
     assert [m["name"] for m in server.api("GET", "/api/ps").json()["models"]] == ["smol:latest"]
+    server.api("POST", "/api/generate", json={"model": "smol", "keep_alive": "4m30s"}).raise_for_status()
     ps = herd(server, client_home, "ps")
     assert ps.returncode == 0 and ps.stdout.splitlines()[1].startswith("smol:latest")
+    from llamaherd.cli.common import human_size
+
+    row = ps.stdout.splitlines()[1]
+    assert row.endswith("4 minutes from now"), row  # as Ollama's UNTIL, not a timestamp
+    assert f"    {human_size(server.api('GET', '/api/ps').json()['models'][0]['size'])}    " in row
+
+    spec = herd(server, client_home, "run", "smol", PROMPT, *GREEDY, "--speculate", "4")
+    assert spec.returncode == 0 and "--speculate runs in this process only" in spec.stderr
+    assert spec.stdout == remote.stdout
 
     # A path always runs here (the server knows names); its stored options are the same (top_k
     # does not matter when greedy, the system prompt is given), so the answer is the same.

@@ -24,7 +24,13 @@ def load(model: str | Path, device: str | None = None, dtype=None, quantized: bo
             `herd run` does), or a `.gguf` file, a Hugging Face or a Meta checkpoint directory.
     """
     from .llm import Llama
-
     from .resolve import resolve_model
 
     return Llama.load(resolve_model(model).path, device=device, dtype=dtype, quantized=quantized)
+
+
+def load_tokenizer(spec: str | Path = "llama3"):
+    """A tokenizer: "llama3" (Meta's, offline), a `tokenizer.model`, or a `tokenizer.json` / directory."""
+    from .tokenizer import load_tokenizer as _load
+
+    return _load(spec)
