@@ -112,3 +112,23 @@ def test_interactive_chat_as_ollama_run(home):
     finally:
         proc.kill()
         os.close(main)
+
+
+def test_a_failed_pull_leaves_no_empty_partial_folder(tmp_path):
+    from llamaherd.errors import HerdError
+    from llamaherd.store import Store
+
+    class Unreachable:
+        key = "test:unreachable"
+
+        def describe(self):
+            return "nowhere"
+
+        def fetch(self, work, blobs, progress):
+            (work / "wheel").mkdir()  # as pip does before the download fails
+            raise HerdError("could not download: the network is unreachable")
+
+    store = Store(tmp_path, catalog=lambda name: Unreachable())
+    with pytest.raises(HerdError, match="unreachable"):
+        store.pull("anything:1b")
+    assert not (tmp_path / "partial").exists()

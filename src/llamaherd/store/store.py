@@ -281,7 +281,11 @@ class Store:
         work = self.root / "partial" / key
         with file_lock(self.root / "locks" / f"pull-{key}.lock"), _disk_errors(self.root):
             work.mkdir(parents=True, exist_ok=True)
-            files = source.fetch(work, self.blobs, progress)
+            try:
+                files = source.fetch(work, self.blobs, progress)
+            except BaseException:
+                _remove_if_empty(work)  # keep only what a retry can resume from
+                raise
             details = self._details_of(files, work)
             progress({"status": "writing manifest"})
             digest = self._commit(n, files, details, source=source.describe(), params=getattr(source, "params", None))
@@ -532,6 +536,16 @@ class Store:
             dst.unlink()
             return Fetched(digest, size, None, name)
         return Fetched(digest, size, dst, name)
+
+
+def _remove_if_empty(work: Path) -> None:
+    """Remove a pull's `partial/<key>` folder (and `partial/`) when it holds no file."""
+    if not any(p.is_file() for p in work.rglob("*")):
+        shutil.rmtree(work, ignore_errors=True)
+        try:
+            work.parent.rmdir()
+        except OSError:  # other pulls' folders are there
+            pass
 
 
 def _dir_key(layers: list[Layer]) -> str:
