@@ -60,3 +60,37 @@ def test_defaults_and_parsing():
     assert not settings.native(env) and settings.max_memory(env) == 2 << 30 and settings.origins(env) == ["a", "b"]
     with pytest.raises(HerdError, match="HERD_NUM_PARALLEL must be an integer"):
         settings.num_parallel({"HERD_NUM_PARALLEL": "many"})
+
+
+def test_the_request_log_reads_token_counts_from_either_api():
+    from llamaherd.server.log import duration, token_counts
+
+    ollama = b'{"done":true,"total_duration":5,"prompt_eval_count":12,"prompt_eval_duration":3,"eval_count":30}\n'
+    assert token_counts(b'{"response":"x"}\n' + ollama) == (12, 30)
+    assert token_counts(b'"usage":{"prompt_tokens":7,"completion_tokens":9,"total_tokens":16}}') == (7, 9)
+    assert token_counts(b'{"models":[]}') is None
+    assert (duration(0.0004), duration(0.0123), duration(1.23456)) == ("400µs", "12.3ms", "1.235s")
+
+
+def test_debug_logs_more_per_request(caplog):
+    import asyncio
+    import logging
+
+    from llamaherd.server.log import AccessLog
+
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "GET", "path": "/api/tags", "client": ("127.0.0.1", 5),
+             "headers": [(b"user-agent", b"ollama-python/0.4")]}
+    with caplog.at_level(logging.DEBUG, logger="llamaherd.serve"):
+        asyncio.run(AccessLog(app, "/tmp")(scope, None, send))
+    assert '| 200 |' in caplog.records[0].message and 'GET "/api/tags"' in caplog.records[0].message
+    assert "ollama-python/0.4" in caplog.records[1].message  # HERD_DEBUG's extra line
+    assert dict(sent[0]["headers"])[b"x-herd-store"]
