@@ -77,6 +77,7 @@ def _say(main, line: str) -> str:
     return _read_until(main, b">>> ").decode(errors="replace")
 
 
+@pytest.mark.slow
 def test_interactive_chat_as_ollama_run(home):
     proc, main = _chat(["smollm2:135m", "--verbose", "--seed", "3"], env={"HERD_HOME": str(home)})
     try:
