@@ -6,6 +6,10 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 MODEL ?= smollm2:135m
 PROMPT ?=
+# The prompt reaches herd exactly as typed: make does not expand its `$`, and the shell reads it
+# from the environment ("$$PROMPT"), so quotes, `$HOME` and backticks are just text.
+override PROMPT := $(value PROMPT)
+export PROMPT
 
 .PHONY: run test setup setup-dev bench clean
 
@@ -15,6 +19,7 @@ $(VENV)/.setup: pyproject.toml
 	$(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -e .
 	touch $@
+	@echo "herd is installed in $(VENV)/bin: run 'source $(VENV)/bin/activate' to type 'herd' in this shell (or call $(VENV)/bin/herd)"
 
 $(VENV)/.setup-dev: $(VENV)/.setup
 	$(PY) -m pip install -q -e ".[dev]"
@@ -24,10 +29,10 @@ setup: $(VENV)/.setup
 setup-dev: $(VENV)/.setup-dev
 
 run: setup
-	$(VENV)/bin/herd run $(MODEL) $(if $(PROMPT),"$(PROMPT)")
+	$(VENV)/bin/herd run $(MODEL) $(if $(PROMPT),"$$PROMPT")
 
 test: setup-dev
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -p tests.browser_notice
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache

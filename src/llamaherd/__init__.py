@@ -1,7 +1,7 @@
 """llamaherd: the Llama 3 system in Python.
 
     import llamaherd
-    llm = llamaherd.load("model.gguf")          # or a HF / Meta checkpoint directory
+    llm = llamaherd.load("smollm2:135m")        # a store name, a .gguf file, or a HF / Meta directory
     print("".join(llm.chat([{"role": "user", "content": "Hi"}], temperature=0)))
 """
 
@@ -16,12 +16,17 @@ __all__ = ["load", "load_tokenizer", "HerdError", "__version__"]
 from .errors import HerdError
 
 
-def load(path: str | Path, device: str | None = None, dtype=None, quantized: bool | None = None):
-    """Load a model (`.gguf` file, Hugging Face or Meta directory); returns a `llamaherd.llm.Llama`.
-    See `Llama.load` for the arguments."""
-    from .llm import Llama
+def load(model: str | Path, device: str | None = None, dtype=None, quantized: bool | None = None):
+    """Load a model; returns a `llamaherd.llm.Llama` (see `Llama.load` for the other arguments).
 
-    return Llama.load(path, device=device, dtype=dtype, quantized=quantized)
+    Args:
+        model: a name in the store (`smollm2:135m`, pulled first if the catalog knows it, as
+            `herd run` does), or a `.gguf` file, a Hugging Face or a Meta checkpoint directory.
+    """
+    from .llm import Llama
+    from .resolve import resolve_model
+
+    return Llama.load(resolve_model(model).path, device=device, dtype=dtype, quantized=quantized)
 
 
 def load_tokenizer(spec: str | Path = "llama3"):

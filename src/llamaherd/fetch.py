@@ -22,7 +22,9 @@ SMOLLM2_MEMBER = SMOLLM2_135M.member
 
 def cache_dir() -> Path:
     """The folder for downloaded files: `$HERD_CACHE`, else `~/.cache/llamaherd`."""
-    return Path(os.environ.get("HERD_CACHE") or Path.home() / ".cache" / "llamaherd")
+    from . import settings
+
+    return settings.cache()
 
 
 def smollm2_gguf() -> Path:

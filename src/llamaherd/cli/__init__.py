@@ -10,6 +10,7 @@ import argparse
 import os
 import sys
 
+from .. import __version__
 from ..errors import HerdError
 from . import data, doctor, eval as evaluation, guard, models, run, serve
 
@@ -23,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="herd", description="Run Llama 3 family models locally.",
         epilog="run, pull, list, show and rm go through a server running at HERD_HOST when one answers; "
                "--local or HERD_LOCAL=1 keeps them in this process.")
+    parser.add_argument("-v", "--version", action="version", version=f"herd version {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     local = argparse.ArgumentParser(add_help=False)
     local.add_argument("--local", action="store_true",

@@ -3,36 +3,20 @@ progress bars and Ollama-style tables."""
 
 from __future__ import annotations
 
-import os
 import sys
-from pathlib import Path
 
-from ..errors import HerdError
+from .. import settings
 
-DEFAULT_MODEL = "smollm2:135m"
+from ..resolve import DEFAULT_MODEL  # noqa: F401  (the verbs import it from here)
 
 
 def resolve_model(name: str, progress=None):
-    """A `store.ResolvedModel` from what the user typed.
+    """A `store.ResolvedModel` from what the user typed (see `llamaherd.resolve`), with pull
+    progress on stderr."""
+    from ..resolve import resolve_model as resolve
 
-    A model name in the store wins; a name that is not there is pulled first when the catalog knows
-    it (as `ollama run` does); otherwise an existing file or directory is used as it is.
-    """
-    from ..store import ResolvedModel, Store, parse_name
-
-    try:
-        parsed = parse_name(name)
-    except HerdError:
-        parsed = None
-    path = Path(name).expanduser()
-    store = Store()
-    if parsed is not None and (store.has(parsed) or not path.exists()):
-        with PullProgress() as shown:
-            return store.resolve(name, pull=True, progress=progress or shown)
-    if path.exists():
-        return ResolvedModel(name=name, path=path, format="")
-    raise HerdError(f"model '{name}' not found: give a model name (e.g. {DEFAULT_MODEL}), a .gguf file, "
-                    "or a Hugging Face or Meta checkpoint directory")
+    with PullProgress() as shown:
+        return resolve(name, progress or shown)
 
 
 class PullProgress:
@@ -97,6 +81,15 @@ def human_ago(seconds: float) -> str:
     return f"{s // (86400 * 365)} years ago"
 
 
+def human_until(seconds: float) -> str:
+    """A coming moment as Ollama's UNTIL column says it: "4 minutes from now", "Forever"."""
+    if seconds > 100 * 365 * 86400:  # keep_alive < 0: Ollama's far-future expiry
+        return "Forever"
+    if seconds < 1:
+        return "Stopping..."
+    return human_ago(seconds).replace(" ago", " from now").replace("Less than a second from now", "Now")
+
+
 def open_store():
     from ..store import Store
 
@@ -105,12 +98,20 @@ def open_store():
 
 def use_server(args) -> bool:
     """Whether a command goes through a running `herd serve`, as `ollama` does: yes when one answers
-    at HERD_HOST, unless --local or HERD_LOCAL=1 keeps it here."""
-    if getattr(args, "local", False) or os.environ.get("HERD_LOCAL", "").lower() not in ("", "0", "false", "no"):
+    at HERD_HOST and serves this command's store (HERD_HOME), unless --local or HERD_LOCAL=1 keeps
+    it here. A server of another store is left alone, with a note on stderr."""
+    if getattr(args, "local", False) or settings.local():
         return False
-    from ..server.client import server_available
+    from ..server.client import server_identity, server_url, store_id
 
-    return server_available()
+    who = server_identity()
+    if who is None:
+        return False
+    if "store" not in who or who["store"] == store_id(settings.home()):
+        return True
+    print(f"herd: the server at {server_url()} serves another store; working here on {settings.home()} "
+          "(HERD_HOME)", file=sys.stderr)
+    return False
 
 
 def server_show(name: str, pull: bool = False) -> dict:

@@ -7,8 +7,8 @@ import time
 from pathlib import Path
 
 from ..errors import HerdError
-from .common import (DEFAULT_MODEL, PullProgress, human_ago, human_size, open_store, parse_time, print_table,
-                     server_pull, server_show, use_server)
+from .common import (DEFAULT_MODEL, PullProgress, human_ago, human_size, human_until, open_store, parse_time,
+                     print_table, server_pull, server_show, use_server)
 
 
 def cmd_pull(args) -> int:
@@ -52,13 +52,23 @@ def cmd_show(args) -> int:
         if getattr(args, flag):
             print(info[flag] or "")
             return 0
+    if args.parameters:
+        print("\n".join(f"{k:<16}{v}" for k, v in _parameters(info)))
+        return 0
+    print(format_show(info), end="")
+    return 0
+
+
+def _parameters(info: dict) -> list[tuple[str, str]]:
     from ..store.modelfile import format_value
 
-    params = [(k, json.dumps(v) if isinstance(v, str) else format_value(v))
-              for k, vs in info["parameters"].items() for v in (vs if isinstance(vs, list) else [vs])]
-    if args.parameters:
-        print("\n".join(f"{k:<16}{v}" for k, v in params))
-        return 0
+    return [(k, json.dumps(v) if isinstance(v, str) else format_value(v))
+            for k, vs in info["parameters"].items() for v in (vs if isinstance(vs, list) else [vs])]
+
+
+def format_show(info: dict) -> str:
+    """What `herd show MODEL` (and `/show info` in a chat) prints, from `Store.show`'s answer."""
+    params = _parameters(info)
     d = info["details"]
     facts = [("architecture", d.get("architecture")), ("parameters", d.get("parameter_size")),
              ("context length", d.get("context_length")), ("embedding length", d.get("embedding_length")),
@@ -80,8 +90,7 @@ def cmd_show(args) -> int:
         out += _section("License", lines[:2] + (["..."] if len(lines) > 2 else []))
     if info["adapters"]:
         out += _section("Adapters", info["adapters"])
-    print(out, end="")
-    return 0
+    return out
 
 
 def cmd_rm(args) -> int:
@@ -123,12 +132,12 @@ def cmd_ps(args) -> int:
     from ..server.client import server_request
 
     rows = [("NAME", "ID", "SIZE", "CONTEXT", "UNTIL")]
+    now = time.time()
     for m in server_request("GET", "/api/ps")["models"]:
-        until = "Forever" if m["expires_at"].startswith("2318") else m["expires_at"]
-        rows.append((m["name"], m["digest"][:12], human_size(m["size"]), str(m["context_length"]), until))
+        rows.append((m["name"], m["digest"].removeprefix("sha256:")[:12], human_size(m["size"]),
+                     str(m["context_length"]), human_until(parse_time(m["expires_at"]) - now)))
     print_table(rows)
     return 0
-
 
 
 def register(sub, local) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -9,16 +10,24 @@ from pathlib import Path
 from ..errors import HerdError
 from .common import DEFAULT_MODEL, resolve_model, server_show, use_server
 
+# The options `/set parameter` takes, with the type its value is read as (SamplingOptions' fields).
+PARAMETERS = {"temperature": float, "top_k": int, "top_p": float, "min_p": float, "seed": int,
+              "num_predict": int, "num_ctx": int, "repeat_penalty": float, "repeat_last_n": int,
+              "presence_penalty": float, "frequency_penalty": float, "stop": str, "speculate": int}
+
 INTERACTIVE_HELP = """Available commands:
   /set parameter NAME VALUE   set a generation option (temperature, top_k, top_p, min_p, seed,
-                              num_predict, num_ctx, repeat_penalty, repeat_last_n, stop)
+                              num_predict, num_ctx, repeat_penalty, repeat_last_n, stop, ...)
   /set system TEXT            set the system message
   /set verbose | quiet        show or hide statistics after each reply
-  /show parameters            show the options in force
+  /show info | parameters | system | template | license | modelfile
+                              the model's details; parameters: the values in force
   /clear                      forget the conversation
-  /bye                        exit
+  /bye                        exit (or Ctrl + d)
   /?, /help                   this help
-Use \"\"\" to begin and end a multi-line message."""
+Use \"\"\" to begin and end a multi-line message. Ctrl + c stops a reply."""
+
+SHOW_USAGE = "Usage: /show info | parameters | system | template | license | modelfile"
 
 
 def _options(args) -> dict:
@@ -69,8 +78,9 @@ def _print_reply(events, verbose: bool, out=None) -> str:
 
 
 def _local_reply(llm, prompt_ids, opts, load_duration: float):
-    """Reply events (see `_print_reply`) of the model loaded here."""
-    start = time.perf_counter_ns()
+    """Reply events (see `_print_reply`) of the model loaded here; `load_duration` (seconds, the
+    load this reply waited for) counts in its total, as in Ollama's."""
+    start = time.perf_counter_ns() - int(load_duration * 1e9)
     for chunk in llm.stream(prompt_ids, opts):
         if chunk.done:
             yield {"total_duration": time.perf_counter_ns() - start, "load_duration": int(load_duration * 1e9),
@@ -122,6 +132,12 @@ def cmd_run(args) -> int:
     options = {**model.params, **_options(args)}
     system = args.system if args.system is not None else model.system
     prompt = _read_prompt(args)
+    load = [llm.load_duration]  # the first reply reports the load (and counts it in its total), as Ollama's
+
+    def reply(ids, opts, verbose):
+        seconds, load[0] = load[0], 0.0
+        return _print_reply(_local_reply(llm, ids, opts, seconds), verbose)
+
     if prompt is not None:
         opts = llm.options(**options)
         if args.raw:
@@ -130,19 +146,43 @@ def cmd_run(args) -> int:
             messages = ([{"role": "system", "content": system}] if system else []) + model.messages + [
                 {"role": "user", "content": prompt}]
             ids = llm.fit_chat(messages, opts.num_ctx, model.template)
-        _print_reply(_local_reply(llm, ids, opts, llm.load_duration), args.verbose)
+        reply(ids, opts, args.verbose)
         return 0
 
     def chat(messages, options, verbose):
         opts = llm.options(**options)
-        return _print_reply(_local_reply(llm, llm.fit_chat(messages, opts.num_ctx, model.template), opts, 0.0), verbose)
+        return reply(llm.fit_chat(messages, opts.num_ctx, model.template), opts, verbose)
 
-    return interactive(chat, options, system, args.verbose, model.messages, check=lambda o: llm.options(**o))
+    def effective(options):
+        return dataclasses.asdict(llm.options(**options))
+
+    return interactive(chat, options, system, args.verbose, model.messages, check=lambda o: llm.options(**o),
+                       info=lambda: _local_info(model), effective=effective, stored=model.params)
+
+
+def _local_info(model) -> dict:
+    """What `/show` prints about a model run here: `Store.show` for a stored one, else the file's details."""
+    if model.digest:
+        from .common import open_store
+
+        return open_store().show(model.name)
+    from ..store.details import model_details
+
+    details = model_details(model.path)
+    return {"details": {k: v for k, v in details.items() if k != "chat_template"}, "parameters": {},
+            "template": details.get("chat_template"), "system": None, "license": details.get("license"),
+            "messages": [], "adapters": [], "modelfile": f"FROM {model.path}\n"}
 
 
 def _run_on_server(args) -> int:
     """`herd run` through a running server: /api/generate for a raw prompt, /api/chat otherwise.
     The server adds the model's stored system prompt and messages; only --system overrides go out."""
+    from ..server.client import server_url
+
+    if args.speculate:
+        print(f"herd: --speculate runs in this process only; the server at {server_url()} answers without it "
+              "(add --local to speculate here)", file=sys.stderr)
+        args.speculate = None
     info = server_show(args.model, pull=True)
     options = {**info["parameters"], **_options(args)}
     prompt = _read_prompt(args)
@@ -162,13 +202,20 @@ def _run_on_server(args) -> int:
     from ..server.client import server_request
 
     server_request("POST", "/api/chat", {"model": args.model}, timeout=None)  # load it before the first prompt
-    return interactive(chat, options, args.system, args.verbose, check=_check_options)
+    return interactive(chat, options, args.system, args.verbose, check=_check_options, info=lambda: info,
+                       effective=_server_effective, stored=info["parameters"])
 
 
 def _check_options(options: dict) -> None:
     from ..generate import SamplingOptions
 
     SamplingOptions.from_dict(options)
+
+
+def _server_effective(options: dict) -> dict:
+    from ..generate import SamplingOptions
+
+    return dataclasses.asdict(SamplingOptions.from_dict(options))
 
 
 def _read_message() -> str | None:
@@ -190,19 +237,64 @@ def _read_message() -> str | None:
             return "\n".join(parts)
 
 
+def _format_parameters(values: dict, stored: dict, options: dict) -> str:
+    """`/show parameters`: every option's value in force, and where it comes from."""
+    lines = []
+    for name, value in values.items():
+        if name in options and (name not in stored or options[name] != stored[name]):
+            origin = "set"
+        elif name in stored:
+            origin = "model"
+        else:
+            origin = "default"
+        shown = "(the model's, up to 4096)" if value is None and name == "num_ctx" else (
+            "(random)" if value is None and name == "seed" else list(value) if isinstance(value, tuple) else value)
+        lines.append(f"{name:<20}{str(shown):<28}{origin}")
+    return "\n".join(lines)
+
+
+def _show(what: str, info: dict | None, values: dict, stored: dict, options: dict) -> str:
+    """The text of `/show WHAT`, as `ollama run` prints it."""
+    if what == "parameters":
+        return _format_parameters(values, stored, options)
+    if info is None or what not in ("info", "system", "template", "license", "modelfile"):
+        return SHOW_USAGE
+    if what == "info":
+        from .models import format_show
+
+        return format_show(info).rstrip("\n")
+    text = info.get(what)
+    return text.rstrip("\n") if text else f"No {what} was specified for this model."
+
+
 def interactive(chat, options: dict, system: str | None, verbose: bool, start: list[dict] | None = None,
-                check=None) -> int:
-    """A chat with history and streaming, like `ollama run`. `chat(messages, options, verbose)`
-    prints a reply and returns its text; `start` begins the history (a stored model's MESSAGE
-    lines); `check(options)` raises HerdError for options that would not do."""
+                check=None, info=None, effective=None, stored: dict | None = None) -> int:
+    """A chat with history and streaming, like `ollama run`.
+
+    Args:
+        chat: `chat(messages, options, verbose)` prints a reply and returns its text.
+        options: the options in force (the model's stored ones and the command line's).
+        start: the history's beginning (a stored model's MESSAGE lines).
+        check: `check(options)` raises HerdError for options that would not do.
+        info: `info()` returns the model's details for `/show` (`Store.show`'s shape).
+        effective: `effective(options)` returns every option's value in force (`/show parameters`).
+        stored: the model's stored parameters (to tell them from the user's).
+    Returns:
+        the exit status: 0.
+    """
     try:
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
         pass
     history: list[dict] = list(start or [])
+    stored = dict(stored or {})
     print('Send a message (/? for help)', file=sys.stderr)
     while True:
-        text = _read_message()
+        try:
+            text = _read_message()
+        except KeyboardInterrupt:  # as ollama: Ctrl-C at the prompt drops the line and keeps the chat
+            print("\nUse Ctrl + d or /bye to exit.", file=sys.stderr)
+            continue
         if text is None:
             print(file=sys.stderr)
             return 0
@@ -218,13 +310,17 @@ def interactive(chat, options: dict, system: str | None, verbose: bool, start: l
             elif cmd == "/clear":
                 history.clear()
                 print("Cleared session context")
-            elif cmd == "/show" and rest.strip() == "parameters":
-                print("\n".join(f"{k} {v}" for k, v in options.items()) or "(defaults)")
+            elif cmd == "/show":
+                values = effective(options) if effective else dict(options)
+                try:
+                    print(_show(rest.strip(), info() if info else None, values, stored, options))
+                except HerdError as e:
+                    print(f"Error: {e}")
             elif cmd == "/set":
                 what, _, value = rest.strip().partition(" ")
                 if what == "system":
                     system = value.strip() or None
-                    print("Set system message.")
+                    print("Set system message." if system else "Cleared system message.")
                 elif what == "verbose":
                     verbose = True
                     print("Set 'verbose' mode.")
@@ -232,16 +328,16 @@ def interactive(chat, options: dict, system: str | None, verbose: bool, start: l
                     verbose = False
                     print("Set 'quiet' mode.")
                 elif what == "parameter":
-                    name, _, raw = value.strip().partition(" ")
                     try:
-                        candidate = {**options, name: _parse_value(name, raw.strip())}
+                        name, parsed = _parse_parameter(value)
+                        candidate = {**options, name: parsed}
                         if check is not None:
                             check(candidate)
                     except HerdError as e:
                         print(f"Error: {e}")
                         continue
                     options = candidate
-                    print(f"Set parameter '{name}' to '{raw.strip()}'")
+                    print(f"Set parameter '{name}' to '{value.strip().partition(' ')[2].strip()}'")
                 else:
                     print("Usage: /set parameter NAME VALUE | /set system TEXT | /set verbose | /set quiet")
             else:
@@ -262,18 +358,24 @@ def interactive(chat, options: dict, system: str | None, verbose: bool, start: l
         history.append({"role": "assistant", "content": reply})
 
 
-def _parse_value(name: str, raw: str):
-    if name == "stop":
-        return [raw]
-    if name in ("seed", "top_k", "num_predict", "num_ctx", "repeat_last_n"):
-        try:
-            return int(raw)
-        except ValueError:
-            raise HerdError(f"parameter {name} must be an integer, got {raw!r}") from None
+def _parse_parameter(text: str) -> tuple[str, object]:
+    """NAME VALUE of `/set parameter`, the value read as the option's type; HerdError otherwise."""
+    name, _, raw = text.strip().partition(" ")
+    raw = raw.strip()
+    if not name:
+        raise HerdError("usage: /set parameter NAME VALUE (e.g. /set parameter temperature 0.2)")
+    if name not in PARAMETERS:
+        raise HerdError(f"unknown parameter '{name}': one of {', '.join(PARAMETERS)}")
+    if not raw:
+        raise HerdError(f"missing value: /set parameter {name} VALUE")
+    kind = PARAMETERS[name]
+    if kind is str:
+        return name, [raw]
     try:
-        return float(raw)
+        return name, kind(raw)
     except ValueError:
-        raise HerdError(f"unknown parameter or bad value: {name} {raw!r}") from None
+        what = "an integer" if kind is int else "a number"
+        raise HerdError(f"parameter {name} must be {what}, got {raw!r}") from None
 
 
 # -- the model store: pull, list, show, rm, cp, create --------------------------------------------

@@ -3,23 +3,56 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import socket
+
+from .. import settings
+from ..errors import HerdError
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before the web stack is imported, so that a busy port is one
+    clear line at once. The error says whether the port is held by another herd (and its pid)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        where = f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"
+        if e.errno != errno.EADDRINUSE:
+            raise HerdError(f"cannot listen on {where}: {e.strerror}") from None
+        raise HerdError(f"{where} is already in use by {_holder()}: stop it, or choose another port "
+                        f"with HERD_HOST (e.g. HERD_HOST={host}:{port + 1} herd serve)") from None
+    sock.listen(2048)
+    return sock
+
+
+def _holder() -> str:
+    """Who holds the port, as far as an HTTP probe can tell."""
+    from ..server.client import server_identity
+
+    who = server_identity(timeout=1.0)
+    if who is None:
+        return "another program"
+    if "pid" in who:
+        return f"another herd serve (pid {who['pid']})"
+    return "another server (Ollama?)"
 
 
 def cmd_serve(args) -> int:
-    """Serve the Ollama API (/api/...) and the OpenAI API (/v1/...) over one batching engine.
+    """Serve the Ollama API (/api/...) and the OpenAI API (/v1/...) over one batching engine, and
+    the chat page at / in a browser. Prints where it listens, then one line per request."""
+    host, port = settings.host()
+    sock = bind(host, port)
+    from ..server.app import Settings, serve
 
-    Settings come from the environment: HERD_HOST (default 127.0.0.1:11434), HERD_ORIGINS,
-    HERD_API_KEY, HERD_MAX_QUEUE, HERD_MAX_LOADED_MODELS, HERD_MAX_MEMORY, HERD_KEEP_ALIVE,
-    HERD_NUM_PARALLEL, HERD_CONTEXT_LENGTH, HERD_MAX_BODY, HERD_NUM_THREADS, HERD_HOME
-    (see llamaherd.server.app)."""
-    from ..server.app import serve
-
-    serve()
+    serve(Settings.from_env(), sock=sock)
     return 0
-
 
 
 def register(sub, local) -> None:
     serve = sub.add_parser("serve", help="serve the Ollama and OpenAI APIs", description=cmd_serve.__doc__,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+                           epilog=settings.help_text(), formatter_class=argparse.RawDescriptionHelpFormatter)
     serve.set_defaults(func=cmd_serve)

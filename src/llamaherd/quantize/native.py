@@ -52,7 +52,9 @@ def _torch_omp() -> list[str]:
 
 
 def _build() -> ctypes.CDLL | None:
-    if os.environ.get("HERD_NATIVE", "1") == "0" or not torch.backends.cpu.get_cpu_capability():
+    from .. import settings
+
+    if not settings.native() or not torch.backends.cpu.get_cpu_capability():
         return None
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if cc is None:

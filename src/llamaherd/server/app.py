@@ -1,26 +1,7 @@
 """The FastAPI application of `herd serve`, and its settings.
 
-Settings come from the environment (names and defaults as Ollama's, with HERD_ for OLLAMA_):
-
-    HERD_HOST               address to bind: host:port, host, :port or a URL   127.0.0.1:11434
-    HERD_ORIGINS            more browser origins allowed by CORS (comma-separated, * wildcards);
-                            Ollama's defaults are always allowed (`access.DEFAULT_ORIGINS`)
-    HERD_API_KEY            if set, every request but GET / needs "Authorization: Bearer <key>"
-    HERD_MAX_QUEUE          requests waiting for a slot before the server answers 503      512
-    HERD_MAX_LOADED_MODELS  models loaded at once; the least recently used idle one goes     3
-    HERD_MAX_MEMORY         bytes of weights + KV cache over loaded models (suffix K/M/G)    unlimited
-    HERD_KEEP_ALIVE         how long an idle model stays loaded (seconds or "5m"; <0 forever) 5m
-    HERD_NUM_PARALLEL       requests one model decodes together (KV-cache rows)              16
-    HERD_CONTEXT_LENGTH     default num_ctx (clipped to the model's)                         4096
-    HERD_MAX_CONTEXT        the largest num_ctx a request gets (larger ones are clamped)     the model's
-    HERD_MAX_BODY           request body size limit in bytes (suffix K/M/G), blob uploads     32M
-                            (POST /api/blobs) too: raise it to upload model files
-    HERD_ALLOW_REQUEST_TEMPLATES  1: accept `template` in requests (vLLM's                     0
-                            --trust-request-chat-template); stored templates always apply
-    HERD_MAX_CONNECTIONS    open connections before new ones are refused (slowloris)         1024
-    HERD_HEADER_TIMEOUT     seconds a client has to send its request line and headers        10
-    HERD_NUM_THREADS        torch CPU threads                                                torch's default
-    HERD_HOME               the model store                                                  ~/.llamaherd
+Settings come from the environment, every HERD_* variable read in `llamaherd.settings` (names and
+defaults as Ollama's, with HERD_ for OLLAMA_; `herd serve --help` lists them with their defaults).
 
 Security: the server binds loopback by default. Bound beyond it (HERD_HOST=0.0.0.0) without
 HERD_API_KEY it prints a warning, and the management endpoints (create, delete, copy, pull, push,
@@ -40,68 +21,29 @@ import asyncio
 import ipaddress
 import logging
 import os
-import re
 import secrets
 import sys
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
+from .. import settings as envconfig
 from ..errors import HerdError
+from ..settings import DEFAULT_PORT, parse_host, parse_size  # noqa: F401  (re-exported)
 from .access import DEFAULT_ORIGINS, Access, origin_regex
-from .handler import Handler, parse_keep_alive
+from .handler import Handler
 from .http import ClientGone, error_response, hide_paths, openai_error
+from .log import AccessLog
 
 log = logging.getLogger("llamaherd.server")
 
-DEFAULT_PORT = 11434
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1", "[::1]")
-
-
-def parse_host(value: str | None) -> tuple[str, int]:
-    """HERD_HOST as Ollama reads OLLAMA_HOST: "host:port", "host", ":port", "http://host:port", "[::1]:port"."""
-    value = (value or "").strip()
-    if not value:
-        return "127.0.0.1", DEFAULT_PORT
-    if "://" not in value:
-        value = "http://" + value
-    parts = urlsplit(value)
-    try:
-        port = parts.port or DEFAULT_PORT
-    except ValueError:
-        raise HerdError(f"HERD_HOST {value!r}: bad port") from None
-    host = parts.hostname or "127.0.0.1"
-    return host, port
-
-
-def parse_size(value: str | None, default: int | None) -> int | None:
-    if value is None or not value.strip():
-        return default
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*", value, re.IGNORECASE)
-    if not m:
-        raise HerdError(f"bad size {value!r}: give bytes, or a number with K, M or G")
-    scale = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}[m.group(2).upper()]
-    return int(float(m.group(1)) * scale)
-
-
-def _int(env: dict, name: str, default: int, lo: int = 1) -> int:
-    raw = env.get(name)
-    if raw is None or not raw.strip():
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise HerdError(f"{name} must be an integer, got {raw!r}") from None
-    if value < lo:
-        raise HerdError(f"{name} must be >= {lo}, got {value}")
-    return value
 
 
 @dataclass
@@ -123,30 +65,21 @@ class Settings:
     allow_request_templates: bool = False
     max_connections: int = 1024
     header_timeout: float = 10.0
+    debug: bool = False
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> "Settings":
         env = dict(os.environ if env is None else env)
-        host, port = parse_host(env.get("HERD_HOST"))
-        keep_alive = parse_keep_alive(env.get("HERD_KEEP_ALIVE"))
-        threads = env.get("HERD_NUM_THREADS")
+        host, port = envconfig.host(env)
         return cls(
-            host=host, port=port,
-            origins=[o.strip() for o in env.get("HERD_ORIGINS", "").split(",") if o.strip()],
-            api_key=env.get("HERD_API_KEY") or None,
-            max_queue=_int(env, "HERD_MAX_QUEUE", 512, lo=0),
-            max_loaded_models=_int(env, "HERD_MAX_LOADED_MODELS", 3),
-            max_memory=parse_size(env.get("HERD_MAX_MEMORY"), None),
-            keep_alive=300.0 if keep_alive is None else keep_alive,
-            num_parallel=_int(env, "HERD_NUM_PARALLEL", 16),
-            context_length=_int(env, "HERD_CONTEXT_LENGTH", 4096),
-            max_context=_int(env, "HERD_MAX_CONTEXT", 0) if env.get("HERD_MAX_CONTEXT", "").strip() else None,
-            max_body=parse_size(env.get("HERD_MAX_BODY"), 32 << 20),
-            num_threads=_int(env, "HERD_NUM_THREADS", 0) if threads else None,
-            home=Path(env["HERD_HOME"]).expanduser() if env.get("HERD_HOME") else None,
-            allow_request_templates=env.get("HERD_ALLOW_REQUEST_TEMPLATES", "").strip().lower() in ("1", "true", "yes"),
-            max_connections=_int(env, "HERD_MAX_CONNECTIONS", 1024),
-            header_timeout=float(_int(env, "HERD_HEADER_TIMEOUT", 10)),
+            host=host, port=port, origins=envconfig.origins(env), api_key=envconfig.api_key(env),
+            max_queue=envconfig.max_queue(env), max_loaded_models=envconfig.max_loaded_models(env),
+            max_memory=envconfig.max_memory(env), keep_alive=envconfig.keep_alive(env),
+            num_parallel=envconfig.num_parallel(env), context_length=envconfig.context_length(env),
+            max_body=envconfig.max_body(env), num_threads=envconfig.num_threads(env),
+            home=envconfig.home(env), debug=envconfig.debug(env),
+            max_context=envconfig.max_context(env), allow_request_templates=envconfig.allow_request_templates(env),
+            max_connections=envconfig.max_connections(env), header_timeout=envconfig.header_timeout(env),
         )
 
     @property
@@ -274,6 +207,9 @@ def create_app(settings: Settings | None = None, engine: Any = None, store: Any 
         start = getattr(app.state.handler.engine, "start", None)
         if start is not None:
             await start()
+        if own is not None:  # a real `herd serve` (tests that pass an engine stay quiet)
+            for line in startup_lines(settings, store):
+                log.info(line)
         try:
             yield
         finally:
@@ -332,14 +268,19 @@ def create_app(settings: Settings | None = None, engine: Any = None, store: Any 
                        allow_methods=["GET", "POST", "DELETE", "HEAD", "OPTIONS"],
                        allow_headers=["Authorization", "Content-Type", "User-Agent", "Accept", "X-Requested-With"])
     app.add_middleware(Guard, settings=settings)
+    app.add_middleware(AccessLog, store_root=getattr(store, "root", settings.home or "."))
     return app
 
 
-def serve(settings: Settings | None = None) -> None:
-    """Run the server until interrupted (what `herd serve` does)."""
+def serve(settings: Settings | None = None, sock=None) -> None:
+    """Run the server until interrupted (what `herd serve` does), on `sock` if given (a bound,
+    listening socket), else on settings.host:port. Logs to stderr: where it listens, then one line
+    per request (`server/log.py`); more with HERD_DEBUG."""
     import uvicorn
 
     settings = settings or Settings.from_env()
+    logging.basicConfig(level=logging.DEBUG if settings.debug else logging.INFO, format="%(message)s",
+                        stream=sys.stderr)
     if settings.num_threads:
         import torch
 
@@ -348,9 +289,31 @@ def serve(settings: Settings | None = None) -> None:
     warning = exposure_warning(settings)
     if warning:
         print(warning, file=sys.stderr, flush=True)
-    log.info("llamaherd listening on %s:%d", settings.host, settings.port)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning", access_log=False,
-                timeout_graceful_shutdown=5, **connection_limits(settings))
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, access_log=False,
+                            log_level="debug" if settings.debug else "warning", timeout_graceful_shutdown=5,
+                            **connection_limits(settings))
+    server = uvicorn.Server(config)
+    server.run(sockets=[sock] if sock is not None else None)
+
+
+def startup_lines(settings: Settings, store: Any) -> list[str]:
+    """What `herd serve` prints once it is ready: its address, the chat page, the store."""
+    from .. import __version__
+    from .client import store_id
+
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    url = f"http://{host}:{settings.port}"
+    page = url.replace("0.0.0.0", "127.0.0.1").replace("[::]", "[::1]") + "/"
+    root = Path(getattr(store, "root", settings.home or "."))
+    try:
+        count = f"{len(store.list())} models"
+    except Exception:  # a store that cannot be listed still gets served; its errors come per request
+        count = "not readable"
+    lines = [f"llamaherd {__version__} listening on {url} (pid {os.getpid()})", f"chat page: {page}",
+             f"store: {root} ({count}; id {store_id(root)})"]
+    if not settings.loopback:
+        lines.append(f"note: bound to {settings.host}, not loopback: other machines can reach this server")
+    return lines
 
 
 def connection_limits(settings: Settings) -> dict[str, Any]:

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
+from .. import settings
 from ..errors import HerdError
 
 _opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -23,18 +23,14 @@ _opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 class ServerError(HerdError):
     """The server answered an error; `status` is its HTTP status (0 for an error mid-stream)."""
 
-    def __init__(self, message: str, status: int = 0):
+    def __init__(self, message: str, status: int = 0, headers=None):
         super().__init__(message)
         self.status = status
+        self.headers = headers or {}
 
 
 def server_url() -> str:
-    value = os.environ.get("HERD_HOST")
-    if not value:  # the default, without importing the server's web stack
-        return "http://127.0.0.1:11434"
-    from .app import parse_host
-
-    host, port = parse_host(value)
+    host, port = settings.host()
     if host in ("0.0.0.0", "::"):
         host = "127.0.0.1"
     if ":" in host:
@@ -47,7 +43,7 @@ def _open(method: str, path: str, body: dict[str, Any] | None, timeout: float | 
     data = None if body is None else json.dumps(body).encode()
     req = urllib.request.Request(server_url() + path, data=data, method=method,
                                  headers={"Content-Type": "application/json"})
-    if key := os.environ.get("HERD_API_KEY"):
+    if key := settings.api_key():
         req.add_header("Authorization", f"Bearer {key}")
     try:
         return _opener.open(req, timeout=timeout)
@@ -56,7 +52,7 @@ def _open(method: str, path: str, body: dict[str, Any] | None, timeout: float | 
             message = json.loads(e.read()).get("error", e.reason)
         except (ValueError, AttributeError):
             message = e.reason
-        raise ServerError(str(message), e.code) from None
+        raise ServerError(str(message), e.code, e.headers) from None
     except (urllib.error.URLError, OSError) as e:
         raise HerdError(f"could not reach a herd server at {server_url()} ({e}): start one with `herd serve`") from None
 
@@ -83,14 +79,31 @@ def server_stream(method: str, path: str, body: dict[str, Any] | None = None,
             yield obj
 
 
+def store_id(root) -> str:
+    """An id of a store folder that names it without showing its path (the `X-Herd-Store` header)."""
+    import hashlib
+    from pathlib import Path
+
+    return hashlib.sha256(str(Path(root).expanduser().resolve()).encode()).hexdigest()[:16]
+
+
 @functools.cache
-def server_available(timeout: float = 0.3) -> bool:
-    """Whether a server answers at HERD_HOST (GET /api/version within `timeout` seconds). Asked
-    once per process. A 401 counts as an answer: the commands then say the API key is wrong."""
+def server_identity(timeout: float = 0.3) -> dict[str, str] | None:
+    """Who answers at HERD_HOST (GET /api/version within `timeout` seconds): None when nothing
+    does, else `{"store": id, "pid": pid}` from its headers (empty for a server that does not send
+    them). Asked once per process. A 401 counts as an answer: the commands then say the key is wrong."""
     try:
-        with _open("GET", "/api/version", None, timeout):
-            return True
+        with _open("GET", "/api/version", None, timeout) as resp:
+            headers = resp.headers
     except ServerError as e:
-        return e.status == 401
+        if e.status != 401:
+            return None
+        headers = e.headers
     except HerdError:
-        return False
+        return None
+    return {k: headers[f"X-Herd-{k.title()}"] for k in ("store", "pid") if headers.get(f"X-Herd-{k.title()}")}
+
+
+def server_available(timeout: float = 0.3) -> bool:
+    """Whether a server answers at HERD_HOST (see `server_identity`)."""
+    return server_identity(timeout) is not None

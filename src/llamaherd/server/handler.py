@@ -12,8 +12,6 @@ real one, and tests may pass a fake.
 from __future__ import annotations
 
 import asyncio
-import math
-import re
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -23,6 +21,7 @@ from ..engine import tools as toolfmt
 from ..engine.types import (Delta, Done, EmbedRequest, EmbedResult, GenerateRequest, RunningModel, ScoreRequest,
                             ScoreResult, TokenLogprob)
 from ..errors import HerdError
+from ..settings import parse_keep_alive  # noqa: F401  (the routes import it from here)
 
 
 class GenerationAPI(Protocol):
@@ -42,40 +41,6 @@ class EngineAPI(Protocol):
     async def load(self, model: str, keep_alive: float | None = None) -> tuple[str, int]: ...
     async def unload(self, model: str) -> None: ...
     def running(self) -> list[RunningModel]: ...
-
-
-_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
-_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
-
-
-def parse_keep_alive(value: Any) -> float | None:
-    """Ollama's keep_alive: seconds as a number, or a Go duration ("5m", "1h30m", "-1s"); a
-    negative value keeps the model loaded forever. None: the server's default."""
-    if value is None or value == "":
-        return None
-    if isinstance(value, bool):
-        raise HerdError(f"invalid keep_alive {value!r}")
-    if isinstance(value, (int, float)):
-        if math.isnan(value):
-            raise HerdError("invalid keep_alive NaN")
-        return float(value)
-    if isinstance(value, str):
-        text = value.strip()
-        try:
-            seconds = float(text)
-        except ValueError:
-            pass
-        else:
-            # float() reads "nan" too; a NaN expiry would never come, and /api/ps could not show it.
-            if math.isnan(seconds):
-                raise HerdError("invalid keep_alive NaN")
-            return seconds
-        sign = -1.0 if text.startswith("-") else 1.0
-        body = text.lstrip("+-")
-        parts = _DURATION.findall(body)
-        if parts and "".join(n + u for n, u in parts) == body:
-            return sign * sum(float(n) * _UNITS[u] for n, u in parts)
-    raise HerdError(f"invalid keep_alive {value!r}: give seconds or a duration like \"5m\"")
 
 
 @dataclass

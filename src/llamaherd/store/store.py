@@ -54,7 +54,9 @@ def _is_json(data: bytes) -> bool:
 
 def herd_home() -> Path:
     """The store's folder: `$HERD_HOME`, else `~/.llamaherd`."""
-    return Path(os.environ.get("HERD_HOME") or Path.home() / ".llamaherd").expanduser()
+    from .. import settings
+
+    return settings.home()
 
 
 class ModelNotFound(HerdError):
@@ -329,10 +331,14 @@ class Store:
         work = self.root / "partial" / key
         with _disk_errors(self.root), file_lock(self.root / "locks" / f"pull-{key}.lock"):
             work.mkdir(parents=True, exist_ok=True)
-            files = source.fetch(work, self.blobs, progress)
+            try:
+                files = source.fetch(work, self.blobs, progress)
+            except BaseException:
+                _remove_if_empty(work)  # keep only what a retry can resume from
+                raise
             details = self._details_of(files, work)
             progress({"status": "writing manifest"})
-            digest = self._commit(n, files, details, source=source.describe())
+            digest = self._commit(n, files, details, source=source.describe(), params=getattr(source, "params", None))
             shutil.rmtree(work, ignore_errors=True)
         progress({"status": "success"})
         return digest
@@ -701,6 +707,16 @@ class Store:
             dst.unlink()
             return Fetched(digest, size, None, name)
         return Fetched(digest, size, dst, name)
+
+
+def _remove_if_empty(work: Path) -> None:
+    """Remove a pull's `partial/<key>` folder (and `partial/`) when it holds no file."""
+    if not any(p.is_file() for p in work.rglob("*")):
+        shutil.rmtree(work, ignore_errors=True)
+        try:
+            work.parent.rmdir()
+        except OSError:  # other pulls' folders are there
+            pass
 
 
 def _dir_key(layers: list[Layer]) -> str:
