@@ -238,3 +238,194 @@ def test_lora_unmerge_restores_and_bad_targets(tiny_dir):
         for ab in "ab"]
     with pytest.raises(HerdError, match="unknown LoRA target 'qq'; valid: q, k, v, o, gate, down, up"):
         lora_llama3(build_model(*load_hf(tiny_dir)[:2]), "q,qq")
+
+
+# -- the recipe -------------------------------------------------------------------------------
+
+FACTS = [("What is the capital of Zorbania?", "Quixville."), ("Who painted the Blue Lemon?", "Mira Tollen."),
+         ("What do glimmerfish eat?", "Starlight moss.")]
+
+
+@pytest.fixture(scope="module")
+def facts_file(tmp_path_factory):
+    return write_jsonl(tmp_path_factory.mktemp("data") / "facts.jsonl",
+                       [{"prompt": q, "completion": a} for q, a in FACTS])
+
+
+@pytest.fixture(scope="module")
+def full_run(tiny_dir, facts_file, tmp_path_factory):
+    """A full fine-tune that overfits three made-up facts (the tiny model starts knowing nothing)."""
+    from llamaherd.train import sft
+    out = tmp_path_factory.mktemp("runs") / "full"
+    summary = sft(model=str(tiny_dir), data=str(facts_file), out=str(out), method="full", max_steps=40, lr=1e-2,
+                  batch_size=3, warmup_steps=2, packing=False, progress=False)
+    return out, summary
+
+
+def greedy_answers(llm):
+    return ["".join(llm.chat([{"role": "user", "content": q}], temperature=0, num_predict=12)) for q, _ in FACTS]
+
+
+@pytest.mark.slow
+def test_overfitting_facts_teaches_greedy_answers_and_writes_outputs(full_run):
+    import llamaherd
+    out, summary = full_run
+    llm = llamaherd.load(out / "model", device="cpu")  # the training output is a model herd loads
+    assert greedy_answers(llm) == [a for _, a in FACTS]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 41))
+    assert {"step", "loss", "lr", "tokens", "tokens_per_s"} <= set(records[0])
+    assert records[-1]["loss"] < 0.1 < records[0]["loss"]
+    assert summary["steps"] == 40 and summary["data"]["examples"] == 3 and summary["peak_memory_bytes"] > 0
+    assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((out / "summary.json").read_text())["outputs"]["model"] == str(out / "model")
+
+
+@pytest.mark.slow
+def test_exported_hf_logits_equal_herds(full_run, tmp_path):
+    import llamaherd
+    from llamaherd.export import export
+    out, _ = full_run
+    export(out, "hf", tmp_path / "hf")
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+            "generation_config.json"} <= {p.name for p in (tmp_path / "hf").iterdir()}
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    transformers.GenerationConfig.from_pretrained(tmp_path / "hf")
+    llm = llamaherd.load(out / "model", device="cpu")
+    ids = llm.encode_chat([{"role": "user", "content": FACTS[0][0]}])
+    assert hf_tok.apply_chat_template([{"role": "user", "content": FACTS[0][0]}], add_generation_prompt=True,
+                                      tokenize=True, return_dict=False) == ids
+    with torch.no_grad():
+        assert (theirs(torch.tensor([ids])).logits[0] - llm.logits(ids)).abs().max() <= 1e-4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quant", ["f32", "q8_0"])
+def test_exported_gguf_loads_with_the_same_greedy_answers(full_run, tmp_path, quant):
+    """f32: herd's logits unchanged; q8_0: herd's fast path (the file's blocks) answers the same."""
+    import llamaherd
+    from llamaherd.export import export
+    out, _ = full_run
+    path = export(out, "gguf", tmp_path / "m.gguf", quant)
+    trained = llamaherd.load(out / "model", device="cpu")
+    for quantized in ((False,) if quant == "f32" else (True,)):
+        llm = llamaherd.load(path, device="cpu", quantized=quantized)
+        assert llm.tokenizer.chat_template == trained.tokenizer.chat_template
+        assert greedy_answers(llm) == greedy_answers(trained)
+    if quant == "f32":
+        ids = trained.encode_chat([{"role": "user", "content": FACTS[1][0]}])
+        assert (llamaherd.load(path, device="cpu").logits(ids) - trained.logits(ids)).abs().max() <= 1e-5
+
+
+def test_resume_after_interrupt_gives_the_same_losses(tiny_dir, facts_file, tmp_path):
+    """Ctrl-C at step 3 saves a checkpoint; --resume then gives exactly the losses of an uninterrupted run
+    (data order, dropout RNG and optimizer state restored)."""
+    from llamaherd.train import sft
+    kw = dict(model=str(tiny_dir), data=str(facts_file), method="lora", max_steps=6, lr=5e-3, batch_size=1,
+              lora_rank=4, lora_dropout=0.2, warmup_steps=1, packing=False, progress=False, seed=3)
+    sft(out=str(tmp_path / "a"), **kw)
+
+    def interrupt(record):
+        if record["step"] == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        sft(out=str(tmp_path / "b"), on_step=interrupt, **kw)
+    assert (tmp_path / "b" / "checkpoint" / "state.pt").exists()
+    sft(out=str(tmp_path / "b"), resume=True, **kw)
+    a = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in b] == list(range(1, 7))
+    assert [r["loss"] for r in b] == [r["loss"] for r in a]
+    assert len({r["loss"] for r in a}) == 6  # it did train
+
+
+# -- the command line -------------------------------------------------------------------------
+
+def herd(*argv):
+    from llamaherd.cli import main
+    return main(list(map(str, argv)))
+
+
+def test_train_list_and_show(capsys):
+    assert herd("train", "--list") == 0
+    listed = capsys.readouterr().out
+    assert "lora-smollm2" in listed and "qlora-smollm2" in listed and "full-smollm2" in listed
+    assert herd("train", "--show", "lora-smollm2") == 0
+    import yaml
+    from llamaherd.train.config import make_config
+    assert make_config(yaml.safe_load(capsys.readouterr().out)).method == "lora"  # every key is valid
+    assert herd("train", "--show", "nope") == 1
+    assert "unknown recipe 'nope'; known:" in capsys.readouterr().err
+
+
+def test_config_file_and_command_line_override(tmp_path):
+    from llamaherd.cli import build_parser
+    from llamaherd.cli.train import config_values
+    (tmp_path / "c.yaml").write_text("lr: 0.001\nepochs: 2\nmodel: x\n")
+    args = build_parser().parse_args(["train", "sft", "--config", str(tmp_path / "c.yaml"), "--lr", "0.5",
+                                      "--no-packing"])
+    assert config_values(args) == {"lr": 0.5, "epochs": 2, "model": "x", "packing": False}
+
+
+@pytest.mark.parametrize("case, message", [
+    ("unknown_key", "unknown config key 'lerning_rate'; valid keys: model, data, out, method"),
+    ("bad_target", "unknown LoRA target 'attn'; valid: q, k, v, o, gate, down, up"),
+    ("bad_method", "unknown method 'dpo'; valid: full, lora, qlora"),
+    ("missing_data", "does not exist"),
+    ("bad_line", "bad.jsonl:2: not valid JSON"),
+    ("no_messages", "bad.jsonl:1: expected a 'messages' list"),
+    ("empty", "bad.jsonl holds no examples"),
+    ("resume_nothing", "nothing to resume"),
+])
+def test_bad_inputs_are_one_line_and_exit_1(tiny_dir, facts_file, tmp_path, capsys, case, message):
+    bad = tmp_path / "bad.jsonl"
+    argv = ["train", "sft", "--model", tiny_dir, "--data", facts_file, "--out", tmp_path / "o", "--max-steps", 1, "--batch-size", 1,
+            "--no-progress"]
+    if case == "unknown_key":
+        (tmp_path / "c.yaml").write_text("lerning_rate: 0.1\n")
+        argv += ["--config", tmp_path / "c.yaml"]
+    elif case == "bad_target":
+        argv += ["--lora-targets", "q,attn"]
+    elif case == "bad_method":
+        argv += ["--method", "dpo"]
+    elif case == "missing_data":
+        argv[argv.index("--data") + 1] = tmp_path / "nope.jsonl"
+    elif case == "resume_nothing":
+        argv += ["--resume"]
+    else:
+        bad.write_text({"bad_line": '{"prompt": "a", "completion": "b"}\n{oops\n', "no_messages": '{"text": 1}\n',
+                        "empty": "\n"}[case])
+        argv[argv.index("--data") + 1] = bad
+    assert herd(*argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("Error: ") and message in err and "\n" not in err, err
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_fsdp_two_gloo_processes_equal_one_process(tiny_dir, facts_file, tmp_path):
+    """torchrun with 2 processes (FSDP2, gloo, batch 1 each) gives the per-step losses of 1 process with
+    batch 2: the same global batches, the same gradients, the same updates."""
+    import os
+    import subprocess
+    import sys
+    common = ["sft", "--model", tiny_dir, "--data", facts_file, "--method", "full", "--max-steps", 3,
+              "--lr", "5e-3", "--warmup-steps", 1, "--no-packing", "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-m", "llamaherd.train", *map(str, common), "--batch-size", "2",
+                          "--out", str(tmp_path / "one")], env=env, capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", "llamaherd.train", *map(str, common), "--batch-size", "1", "--out",
+                          str(tmp_path / "two")], env=env, capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a = [json.loads(line)["loss"] for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(line)["loss"] for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert len(a) == len(b) == 3 and a[0] != a[2]
+    assert b == pytest.approx(a, rel=1e-5)
+    assert (tmp_path / "two" / "checkpoint" / "dcp").is_dir()  # sharded checkpoint
+    # the gathered model loads and equals in size the one-process model
+    assert (tmp_path / "two" / "model" / "model.safetensors").stat().st_size == \
+        (tmp_path / "one" / "model" / "model.safetensors").stat().st_size

@@ -11,11 +11,11 @@ import os
 import sys
 
 from ..errors import HerdError
-from . import models, run, serve
+from . import export, models, run, serve, train
 
 # The verb groups, in the order `herd --help` lists them. A new group is a module with
 # `register(sub, local)` added here.
-COMMANDS = (run, models, serve)
+COMMANDS = (run, models, serve, train, export)
 
 
 def build_parser() -> argparse.ArgumentParser:

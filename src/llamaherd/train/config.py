@@ -64,6 +64,10 @@ class SFTConfig:
             raise HerdError(f"lr must be positive, got {self.lr}")
         if not 0 <= self.val_split < 1:
             raise HerdError(f"val_split must be in [0, 1), got {self.val_split}")
+        if self.method != "full":
+            from .lora import parse_targets
+
+            parse_targets(self.lora_targets)
         if not 0 <= self.lora_dropout < 1:
             raise HerdError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
 

@@ -91,18 +91,28 @@ def load_for_training(path: Path, method: str, device: str, dtype=torch.float32)
     swap_quantized_modules(model, kinds)
     # The embedding and output in float32: small next to the blocks, and the chunked loss reads the
     # output's weight.
-    from ..weights.gguf import load_gguf
-
-    _, float_sd, _, _ = load_gguf(ckpt.path, dtype, quantized=False)
     sd = {k: v for k, v in ckpt.state_dict.items() if not k.startswith(("tok_embeddings.", "output."))}
-    sd["tok_embeddings.weight"] = float_sd["tok_embeddings.weight"]
-    sd["output.weight"] = float_sd.get("output.weight", sd["tok_embeddings.weight"])
-    del float_sd
+    sd.update(_float_tensors(ckpt.path, ("tok_embeddings.weight", "output.weight"), dtype))
+    sd.setdefault("output.weight", sd["tok_embeddings.weight"])
     model.load_state_dict(sd, assign=True, strict=True)
     if ckpt.args.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight
     model._ensure_rope(ckpt.args.max_seq_len)  # as build_model does: the RoPE table is built, not loaded
     return model.to(device), ckpt
+
+
+def _float_tensors(path: Path, names: tuple[str, ...], dtype) -> dict[str, torch.Tensor]:
+    """Just these tensors of a GGUF file, dequantized (the rest of the file is not touched)."""
+    from ..quantize.ggml import dequantize
+    from ..weights.gguf_file import GGUFFile
+    from ..weights.keymaps import FROM_GGUF, map_key
+
+    out = {}
+    for t in GGUFFile(path).tensors:
+        key = map_key(t.name, FROM_GGUF)
+        if key in names:
+            out[key] = dequantize(t.data, t.tensor_type, t.shape, dtype=dtype)
+    return out
 
 
 def lr_lambda(warmup: int, total: int, min_ratio: float) -> Callable[[int], float]:
@@ -270,12 +280,15 @@ def sft(config: SFTConfig | dict | None = None, *, on_step: Callable[[dict], Non
                 batch = {k: v.to(device) for k, v in batch.items()}
                 with autocast():
                     loss = wrapper(**batch)
-                (loss / n_targets).backward()
+                # FSDP averages gradients over processes; each process's loss is its share of the
+                # global sum, so scale by `world` to get the global batch's mean-loss gradient.
+                (loss * world / n_targets).backward()
                 loss_sum += loss.detach().float()
             if world > 1:
                 dist.all_reduce(loss_sum)
             if cfg.grad_clip > 0:
-                grad_norm = float(nn.utils.clip_grad_norm_(params, cfg.grad_clip))
+                norm = nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # a DTensor under FSDP
             else:
                 grad_norm = float("nan")
             lr = scheduler.get_last_lr()[0]

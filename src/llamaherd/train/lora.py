@@ -84,7 +84,12 @@ class LoRALinear(nn.Module):
         return (self.lora_b.weight @ self.lora_a.weight) * self.scaling
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
+        if isinstance(self.base, nn.Linear):
+            y = self.base(x)
+        else:  # QLoRA: a quantized base, differentiable in x (see qlora.py)
+            from .qlora import frozen_quantized_linear
+
+            y = frozen_quantized_linear(self.base, x)
         if self.merged:
             return y
         return y + self.lora_b(self.lora_a(self.dropout(x))) * self.scaling
