@@ -1,0 +1,94 @@
+"""Export a training output (or any model herd loads) as a merged GGUF file or a Hugging Face
+directory; LoRA adapters also as a PEFT adapter directory.
+
+    herd export runs/mine --format gguf --quant q8_0 -o mine.gguf
+    herd export runs/mine --format hf -o mine-hf/
+    herd export runs/mine --format peft -o mine-adapter/      # LoRA runs only
+
+A training output is a directory with `train.json` (see `train/finetune.py`): a full fine-tune's
+`model/`, or a LoRA run's `adapter/` over the base model named in train.json, merged here into
+its float weights.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import HerdError
+
+FORMATS = ("gguf", "hf", "peft")
+
+
+@dataclass
+class Merged:
+    args: Any  # ModelArgs
+    state_dict: dict[str, torch.Tensor]  # float32, Meta names, LoRA merged
+    tokenizer: Any
+    base_metadata: dict[str, Any]  # the base GGUF's metadata ({} when the base is not a GGUF)
+    name: str
+
+
+def load_merged(source: str | Path) -> Merged:
+    """The float weights of a training output (LoRA merged) or of any model path."""
+    from ..weights import build_model, load_checkpoint
+    from .hf import load_peft
+
+    source = Path(source)
+    run_file = source / "train.json"
+    if not run_file.exists():
+        ckpt = load_checkpoint(source)
+        return Merged(ckpt.args, ckpt.state_dict, ckpt.tokenizer, _gguf_meta(ckpt), source.name)
+    run = json.loads(run_file.read_text())
+    base = load_checkpoint(run["model_path"])
+    if (source / "model").exists():  # a full fine-tune
+        ckpt = load_checkpoint(source / "model")
+        return Merged(ckpt.args, ckpt.state_dict, ckpt.tokenizer, _gguf_meta(base), source.name)
+    if not (source / "adapter").exists():
+        raise HerdError(f"{source} holds no trained model or adapter yet (did the run finish?)")
+    from ..train.lora import lora_llama3, merge_lora
+
+    model = build_model(base.args, base.state_dict)
+    config, tensors = load_peft(source / "adapter", base.args)
+    targets = [t.removesuffix("_proj") for t in config["target_modules"]]
+    lora_llama3(model, targets, config["r"], config["lora_alpha"])
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    if unexpected or any("lora_" in k for k in missing):
+        raise HerdError(f"the adapter in {source / 'adapter'} does not fit its base model {run['model_path']}")
+    merge_lora(model)
+    sd = {k: v.detach() for k, v in model.state_dict().items()}
+    return Merged(base.args, sd, base.tokenizer, _gguf_meta(base), source.name)
+
+
+def _gguf_meta(ckpt) -> dict[str, Any]:
+    return dict(ckpt.metadata) if ckpt.format == "gguf" else {}
+
+
+def export(source: str | Path, format: str, out: str | Path, quant: str = "f16") -> Path:
+    """Write `source` (a training output or a model path) as `format` to `out`; returns `out`."""
+    from .gguf import QUANTS, save_gguf
+    from .hf import save_hf
+
+    if format not in FORMATS:
+        raise HerdError(f"unknown export format {format!r}; valid: {', '.join(FORMATS)}")
+    source, out = Path(source), Path(out)
+    if not source.exists():
+        raise HerdError(f"{source} does not exist")
+    if format == "peft":
+        adapter = source / "adapter"
+        if not (adapter / "adapter_config.json").exists():
+            raise HerdError(f"{source} is not a LoRA training output (no adapter/)")
+        shutil.copytree(adapter, out, dirs_exist_ok=True)
+        return out
+    if format == "gguf" and quant not in QUANTS:
+        raise HerdError(f"unknown quantization {quant!r}; valid: {', '.join(QUANTS)}")
+    merged = load_merged(source)
+    if format == "gguf":
+        return save_gguf(merged.state_dict, merged.args, merged.tokenizer, out, quant, merged.name,
+                         merged.base_metadata)
+    return save_hf(merged.state_dict, merged.args, merged.tokenizer, out)

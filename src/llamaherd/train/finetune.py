@@ -1,0 +1,378 @@
+"""The supervised fine-tuning recipe: setup -> train -> save -> summary, in one readable function.
+
+    from llamaherd.train import sft
+    summary = sft(model="smollm2:135m", data="chat.jsonl", out="runs/mine", method="lora", max_steps=100)
+
+One process, or several under `torchrun` (then each block is sharded with FSDP2's `fully_shard`;
+gloo on the CPU, NCCL on GPUs). The outputs in OUT/:
+
+    metrics.jsonl   one record per step: step, loss, lr, tokens, tokens_per_s (+ val_loss)
+    loss.png        the loss curve (when matplotlib is installed)
+    summary.json    time, tokens, peak memory, data counts, where everything is
+    checkpoint/     the latest resumable state (`resume=True` continues from it)
+    model/          full fine-tune: a Hugging Face directory (herd and transformers load it)
+    adapter/        LoRA / QLoRA: a PEFT adapter directory over the base model
+    train.json      the settings of the run (what `herd export` reads)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..errors import HerdError
+from . import checkpoint
+from .config import SFTConfig, make_config
+from .data import Batches, IGNORE, pack, read_jsonl, tokenize
+from .lora import adapter_state_dict, lora_llama3, parse_targets
+from .loss import cross_entropy_sum
+from .metrics import Metrics, plot_loss
+
+
+class CausalLMLoss(nn.Module):
+    """The model and its summed next-token loss as one module, so that under FSDP2 the root's
+    forward (hooks that gather the embedding, final norm and output) wraps the whole computation."""
+
+    def __init__(self, model: nn.Module, loss_chunk: int):
+        super().__init__()
+        self.model, self.loss_chunk = model, loss_chunk
+
+    def forward(self, tokens, targets, doc_ids, input_pos):
+        h = self.model.hidden_states(tokens, input_pos=input_pos, doc_ids=doc_ids)
+        return cross_entropy_sum(h, self.model.output, targets, self.loss_chunk)
+
+
+# -- setup ------------------------------------------------------------------------------------
+
+def resolve_model_path(name: str) -> Path:
+    """A path from a store name or a path (a training output's model/ works too)."""
+    path = Path(name).expanduser()
+    if path.exists():
+        if (path / "train.json").exists():  # a training output: its merged model
+            if (path / "model").exists():
+                return path / "model"
+            raise HerdError(f"{path} is a LoRA training output: export it first (herd export {path} --format hf)")
+        return path
+    from ..cli.common import resolve_model
+
+    return Path(resolve_model(name).path)
+
+
+def load_for_training(path: Path, method: str, device: str, dtype=torch.float32):
+    """The model (float weights, or the GGUF's quantized blocks for QLoRA) and its tokenizer,
+    with no projection fusion (LoRA needs wq, wk, ... as separate modules)."""
+    from ..model import Transformer
+    from ..quantize.linear import swap_quantized_modules
+    from ..weights import build_model, load_checkpoint
+
+    quantized = method == "qlora"
+    ckpt = load_checkpoint(path, dtype, quantized=quantized)
+    if not quantized:
+        return build_model(ckpt.args, ckpt.state_dict, device), ckpt
+    kinds = {k: v for k, v in ckpt.quantized.items() if k.startswith("layers.")}
+    if not kinds:
+        raise HerdError(f"--method qlora needs a quantized GGUF model; {path} has float weights (use lora)")
+    # build_model would fuse q/k/v and gate/up for inference; LoRA needs them apart, so the
+    # quantized modules are put in here without fusing.
+    with torch.device("meta"):
+        model = Transformer(ckpt.args)
+    swap_quantized_modules(model, kinds)
+    # The embedding and output in float32: small next to the blocks, and the chunked loss reads the
+    # output's weight.
+    sd = {k: v for k, v in ckpt.state_dict.items() if not k.startswith(("tok_embeddings.", "output."))}
+    sd.update(_float_tensors(ckpt.path, ("tok_embeddings.weight", "output.weight"), dtype))
+    sd.setdefault("output.weight", sd["tok_embeddings.weight"])
+    model.load_state_dict(sd, assign=True, strict=True)
+    if ckpt.args.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    model._ensure_rope(ckpt.args.max_seq_len)  # as build_model does: the RoPE table is built, not loaded
+    return model.to(device), ckpt
+
+
+def _float_tensors(path: Path, names: tuple[str, ...], dtype) -> dict[str, torch.Tensor]:
+    """Just these tensors of a GGUF file, dequantized (the rest of the file is not touched)."""
+    from ..quantize.ggml import dequantize
+    from ..weights.gguf_file import GGUFFile
+    from ..weights.keymaps import FROM_GGUF, map_key
+
+    out = {}
+    for t in GGUFFile(path).tensors:
+        key = map_key(t.name, FROM_GGUF)
+        if key in names:
+            out[key] = dequantize(t.data, t.tensor_type, t.shape, dtype=dtype)
+    return out
+
+
+def lr_lambda(warmup: int, total: int, min_ratio: float) -> Callable[[int], float]:
+    """Linear warm-up over `warmup` steps, then cosine decay to `min_ratio` at `total`."""
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return f
+
+
+def _rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _split(conversations: list, fraction: float, seed: int) -> tuple[list, list]:
+    if fraction <= 0:
+        return conversations, []
+    order = list(range(len(conversations)))
+    random.Random(seed).shuffle(order)
+    n_val = max(1, int(round(len(conversations) * fraction)))
+    if n_val >= len(conversations):
+        raise HerdError(f"val_split {fraction} leaves no training examples")
+    held = set(order[:n_val])
+    return ([c for i, c in enumerate(conversations) if i not in held],
+            [c for i, c in enumerate(conversations) if i in held])
+
+
+def _distribute(model: nn.Module, wrapper: nn.Module, activation_checkpointing: bool) -> nn.Module:
+    """FSDP2: each block its own shard group, the rest (embedding, norm, output) the root's."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model.layers:
+        fully_shard(layer)
+    fully_shard(wrapper)
+    return wrapper
+
+
+def _checkpoint_blocks(model: nn.Module) -> None:
+    """Activation checkpointing: each block's activations are recomputed in the backward."""
+    from torch.utils.checkpoint import checkpoint
+
+    for layer in model.layers:
+        forward = layer.forward
+        layer.forward = lambda *a, _f=forward: checkpoint(_f, *a, use_reentrant=False)
+
+
+# -- the recipe -------------------------------------------------------------------------------
+
+def sft(config: SFTConfig | dict | None = None, *, on_step: Callable[[dict], None] | None = None,
+        **kwargs: Any) -> dict:
+    """Fine-tune a model on chat data (see the module doc and `SFTConfig` for the keys).
+
+    Args:
+        config: an `SFTConfig`, or a dict of its keys; `kwargs` override it.
+        on_step: called with each step's metrics record (after it is logged).
+    Returns:
+        The summary (also written to OUT/summary.json).
+    Raises:
+        HerdError: a bad setting, model or data file.
+    """
+    values = config.to_dict() if isinstance(config, SFTConfig) else dict(config or {})
+    cfg = make_config({**values, **kwargs})
+    for key in ("model", "data", "out"):
+        if not getattr(cfg, key):
+            raise HerdError(f"{key} is required")
+    rank, world = _rank_world()
+    device = cfg.device or (f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    out = Path(cfg.out)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+
+    # Data: everything deterministic from the seed, so every process builds the same sequences.
+    conversations = read_jsonl(cfg.data)
+    val_conversations = read_jsonl(cfg.val_data) if cfg.val_data else []
+    if not cfg.val_data:
+        conversations, val_conversations = _split(conversations, cfg.val_split, cfg.seed)
+
+    model_path = resolve_model_path(cfg.model)
+    model, ckpt = load_for_training(model_path, cfg.method, device)
+    tokenizer = ckpt.tokenizer
+    if cfg.max_seq_len > ckpt.args.max_seq_len:
+        raise HerdError(f"max_seq_len {cfg.max_seq_len} exceeds the model's context length {ckpt.args.max_seq_len}")
+    examples, stats = tokenize(tokenizer, conversations, cfg.max_seq_len)
+    if not examples:
+        raise HerdError(f"no example of {cfg.data} fits max_seq_len {cfg.max_seq_len} with an assistant token left")
+    batches = Batches(pack(examples, cfg.max_seq_len, cfg.packing), cfg.batch_size, cfg.seed, rank=rank, world=world)
+    val_batches = None
+    if val_conversations:
+        val_examples, _ = tokenize(tokenizer, val_conversations, cfg.max_seq_len)
+        val_seqs = pack(val_examples, cfg.max_seq_len, cfg.packing)
+        val_batches = Batches(val_seqs, 1, shuffle=False, rank=rank, world=world) if len(val_seqs) >= world else None
+
+    # Model: what trains.
+    if cfg.method in ("lora", "qlora"):
+        lora_llama3(model, cfg.lora_targets, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
+    if cfg.activation_checkpointing:
+        _checkpoint_blocks(model)
+    model.train()
+    wrapper = CausalLMLoss(model, cfg.loss_chunk)
+    if world > 1:
+        wrapper = _distribute(model, wrapper, cfg.activation_checkpointing)
+    params = [p for p in wrapper.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay,
+                                  foreach=world == 1 or None)
+    steps_per_epoch = max(1, len(batches) // cfg.grad_accum)
+    total = cfg.max_steps or cfg.epochs * steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(min(cfg.warmup_steps, total // 2), total,
+                                                                        cfg.min_lr_ratio))
+    position = {"step": 0, "epoch": 0, "batch": 0, "tokens": 0, "seconds": 0.0}
+    if cfg.resume:
+        position = checkpoint.load(out / "checkpoint", wrapper, optimizer, scheduler)
+    if rank == 0:
+        run = {**cfg.to_dict(), "model_path": str(model_path), "resume": False}
+        (out / "train.json").write_text(json.dumps(run, indent=2))
+
+
+    def autocast():  # bf16 matmuls on CUDA (weights and optimizer stay fp32); plain fp32 on the CPU
+        return torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else nullcontext()
+
+    metrics = Metrics(out, total, position["step"], show=cfg.progress and rank == 0, write=rank == 0)
+    n_trainable = sum(p.numel() for p in params) * (world if world > 1 else 1)
+
+    def micro_batches():
+        epoch, b = position["epoch"], position["batch"]
+        while True:
+            for batch in batches.epoch(epoch, b):
+                b += 1
+                yield epoch, b, batch
+            epoch, b = epoch + 1, 0
+
+    def evaluate() -> float:
+        wrapper.eval()
+        total_loss = torch.zeros(2, device=device)
+        with torch.no_grad(), autocast():
+            for batch in val_batches.epoch(0):
+                batch = {k: v.to(device) for k, v in batch.items()}
+                total_loss[0] += wrapper(**batch).float()
+                total_loss[1] += (batch["targets"] != IGNORE).sum()
+        if world > 1:
+            dist.all_reduce(total_loss)
+        wrapper.train()
+        return float(total_loss[0] / total_loss[1].clamp(min=1))
+
+    stream = micro_batches()
+    start_time, interrupted = time.perf_counter(), False
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        while position["step"] < total:
+            t0 = time.perf_counter()
+            micro = [next(stream) for _ in range(cfg.grad_accum)]
+            # Every token of the global batch weighs the same: divide the summed loss by their count.
+            counts = torch.tensor([float(sum((m[2]["targets"] != IGNORE).sum() for m in micro)),
+                                   float(sum(m[2]["tokens"].numel() for m in micro))], device=device)
+            if world > 1:
+                dist.all_reduce(counts)
+            n_targets = counts[0].clamp(min=1)
+            loss_sum = torch.zeros((), device=device)
+            for _, _, batch in micro:
+                batch = {k: v.to(device) for k, v in batch.items()}
+                with autocast():
+                    loss = wrapper(**batch)
+                # FSDP averages gradients over processes; each process's loss is its share of the
+                # global sum, so scale by `world` to get the global batch's mean-loss gradient.
+                (loss * world / n_targets).backward()
+                loss_sum += loss.detach().float()
+            if world > 1:
+                dist.all_reduce(loss_sum)
+            if cfg.grad_clip > 0:
+                norm = nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # a DTensor under FSDP
+            else:
+                grad_norm = float("nan")
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            position.update(step=position["step"] + 1, epoch=micro[-1][0], batch=micro[-1][1],
+                            tokens=position["tokens"] + int(counts[1]))
+            seconds = time.perf_counter() - t0
+            position["seconds"] += seconds
+            record = {"step": position["step"], "loss": float(loss_sum / n_targets), "lr": lr,
+                      "tokens": int(counts[1]), "tokens_per_s": counts[1].item() / seconds,
+                      "grad_norm": grad_norm, "epoch": micro[-1][0]}
+            end_of_epoch = micro[-1][1] == len(batches) or position["step"] == total
+            if val_batches is not None and ((cfg.val_every and position["step"] % cfg.val_every == 0)
+                                            or (not cfg.val_every and end_of_epoch)):
+                record["val_loss"] = evaluate()
+            metrics.log(record)
+            if on_step is not None:
+                on_step(record)
+            if cfg.save_every and position["step"] % cfg.save_every == 0:
+                checkpoint.save(out / "checkpoint", wrapper, optimizer, scheduler, dict(position))
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        metrics.close()
+    checkpoint.save(out / "checkpoint", wrapper, optimizer, scheduler, dict(position))
+    if interrupted:
+        if rank == 0:
+            print(f"interrupted at step {position['step']}: checkpoint saved in {out / 'checkpoint'}; "
+                  "continue with --resume", flush=True)
+        raise KeyboardInterrupt
+
+    # Save: the merged model or the adapter (full tensors gathered from the shards).
+    outputs = _save_outputs(cfg, wrapper, model, ckpt, model_path, out, rank, world)
+    peak = (torch.cuda.max_memory_allocated() if device.startswith("cuda") else _peak_rss())
+    summary = {
+        "method": cfg.method, "steps": position["step"], "epochs": position["epoch"] + 1,
+        "tokens": position["tokens"], "seconds": round(position["seconds"], 2),
+        "wall_seconds": round(time.perf_counter() - start_time, 2),
+        "tokens_per_s": round(position["tokens"] / max(position["seconds"], 1e-9), 1),
+        "peak_memory_bytes": peak, "trainable_parameters": n_trainable, "processes": world,
+        "data": stats.to_dict(), "val_examples": len(val_conversations),
+        "final_loss": (json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["loss"]
+                       if rank == 0 and (out / "metrics.jsonl").exists() else None),
+        "outputs": outputs,
+    }
+    if rank == 0:
+        png = plot_loss(out)
+        if png is not None:
+            summary["outputs"]["loss_curve"] = str(png)
+        summary["outputs"]["metrics"] = str(out / "metrics.jsonl")
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _peak_rss() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def _full_state(wrapper: nn.Module, world: int) -> dict[str, torch.Tensor]:
+    """The model's whole state dict on every rank (gathered from FSDP shards when distributed)."""
+    if world > 1:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        sd = get_model_state_dict(wrapper, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    else:
+        sd = wrapper.state_dict()
+    return {k.removeprefix("model."): v for k, v in sd.items()}
+
+
+def _save_outputs(cfg: SFTConfig, wrapper, model, ckpt, model_path: Path, out: Path, rank: int, world: int) -> dict:
+    from ..export.hf import save_hf, save_peft
+
+    sd = _full_state(wrapper, world)
+    if rank != 0:
+        return {}
+    if cfg.method == "full":
+        float_sd = {k: v.float() for k, v in sd.items()}
+        save_hf(float_sd, ckpt.args, ckpt.tokenizer, out / "model")
+        return {"model": str(out / "model")}
+    adapters = {k: v for k, v in sd.items() if ".lora_a." in k or ".lora_b." in k}
+    save_peft(adapters, ckpt.args, parse_targets(cfg.lora_targets), cfg.lora_rank, cfg.lora_alpha,
+              cfg.lora_dropout, str(model_path), out / "adapter")
+    return {"adapter": str(out / "adapter")}
