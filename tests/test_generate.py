@@ -130,8 +130,7 @@ def test_prefix_reuse_gives_identical_output(request, which):
     opts = llm.options(temperature=0, num_predict=10)
     warm = list(llm.stream(ids, opts))
     assert len(ids) > 2 * 64 and warm[-1].prompt_eval_count < len(ids)  # the shared prefix was reused
-    llm.model.setup_cache(1, opts.num_ctx)  # a cold cache
-    llm._cached = []
+    llm.runner.release()  # a cold cache
     cold = list(llm.stream(ids, opts))
     assert cold[-1].prompt_eval_count == len(ids)
     assert [t for c in warm for t in c.tokens] == [t for c in cold for t in c.tokens]

@@ -93,18 +93,6 @@ def _weights_bytes(model: torch.nn.Module) -> int:
     return total
 
 
-@contextlib.contextmanager
-def _without_cache(model):
-    """Run the model without its KV cache (full causal attention), then put the cache back."""
-    caches = [layer.attention.cache for layer in model.layers]
-    model.clear_cache()
-    try:
-        yield
-    finally:
-        for layer, cache in zip(model.layers, caches):
-            layer.attention.cache = cache
-
-
 class Generation:
     """A running generation: iterate it for `Delta`s and a last `Done`; `cancel()` to stop it."""
 
@@ -225,7 +213,7 @@ class Engine:
                 llm = await asyncio.to_thread(self._load, ref)
                 load_ns = time.perf_counter_ns() - start
                 max_ctx = llm.args.max_seq_len
-                scheduler = Scheduler(llm.model, n_rows=self.config.num_parallel, max_ctx=max_ctx, name=ref.name)
+                scheduler = Scheduler(llm.runner, n_rows=self.config.num_parallel, max_ctx=max_ctx, name=ref.name)
                 loaded = Loaded(ref, llm, scheduler, load_ns, _weights_bytes(llm.model),
                                 keep_alive=self.config.keep_alive)
                 self._models[ref.name] = loaded
@@ -479,13 +467,11 @@ class Engine:
 
             def run() -> list[list[float]]:
                 vectors = []
-                with _without_cache(llm.model):
-                    for ids in batches:
-                        h = llm.model.hidden_states(torch.tensor([ids], device=llm.device))[0].float()
-                        v = h.mean(dim=0)
-                        if req.dimensions is not None:
-                            v = v[:req.dimensions]
-                        vectors.append(torch.nn.functional.normalize(v, dim=0).cpu().tolist())
+                for ids in batches:
+                    v = llm.runner.embed(ids).mean(dim=0)
+                    if req.dimensions is not None:
+                        v = v[:req.dimensions]
+                    vectors.append(torch.nn.functional.normalize(v, dim=0).cpu().tolist())
                 return vectors
 
             vectors = await asyncio.wrap_future(loaded.scheduler.call(run))
