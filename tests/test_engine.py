@@ -12,7 +12,7 @@ import torch
 
 from llamaherd.engine.models import Engine, EngineConfig, ModelRef
 from llamaherd.engine.scheduler import MIN_CAPACITY, Job, Scheduler
-from llamaherd.engine.text import TextStream
+from llamaherd.chat.text import TextStream
 from llamaherd.engine.types import (Delta, Done, EmbedRequest, GenerateRequest, ModelNotFound, QueueFull,
                                     ScoreRequest)
 from llamaherd.errors import HerdError

@@ -7,7 +7,7 @@ import torch
 
 from llamaherd.errors import HerdError
 from llamaherd.generate import SamplingOptions, apply_penalties, logits_to_probs, make_generator, sample
-from llamaherd.engine.text import stop_prefix_len as _stop_prefix_len
+from llamaherd.chat.text import stop_prefix_len as _stop_prefix_len
 
 RAW_PROMPTS = [
     "The history of the Roman Empire",

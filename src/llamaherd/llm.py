@@ -103,7 +103,7 @@ class Llama:
                     add_generation_prompt: bool = True, tools: list[dict[str, Any]] | None = None) -> list[int]:
         """Chat prompt tokens, rendered with the model's chat template (or `template`), with
         `tools` (function definitions) for templates that render them."""
-        from .tokenizer.chat import format_prompt
+        from .chat.template import format_prompt
 
         if not messages:
             raise HerdError("messages must not be empty")

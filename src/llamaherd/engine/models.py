@@ -30,8 +30,8 @@ import torch
 
 from ..errors import HerdError
 from ..generate import SamplingOptions
-from . import tools as toolfmt
-from .tools import check_messages
+from ..chat import tools as toolfmt
+from ..chat.tools import check_messages
 from .scheduler import Job, Scheduler, token_logprob
 from .types import (Delta, Done, EmbedRequest, EmbedResult, GenerateRequest, ModelNotFound, QueueFull,
                     RunningModel, ScoreRequest, ScoreResult, Unsupported)

@@ -43,7 +43,7 @@ import torch
 from ..errors import HerdError
 from ..generate import PromptLookup, SamplingOptions, make_generator, sample
 from .runner import PREFILL_CHUNK, Runner
-from .text import TextStream, common_prefix
+from ..chat.text import TextStream, common_prefix
 from .types import Delta, Done, TokenLogprob
 
 log = logging.getLogger("llamaherd.engine")

@@ -91,7 +91,7 @@ def load_tokenizer(spec: str | os.PathLike) -> Tokenizer:
         if head.startswith(b"{"):
             return tokenizer_from_hf(path)
         if head.startswith(b"GGUF"):
-            from ..weights.gguf_file import GGUFFile  # numpy only: no torch import
+            from ..formats.gguf import GGUFFile  # numpy only: no torch import
 
             return tokenizer_from_gguf(GGUFFile(path).metadata)
         return Llama3Tokenizer.from_file(path)

@@ -1,6 +1,6 @@
 """GGUF checkpoints (`llama` architecture).
 
-The file is memory-mapped (`gguf_file.GGUFFile`); each tensor is dequantized or packed straight
+The file is memory-mapped (`formats.gguf.GGUFFile`); each tensor is dequantized or packed straight
 from the map, so no second copy of the raw file is held. GGUF stores q/k in Meta's interleaved layout already
 (llama.cpp's converter undoes HF's permutation), so only names change.
 """
@@ -17,7 +17,7 @@ from ..config import KNOWN_ROPE_SCALINGS, ModelArgs
 from ..errors import FormatError
 from ..model import FUSED_PROJECTIONS, rope_frequencies
 from ..quantize.ggml import dequantize
-from .gguf_file import GGUFFile
+from ..formats.gguf import GGUFFile
 from .keymaps import FROM_GGUF, map_key
 
 

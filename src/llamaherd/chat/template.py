@@ -27,7 +27,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from ..errors import HerdError
 
 if TYPE_CHECKING:
-    from . import Tokenizer
+    from ..tokenizer import Tokenizer
 
 Message = Mapping[str, Any]  # {"role": "user", "content": "Hi"}; templates may read more keys
 

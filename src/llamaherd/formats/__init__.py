@@ -1,0 +1,2 @@
+"""File formats read without torch: the GGUF container (`gguf.GGUFFile`: header, metadata, tensor
+table, memory-mapped data)."""
