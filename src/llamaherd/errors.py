@@ -12,3 +12,15 @@ class HerdError(Exception):
 
 class FormatError(HerdError):
     """A weights or tokenizer file that is truncated, corrupt or of an unsupported kind."""
+
+
+class ModelNotFound(HerdError):
+    """The model name is not in the store (nor, for a pull, in the catalog): HTTP 404."""
+
+    def __init__(self, name: str, message: str | None = None):
+        super().__init__(message or f"model '{name}' not found")
+        self.name = name
+
+
+class Unsupported(HerdError):
+    """The model cannot do what was asked (e.g. `suffix` without fill-in-the-middle tokens)."""

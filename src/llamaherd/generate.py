@@ -7,7 +7,7 @@ filtering, then temperature, then a draw. Temperature 0 is greedy (argmax), what
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 
 import numpy as np

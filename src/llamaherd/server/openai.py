@@ -113,10 +113,6 @@ def _format(rf: s.ResponseFormat | None) -> str | dict | None:
     return rf.json_schema.schema_
 
 
-def _logprob_text(info: TokenInfo) -> str:
-    return info.text
-
-
 def routes() -> APIRouter:
     router = APIRouter(prefix="/v1")
 

@@ -241,13 +241,6 @@ class CreateRequest(Wire):
     quantize: str | None = Field(None, description="(not supported) quantize while creating.")
 
 
-class ProgressResponse(Wire):
-    status: str = Field(description="What is happening: pulling manifest, pulling <digest>, success, ...")
-    digest: str | None = Field(None, description="The blob being transferred.")
-    total: int | None = Field(None, description="Its size in bytes.")
-    completed: int | None = Field(None, description="Bytes transferred so far.")
-
-
 class ModelDetails(Wire):
     parent_model: str = Field("", description="The model this one was made from.")
     format: str = Field("", description="gguf, safetensors or meta.")
@@ -299,10 +292,6 @@ class ShowResponse(Wire):
 
 class VersionResponse(Wire):
     version: str = Field(description="Server version.")
-
-
-class ErrorResponse(Wire):
-    error: str = Field(description="What went wrong.")
 
 
 # == OpenAI ===================================================================================

@@ -17,8 +17,7 @@ import torch
 
 from ..config import ModelArgs
 from ..errors import FormatError, HerdError
-
-GGUF_MAGIC = b"GGUF"
+from ..formats import GGUF_MAGIC
 
 
 @dataclass

@@ -51,7 +51,7 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, quantized: b
     `dtype` and the dict is empty.
     """
     from ..quantize import native
-    from ..quantize.linear import NATIVE_TYPES, pack_gguf_tensor, pack_gguf_tensors, quantize_int8_rows
+    from ..quantize.linear import NATIVE_TYPES, pack_gguf_tensor, quantize_int8_rows
 
     reader = GGUFFile(path)
     meta = reader.metadata
