@@ -25,7 +25,8 @@ import torch
 from ..quantize import native
 from .decode import decode_step
 
-PREFILL_CHUNK = 512  # prompt tokens per torch forward; prompts are cut at its multiples
+PREFILL_CHUNK = 512  # prompt tokens per call of the scheduler's prefill (and per forward on a GPU)
+CPU_PREFILL_CHUNK = 64  # per forward on a CPU: a chat's earlier turns are reused in units this small
 
 
 class Runner:
@@ -130,9 +131,12 @@ class NativeRunner(Runner):
 
 
 class TorchRunner(Runner):
-    """The torch modules, on a CPU or a GPU."""
+    """The torch modules, on a CPU or a GPU. Prompts run in pieces that end on multiples of
+    `reuse_unit`, so a prompt resumed after a kept prefix is computed exactly as from scratch."""
 
-    reuse_unit = PREFILL_CHUNK
+    def __init__(self, model):
+        super().__init__(model)
+        self.reuse_unit = PREFILL_CHUNK if self.device.type == "cuda" else CPU_PREFILL_CHUNK
 
     @torch.inference_mode()
     def prefill(self, prompts):
@@ -140,8 +144,8 @@ class TorchRunner(Runner):
         for tokens, start, row in prompts:
             rows = torch.tensor([row], device=self.device)
             end, pos = start + len(tokens), start
-            while pos < end:  # pieces end on multiples of PREFILL_CHUNK, so a resumed prompt is exact
-                stop = min(end, (pos // PREFILL_CHUNK + 1) * PREFILL_CHUNK)
+            while pos < end:
+                stop = min(end, (pos // self.reuse_unit + 1) * self.reuse_unit)
                 x = torch.tensor([tokens[pos - start:stop - start]], device=self.device)
                 logits = self.model(x, torch.arange(pos, stop, device=self.device)[None], rows=rows,
                                     n_keys=stop, last_only=True)
