@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import queue
 import resource
 import subprocess
 import sys
@@ -60,7 +61,9 @@ def run_llamaherd(model: str, threads: int, ids: list[int]) -> dict:
     import torch
 
     import llamaherd
-    from llamaherd.generate import SamplingOptions, decode_one_token, generate, prefill
+    from llamaherd.engine.scheduler import Job
+    from llamaherd.engine.types import Done
+    from llamaherd.generate import SamplingOptions
 
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
@@ -70,16 +73,20 @@ def run_llamaherd(model: str, threads: int, ids: list[int]) -> dict:
     next(iter(llm.generate(SHORT_PROMPT, **vars(opts))))
     ttft_epoch = time.time()
 
-    llm.model.setup_cache(1, 2048)
-    prefill(llm.model, ids[:16])  # warm-up
-    prefill_s = best_time(lambda: prefill(llm.model, ids))
+    runner = llm.runner
+    runner.allocate(1, 2048)
+    runner.prefill([(ids[:16], 0, 0)])  # warm-up
+    prefill_s = best_time(lambda: runner.prefill([(ids, 0, 0)]))
 
+    # Decoding in the one pipeline (`Llama.scheduler`, the server's batch loop), with no stop tokens.
     opts = SamplingOptions(temperature=0, repeat_penalty=1.0, num_predict=N_DECODE, num_ctx=2048)
     for i in range(4):  # warm-up
-        decode_one_token(llm.model, 1, 16 + i)
-    t0 = time.perf_counter()
-    n = sum(1 for _ in generate(llm.model, ids[:16], opts))
-    decode_s = time.perf_counter() - t0
+        runner.decode([1], [16 + i], [0])
+    events = queue.SimpleQueue()
+    llm.scheduler.submit(Job(ids[:16], opts, frozenset(), llm.tokenizer, events.put))
+    while not isinstance(done := events.get(), Done):
+        pass
+    n, decode_s = done.eval_count, done.eval_duration / 1e9
     return dict(load=load, ttft_epoch=ttft_epoch, prefill=len(ids) / prefill_s, decode=n / decode_s)
 
 

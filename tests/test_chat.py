@@ -7,7 +7,7 @@ import pytest
 from llamaherd.errors import HerdError
 from llamaherd.tokenizer import load_tokenizer
 from llamaherd.tokenizer.bpe import gguf_metadata, tokenizer_from_gguf
-from llamaherd.tokenizer.chat import JinjaChatTemplate, Llama3ChatFormat, format_prompt
+from llamaherd.chat.template import JinjaChatTemplate, Llama3ChatFormat, format_prompt
 
 DIALOG = [
     {"role": "system", "content": "You are terse."},

@@ -12,7 +12,7 @@ import torch
 
 from llamaherd.engine.models import Engine, EngineConfig, ModelRef
 from llamaherd.engine.scheduler import MIN_CAPACITY, Job, Scheduler
-from llamaherd.engine.text import TextStream
+from llamaherd.chat.text import TextStream
 from llamaherd.engine.types import (Delta, Done, EmbedRequest, GenerateRequest, ModelNotFound, QueueFull,
                                     ScoreRequest)
 from llamaherd.errors import HerdError
@@ -28,7 +28,7 @@ def llm(smollm2_path):
 
 @pytest.fixture(scope="module")
 def scheduler(llm):
-    s = Scheduler(llm.model, n_rows=8, max_ctx=llm.args.max_seq_len, name="smollm2")
+    s = Scheduler(llm.runner, n_rows=8, max_ctx=llm.args.max_seq_len, name="smollm2")
     yield s
     s.close()
 
@@ -74,8 +74,7 @@ def test_matches_llama_stream(scheduler, llm):
     opts = llm.options(temperature=0, num_predict=12)
     ids = llm.encode_chat([{"role": "user", "content": PROMPTS[0]}])
     ref = [t for chunk in llm.stream(ids, opts) for t in chunk.tokens]
-    llm.model.clear_cache()  # give the cache back as the scheduler had it ...
-    scheduler._capacity = 0  # ... by making it rebuild
+    llm.runner.release()  # the scheduler starts a cache of its own
     tokens, *_ = collect(submit(scheduler, llm, PROMPTS[0])[1])
     assert tokens == ref
 
@@ -122,17 +121,15 @@ def test_cache_grows_and_keeps_what_it_holds(scheduler, llm):
     text = "Repeat after me. " + "The quick brown fox jumps over the lazy dog. " * 22
     ids = llm.encode_chat([{"role": "user", "content": text}])
     assert MIN_CAPACITY - 16 < len(ids) < MIN_CAPACITY  # generation crosses the first capacity
-    llm.model.clear_cache()
-    scheduler._capacity = 0
+    llm.runner.release()
     other, q_other = submit(scheduler, llm, "Hi", num_predict=30)
     _, q = submit(scheduler, llm, text, num_predict=24)
     tokens, *_ = collect(q)
     collect(q_other)
-    assert scheduler._capacity == 2 * MIN_CAPACITY
+    assert scheduler.capacity == 2 * MIN_CAPACITY
     opts = llm.options(temperature=0, num_predict=24)
     ref = [t for chunk in llm.stream(ids, opts) for t in chunk.tokens]
-    llm.model.clear_cache()
-    scheduler._capacity = 0
+    llm.runner.release()
     assert tokens == ref
 
 

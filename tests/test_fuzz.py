@@ -155,7 +155,7 @@ def test_gguf_readers(gguf_bytes, tmp_path):
     """A damaged GGUF file is refused with a HerdError by the store's header reader and by the
     weights reader, never another exception (nor a hang, nor a huge allocation)."""
     from llamaherd.store.details import model_details
-    from llamaherd.weights.gguf_file import GGUFFile
+    from llamaherd.formats.gguf import GGUFFile
 
     path = tmp_path / "m.gguf"
 

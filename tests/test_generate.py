@@ -7,7 +7,7 @@ import torch
 
 from llamaherd.errors import HerdError
 from llamaherd.generate import SamplingOptions, apply_penalties, logits_to_probs, make_generator, sample
-from llamaherd.engine.text import stop_prefix_len as _stop_prefix_len
+from llamaherd.chat.text import stop_prefix_len as _stop_prefix_len
 
 RAW_PROMPTS = [
     "The history of the Roman Empire",
@@ -130,8 +130,7 @@ def test_prefix_reuse_gives_identical_output(request, which):
     opts = llm.options(temperature=0, num_predict=10)
     warm = list(llm.stream(ids, opts))
     assert len(ids) > 2 * 64 and warm[-1].prompt_eval_count < len(ids)  # the shared prefix was reused
-    llm.model.setup_cache(1, opts.num_ctx)  # a cold cache
-    llm._cached = []
+    llm.runner.release()  # a cold cache
     cold = list(llm.stream(ids, opts))
     assert cold[-1].prompt_eval_count == len(ids)
     assert [t for c in warm for t in c.tokens] == [t for c in cold for t in c.tokens]

@@ -5,7 +5,7 @@ import pytest
 from gguf import GGUFReader
 
 from llamaherd.errors import FormatError
-from llamaherd.weights.gguf_file import GGUFFile
+from llamaherd.formats.gguf import GGUFFile
 
 
 def test_matches_gguf_reader(smollm2_path):

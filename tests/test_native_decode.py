@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import llamaherd
+from llamaherd.engine.runner import NativeRunner, TorchRunner, make_runner
 from llamaherd.quantize import native
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a land far away, there lived"]
@@ -31,8 +32,8 @@ def rows_filled(model, smollm2):
 
 
 def test_it_applies_to_gguf_block_models(model, rows_filled):
-    """The SmolLM2 GGUF on this machine must take the native step, not silently fall back."""
-    assert native.decoder(model) is not None
+    """The SmolLM2 GGUF on this machine must take the native runner, not silently fall back."""
+    assert isinstance(make_runner(model), NativeRunner)
 
 
 def test_it_equals_the_torch_modules(model, rows_filled):
@@ -74,11 +75,7 @@ def test_a_new_cache_gets_a_new_description(model, rows_filled):
 
 
 def test_float_models_take_the_torch_modules(smollm2_ref):
-    smollm2_ref.model.setup_cache(1, 32)
-    try:
-        assert native.decoder(smollm2_ref.model) is None
-    finally:
-        smollm2_ref.model.clear_cache()
+    assert isinstance(make_runner(smollm2_ref.model), TorchRunner)
 
 
 @pytest.mark.parametrize("repeat", [1, 27])  # 11 tokens: int16 matmuls; ~300: float32 blocks, then an int16 tail

@@ -8,8 +8,8 @@ from gguf import quants
 
 from llamaherd.quantize.ggml import dequantize
 from llamaherd.quantize import native
-from llamaherd.quantize.linear import (BlockLinear, GGMLEmbedding, Int4Linear, RefinedBlockLinear,
-                                       RefinedInt8Linear, _concat, dequantized_weight, pack_gguf_tensor,
+from llamaherd.quantize.linear import (BlockLinear, GGMLEmbedding, Int4Linear, Int8Linear, RefinedBlockLinear,
+                                       RefinedInt8Linear, dequantized_weight, pack_gguf_tensor, pack_gguf_tensors,
                                        quantize_int8_rows, repack_rows8)
 
 
@@ -48,13 +48,26 @@ def test_int8_rows_for_other_types():
 
 
 def test_fused_projection_equals_its_parts():
-    parts = []
-    for seed, n in ((1, 64), (2, 32), (3, 32)):
-        _, buffers = pack_gguf_tensor(gguf_blocks(Q.Q4_1, n, 128, seed), Q.Q4_1, (n, 128), native_ok=False)
-        parts.append(load_module(Int4Linear(128, n), buffers))
-    fused = _concat(parts)
+    """wq, wk, wv stacked before packing (torch's int4 layout is the CPU's own: AVX2 and AVX-512
+    interleave rows differently) compute what the three compute apart, to the bit."""
+    weights = [(gguf_blocks(Q.Q4_1, n, 128, seed), Q.Q4_1, (n, 128)) for seed, n in ((1, 64), (2, 32), (3, 32))]
+    parts = [load_module(Int4Linear(128, n), pack_gguf_tensor(*w, native_ok=False)[1]) for w, n in zip(weights, (64, 32, 32))]
+    kind, buffers = pack_gguf_tensors(weights, native_ok=False)
+    assert kind == "int4"
+    fused = load_module(Int4Linear(128, 128), buffers)
     x = torch.randn(3, 128)
     assert torch.equal(fused(x), torch.cat([p(x) for p in parts], dim=-1))
+
+
+def test_fused_int8_projection_equals_its_parts_and_mixed_kinds_are_not_fused():
+    weights = [(gguf_blocks(qtype, 32, 128, seed), qtype, (32, 128)) for seed, qtype in ((1, Q.Q8_0), (2, Q.Q5_0))]
+    parts = [load_module(Int8Linear(128, 32), pack_gguf_tensor(*w, native_ok=False)[1]) for w in weights]
+    kind, buffers = pack_gguf_tensors(weights, native_ok=False)
+    assert kind == "int8"  # two types, one kind of layer: requantized per row either way
+    x = torch.randn(3, 128)
+    assert torch.equal(load_module(Int8Linear(128, 64), buffers)(x), torch.cat([p(x) for p in parts], dim=-1))
+    q4 = (gguf_blocks(Q.Q4_0, 32, 128, 3), Q.Q4_0, (32, 128))
+    assert pack_gguf_tensors([weights[0], q4], native_ok=False) is None  # int8 beside int4: packed apart
 
 
 def test_embedding_rows_are_exact():
@@ -175,10 +188,9 @@ def test_rows8_layout_is_the_same_bytes_and_the_same_product(qtype):
 
 
 def test_fused_block_projection_equals_its_parts():
-    parts = [load_module(BlockLinear(128, n, Q.Q4_0), pack_gguf_tensor(gguf_blocks(Q.Q4_0, n, 128, seed),
-                                                                       Q.Q4_0, (n, 128))[1])
-             for seed, n in ((1, 64), (2, 32), (3, 32))]
-    fused = _concat(parts)
+    weights = [(gguf_blocks(Q.Q4_0, n, 128, seed), Q.Q4_0, (n, 128)) for seed, n in ((1, 64), (2, 32), (3, 32))]
+    parts = [load_module(BlockLinear(128, w[2][0], Q.Q4_0), pack_gguf_tensor(*w)[1]) for w in weights]
+    fused = load_module(BlockLinear(128, 128, Q.Q4_0), pack_gguf_tensors(weights)[1])
     x = torch.randn(3, 128)
     assert torch.equal(fused(x), torch.cat([p(x) for p in parts], dim=-1))
 

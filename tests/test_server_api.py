@@ -10,7 +10,7 @@ import pytest
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
-from llamaherd.engine.tools import could_be_call, parse_tool_calls, prepare_messages  # noqa: E402
+from llamaherd.chat.tools import could_be_call, parse_tool_calls, prepare_messages  # noqa: E402
 from llamaherd.engine.types import (Delta, Done, EmbedResult, ModelNotFound, QueueFull, RunningModel,  # noqa: E402
                                     ScoreResult, TokenLogprob)
 from llamaherd.errors import HerdError  # noqa: E402

@@ -74,7 +74,7 @@ def test_masked_positions_are_exactly_prompt_and_headers(smollm2):
     assert runs == 2
     # The prompt the model sees at inference time is exactly the masked prefix before "Paris."
     first = learn.index(True)
-    from llamaherd.tokenizer.chat import format_prompt
+    from llamaherd.chat.template import format_prompt
     assert tokens[:first] == format_prompt(smollm2, CHAT[:2], add_generation_prompt=True)
 
 

@@ -283,7 +283,7 @@ def test_templates_are_bounded_in_time_and_size(template, message, monkeypatch):
     import resource
 
     from llamaherd.tokenizer import sandbox
-    from llamaherd.tokenizer.chat import JinjaChatTemplate
+    from llamaherd.chat.template import JinjaChatTemplate
 
     monkeypatch.setattr(sandbox, "MAX_SECONDS", 0.5)
     start = time.monotonic()

@@ -7,7 +7,7 @@ filtering, then temperature, then a draw. Temperature 0 is greedy (argmax), what
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 
 import numpy as np
@@ -15,7 +15,6 @@ import torch
 
 from .errors import HerdError
 from .options import check_option
-from .quantize import native
 
 
 @dataclass
@@ -123,45 +122,6 @@ def make_generator(seed: int | None) -> torch.Generator:
     return g
 
 
-@torch.inference_mode()
-def prefill(model, tokens: Sequence[int], start_pos: int = 0) -> torch.Tensor:
-    """Run the prompt through the model (filling the KV cache from `start_pos`); logits of the last token.
-
-    The prompt goes in chunks that start at multiples of PREFILL_CHUNK positions. Matmul and attention
-    kernels round differently for different numbers of rows, so a prompt split at other places would
-    give slightly different keys and values; with fixed boundaries, a prompt resumed from a cached
-    prefix that ends on a boundary is computed exactly as it would be from scratch. It also bounds
-    the memory a long prompt needs. (The native path computes every token on its own; its float32
-    blocks end on the same boundaries, so a resume there is exact on it too.)
-    """
-    tokens = list(tokens)
-    logits = native.prefill(model, tokens, start_pos)  # GGUF-block models on CPU: whole-prompt C calls
-    if logits is not None:
-        return logits
-    device = model.device
-    end = start_pos + len(tokens)
-    pos = start_pos
-    while pos < end:
-        stop = min(end, (pos // PREFILL_CHUNK + 1) * PREFILL_CHUNK)
-        x = torch.tensor([tokens[pos - start_pos:stop - start_pos]], device=device)
-        logits = model(x, torch.arange(pos, stop, device=device)[None], last_only=True)
-        pos = stop
-    return logits[0, -1]
-
-
-PREFILL_CHUNK = native.DENSE_ROWS  # 64; also where the native path's float32 blocks end, so resumes stay exact
-
-
-@torch.inference_mode()
-def decode_one_token(model, token: int, pos: int) -> torch.Tensor:
-    """Logits after feeding one token at position `pos`."""
-    logits = native.decode(model, [token], [pos], [0])  # GGUF-block models on CPU: one C call
-    if logits is not None:
-        return logits[0]
-    device = model.device
-    return model(torch.tensor([[token]], device=device), torch.tensor([[pos]], device=device))[0, -1]
-
-
 class PromptLookup:
     """Draft tokens by prompt lookup: where the last N tokens occurred before (in the prompt or the
     reply), guess that what followed them then follows now. Summaries, quotes, code edits and
@@ -181,64 +141,3 @@ class PromptLookup:
     def propose(self, k: int) -> list[int]:
         at = self.index.get(tuple(self.tokens[-self.n:]))
         return [] if at is None or k <= 0 else self.tokens[at:at + k]
-
-
-def generate(model, prompt: Sequence[int], opts: SamplingOptions, stop_ids: frozenset[int] = frozenset(),
-             cached: int = 0) -> Iterator[int]:
-    """Yield new token ids after `prompt` until a stop token (not yielded), `num_predict` tokens, or a
-    full context.
-
-    The caller sizes the KV cache (`model.setup_cache`) to at least num_ctx positions; `cached` says
-    how many leading prompt tokens are already in it (a chat's earlier turns), so only the rest is
-    prefilled.
-    """
-    num_ctx = opts.num_ctx or model.cache_len
-    if len(prompt) == 0:
-        raise HerdError("the prompt is empty")
-    if len(prompt) >= num_ctx:
-        raise HerdError(f"the prompt is {len(prompt)} tokens, which does not fit the context of {num_ctx} "
-                        "(raise num_ctx or shorten the prompt)")
-    # At least one token must run to give logits; resume on a chunk boundary (see `prefill`).
-    cached = min(cached, len(prompt) - 1) // PREFILL_CHUNK * PREFILL_CHUNK
-    generator = make_generator(opts.seed)
-    history = list(prompt)
-    logits = prefill(model, prompt[cached:], cached)
-    budget = opts.num_predict if opts.num_predict >= 0 else num_ctx
-    # Speculation needs every guessed token's logits to be what a step of its own gives: the native
-    # step computes each row as if alone, so the output is exactly that of plain greedy decoding.
-    lookup = (PromptLookup(history) if opts.speculate and opts.temperature <= 0
-              and native.decoder(model) is not None else None)
-    guesses = opts.speculate  # how many guesses to check next, adapted to how many hold
-    chosen = [sample(logits, history, opts, generator)] if budget > 0 else []
-    while chosen:
-        for token in chosen:
-            if token in stop_ids:
-                return
-            yield token
-            history.append(token)
-            if lookup:
-                lookup.push(token)
-            if len(history) - len(prompt) == budget or len(history) >= num_ctx:
-                return
-        room = min(budget - (len(history) - len(prompt)), num_ctx - len(history)) - 1
-        drafts = lookup.propose(min(guesses, room)) if lookup else []
-        chosen, guesses = next_tokens(model, history, drafts, opts, generator, guesses)
-
-
-def next_tokens(model, history: list[int], drafts: list[int], opts: SamplingOptions,
-                generator: torch.Generator, guesses: int) -> tuple[list[int], int]:
-    """The model's next token(s) after `history`, whose last token has not run yet: one, or, given
-    guesses `drafts` for what follows, all rows checked in one step — the guesses the model makes
-    itself, then its own choice — and how many guesses to check next time."""
-    pos = len(history) - 1
-    if not drafts:
-        return [sample(decode_one_token(model, history[-1], pos), history, opts, generator)], guesses
-    rows = native.decode(model, [history[-1], *drafts], list(range(pos, pos + len(drafts) + 1)),
-                         [0] * (len(drafts) + 1))
-    chosen = []
-    for row, draft in zip(rows, drafts):
-        chosen.append(sample(row, history + chosen, opts, generator))
-        if chosen[-1] != draft:  # a wrong guess cost a row: check fewer next time
-            return chosen, max(1, len(chosen) - 1)
-    chosen.append(sample(rows[len(drafts)], history + chosen, opts, generator))  # every guess held
-    return chosen, min(opts.speculate, 2 * guesses)

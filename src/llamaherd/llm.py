@@ -4,8 +4,10 @@
     for text in llm.chat([{"role": "user", "content": "Hi!"}], temperature=0):
         print(text, end="")
 
-`stream()` is the one code path: it yields `Chunk`s (text plus token ids) and a last chunk with
-Ollama's statistics. `generate()` and `chat()` are views of it that yield only text.
+`stream()` is the one code path: it runs the server's batch loop (`engine.scheduler`, one row) and
+yields `Chunk`s (text plus token ids) and a last chunk with Ollama's statistics, so every option
+(stop strings, penalties, `format`, logprobs, `speculate`) works as in the server. `generate()` and
+`chat()` are views of it that yield only text.
 
 Context rule: a prompt that does not fit `num_ctx` is an error for `generate`; `chat` keeps the
 system messages and the newest messages that fit in three quarters of `num_ctx` (the last message
@@ -15,6 +17,7 @@ always; if even that does not fit, it is an error). Generation stops when the co
 
 from __future__ import annotations
 
+import queue
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -24,8 +27,10 @@ from typing import Any
 import torch
 
 from .errors import HerdError
-from .generate import PREFILL_CHUNK, SamplingOptions, generate as generate_tokens
-from .engine.text import TextStream, common_prefix
+from .generate import SamplingOptions
+from .engine.runner import make_runner
+from .engine.scheduler import Job, Scheduler
+from .engine.types import Done
 
 
 @dataclass
@@ -40,6 +45,7 @@ class Chunk:
     prompt_eval_duration: int = 0
     eval_count: int = 0
     eval_duration: int = 0
+    logprobs: tuple = ()  # engine.types.TokenLogprob of each token, when asked for
 
 
 def default_device() -> str:
@@ -56,7 +62,9 @@ class Llama:
         self.format = format
         self.metadata = metadata or {}
         self.load_duration = load_duration  # seconds
-        self._cached: list[int] = []  # tokens whose keys/values are in the KV cache (row 0)
+        self.runner = make_runner(model)  # the backend, chosen once
+        self._scheduler: Scheduler | None = None  # made on first use (`scheduler`)
+        self._lltok = None  # llguidance's view of the tokenizer, made on first `format`
 
     @classmethod
     def load(cls, path: str | Path, device: str | None = None, dtype: torch.dtype | None = None,
@@ -95,7 +103,7 @@ class Llama:
                     add_generation_prompt: bool = True, tools: list[dict[str, Any]] | None = None) -> list[int]:
         """Chat prompt tokens, rendered with the model's chat template (or `template`), with
         `tools` (function definitions) for templates that render them."""
-        from .tokenizer.chat import format_prompt
+        from .chat.template import format_prompt
 
         if not messages:
             raise HerdError("messages must not be empty")
@@ -129,58 +137,71 @@ class Llama:
 
     # -- generation -------------------------------------------------------------------------
 
-    def stream(self, prompt: Sequence[int], opts: SamplingOptions) -> Iterator[Chunk]:
+    @property
+    def scheduler(self) -> Scheduler:
+        """The server's batch loop (`engine.scheduler.Scheduler`) over this model, one row: every
+        generation from Python and `herd run` goes through it, as every server request does."""
+        if self._scheduler is None:
+            self._scheduler = Scheduler(self.runner, n_rows=1, max_ctx=self.args.max_seq_len,
+                                        name=self.path.name if self.path else "model")
+        return self._scheduler
+
+    def close(self) -> None:
+        """Stop the batch loop's thread (a later generation starts it again)."""
+        if self._scheduler is not None:
+            self._scheduler.close()
+            self._scheduler = None
+
+    def constraint(self, format: str | dict[str, Any]):
+        """The grammar constraint (`engine.grammar.Constraint`) for a `format`: "json" or a JSON schema."""
+        from .engine import grammar
+
+        compiled = grammar.compile_format(format)
+        if self._lltok is None:
+            self._lltok = grammar.grammar_tokenizer(self.tokenizer)
+        return grammar.Constraint(self._lltok, compiled, self.args.vocab_size)
+
+    def stream(self, prompt: Sequence[int], opts: SamplingOptions, *, format: str | dict | None = None,
+               logprobs: int | None = None) -> Iterator[Chunk]:
         """Generate after the prompt tokens; yield text chunks, then a final chunk with statistics.
 
-        Stop strings are honoured across chunk boundaries: text that could be the start of a stop
-        string is held back until it is known not to be one.
-        """
-        prompt = list(prompt)
-        if self.model.cache_len != opts.num_ctx:
-            self.model.setup_cache(1, opts.num_ctx)
-            self._cached = []
-        # Resume from the longest cached prefix that ends on a prefill chunk boundary, so the result
-        # is the same as from scratch (see `generate.prefill`).
-        reuse = min(common_prefix(self._cached, prompt), len(prompt) - 1) // PREFILL_CHUNK * PREFILL_CHUNK
-        self._cached = prompt[:reuse]  # valid even if generation is interrupted midway
+        Args:
+            prompt: the prompt's token ids.
+            opts: sampling options (`options()`): stop strings, penalties, seed, `speculate`...
+            format: constrain the output to JSON ("json") or to a JSON schema (a dict).
+            logprobs: None, or k >= 0: each chunk carries its tokens' logprobs and k best alternatives.
 
-        text = TextStream(self.tokenizer, opts.stop)
-        pending, pending_tokens = "", []
-        generated, done_reason = [], "stop"
-        start = time.perf_counter_ns()
-        first = None
-        tokens = generate_tokens(self.model, prompt, opts, self.tokenizer.stop_ids, cached=reuse)
-        for token in tokens:
-            if first is None:
-                first = time.perf_counter_ns()
-            generated.append(token)
-            pending_tokens.append(token)
-            out = text.push(token)
-            if text.stopped:
-                pending = out
-                break
-            if out or not opts.stop:
-                yield Chunk(out, tuple(pending_tokens))
-                pending_tokens = []
-        else:
-            pending = text.finish()
-            n = len(generated)
-            if (opts.num_predict >= 0 and n >= opts.num_predict) or len(prompt) + n >= opts.num_ctx:
-                done_reason = "length"
-        end = time.perf_counter_ns()
-        # Only the prompt was prefilled in chunks; generated tokens went one by one, so their keys
-        # and values differ (in the last bits) from what a prefill of them would give: not reused.
-        self._cached = prompt
-        if pending or pending_tokens:
-            yield Chunk(pending, tuple(pending_tokens))
-        first = first or end
-        yield Chunk(done=True, done_reason=done_reason, prompt_eval_count=len(prompt) - reuse,
-                    prompt_eval_duration=first - start, eval_count=len(generated), eval_duration=end - first)
+        Stop strings are honoured across chunk boundaries: text that could be the start of a stop
+        string is held back until it is known not to be one. A prompt that starts with the previous
+        one's prompt reuses its keys and values (see `Scheduler`), with the same result.
+        """
+        events: queue.SimpleQueue = queue.SimpleQueue()
+        constraint = self.constraint(format) if format not in (None, "") else None
+        job = Job(list(prompt), opts, self.tokenizer.stop_ids, self.tokenizer, events.put,
+                  logprobs=logprobs, constraint=constraint)
+        loop = self.scheduler
+        loop.submit(job)
+        try:
+            while True:
+                event = events.get()
+                if isinstance(event, BaseException):
+                    raise event
+                if isinstance(event, Done):
+                    yield Chunk(done=True, done_reason=event.reason,
+                                prompt_eval_count=len(job.prompt) - job.reused,
+                                prompt_eval_duration=event.prompt_eval_duration, eval_count=event.eval_count,
+                                eval_duration=event.eval_duration)
+                    return
+                yield Chunk(event.text, tuple(event.tokens), logprobs=tuple(event.logprobs or ()))
+        finally:
+            if not job.finished:
+                loop.cancel(job)
 
     def generate(self, prompt: str, *, raw: bool = False, system: str | None = None,
-                 template: str | None = None, **options) -> Iterator[str]:
+                 template: str | None = None, format: str | dict | None = None, **options) -> Iterator[str]:
         """Stream the reply to `prompt`. As Ollama's /api/generate: the prompt is wrapped in the chat
-        template as a user message unless `raw`. Options: see `SamplingOptions`."""
+        template as a user message unless `raw`; `format`: "json" or a JSON schema. Options: see
+        `SamplingOptions`."""
         opts = self.options(**options)
         if raw:
             ids = self.encode(prompt)
@@ -188,25 +209,20 @@ class Llama:
             messages = ([{"role": "system", "content": system}] if system else []) + [
                 {"role": "user", "content": prompt}]
             ids = self.encode_chat(messages, template)
-        for chunk in self.stream(ids, opts):
+        for chunk in self.stream(ids, opts, format=format):
             if chunk.text:
                 yield chunk.text
 
-    def chat(self, messages: Sequence[dict[str, Any]], *, template: str | None = None, **options) -> Iterator[str]:
-        """Stream the assistant's reply to `messages` ({"role", "content"} dicts)."""
+    def chat(self, messages: Sequence[dict[str, Any]], *, template: str | None = None,
+             format: str | dict | None = None, **options) -> Iterator[str]:
+        """Stream the assistant's reply to `messages` ({"role", "content"} dicts); `format`: "json"
+        or a JSON schema."""
         opts = self.options(**options)
-        for chunk in self.stream(self.fit_chat(messages, opts.num_ctx, template), opts):
+        for chunk in self.stream(self.fit_chat(messages, opts.num_ctx, template), opts, format=format):
             if chunk.text:
                 yield chunk.text
 
-    @torch.inference_mode()
     def logits(self, tokens: Sequence[int]) -> torch.Tensor:
         """Logits (T, V) in float32 for a token sequence, teacher-forced, without the KV cache."""
-        cache = [layer.attention.cache for layer in self.model.layers]
-        self.model.clear_cache()
-        try:
-            return self.model(torch.tensor([list(tokens)], device=self.device))[0].float()
-        finally:
-            for layer, c in zip(self.model.layers, cache):
-                layer.attention.cache = c
+        return self.runner.logits(list(tokens))
 

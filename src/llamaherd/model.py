@@ -9,21 +9,38 @@ Notation used in shape comments:
     D  model dim (`dim`)          H  query heads                  K  key/value heads (GQA: H % K == 0)
     Dh head dim                   V  vocabulary size
 
-One forward serves training and inference. Training passes `targets` (and `doc_ids` for packed
-sequences, so that documents do not attend to each other); inference passes a `KVCache` and the
-absolute position of every new token (`input_pos`, per row, so rows of a batch may be at
-different positions — that is what continuous batching needs).
+Two forwards share the modules:
+
+- training (no KV cache): `model(tokens, targets=..., doc_ids=...)` gives the mean loss. Packed
+  sequences pass `doc_ids` so that documents do not attend to each other (and `input_pos` so that
+  each document's positions start at 0);
+- inference (after `setup_cache`): `model(tokens, input_pos, rows=..., n_keys=...)` writes the new
+  tokens' keys and values at their absolute positions (`input_pos`, per row, so rows of a batch may
+  be at different positions — continuous batching) and gives logits.
+
+Both are `torch.compile(fullgraph=True)`-able: the RoPE table is built once, outside `forward`, and
+no Python number is read out of a tensor inside it (the caller, who knows its positions as Python
+ints, passes `n_keys`).
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelArgs, RopeScaling
+
+# Query tokens per attention call when documents are packed: the block-causal mask is built for
+# DOC_CHUNK queries at a time, (B, 1, DOC_CHUNK, T) booleans, never (B, 1, T, T).
+DOC_CHUNK = 1024
+
+# Projections that inference computes as one matmul (`Attention.fuse`, `FeedForward.fuse`): the
+# fused module's name and the modules it stacks, in order.
+FUSED_PROJECTIONS = {"wqkv": ("wq", "wk", "wv"), "w13": ("w1", "w3")}
 
 
 class RMSNorm(nn.Module):
@@ -58,16 +75,30 @@ def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None = 
 
 
 def precompute_rope(args: ModelArgs, max_seq_len: int) -> torch.Tensor:
-    """e^(i * position * frequency) for every position: complex64 (max_seq_len, Dh/2)."""
+    """(cos, sin) of position * frequency for every position: float32 (max_seq_len, Dh/2, 2).
+
+    Real, not complex: the same numbers as `torch.polar`, in the layout kernels/decode.c reads, and
+    cheap to build on the meta device.
+    """
     freqs = rope_frequencies(args.head_dim, args.rope_theta, args.rope_scaling)
     angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), freqs)
-    return torch.polar(torch.ones_like(angles), angles)
+    return torch.stack([angles.cos(), angles.sin()], dim=-1)
 
 
 def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs of x (B, T, n, Dh), read as complex numbers, by rope (B, T, Dh/2)."""
-    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (B, T, n, Dh/2)
-    return torch.view_as_real(xc * rope.unsqueeze(2)).flatten(-2).type_as(x)
+    """Rotate interleaved pairs (x[2i], x[2i+1]) of x (B, T, n, Dh) by rope (B, T, Dh/2, 2): the
+    complex product (a + ib)(cos + i sin), in float32."""
+    a, b = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (B, T, n, Dh/2) each
+    cos, sin = rope.unsqueeze(2).unbind(-1)  # (B, T, 1, Dh/2) each
+    return torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2).type_as(x)
+
+
+class CacheAt(NamedTuple):
+    """Where a cached forward writes its new keys and values, and what it attends to."""
+    input_pos: torch.Tensor  # (B, T) absolute positions of the new tokens
+    rows: torch.Tensor | None  # (B,) KV-cache rows; None: rows 0..B-1 (sliced, not gathered)
+    n_keys: int  # S: attend to cache positions 0..S-1
+    mask: torch.Tensor | None  # (B, 1, T, S) which of those each query sees; None: all of them
 
 
 class KVCache(nn.Module):
@@ -80,22 +111,35 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, rows: torch.Tensor | None, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               n_keys: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v (B, K, T, Dh) at input_pos (B, T) of cache rows `rows` (B,) — default 0..B-1 —
-        and return the first `n_keys` cached keys and values of those rows: (B, K, S, Dh)."""
-        B, T = input_pos.shape
-        if rows is None and B == 1:  # one sequence, consecutive positions: a slice, no scatter
-            start = int(input_pos[0, 0])
-            self.k[:1, :, start:start + T] = k
-            self.v[:1, :, start:start + T] = v
-        else:
-            r = (torch.arange(B, device=k.device) if rows is None else rows)[:, None]  # (B, 1)
-            self.k[r, :, input_pos] = k.transpose(1, 2).to(self.k.dtype)  # indexed view: (B, T, K, Dh)
-            self.v[r, :, input_pos] = v.transpose(1, 2).to(self.v.dtype)
-        if rows is None:  # a slice, not a copy
-            return self.k[:B, :, :n_keys], self.v[:B, :, :n_keys]
-        return self.k[rows, :, :n_keys], self.v[rows, :, :n_keys]
+    def update(self, at: CacheAt, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, K, T, Dh) at `at.input_pos` of rows `at.rows`; return the first `at.n_keys`
+        cached keys and values of those rows: (B, K, S, Dh)."""
+        B = k.shape[0]
+        r = (torch.arange(B, device=k.device) if at.rows is None else at.rows)[:, None]  # (B, 1)
+        self.k[r, :, at.input_pos] = k.transpose(1, 2).to(self.k.dtype)  # indexed view: (B, T, K, Dh)
+        self.v[r, :, at.input_pos] = v.transpose(1, 2).to(self.v.dtype)
+        if at.rows is None:  # a slice, not a copy
+            return self.k[:B, :, :at.n_keys], self.v[:B, :, :at.n_keys]
+        return self.k[at.rows, :, :at.n_keys], self.v[at.rows, :, :at.n_keys]
+
+
+def document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: torch.Tensor) -> torch.Tensor:
+    """Causal attention within documents: q (B, H, T, Dh), k and v (B, K, T, Dh), doc_ids (B, T).
+
+    The block-causal mask is made for DOC_CHUNK queries at a time, each over the keys up to its last
+    query, so memory grows as T * DOC_CHUNK, not T * T. (flex_attention would skip the empty blocks,
+    but on CPU it has no backward.)
+    """
+    T = q.shape[2]
+    out = []
+    for start in range(0, T, DOC_CHUNK):
+        stop = min(T, start + DOC_CHUNK)
+        q_pos = torch.arange(start, stop, device=q.device)
+        causal = q_pos[:, None] >= torch.arange(stop, device=q.device)  # (c, stop)
+        same_doc = doc_ids[:, start:stop, None] == doc_ids[:, None, :stop]  # (B, c, stop)
+        out.append(F.scaled_dot_product_attention(q[:, :, start:stop], k[:, :, :stop], v[:, :, :stop],
+                                                  attn_mask=(causal & same_doc)[:, None], enable_gqa=True))
+    return torch.cat(out, dim=2)
 
 
 class Attention(nn.Module):
@@ -106,15 +150,20 @@ class Attention(nn.Module):
         self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
-        # wq, wk and wv as one matrix: set by `quantize.linear.fuse_projections` for inference.
-        self.wqkv: nn.Module | None = None
+        self.wqkv: nn.Module | None = None  # wq, wk, wv as one matrix: see `fuse`
         self.cache: KVCache | None = None
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor | None,
-                input_pos: torch.Tensor, rows: torch.Tensor | None, n_keys: int) -> torch.Tensor:
+    def fuse(self, wqkv: nn.Module) -> None:
+        """Compute q, k and v with one matmul: `wqkv` is wq, wk and wv stacked (outputs side by side).
+        wq, wk and wv stay, as slices of it, so that each can still be called, read or wrapped."""
+        self.wqkv = wqkv
+        self.wq, self.wk, self.wv = FusedSlice.split(wqkv, [self.wq, self.wk, self.wv])
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, doc_ids: torch.Tensor | None = None,
+                at: CacheAt | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         H, K, Dh = self.n_heads, self.n_kv_heads, self.head_dim
-        if self.wqkv is not None:
+        if FusedSlice.intact(self.wqkv, self.wq, self.wk, self.wv):
             qk, v = self.wqkv(x).split([(H + K) * Dh, K * Dh], dim=-1)
             q, k = apply_rope(qk.view(B, T, H + K, Dh), rope).split([H, K], dim=2)
         else:
@@ -122,12 +171,13 @@ class Attention(nn.Module):
             k = apply_rope(self.wk(x).view(B, T, K, Dh), rope)
             v = self.wv(x)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.view(B, T, K, Dh).transpose(1, 2)  # (B, H|K, T, Dh)
-        if self.cache is not None:
-            k, v = self.cache.update(rows, input_pos, k, v, n_keys)  # (B, K, S, Dh)
-        if mask is None:  # plain causal attention over exactly these T tokens
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=True)
+        if at is not None:
+            k, v = self.cache.update(at, k, v)  # (B, K, S, Dh)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=at.mask, enable_gqa=True)
+        elif doc_ids is not None:
+            y = document_attention(q, k, v, doc_ids)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=True)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -137,14 +187,48 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(dim, hidden_dim, bias=False)  # gate
         self.w2 = nn.Linear(hidden_dim, dim, bias=False)  # down
         self.w3 = nn.Linear(dim, hidden_dim, bias=False)  # up
-        self.w13: nn.Module | None = None  # w1 and w3 as one matrix (see Attention.wqkv)
+        self.w13: nn.Module | None = None  # w1 and w3 as one matrix: see `fuse`
+
+    def fuse(self, w13: nn.Module) -> None:
+        """Compute gate and up with one matmul (as `Attention.fuse`)."""
+        self.w13 = w13
+        self.w1, self.w3 = FusedSlice.split(w13, [self.w1, self.w3])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.w13 is not None:
+        if FusedSlice.intact(self.w13, self.w1, self.w3):
             gate, up = self.w13(x).chunk(2, dim=-1)
         else:
             gate, up = self.w1(x), self.w3(x)
         return self.w2(F.silu(gate) * up)  # SwiGLU
+
+
+class FusedSlice(nn.Module):
+    """Output features start..stop of a fused projection: what wq / wk / wv (and w1 / w3) become
+    when the model is fused for inference. It owns no weights (the fused module does), so the state
+    dict holds each weight once; called alone (e.g. wrapped by LoRA) it runs the fused matmul and
+    keeps its part."""
+
+    def __init__(self, fused: nn.Module, start: int, stop: int, in_features: int):
+        super().__init__()
+        self.__dict__["fused"] = fused  # a plain reference, not a submodule: no second copy in state_dict
+        self.start, self.stop = start, stop
+        self.in_features, self.out_features = in_features, stop - start
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fused(x)[..., self.start:self.stop]
+
+    @staticmethod
+    def split(fused: nn.Module, parts: list[nn.Module]) -> list[FusedSlice]:
+        slices, start = [], 0
+        for part in parts:
+            slices.append(FusedSlice(fused, start, start + part.out_features, part.in_features))
+            start += part.out_features
+        return slices
+
+    @staticmethod
+    def intact(fused: nn.Module | None, *parts: nn.Module) -> bool:
+        """Whether `fused` may stand for `parts`: none of them has been replaced (e.g. wrapped)."""
+        return fused is not None and all(type(p) is FusedSlice and p.fused is fused for p in parts)
 
 
 class TransformerBlock(nn.Module):
@@ -155,8 +239,9 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x, rope, mask, input_pos, rows, n_keys):
-        h = x + self.attention(self.attention_norm(x), rope, mask, input_pos, rows, n_keys)
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, doc_ids: torch.Tensor | None = None,
+                at: CacheAt | None = None) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), rope, doc_ids, at)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -172,13 +257,22 @@ class Transformer(nn.Module):
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
-        # RoPE table: not a parameter, not saved; built (and grown) on first use by `_ensure_rope`.
-        # Not here: under the meta device its complex ops would import torch's decompositions (~2 s).
-        self.register_buffer("rope", torch.empty(0, dtype=torch.complex64), persistent=False)
+        # The RoPE table: a buffer, not saved. Built here once; a model built on the meta device
+        # (loading, FSDP) gets its real values from `init_rope`.
+        self.register_buffer("rope", precompute_rope(args, args.max_seq_len), persistent=False)
+
+    @torch.no_grad()
+    def init_rope(self, max_seq_len: int | None = None) -> None:
+        """(Re)build the RoPE table on the model's device for max_seq_len positions (default: the
+        model's context length)."""
+        n = max(max_seq_len or 0, self.args.max_seq_len)
+        with torch.device(self.device):
+            self.rope = precompute_rope(self.args, n)
 
     @torch.no_grad()
     def init_weights(self, std: float = 0.02) -> None:
-        """Random initialisation for pre-training: normal(0, std) matrices, unit norms."""
+        """Random initialisation for pre-training: normal(0, std) matrices, unit norms (and the RoPE
+        table, for a model built on the meta device and then materialised with `to_empty`)."""
         for name, p in self.named_parameters():
             if p.ndim == 1:
                 p.fill_(1.0)
@@ -186,6 +280,7 @@ class Transformer(nn.Module):
                 # Residual projections are scaled down with depth (GPT-2 / nanoGPT).
                 scale = (2 * self.args.n_layers) ** -0.5 if name.endswith(("wo.weight", "w2.weight")) else 1.0
                 p.normal_(0.0, std * scale)
+        self.init_rope()
 
     # -- KV cache ---------------------------------------------------------------------------
 
@@ -196,7 +291,8 @@ class Transformer(nn.Module):
         for layer in self.layers:
             layer.attention.cache = KVCache(max_batch, max_seq_len, self.args.n_kv_heads,
                                             self.args.head_dim, dtype, device)
-        self._ensure_rope(max_seq_len)
+        if self.rope.shape[0] < max_seq_len:
+            self.init_rope(max_seq_len)
 
     def clear_cache(self) -> None:
         for layer in self.layers:
@@ -211,14 +307,11 @@ class Transformer(nn.Module):
         cache = self.layers[0].attention.cache
         return 0 if cache is None else cache.k.shape[2]
 
-    def _ensure_rope(self, n: int) -> None:
-        if self.rope.shape[0] < n or self.rope.device.type == "meta":
-            self.rope = precompute_rope(self.args, max(n, self.args.max_seq_len)).to(self.device)
-
     # -- forward ----------------------------------------------------------------------------
 
     def hidden_states(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None,
-                      rows: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+                      rows: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None,
+                      n_keys: int | None = None) -> torch.Tensor:
         """Final normalised hidden states (B, T, D).
 
         Args:
@@ -227,39 +320,35 @@ class Transformer(nn.Module):
             rows: (B,) KV-cache rows the batch rows use; default 0..B-1 (then the cache is sliced, not gathered).
             doc_ids: (B, T) document id of every token of packed training sequences; tokens attend
                 only to earlier tokens of the same document. Not used with a cache.
+            n_keys: with a cache, attend to cache positions 0..n_keys-1 (more than the largest
+                position; for a single token, exactly its position + 1); default: the whole cache.
         """
         B, T = tokens.shape
-        cached = self.layers[0].attention.cache is not None
-        if input_pos is None:
-            if cached:
+        at = None
+        if self.layers[0].attention.cache is not None:
+            if input_pos is None:
                 raise ValueError("input_pos is required when a KV cache is set up")
+            S = self.cache_len if n_keys is None else n_keys
+            mask = None  # one new token of one sequence sees every key up to its own: no mask
+            if not (B == 1 and T == 1 and n_keys is not None):
+                key_pos = torch.arange(S, device=tokens.device)
+                mask = key_pos[None, None, None, :] <= input_pos[:, None, :, None]  # (B, 1, T, S)
+            at = CacheAt(input_pos, rows, S, mask)
+        elif input_pos is None:
             input_pos = torch.arange(T, device=tokens.device).expand(B, T)
-        self._ensure_rope(int(input_pos.max()) + 1)
-        rope = self.rope[input_pos]  # (B, T, Dh/2) complex
-
-        mask, n_keys = None, T
-        if cached:
-            # Attend over cache positions 0..n_keys-1; each query sees keys at positions <= its own.
-            n_keys = int(input_pos.max()) + 1
-            if not (B == 1 and T == 1):  # one new token of one sequence sees every cached key
-                key_pos = torch.arange(n_keys, device=tokens.device)
-                mask = (key_pos[None, None, None, :] <= input_pos[:, None, :, None])  # (B, 1, T, S)
-        elif doc_ids is not None:
-            causal = torch.ones(T, T, dtype=torch.bool, device=tokens.device).tril()
-            same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]
-            mask = (causal & same_doc)[:, None]  # (B, 1, T, T)
-
+        rope = self.rope[input_pos]  # (B, T, Dh/2, 2)
         h = self.tok_embeddings(tokens)
         for layer in self.layers:
-            h = layer(h, rope, mask, input_pos, rows, n_keys)
+            h = layer(h, rope, doc_ids if at is None else None, at)
         return self.norm(h)
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None, *,
                 rows: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None,
-                targets: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
+                targets: torch.Tensor | None = None, n_keys: int | None = None,
+                last_only: bool = False) -> torch.Tensor:
         """Logits (B, T, V) — or (B, 1, V) with `last_only` — or, given `targets` (B, T), the mean
-        cross-entropy loss over targets that are not -100."""
-        h = self.hidden_states(tokens, input_pos, rows, doc_ids)
+        cross-entropy loss over the targets that are not -100. Arguments as `hidden_states`."""
+        h = self.hidden_states(tokens, input_pos, rows, doc_ids, n_keys)
         if last_only:
             h = h[:, -1:]
         logits = self.output(h)

@@ -1,8 +1,8 @@
 """One batched decode step whose every row is computed exactly as if it ran alone.
 
-A model whose block matmuls are all GGUF blocks on the CPU takes the native step
-(`quantize.native.decode`, kernels/decode.c), row-exact by construction. Every other model (float
-weights, torch's int4/int8 kernels, CUDA) takes the torch modules, arranged as follows.
+The torch runner's step (`runner.TorchRunner`: float weights, torch's int4/int8 kernels, CUDA); the
+native runner's (kernels/decode.c) is row-exact by construction. The torch modules are arranged as
+follows.
 
 `Transformer.forward` can decode rows at different positions together, but not bit-for-bit as
 each alone: its attention runs over the batch's longest row with a mask, and on CPU the result of
@@ -27,8 +27,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..model import apply_rope
-from ..quantize import native
+from ..model import FusedSlice, apply_rope
 
 CPU_BATCH_MULTIPLE = 4
 
@@ -43,7 +42,7 @@ def _projections(attn, h: torch.Tensor, rope: torch.Tensor):
     """q, k (rotated) and v of `Attention.forward`, for h (P, 1, D): each (P, 1, H|K, Dh)."""
     P = h.shape[0]
     H, K, Dh = attn.n_heads, attn.n_kv_heads, attn.head_dim
-    if getattr(attn, "wqkv", None) is not None:  # fused by quantize.linear.fuse_projections
+    if FusedSlice.intact(attn.wqkv, attn.wq, attn.wk, attn.wv):  # fused at load (`Attention.fuse`)
         qk, v = attn.wqkv(h).split([(H + K) * Dh, K * Dh], dim=-1)
         q, k = apply_rope(qk.view(P, 1, H + K, Dh), rope).split([H, K], dim=2)
     else:
@@ -63,9 +62,6 @@ def decode_step(model, tokens: list[int], positions: list[int], rows: list[int])
         positions: (B) its position (the number of tokens before it in that sequence).
         rows: (B) each sequence's KV-cache row; the new keys and values are written there.
     """
-    logits = native.decode(model, tokens, positions, rows)  # GGUF-block models on CPU: one C call
-    if logits is not None:
-        return logits
     device = model.norm.weight.device
     n = len(tokens)
     size = padded_size(n, model)
@@ -73,7 +69,6 @@ def decode_step(model, tokens: list[int], positions: list[int], rows: list[int])
     token_t = torch.tensor(tokens + [0] * pad, device=device)
     pos_t = torch.tensor(positions + [0] * pad, device=device)
     rows_t = torch.tensor(rows, device=device)
-    model._ensure_rope(max(positions) + 1)
     rope = model.rope[pos_t][:, None]  # (P, 1, Dh/2, 2)
     x = model.tok_embeddings(token_t)[:, None]  # (P, 1, D)
     for layer in model.layers:

@@ -53,7 +53,8 @@ def setup_lazy_cache(model, n_rows: int, capacity: int) -> None:
         cache.v, vbuf = lazy_zeros(shape, dtype)
         cache.mappings = (kbuf, vbuf)
         layer.attention.cache = cache
-    model._ensure_rope(capacity)
+    if model.rope.shape[0] < capacity:
+        model.init_rope(capacity)
 
 
 def is_lazy(model) -> bool:

@@ -42,9 +42,8 @@ import torch
 
 from ..errors import HerdError
 from ..generate import SamplingOptions
-from . import kvcache
-from . import tools as toolfmt
-from .tools import check_messages
+from ..chat import tools as toolfmt
+from ..chat.tools import check_messages
 from .scheduler import Job, Scheduler, token_logprob
 from .types import (Delta, Done, EmbedRequest, EmbedResult, GenerateRequest, ModelNotFound, QueueFull,
                     RunningModel, ScoreRequest, ScoreResult, Unsupported)
@@ -107,18 +106,6 @@ def _weights_bytes(model: torch.nn.Module) -> int:
             seen.add(t.data_ptr())
             total += t.numel() * t.element_size()
     return total
-
-
-@contextlib.contextmanager
-def _without_cache(model):
-    """Run the model without its KV cache (full causal attention), then put the cache back."""
-    caches = [layer.attention.cache for layer in model.layers]
-    model.clear_cache()
-    try:
-        yield
-    finally:
-        for layer, cache in zip(model.layers, caches):
-            layer.attention.cache = cache
 
 
 def max_token_chars(tok) -> int:
@@ -285,7 +272,7 @@ class Engine:
                 llm = await asyncio.to_thread(self._load, ref)
                 load_ns = time.perf_counter_ns() - start
                 max_ctx = llm.args.max_seq_len
-                scheduler = Scheduler(llm.model, n_rows=self.config.num_parallel, max_ctx=max_ctx, name=ref.name)
+                scheduler = Scheduler(llm.runner, n_rows=self.config.num_parallel, max_ctx=max_ctx, name=ref.name)
                 loaded = Loaded(ref, llm, scheduler, load_ns, _weights_bytes(llm.model),
                                 keep_alive=self.config.keep_alive,
                                 num_ctx=min(self.config.context_length, max_ctx))
@@ -414,7 +401,7 @@ class Engine:
             limit = min(limit, self.config.max_context)
         if self.config.max_memory is not None:
             free = self.config.max_memory - sum(m.size for m in self._models.values())
-            limit = min(limit, max(1, free // kvcache.bytes_per_position(loaded.llm.model)))
+            limit = min(limit, max(1, free // loaded.llm.runner.bytes_per_position))
         return limit
 
     def options(self, loaded: Loaded, options: dict[str, Any]) -> SamplingOptions:
@@ -496,7 +483,7 @@ class Engine:
     async def _admit(self, loaded: Loaded, job: Job, gen: Generation) -> None:
         """Reserve the job's KV cache against `max_memory`: its prompt and what it may generate,
         at most num_ctx positions. Refused (400) if it can never fit, 503 if it fits once others end."""
-        bpp = kvcache.bytes_per_position(loaded.llm.model)
+        bpp = loaded.llm.runner.bytes_per_position
         need = min(job.opts.num_ctx, len(job.prompt) + job.budget) * bpp
         limit = self.config.max_memory
         if limit is not None:
@@ -613,9 +600,7 @@ class Engine:
                 raise HerdError(f"dimensions must be between 1 and {llm.args.dim}")
 
             def run(ids: list[int]) -> list[float]:
-                with _without_cache(llm.model):
-                    h = llm.model.hidden_states(torch.tensor([ids], device=llm.device))[0].float()
-                v = h.mean(dim=0)
+                v = llm.runner.embed(ids).mean(dim=0)
                 if req.dimensions is not None:
                     v = v[:req.dimensions]
                 return torch.nn.functional.normalize(v, dim=0).cpu().tolist()

@@ -5,23 +5,22 @@ Every request (a `Job`) gets a row of the KV cache for its whole life. One turn 
 1. drop cancelled jobs — their rows are free at once — and give free rows to waiting jobs (the
    row that holds the longest reusable prefix of the prompt: see "Prompt reuse" below);
 2. prefill up to `PREFILL_BUDGET` prompt tokens of the waiting jobs, in chunks of `PREFILL_CHUNK`
-   tokens at fixed positions (on the native path in one call for all of them, each token computed
-   as if alone); a job whose prompt is done samples its first token and joins the running set;
-3. one decode step for all running jobs: a single batched forward in which every row is at its
-   own position (`decode.decode_step`);
+   tokens at fixed positions (`Runner.prefill`: each token computed as if alone); a job whose
+   prompt is done samples its first token and joins the running set;
+3. one decode step for all running jobs: a single batched step in which every row is at its
+   own position (`Runner.decode`);
 4. each job samples its next token with its own options and `torch.Generator`, checks its stop
    tokens, stop strings, grammar and limits, and streams what it made.
 
 Same output alone or in a crowd. A request's numbers must not depend on who else is running, so
 that greedy output is reproducible: prefill runs alone, chunked at positions that depend only on
-the prompt, and the decode step (`decode.decode_step`) computes every row exactly as if it were
-alone — batched linear layers, row-by-row attention (see there why).
+the prompt, and the decode step (`Runner.decode`) computes every row exactly as if it were
+alone (see `engine/decode.py` why that takes care).
 
 Prompt reuse. A row that a job has left still holds the keys and values of its prompt, and a new
 job whose prompt starts with the same tokens (a chat's next turn, a shared system prompt) takes
 that row and prefills only the rest. Only what a fresh prefill would compute to the same bits is
-reused: whole units of the prompt path (`native.DENSE_ROWS` positions on the native path, a
-`PREFILL_CHUNK` on the torch one) that lay inside the earlier prompt — not the reply's tokens, which
+reused: whole units of the prompt path (`Runner.reuse_unit`) that lay inside the earlier prompt — not the reply's tokens, which
 decoding computed in another way. So the output is the same with or without the reuse (tested).
 
 The KV cache is `n_rows` rows by `capacity` positions; the capacity grows
@@ -43,16 +42,13 @@ from typing import Any
 import torch
 
 from ..errors import HerdError
-from ..generate import SamplingOptions, make_generator, sample
-from ..quantize import native
-from . import kvcache
-from .decode import decode_step
-from .text import TextStream, common_prefix
+from ..generate import PromptLookup, SamplingOptions, make_generator, sample
+from .runner import PREFILL_CHUNK, Runner
+from ..chat.text import TextStream, common_prefix
 from .types import Delta, Done, TokenLogprob
 
 log = logging.getLogger("llamaherd.engine")
 
-PREFILL_CHUNK = 512  # prompt tokens per prefill forward
 PREFILL_BUDGET = 512  # prompt tokens prefilled between two decode steps, so running streams keep flowing
 MIN_CAPACITY = 256
 
@@ -98,6 +94,9 @@ class Job:
         self.submitted_at = time.perf_counter_ns()
         self.started_at: int | None = None  # first prefill chunk
         self.first_token_at: int | None = None
+        self.reused = 0  # prompt tokens taken from a kept prefix, not computed
+        self.lookup: PromptLookup | None = None  # draft tokens, when the job speculates
+        self.guesses = opts.speculate  # how many drafts to check next, adapted to how many hold
 
     def cancel(self) -> None:
         """Stop as soon as possible; nothing more is emitted. Safe from any thread."""
@@ -118,23 +117,21 @@ class Scheduler:
     """Owns `model` (and its KV cache) on one thread; runs every job submitted to it.
 
     Args:
-        model: a `Transformer`. Nothing else may use it while the scheduler runs; use `call` to run
-            other work (scoring, embeddings) on the scheduler's thread between steps.
+        runner: the model's `Runner`. Nothing else may use it while the scheduler runs; use `call`
+            to run other work (scoring, embeddings) on the scheduler's thread between steps.
         n_rows: jobs that can run at once (KV-cache rows); more wait in a queue.
         max_ctx: the largest num_ctx a job may have (the model's context length).
         name: for the thread's name and logs.
     """
 
-    def __init__(self, model, *, n_rows: int, max_ctx: int, name: str = "model"):
-        self.model = model
+    def __init__(self, runner: Runner, *, n_rows: int, max_ctx: int, name: str = "model"):
+        self.runner = runner
         self.n_rows = n_rows
         self.max_ctx = max_ctx
         self.name = name
-        self.device = model.norm.weight.device
         self._free = list(range(n_rows))  # least recently freed first
         self._kept: list[list[int]] = [[] for _ in range(n_rows)]  # per row: the prompt prefix it can give again
         self.reused_tokens = 0  # prompt tokens not computed again thanks to a kept prefix (stats, tests)
-        self._capacity = 0
         self._waiting: deque[Job] = deque()
         self._prefilling: list[Job] = []
         self._running: list[Job] = []
@@ -185,23 +182,18 @@ class Scheduler:
         return self.n_rows - len(self._free)
 
     def kv_bytes(self) -> int:
-        """Bytes the KV cache holds: the positions rows hold where it is lazy, else all of it."""
-        cache = self.model.layers[0].attention.cache
-        if cache is None:
-            return 0
-        if kvcache.is_lazy(self.model):
-            return sum(self._row_lengths()) * kvcache.bytes_per_position(self.model)
-        return len(self.model.layers) * 2 * cache.k.numel() * cache.k.element_size()
+        """Bytes the KV cache holds (on the CPU, only the positions rows hold)."""
+        return self.runner.kv_bytes(self._row_lengths())
 
     def kept_bytes(self) -> int:
         """Bytes of the prompt prefixes free rows keep for reuse (what `forget_kept` gives back)."""
-        return sum(len(self._kept[r]) for r in list(self._free)) * kvcache.bytes_per_position(self.model)
+        return sum(len(self._kept[r]) for r in list(self._free)) * self.runner.bytes_per_position
 
     def forget_kept(self) -> None:
         """Drop the prefixes free rows keep and give their memory back. Scheduler thread (`call`)."""
         for r in self._free:
             self._kept[r] = []
-            kvcache.release(self.model, r, 0)
+            self.runner.release_row(r, 0)
 
     def _row_lengths(self) -> list[int]:
         """Positions each row holds: a job's tokens so far, or the prefix a free row keeps."""
@@ -267,8 +259,7 @@ class Scheduler:
         for _, future in calls:
             if future.set_running_or_notify_cancel():
                 future.set_exception(error)
-        self.model.clear_cache()
-        self._capacity = 0  # the next cache starts with nothing kept (`_ensure_capacity`)
+        self.runner.release()
 
     def _emit(self, job: Job, event: Any) -> None:
         try:
@@ -279,7 +270,7 @@ class Scheduler:
 
     def _free_row(self, job: Job) -> None:
         if job.row is not None:
-            kvcache.release(self.model, job.row, len(self._kept[job.row]))  # keeps only the reusable prefix
+            self.runner.release_row(job.row, len(self._kept[job.row]))  # keeps only the reusable prefix
             self._free.append(job.row)
             job.row = None
 
@@ -304,64 +295,52 @@ class Scheduler:
                 continue
             try:
                 job.generator = make_generator(job.opts.seed)
-            except Exception as e:  # noqa: BLE001 — an error here used to end the scheduler thread,
-                self._fail(job, e)  # leaving every later request for the model waiting forever
+            except Exception as e:  # noqa: BLE001 — fail this job; the loop (and every later job) goes on
+                self._fail(job, e)
                 continue
             if job.budget == 0:  # num_predict 0: nothing to generate, not even a prefill
                 job.started_at = job.first_token_at = time.perf_counter_ns()
                 self._finish(job, "length")
                 continue
+            if job.opts.speculate and job.opts.temperature <= 0 and self.runner.speculates and job.constraint is None:
+                job.lookup = PromptLookup(job.prompt)
             self._take_row(job)
             self._prefilling.append(job)
-
-    def _reuse_unit(self) -> int:
-        """Prompt positions are computed the same from scratch and after a kept prefix only if the
-        prefix ends where a fresh prefill starts a new piece of work (see the module's docstring)."""
-        return native.DENSE_ROWS if native.prompts_native(self.model) else PREFILL_CHUNK
 
     def _take_row(self, job: Job) -> None:
         """Give `job` the free row that holds the longest reusable prefix of its prompt, or else the
         one left longest ago (whose prefix is the least likely to be asked for again)."""
         row, n = self._free[0], 0
-        if self._capacity:
-            unit = self._reuse_unit()
+        if self.runner.n_rows == self.n_rows:  # the cache is ours: its rows hold what _kept says
+            unit = self.runner.reuse_unit
             for r in self._free:
                 # at least one prompt token is left to compute: its logits give the first token
                 k = min(common_prefix(self._kept[r], job.prompt), len(job.prompt) - 1) // unit * unit
                 if k > n:
                     row, n = r, k
         self._free.remove(row)
-        job.row, job.prefilled = row, n
+        job.row, job.prefilled, job.reused = row, n, n
         self._kept[row] = job.prompt[:n]  # the rest of the row is about to be overwritten
         self.reused_tokens += n
 
+    @property
+    def capacity(self) -> int:
+        """Positions per row of the KV cache (0: none, or not ours)."""
+        return self.runner.capacity if self.runner.n_rows == self.n_rows else 0
+
     def _ensure_capacity(self, n: int) -> None:
-        """Make the KV cache hold at least n positions per row, keeping what it holds."""
-        if n <= self._capacity:
+        """Make the KV cache hold at least n positions per row, keeping what it holds: it grows by
+        doubling, so memory follows the longest live sequence."""
+        if n <= self.capacity:
             return
         new = min(self.max_ctx, max(MIN_CAPACITY, 1 << (n - 1).bit_length()))
-        layers = self.model.layers
-        old = [(layer.attention.cache.k, layer.attention.cache.v) for layer in layers] if self._capacity else None
-        if old is None:  # a new cache holds no one's prompt
+        if self.runner.allocate(self.n_rows, new, self._row_lengths()):  # a new cache holds no one's prompt
             self._kept = [[] for _ in range(self.n_rows)]
-        lengths = self._row_lengths()
-        if self.device.type == "cpu":
-            kvcache.setup_lazy_cache(self.model, self.n_rows, new)
-        else:
-            self.model.setup_cache(self.n_rows, new)
-        if old:
-            for layer, (k, v) in zip(layers, old):
-                for row, n in enumerate(lengths):  # only what rows hold: the rest stays uncommitted
-                    n = min(n, k.shape[2])
-                    if n:
-                        layer.attention.cache.k[row, :, :n] = k[row, :, :n]
-                        layer.attention.cache.v[row, :, :n] = v[row, :, :n]
-        self._capacity = new
 
     def _prefill(self) -> None:
         """Prefill the next chunk of the waiting prompts, as many as PREFILL_BUDGET tokens take (at
-        least one), in one native call where the model has it (every token still gets the numbers it
-        gets alone); then the running streams get their next step."""
+        least one), in one runner call (every token still gets the numbers it gets alone); then the
+        running streams get their next step."""
         if not self._prefilling:
             return
         batch, budget = [], PREFILL_BUDGET
@@ -377,12 +356,7 @@ class Scheduler:
             job.started_at = job.started_at or now
         try:
             self._ensure_capacity(max(end for _, _, end in batch))
-            logits = native.prefill_many(self.model, [(job.prompt[s:e], s, job.row) for job, s, e in batch])
-            if logits is None:  # not a GGUF-block model on a CPU: the torch modules, a prompt at a time
-                logits = [self.model(torch.tensor([job.prompt[s:e]], device=self.device),
-                                     torch.arange(s, e, device=self.device)[None],
-                                     rows=torch.tensor([job.row], device=self.device), last_only=True)[0, -1]
-                          for job, s, e in batch]
+            logits = self.runner.prefill([(job.prompt[s:e], s, job.row) for job, s, e in batch]).cpu()
         except Exception as e:  # noqa: BLE001 — a failed forward fails these jobs, not the server
             log.exception("prefill failed")
             for job, _, _ in batch:
@@ -392,20 +366,30 @@ class Scheduler:
         for (job, _, end), row_logits in zip(batch, logits):
             job.prefilled = end
             if end == len(job.prompt):
-                unit = self._reuse_unit()
+                unit = self.runner.reuse_unit
                 self._kept[job.row] = job.prompt[:end // unit * unit]
                 self._prefilling.remove(job)
                 self._running.append(job)
-                self._advance(job, row_logits.float())
+                self._advance(job, row_logits)
         self._running = [j for j in self._running if not j.finished]
 
     def _decode(self) -> None:
+        """One step for every running job: its next token, and for a job that speculates, the
+        tokens its prompt lookup guesses come next, checked in the same step (each row of a step
+        is computed as if alone, so a guess the model confirms costs no change in the output)."""
         jobs = self._running
-        n = len(jobs)
-        positions = [len(j.history) - 1 for j in jobs]
+        tokens, positions, rows, drafts = [], [], [], []
+        for job in jobs:
+            pos = len(job.history) - 1
+            room = min(job.budget - len(job.generated), job.opts.num_ctx - len(job.history)) - 1
+            guessed = job.lookup.propose(min(job.guesses, room)) if job.lookup else []
+            tokens += [job.next_token, *guessed]
+            positions += range(pos, pos + len(guessed) + 1)
+            rows += [job.row] * (len(guessed) + 1)
+            drafts.append(guessed)
         try:
             self._ensure_capacity(max(positions) + 1)
-            logits = decode_step(self.model, [j.next_token for j in jobs], positions, [j.row for j in jobs]).float()
+            logits = self.runner.decode(tokens, positions, rows)
         except Exception as e:  # noqa: BLE001
             log.exception("decode step failed")
             for job in jobs:
@@ -413,17 +397,25 @@ class Scheduler:
             self._running = []
             return
         self.steps += 1
-        self.max_batch_seen = max(self.max_batch_seen, n)
-        if logits.device.type != "cpu":
-            logits = logits.cpu()
-        for job, row in zip(jobs, logits):
-            self._advance(job, row)
+        self.max_batch_seen = max(self.max_batch_seen, len(jobs))
+        at = 0
+        for job, guessed in zip(jobs, drafts):
+            held = 0
+            for i, row in enumerate(logits[at:at + len(guessed) + 1]):
+                token = self._advance(job, row)
+                if i == len(guessed) or token != guessed[i]:
+                    break  # over, a wrong guess, or the model's own token after all the guesses
+                held += 1
+            if guessed:  # a wrong guess cost a row: check fewer next time; all held: more
+                job.guesses = min(job.opts.speculate, 2 * job.guesses) if held == len(guessed) else max(1, held)
+            at += len(guessed) + 1
         self._running = [j for j in self._running if not j.finished]
 
-    def _advance(self, job: Job, logits: torch.Tensor) -> None:
-        """Sample the job's next token from its logits (V,) float32 and act on it."""
-        if job.cancelled:
-            return
+    def _advance(self, job: Job, logits: torch.Tensor) -> int | None:
+        """Sample the job's next token from its logits (V,) float32 and act on it; the token, or
+        None once the job is over."""
+        if job.cancelled or job.finished:
+            return None
         now = time.perf_counter_ns()
         if job.first_token_at is None:
             job.first_token_at = now
@@ -442,6 +434,8 @@ class Scheduler:
             return self._fail(job, e)
         job.generated.append(token)
         job.history.append(token)
+        if job.lookup:
+            job.lookup.push(token)
         text = job.text.push(token)
         self._emit(job, Delta(text, (token,), lp))
         if job.text.stopped or (job.constraint is not None and job.constraint.done):
@@ -449,6 +443,7 @@ class Scheduler:
         if len(job.generated) >= job.budget or len(job.history) >= job.opts.num_ctx:
             return self._finish(job, "length")
         job.next_token = token
+        return token
 
     def _finish(self, job: Job, reason: str) -> None:
         job.finished = True

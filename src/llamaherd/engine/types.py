@@ -6,24 +6,11 @@ from dataclasses import dataclass, field
 from collections.abc import Callable
 from typing import Any
 
-from ..errors import HerdError
-
-
-class ModelNotFound(HerdError):
-    """The model name is not in the store (HTTP 404)."""
-
-    def __init__(self, name: str):
-        # Ollama's wording, which apps match to offer a pull.
-        super().__init__(f'model "{name}" not found, try pulling it first')
-        self.name = name
+from ..errors import HerdError, ModelNotFound, Unsupported  # noqa: F401 — part of the engine's interface
 
 
 class QueueFull(HerdError):
     """Too many requests are waiting (HTTP 503); the client should retry later."""
-
-
-class Unsupported(HerdError):
-    """The model cannot do what was asked (e.g. `suffix` without fill-in-the-middle tokens)."""
 
 
 # -- requests ---------------------------------------------------------------------------------

@@ -17,7 +17,8 @@ Also `GGMLEmbedding`, the token embedding kept in its GGUF blocks, rows dequanti
 (exact), and the output projection (`RefinedBlockLinear` / `RefinedInt8Linear`): approximate
 logits for the whole vocabulary, with each row's best candidates recomputed exactly.
 
-Quantization swaps modules: `pack_gguf_tensor` makes the quantized tensors of a state dict,
+Quantization swaps modules: `pack_gguf_tensor` makes the quantized tensors of a state dict
+(`pack_gguf_tensors` those of wq/wk/wv stacked as one wqkv, w1/w3 as w13, before packing),
 `swap_quantized_modules` puts the matching modules into a model built on the meta device.
 """
 
@@ -28,6 +29,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from torch import nn
 
+from ..model import FUSED_PROJECTIONS
 from . import native
 from .ggml import dequantize
 
@@ -155,7 +157,7 @@ def repack_rows8(raw: torch.Tensor, qtype: Q) -> torch.Tensor:
 
 def repack_block_layers(model: nn.Module) -> None:
     """Repack every `BlockLinear` of the transformer blocks for the kernel (see `repack_rows8`); done
-    after `fuse_projections`, which concatenates the file's rows. (Not the output projection: it
+    after the projections are fused (`pack_gguf_tensors` stacks the file's rows). (Not the output projection: it
     shares its bytes with the embedding when tied, and at batch 1, memory-bound, it gains nothing.)"""
     for module in model.layers.modules():
         if type(module) is BlockLinear:
@@ -218,6 +220,15 @@ def pack_int4(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) ->
     return {"weight": packed, "scales_and_zeros": sz}
 
 
+def _pack_kind(qtype: Q, in_features: int, int4: bool, native_ok: bool | None) -> str:
+    """The kind `pack_gguf_tensor` gives a weight of this type: "block", "int4" or "int8"."""
+    if qtype in NATIVE_TYPES and (native.available() if native_ok is None else native_ok):
+        return "block"
+    if int4 and qtype in (Q.Q4_0, Q.Q4_1) and cpu_int4_supported() and in_features % (2 * GROUP) == 0:
+        return "int4"
+    return "int8"
+
+
 def pack_gguf_tensor(data, qtype: Q, shape: tuple[int, int], int4: bool = True, native_ok: bool | None = None
                      ) -> tuple[str, dict[str, torch.Tensor]]:
     """Quantized buffers for a 2-D GGUF weight of torch shape (out, in): (kind, buffers).
@@ -226,10 +237,11 @@ def pack_gguf_tensor(data, qtype: Q, shape: tuple[int, int], int4: bool = True, 
     `native_ok` is not False), "int4" (torch's packed int4 kernel), "int8" (requantized per row).
     """
     out_features, in_features = shape
-    if qtype in NATIVE_TYPES and (native.available() if native_ok is None else native_ok):
+    kind = _pack_kind(qtype, in_features, int4, native_ok)
+    if kind == "block":
         raw = torch.from_numpy(np.array(data)).view(out_features, -1)  # a copy of the file's bytes
         return f"block:{qtype.name}", {"raw": raw}
-    if int4 and qtype in (Q.Q4_0, Q.Q4_1) and cpu_int4_supported() and in_features % (2 * GROUP) == 0:
+    if kind == "int4":
         raw = torch.from_numpy(data.reshape(-1, data.shape[-1]) if hasattr(data, "reshape") else data)
         blocks = raw.reshape(-1, 18 if qtype == Q.Q4_0 else 20)
         codes, d, zero = _q4_codes(blocks, qtype)
@@ -237,6 +249,32 @@ def pack_gguf_tensor(data, qtype: Q, shape: tuple[int, int], int4: bool = True, 
         return "int4", pack_int4(codes.reshape(out_features, in_features), d.view(out_features, n_groups),
                                  zero.view(out_features, n_groups))
     return "int8", quantize_int8_rows(dequantize(data, qtype, shape))
+
+
+def pack_gguf_tensors(parts: list[tuple], int4: bool = True, native_ok: bool | None = None
+                      ) -> tuple[str, dict[str, torch.Tensor]] | None:
+    """The buffers of one quantized layer computing the GGUF weights `parts` — each (data, qtype,
+    (out, in)) — side by side (outputs concatenated): wq, wk, wv as wqkv. None when they would not
+    all get one kind of layer (then pack them one by one).
+
+    The weights are stacked before they are packed: packed layouts are the kernel's own (torch's
+    int4 layout interleaves rows differently on AVX2 and AVX-512), so packed buffers are never cut
+    or glued. Every kind computes each output feature from its own row, so the fused layer's
+    outputs equal the parts' to the bit.
+    """
+    qtypes = {Q(qtype) for _, qtype, _ in parts}
+    in_features = {shape[1] for _, _, shape in parts}
+    kinds = {_pack_kind(qtype, shape[1], int4, native_ok) for _, qtype, shape in parts}
+    if len(in_features) != 1 or len(kinds) != 1:
+        return None
+    kind, (K,), N = kinds.pop(), in_features, sum(shape[0] for _, _, shape in parts)
+    if kind == "int8":  # per-row scales: requantizing the stacked rows is requantizing each
+        weight = torch.cat([dequantize(data, qtype, shape) for data, qtype, shape in parts])
+        return "int8", quantize_int8_rows(weight)
+    if len(qtypes) != 1:
+        return None
+    stacked = np.concatenate([np.asarray(data).reshape(shape[0], -1) for data, _, shape in parts])
+    return pack_gguf_tensor(stacked, qtypes.pop(), (N, K), int4, native_ok)
 
 
 def swap_quantized_modules(model: nn.Module, kinds: dict[str, str]) -> None:
@@ -249,7 +287,11 @@ def swap_quantized_modules(model: nn.Module, kinds: dict[str, str]) -> None:
     for name, kind in kinds.items():
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        old = getattr(parent, child)
+        if child in FUSED_PROJECTIONS:  # wqkv / w13: the parts side by side (`pack_gguf_tensors`)
+            parts = [getattr(parent, p) for p in FUSED_PROJECTIONS[child]]
+            old = nn.Linear(parts[0].in_features, sum(p.out_features for p in parts), bias=False, device="meta")
+        else:
+            old = getattr(parent, child)
         kind, _, qtype = kind.partition(":")
         if kind == "ggml":
             new = GGMLEmbedding(old.num_embeddings, old.embedding_dim, Q[qtype], device="meta")
@@ -263,48 +305,10 @@ def swap_quantized_modules(model: nn.Module, kinds: dict[str, str]) -> None:
             new = Int4Linear(old.in_features, old.out_features, device="meta")
         else:
             new = Int8Linear(old.in_features, old.out_features, device="meta")
-        setattr(parent, child, new)
-
-
-def _concat(modules: list[nn.Module]) -> nn.Module | None:
-    """One quantized linear layer computing the given ones side by side (outputs concatenated)."""
-    kind = type(modules[0])
-    if kind not in (Int4Linear, Int8Linear, BlockLinear) or any(type(m) is not kind for m in modules):
-        return None
-    if kind is BlockLinear:
-        if any(m.qtype != modules[0].qtype or m.rows8 for m in modules):
-            return None
-        fused = BlockLinear(modules[0].in_features, sum(m.out_features for m in modules), modules[0].qtype,
-                            device="meta")
-        fused.raw = torch.cat([m.raw for m in modules])  # rows of blocks: concatenating them stacks the matrices
-        return fused
-    fused = kind(modules[0].in_features, sum(m.out_features for m in modules), device="meta")
-    # Packed int4 rows are independent, so packing then concatenating equals concatenating then packing.
-    fused.weight = torch.cat([m.weight for m in modules])
-    if kind is Int4Linear:
-        fused.scales_and_zeros = torch.cat([m.scales_and_zeros for m in modules], dim=1)
-    else:
-        fused.scales = torch.cat([m.scales for m in modules])
-    return fused
-
-
-def fuse_projections(model: nn.Module) -> None:
-    """Give each block one q/k/v matmul and one gate/up matmul instead of three and two.
-
-    At batch 1 on a CPU a matmul of these sizes costs little more than its launch and the casts around
-    it, so fewer, wider ones are faster. Only quantized layers of one kind are fused; the separate
-    modules are dropped (their buffers live on in the fused one).
-    """
-    for layer in model.layers:
-        attn, ffn = layer.attention, layer.feed_forward
-        wqkv = _concat([attn.wq, attn.wk, attn.wv])
-        if wqkv is not None:
-            attn.wqkv = wqkv
-            del attn.wq, attn.wk, attn.wv
-        w13 = _concat([ffn.w1, ffn.w3])
-        if w13 is not None:
-            ffn.w13 = w13
-            del ffn.w1, ffn.w3
+        if child in FUSED_PROJECTIONS:
+            parent.fuse(new)
+        else:
+            setattr(parent, child, new)
 
 
 def dequantized_weight(module: nn.Module) -> torch.Tensor:
@@ -319,5 +323,5 @@ def dequantized_weight(module: nn.Module) -> torch.Tensor:
     return module(eye).float().T
 
 
-__all__ = ["Int4Linear", "Int8Linear", "GGMLEmbedding", "RefinedInt8Linear", "BlockLinear", "RefinedBlockLinear", "pack_gguf_tensor", "swap_quantized_modules", "fuse_projections",
+__all__ = ["Int4Linear", "Int8Linear", "GGMLEmbedding", "RefinedInt8Linear", "BlockLinear", "RefinedBlockLinear", "pack_gguf_tensor", "pack_gguf_tensors", "swap_quantized_modules",
            "quantize_int8_rows", "pack_int4", "dequantized_weight", "repack_rows8", "repack_block_layers"]

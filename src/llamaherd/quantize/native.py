@@ -38,9 +38,9 @@ FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 
 
 def _cache_dir() -> Path:
-    from ..fetch import cache_dir
-
-    return cache_dir() / "kernels"
+    """`$HERD_CACHE/kernels`, else ~/.cache/llamaherd/kernels: the cache folder `fetch.cache_dir`
+    names, found without importing the fetching and store layers above this one."""
+    return Path(os.environ.get("HERD_CACHE") or Path.home() / ".cache" / "llamaherd") / "kernels"
 
 
 def _torch_omp() -> list[str]:
@@ -194,58 +194,57 @@ class _Model(ctypes.Structure):
 _decoders: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _describe(model) -> _Model | None:
-    """The ctypes description of `model`'s blocks for kernels/decode.c, or None where that kernel
-    does not apply: every matmul of every block must be a fused `BlockLinear` (the GGUF blocks),
-    the norms and the KV cache float32 on the CPU."""
-    from .linear import BlockLinear
-
+def _describe(model) -> _Model:
+    """The ctypes description of `model`'s blocks for kernels/decode.c. The caller has checked that
+    it applies (`engine.runner.make_runner`): every matmul of every block a fused layer of GGUF
+    blocks (`linear.BlockLinear`: `.raw`, `.kernel_type`), the norms and KV cache float32 on the CPU."""
     args = model.args
-    if model.device.type != "cpu" or args.head_dim % 8 or args.dim % 32 or args.hidden_dim % 32:
-        return None
     layers = (_Layer * args.n_layers)()
     for out, layer in zip(layers, model.layers):
         attn, ffn = layer.attention, layer.feed_forward
         mats = [attn.wqkv, attn.wo, ffn.w13, ffn.w2]
         floats = [layer.attention_norm.weight, layer.ffn_norm.weight, attn.cache.k, attn.cache.v]
-        if any(type(w) is not BlockLinear for w in mats) or any(
-                t.dtype != torch.float32 or not t.is_contiguous() for t in floats):
-            return None
+        if any(t.dtype != torch.float32 or not t.is_contiguous() or t.device.type != "cpu" for t in floats):
+            raise ValueError("the native decoder needs float32 norms and KV cache on the CPU")
         out.attention_norm, out.ffn_norm, out.k, out.v = (t.data_ptr() for t in floats)
         out.wqkv, out.wo, out.w13, out.w2 = (w.raw.data_ptr() for w in mats)
         out.wqkv_type, out.wo_type, out.w13_type, out.w2_type = (w.kernel_type for w in mats)
-    if not available():  # asked only now: a float model's decode must not build the library
-        return None
     desc = _Model(args.n_layers, args.dim, args.n_heads, args.n_kv_heads, args.head_dim, args.hidden_dim,
                   model.cache_len, args.norm_eps, layers)
     desc._layers = layers  # keep the array alive with the description
     return desc
 
 
-def decoder(model) -> _Model | None:
-    """The native description of `model` with its current KV cache (see `_describe`), or None."""
+def shapes_supported(args) -> bool:
+    """Whether kernels/decode.c handles a model of these dimensions (block_mm_dense computes 16
+    output features at a time; the SIMD loops take 8 or 32 inputs at a time)."""
+    return not (args.head_dim % 8 or args.dim % 32 or args.hidden_dim % 32
+                or (args.n_heads + 2 * args.n_kv_heads) * args.head_dim % 16)
+
+
+def decoder(model) -> _Model:
+    """The native description of `model` with its current KV cache (see `_describe`)."""
     cache = model.layers[0].attention.cache
     if cache is None:
-        return None
+        raise ValueError("the native decoder needs the KV cache set up (setup_cache)")
     if cache not in _decoders:
         _decoders[cache] = _describe(model)
     return _decoders[cache]
 
 
-def _run(model, tokens: list[int], positions: list[int], rows: list[int], dense: bool) -> torch.Tensor | None:
+def _run(model, tokens: list[int], positions: list[int], rows: list[int], dense: bool) -> torch.Tensor:
     """The final hidden states (B, dim) of kernels/decode.c run over `tokens` at `positions`, keys
-    and values written into KV-cache `rows`; None where that kernel does not apply to `model`."""
+    and values written into KV-cache `rows`."""
     desc = decoder(model)
-    if desc is None:
-        return None
     n_rows, _, n_positions, _ = model.layers[0].attention.cache.k.shape
     if not (0 <= min(positions) <= max(positions) < n_positions and 0 <= min(rows) <= max(rows) < n_rows):
         raise IndexError(f"decode at positions {positions} of rows {rows}: outside the KV cache")
     _match_torch_threads()
     x = model.tok_embeddings(torch.tensor(tokens)).float().contiguous()  # (B, dim), updated in place
-    model._ensure_rope(max(positions) + 1)
+    if max(positions) >= model.rope.shape[0]:
+        raise IndexError(f"position {max(positions)} is beyond the RoPE table ({model.rope.shape[0]} positions)")
     # Every tensor whose address goes to C is named here, so that it lives until the call returns.
-    rows_t, pos_t, rope = torch.tensor(rows), torch.tensor(positions), torch.view_as_real(model.rope)
+    rows_t, pos_t, rope = torch.tensor(rows), torch.tensor(positions), model.rope.contiguous()
     scratch = torch.empty(library().herd_decode_scratch(ctypes.byref(desc), len(tokens), max(positions)),
                           dtype=torch.uint8)
     library().herd_decode(ctypes.byref(desc), x.data_ptr(), len(tokens), rows_t.data_ptr(), pos_t.data_ptr(),
@@ -254,48 +253,35 @@ def _run(model, tokens: list[int], positions: list[int], rows: list[int], dense:
 
 
 @torch.inference_mode()
-def decode(model, tokens: list[int], positions: list[int], rows: list[int]) -> torch.Tensor | None:
+def decode(model, tokens: list[int], positions: list[int], rows: list[int]) -> torch.Tensor:
     """The next-token logits (B, V) of one decode step run by kernels/decode.c — tokens fed at
-    `positions`, keys and values written into KV-cache `rows` — or None where that kernel does not
-    apply to `model` (then the caller runs the torch modules). Each row is computed exactly as if
-    it ran alone."""
-    x = _run(model, tokens, positions, rows, dense=False)
-    return None if x is None else model.output(model.norm(x))
+    `positions`, keys and values written into KV-cache `rows`. Each row is computed exactly as if
+    it ran alone (so consecutive tokens of one row check guesses exactly)."""
+    return model.output(model.norm(_run(model, tokens, positions, rows, dense=False)))
 
 
 PROMPT_ROWS = 256  # prompt tokens a call at most: enough to keep the float32 matmul busy, little scratch
-DENSE_ROWS = 64  # the float32 path's unit (and generate.PREFILL_CHUNK): fewer rows cost less on the blocks
+DENSE_ROWS = 64  # the float32 path's unit (and the native runner's reuse unit): fewer rows cost less on the blocks
 
 
 @torch.inference_mode()
-def prefill(model, tokens: list[int], start_pos: int, row: int = 0) -> torch.Tensor | None:
+def prefill(model, tokens: list[int], start_pos: int, row: int = 0) -> torch.Tensor:
     """Run a prompt through kernels/decode.c into KV-cache `row` from `start_pos`; the logits (V,)
-    after its last token, or None where that kernel does not apply (see `decode`).
+    after its last token.
 
     Positions in whole aligned blocks of DENSE_ROWS get float32 matmuls (`block_mm_dense`); the
     prompt's last, partial block (and a short prompt) the int16 ones of decoding, which cost less
     for few rows. Both compute every token as if it ran alone, so a prompt resumed after a cached
     prefix that ends on a block boundary gets the numbers it gets from scratch, to the bit.
     """
-    logits = prefill_many(model, [(tokens, start_pos, row)])
-    return None if logits is None else logits[0]
-
-
-def prompts_native(model) -> bool:
-    """Whether `prefill_many` runs `model`'s prompts (it needs the KV cache set up to know)."""
-    args = model.args
-    if (args.n_heads + 2 * args.n_kv_heads) * args.head_dim % 16 or args.dim % 16 or args.hidden_dim % 8:
-        return False  # block_mm_dense computes 16 output features at a time
-    return decoder(model) is not None
+    return prefill_many(model, [(tokens, start_pos, row)])[0]
 
 
 @torch.inference_mode()
-def prefill_many(model, prompts: list[tuple[list[int], int, int]]) -> torch.Tensor | None:
+def prefill_many(model, prompts: list[tuple[list[int], int, int]]) -> torch.Tensor:
     """`prefill` for several prompts at once, each (tokens, start position, KV-cache row), their rows
     sharing the calls (several short prompts cost little more than one); the logits (n, V) after
     each one's last token. Every token gets the numbers it gets alone."""
-    if not prompts_native(model):
-        return None
     dense, tail = [], []  # (token, position, cache row, prompt index): float32 rows, then int16 ones
     for i, (tokens, start, row) in enumerate(prompts):
         dense_end = (start + len(tokens)) // DENSE_ROWS * DENSE_ROWS

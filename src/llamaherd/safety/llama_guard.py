@@ -294,7 +294,7 @@ def build_prompt(conversation: str | Sequence[Mapping[str, Any]], policy: Policy
 def encode_prompt(tokenizer, conversation, policy: Policy | None = None, role: str | None = None) -> list[int]:
     """Prompt token ids: the protocol's special tokens as special tokens, the conversation's text
     always as plain text (a message that types `<|eot_id|>` cannot end the guard's turn)."""
-    from ..tokenizer.chat import _encode_rendered, _mark_special, _specials_pattern, format_prompt
+    from ..chat.template import _encode_rendered, _mark_special, _specials_pattern, format_prompt
 
     policy = policy or default_policy()
     body = prompt_body(conversation, policy, role)

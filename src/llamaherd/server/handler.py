@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from ..engine import tools as toolfmt
+from ..chat import tools as toolfmt
 from ..engine.types import (Delta, Done, EmbedRequest, EmbedResult, GenerateRequest, RunningModel, ScoreRequest,
                             ScoreResult, TokenLogprob)
 from ..errors import HerdError

@@ -302,7 +302,7 @@ def gguf_metadata(path: str | None) -> dict[str, Any] | None:
     if not path or not Path(path).is_file():
         return None
     from ..errors import FormatError
-    from ..weights.gguf_file import GGUFFile
+    from ..formats.gguf import GGUFFile
 
     try:
         return GGUFFile(path).metadata

@@ -117,7 +117,7 @@ def _tools_and_format(body: s.ChatCompletionRequest) -> tuple[list[dict] | None,
     """The tools and output format of a chat request, per its tool_choice: "auto" (the default)
     lets the model choose; "none" sends no tools; "required", or `{"type": "function", "function":
     {"name": ...}}`, makes the output a call (of that tool) by grammar. Anything else is a 400."""
-    from ..engine import tools as toolfmt
+    from ..chat import tools as toolfmt
 
     choice = body.tool_choice
     format = _format(body.response_format)
@@ -141,10 +141,6 @@ def _tools_and_format(body: s.ChatCompletionRequest) -> tuple[list[dict] | None,
     if format is not None:
         raise HerdError("tool_choice that forces a call cannot be combined with response_format")
     return tools, toolfmt.required_call_schema(tools, name)
-
-
-def _logprob_text(info: TokenInfo) -> str:
-    return info.text
 
 
 def routes() -> APIRouter:

@@ -249,13 +249,6 @@ class CreateRequest(Wire):
     quantize: str | None = Field(None, description="(not supported) quantize while creating.")
 
 
-class ProgressResponse(Wire):
-    status: str = Field(description="What is happening: pulling manifest, pulling <digest>, success, ...")
-    digest: str | None = Field(None, description="The blob being transferred.")
-    total: int | None = Field(None, description="Its size in bytes.")
-    completed: int | None = Field(None, description="Bytes transferred so far.")
-
-
 class ModelDetails(Wire):
     parent_model: str = Field("", description="The model this one was made from.")
     format: str = Field("", description="gguf, safetensors or meta.")
@@ -310,10 +303,6 @@ class ShowResponse(Wire):
 class VersionResponse(Wire):
     version: str = Field(description="The Ollama version whose API the server matches (for clients that check one).")
     llamaherd: str | None = Field(None, description="llamaherd's own version.")
-
-
-class ErrorResponse(Wire):
-    error: str = Field(description="What went wrong.")
 
 
 # == OpenAI ===================================================================================

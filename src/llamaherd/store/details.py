@@ -2,7 +2,7 @@
 
 `herd list` and `herd show` must answer instantly, so the store computes these once, when a model
 is pulled or created, from the GGUF header or `config.json` / `params.json`, and keeps them in the
-manifest's config blob, reading a GGUF file's header with `weights.gguf_file.GGUFFile`.
+manifest's config blob, reading a GGUF file's header with `formats.gguf.GGUFFile`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from ..errors import FormatError, HerdError
 
 def read_gguf_header(path: Path) -> tuple[dict[str, Any], list[str]]:
     """(metadata, tensor names) of a GGUF file; `FormatError` if it is not one."""
-    from ..weights.gguf_file import GGUFFile  # numpy only: reading details never imports torch
+    from ..formats.gguf import GGUFFile  # numpy only: reading details never imports torch
 
     f = GGUFFile(path)
     return f.metadata, [t.name for t in f.tensors]

@@ -83,7 +83,7 @@ def check_parameters(params: Any, context_length: int | None = None) -> dict[str
 def check_definition(mf: Modelfile) -> None:
     """Check what a Modelfile (parsed, or built from `/api/create`'s JSON) would store: the
     parameters, the template's Jinja syntax, message roles and texts. `HerdError` if wrong."""
-    from ..tokenizer.chat import check_template
+    from ..chat.template import check_template
 
     if not isinstance(mf.from_, str) or not mf.from_.strip():
         raise HerdError("FROM needs a model name or a path")

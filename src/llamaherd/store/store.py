@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from ..errors import HerdError
+from ..errors import HerdError, ModelNotFound
+from ..formats import GGUF_MAGIC
 from . import manifest as mt
 from .blobs import BlobStore, atomic_write, copy_hashing, digest_bytes, digest_file, file_lock
 from .details import model_details
@@ -39,7 +40,6 @@ from .modelfile import Modelfile, check_definition, check_parameters, format_mod
 from .names import ModelName, parse_name
 from .sources import HF_MODEL_FILES, Fetched, Progress, Source, catalog_names, catalog_source
 
-GGUF_MAGIC = b"GGUF"
 _BLOB_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 _DIGEST_IN_TEXT = re.compile(rb"sha256[:-]([0-9a-f]{64})")
 
@@ -57,10 +57,6 @@ def herd_home() -> Path:
     from .. import settings
 
     return settings.home()
-
-
-class ModelNotFound(HerdError):
-    """The name is not in the store (and, for a pull, not in the catalog either)."""
 
 
 @dataclass
@@ -182,7 +178,7 @@ class Store:
         try:
             data = path.read_bytes()
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
-            raise ModelNotFound(f"model '{name}' not found, try pulling it first: herd pull {name}") from None
+            raise ModelNotFound(name, f"model '{name}' not found, try pulling it first: herd pull {name}") from None
         return n, Manifest.from_bytes(data, f"the manifest of {n.display()}"), data
 
     def _text(self, layer: Layer | None) -> str | None:
@@ -308,7 +304,7 @@ class Store:
         n = parse_name(name) if isinstance(name, str) else name
         src = self.catalog(n)
         if src is None:
-            raise ModelNotFound(f"model '{name}' is not in the catalog: pull one of {', '.join(catalog_names())} "
+            raise ModelNotFound(name, f"model '{name}' is not in the catalog: pull one of {', '.join(catalog_names())} "
                                 "or hf.co/{user}/{repo}:{quant}, or make one with herd create")
         return src
 
@@ -430,7 +426,7 @@ class Store:
         with _disk_errors(self.root), self._locked():
             path = self._manifest_path(n)
             if not path.is_file():
-                raise ModelNotFound(f"model '{name}' not found")
+                raise ModelNotFound(name)
             path.unlink()
             for parent in list(path.parents)[:3]:  # model, namespace, host folders, if now empty
                 try:

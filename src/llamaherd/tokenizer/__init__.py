@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from ..errors import FormatError, HerdError
+from ..formats import GGUF_MAGIC
 from .bpe import HFTokenizer, gguf_metadata, tokenizer_from_gguf, tokenizer_from_hf
 from .llama3 import Llama3Tokenizer
 
@@ -90,8 +91,8 @@ def load_tokenizer(spec: str | os.PathLike) -> Tokenizer:
             head = f.read(64).lstrip()
         if head.startswith(b"{"):
             return tokenizer_from_hf(path)
-        if head.startswith(b"GGUF"):
-            from ..weights.gguf_file import GGUFFile  # numpy only: no torch import
+        if head.startswith(GGUF_MAGIC):
+            from ..formats.gguf import GGUFFile  # numpy only: no torch import
 
             return tokenizer_from_gguf(GGUFFile(path).metadata)
         return Llama3Tokenizer.from_file(path)

@@ -128,7 +128,7 @@ def encode_conversation(tokenizer, messages: Sequence[dict[str, str]], template:
         HerdError: the template does not render conversations prefix by prefix (then the
             assistant's tokens cannot be told apart).
     """
-    from ..tokenizer.chat import format_prompt
+    from ..chat.template import format_prompt
 
     tokens = format_prompt(tokenizer, messages, add_generation_prompt=False, template=template)
     learn = [False] * len(tokens)

@@ -97,14 +97,14 @@ def load_for_training(path: Path, method: str, device: str, dtype=torch.float32)
     model.load_state_dict(sd, assign=True, strict=True)
     if ckpt.args.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight
-    model._ensure_rope(ckpt.args.max_seq_len)  # as build_model does: the RoPE table is built, not loaded
+    model.init_rope(ckpt.args.max_seq_len)  # as build_model does: the RoPE table is built, not loaded
     return model.to(device), ckpt
 
 
 def _float_tensors(path: Path, names: tuple[str, ...], dtype) -> dict[str, torch.Tensor]:
     """Just these tensors of a GGUF file, dequantized (the rest of the file is not touched)."""
     from ..quantize.ggml import dequantize
-    from ..weights.gguf_file import GGUFFile
+    from ..formats.gguf import GGUFFile
     from ..weights.keymaps import FROM_GGUF, map_key
 
     out = {}

@@ -17,8 +17,7 @@ import torch
 
 from ..config import ModelArgs
 from ..errors import FormatError, HerdError
-
-GGUF_MAGIC = b"GGUF"
+from ..formats import GGUF_MAGIC
 
 
 @dataclass
@@ -29,7 +28,7 @@ class Checkpoint:
     format: str  # "gguf" | "hf" | "meta"
     path: Path
     metadata: dict[str, Any] = field(default_factory=dict)
-    quantized: dict[str, str] = field(default_factory=dict)  # module name -> "int4" | "int8"
+    quantized: dict[str, str] = field(default_factory=dict)  # module name -> its kind (see load_gguf)
 
 
 def detect_format(path: Path) -> str:
@@ -105,8 +104,15 @@ def check_state_dict(sd: dict[str, torch.Tensor], args: ModelArgs, quantized: di
 
     Modules in `quantized` hold packed buffers whose shapes the packer already checked.
     """
+    from ..model import FUSED_PROJECTIONS
+
+    modules = set(quantized or ())
+    for name in quantized or ():  # a fused wqkv / w13 replaces its parts
+        parent, _, child = name.rpartition(".")
+        modules.update(f"{parent}.{m}" for m in FUSED_PROJECTIONS.get(child, ()))
+
     def packed(name):  # a buffer of a quantized module, or a tensor such a module replaces
-        return any(name.startswith(m + ".") for m in quantized or ())
+        return any(name.startswith(m + ".") for m in modules)
 
     expected = expected_shapes(args)
     for name in expected:
@@ -128,7 +134,7 @@ def build_model(args: ModelArgs, state_dict: dict[str, torch.Tensor], device: st
     `quantized` names the modules whose buffers in `state_dict` are quantized (see `load_gguf`).
     """
     from ..model import Transformer
-    from ..quantize.linear import fuse_projections, repack_block_layers, swap_quantized_modules
+    from ..quantize.linear import repack_block_layers, swap_quantized_modules
 
     with torch.device("meta"):
         model = Transformer(args)
@@ -141,7 +147,6 @@ def build_model(args: ModelArgs, state_dict: dict[str, torch.Tensor], device: st
     if args.tie_embeddings and not quantized:  # assign=True replaced both parameters; share one again
         model.output.weight = model.tok_embeddings.weight
     if quantized:
-        fuse_projections(model)
         repack_block_layers(model)
-    model._ensure_rope(args.max_seq_len)
+    model.init_rope()  # built on the meta device with the rest
     return model.to(device).eval()

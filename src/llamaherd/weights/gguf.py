@@ -1,6 +1,6 @@
 """GGUF checkpoints (`llama` architecture).
 
-The file is memory-mapped (`gguf_file.GGUFFile`); each tensor is dequantized or packed straight
+The file is memory-mapped (`formats.gguf.GGUFFile`); each tensor is dequantized or packed straight
 from the map, so no second copy of the raw file is held. GGUF stores q/k in Meta's interleaved layout already
 (llama.cpp's converter undoes HF's permutation), so only names change.
 """
@@ -15,9 +15,9 @@ import torch
 
 from ..config import KNOWN_ROPE_SCALINGS, ModelArgs
 from ..errors import FormatError
-from ..model import rope_frequencies
+from ..model import FUSED_PROJECTIONS, rope_frequencies
 from ..quantize.ggml import dequantize
-from .gguf_file import GGUFFile
+from ..formats.gguf import GGUFFile
 from .keymaps import FROM_GGUF, map_key
 
 
@@ -58,14 +58,21 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, quantized: b
     names = {t.name for t in reader.tensors}
     args = ModelArgs.from_gguf(meta, names)
     state_dict, kinds = {}, {}
+    parts: dict[str, dict[str, tuple]] = {}  # fused module -> its parts' (data, qtype, shape) seen so far
     for t in reader.tensors:
         key = map_key(t.name, FROM_GGUF)
         shape = t.shape
         try:
             module = key.rpartition(".")[0] if key else None
             if quantized and t.tensor_type.name not in FLOAT_TYPES and module in QUANTIZABLE:
-                kinds[module], buffers = pack_gguf_tensor(t.data, t.tensor_type, shape)
-                state_dict.update({f"{module}.{name}": b for name, b in buffers.items()})
+                fused = _fused_name(module)
+                if fused is None:
+                    kinds[module], buffers = pack_gguf_tensor(t.data, t.tensor_type, shape)
+                    state_dict.update({f"{module}.{name}": b for name, b in buffers.items()})
+                else:  # packed when all its parts are read (see `_pack_fused`)
+                    parts.setdefault(fused, {})[module] = (t.data, t.tensor_type, shape)
+                    if len(parts[fused]) == len(FUSED_PROJECTIONS[fused.rpartition(".")[2]]):
+                        _pack_fused(fused, parts.pop(fused), state_dict, kinds)
                 continue
             if quantized and t.tensor_type.name not in FLOAT_TYPES and module in ("tok_embeddings", "output"):
                 raw = torch.from_numpy(np.array(t.data))  # a copy: 1 byte a weight or so
@@ -89,5 +96,34 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, quantized: b
             args = replace(args, rope_scaling=_rope_scaling_from_tensor(tensor.float(), args))
         elif key is not None:
             state_dict[key] = tensor
+    for fused, found in parts.items():  # a part without its siblings: the checks name what is missing
+        _pack_fused(fused, found, state_dict, kinds)
     return args, state_dict, meta, kinds
+
+
+def _fused_name(module: str) -> str | None:
+    """The fused module `module` is part of ("layers.3.attention.wqkv" for "layers.3.attention.wq",
+    see model.FUSED_PROJECTIONS), or None."""
+    parent, _, child = module.rpartition(".")
+    for fused, members in FUSED_PROJECTIONS.items():
+        if child in members:
+            return f"{parent}.{fused}"
+    return None
+
+
+def _pack_fused(fused: str, found: dict[str, tuple], state_dict: dict, kinds: dict) -> None:
+    """Pack the parts of one fused projection as one layer when they share a kind of layer and all
+    are there (`linear.pack_gguf_tensors`), else each alone."""
+    from ..quantize.linear import pack_gguf_tensor, pack_gguf_tensors
+
+    parent, _, name = fused.rpartition(".")
+    order = [f"{parent}.{m}" for m in FUSED_PROJECTIONS[name]]
+    packed = pack_gguf_tensors([found[m] for m in order]) if set(found) == set(order) else None
+    if packed is not None:
+        kinds[fused], buffers = packed
+        state_dict.update({f"{fused}.{n}": b for n, b in buffers.items()})
+        return
+    for module, (data, qtype, shape) in found.items():
+        kinds[module], buffers = pack_gguf_tensor(data, qtype, shape)
+        state_dict.update({f"{module}.{n}": b for n, b in buffers.items()})
 

@@ -23,6 +23,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from ..errors import FormatError
+from . import GGUF_MAGIC
 
 # GGUF metadata value types -> struct format (scalars); 8 = string, 9 = array.
 _SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
@@ -111,7 +112,7 @@ class GGUFFile:
             raise FormatError(f"{self.path} is not a valid GGUF file: {e}") from None
         cur = _Cursor(memoryview(self._map), self.path)
         cur.need(4)
-        if bytes(cur.buf[:4]) != b"GGUF":
+        if bytes(cur.buf[:4]) != GGUF_MAGIC:
             raise FormatError(f"{self.path} is not a GGUF file (bad magic)")
         cur.pos = 4
         version = cur.scalar("I")

@@ -27,7 +27,7 @@ from ..errors import HerdError
 from .sandbox import BoundedSandbox, render_bounded
 
 if TYPE_CHECKING:
-    from . import Tokenizer
+    from ..tokenizer import Tokenizer
 
 Message = Mapping[str, Any]  # {"role": "user", "content": "Hi"}; templates may read more keys
 

@@ -35,7 +35,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ..errors import HerdError
-from .types import Unsupported
+from ..errors import Unsupported
 
 LLAMA31_INSTRUCTIONS = (
     "Given the following functions, please respond with a JSON for a function call with its proper "

@@ -1,0 +1,203 @@
+"""Runners: one object per loaded model and backend, chosen once at load (`make_runner`).
+
+The batch loop (`scheduler.Scheduler`) and the single-stream loop (`generate.generate`) ask a
+runner for the few things they need, and nothing else touches the model:
+
+    allocate(n_rows, capacity)  a KV cache of n_rows sequences x capacity positions (kept if it grows)
+    prefill(prompts)            run prompt pieces (tokens, start position, row); logits after each
+    decode(tokens, positions, rows)  one token per row (or consecutive tokens of one row): logits
+    logits(tokens) / embed(tokens)   teacher-forced logits, and hidden states, without the cache
+    reuse_unit                  the piece of a prompt a kept prefix must end on (see Scheduler)
+    speculates                  whether guessed tokens can be checked in one step, exactly
+
+Two backends:
+
+- `NativeRunner`: models whose block matmuls are all GGUF blocks on a CPU run kernels/decode.c
+  (`quantize.native`): every row of a step computed exactly as if alone, prompts in float32 blocks;
+- `TorchRunner`: every other model (float weights, torch's int4/int8 kernels, CUDA) runs the torch
+  modules; its decode step is row-exact too (`decode.decode_step`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..quantize import native
+from . import kvcache
+from .decode import decode_step
+
+PREFILL_CHUNK = 512  # prompt tokens per call of the scheduler's prefill (and per forward on a GPU)
+CPU_PREFILL_CHUNK = 64  # per forward on a CPU: a chat's earlier turns are reused in units this small
+
+
+class Runner:
+    """What the loops need from a model (see the module's docstring)."""
+
+    reuse_unit: int
+    speculates: bool = False
+
+    def __init__(self, model):
+        self.model = model
+        self.device = model.device
+        self.args = model.args
+
+    # -- the KV cache -----------------------------------------------------------------------
+
+    @property
+    def n_rows(self) -> int:
+        cache = self.model.layers[0].attention.cache
+        return 0 if cache is None else cache.k.shape[0]
+
+    @property
+    def capacity(self) -> int:
+        return self.model.cache_len
+
+    def allocate(self, n_rows: int, capacity: int, lengths: list[int] | None = None) -> bool:
+        """Make the KV cache hold n_rows rows of at least `capacity` positions. Growing keeps what
+        the rows hold (the first `lengths[row]` positions of each row, default all); another number
+        of rows (or no cache yet) starts empty. Returns whether it starts empty (then no row holds
+        anyone's keys). On the CPU the cache is lazily committed memory (`kvcache`): a row costs
+        memory for the positions it has written, not the capacity."""
+        if self.n_rows == n_rows and self.capacity >= capacity:
+            return False
+        old = [(layer.attention.cache.k, layer.attention.cache.v) for layer in self.model.layers] \
+            if self.n_rows == n_rows else None
+        if self.device.type == "cpu":
+            kvcache.setup_lazy_cache(self.model, n_rows, capacity)
+        else:
+            self.model.setup_cache(n_rows, capacity)
+        if old is None:
+            return True
+        for layer, (k, v) in zip(self.model.layers, old):
+            for row, n in enumerate(lengths or [k.shape[2]] * n_rows):  # the rest stays uncommitted
+                n = min(n, k.shape[2])
+                if n:
+                    layer.attention.cache.k[row, :, :n] = k[row, :, :n]
+                    layer.attention.cache.v[row, :, :n] = v[row, :, :n]
+        return False
+
+    def release(self) -> None:
+        """Drop the KV cache."""
+        self.model.clear_cache()
+
+    def release_row(self, row: int, keep: int) -> None:
+        """Give back the memory of `row`'s positions from `keep` on (a lazily committed cache)."""
+        kvcache.release(self.model, row, keep)
+
+    @property
+    def bytes_per_position(self) -> int:
+        """KV-cache bytes of one position of one row (every layer's keys and values)."""
+        return kvcache.bytes_per_position(self.model)
+
+    def kv_bytes(self, lengths: list[int] | None = None) -> int:
+        """Bytes the KV cache holds: the positions rows hold (`lengths`) where it is lazily
+        committed, else all of it."""
+        cache = self.model.layers[0].attention.cache
+        if cache is None:
+            return 0
+        if lengths is not None and kvcache.is_lazy(self.model):
+            return sum(lengths) * self.bytes_per_position
+        return len(self.model.layers) * 2 * cache.k.numel() * cache.k.element_size()
+
+    # -- steps ------------------------------------------------------------------------------
+
+    def prefill(self, prompts: list[tuple[list[int], int, int]]) -> torch.Tensor:
+        """Run each (tokens, start position, KV-cache row) into its row; the float32 logits (n, V)
+        after each one's last token. Each prompt's numbers are those it gets alone."""
+        raise NotImplementedError
+
+    def decode(self, tokens: list[int], positions: list[int], rows: list[int]) -> torch.Tensor:
+        """Feed tokens[i] at positions[i] of row rows[i]; the float32 logits (B, V) on the CPU."""
+        raise NotImplementedError
+
+    @torch.inference_mode()
+    def logits(self, tokens: list[int]) -> torch.Tensor:
+        """Teacher-forced float32 logits (T, V) of a token sequence, without the KV cache."""
+        with self._no_cache():
+            return self.model(torch.tensor([tokens], device=self.device))[0].float()
+
+    @torch.inference_mode()
+    def embed(self, tokens: list[int]) -> torch.Tensor:
+        """The final normalised hidden states (T, D), float32, without the KV cache."""
+        with self._no_cache():
+            return self.model.hidden_states(torch.tensor([tokens], device=self.device))[0].float()
+
+    def _no_cache(self):
+        return _CacheSetAside(self.model)
+
+
+class _CacheSetAside:
+    """Run the model's training forward (no KV cache), then give the cache back."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __enter__(self):
+        self.caches = [layer.attention.cache for layer in self.model.layers]
+        self.model.clear_cache()
+
+    def __exit__(self, *exc):
+        for layer, cache in zip(self.model.layers, self.caches):
+            layer.attention.cache = cache
+
+
+class NativeRunner(Runner):
+    """GGUF-block models on a CPU: kernels/decode.c for prompts and steps."""
+
+    reuse_unit = native.DENSE_ROWS  # where the float32 prompt blocks end
+    speculates = True  # rows of one step are computed as if alone, so a checked guess is exact
+
+    def prefill(self, prompts):
+        return native.prefill_many(self.model, prompts).float()
+
+    def decode(self, tokens, positions, rows):
+        return native.decode(self.model, tokens, positions, rows).float()
+
+
+class TorchRunner(Runner):
+    """The torch modules, on a CPU or a GPU. Prompts run in pieces that end on multiples of
+    `reuse_unit`, so a prompt resumed after a kept prefix is computed exactly as from scratch."""
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.reuse_unit = PREFILL_CHUNK if self.device.type == "cuda" else CPU_PREFILL_CHUNK
+
+    @torch.inference_mode()
+    def prefill(self, prompts):
+        out = []
+        for tokens, start, row in prompts:
+            rows = torch.tensor([row], device=self.device)
+            end, pos = start + len(tokens), start
+            while pos < end:
+                stop = min(end, (pos // self.reuse_unit + 1) * self.reuse_unit)
+                x = torch.tensor([tokens[pos - start:stop - start]], device=self.device)
+                logits = self.model(x, torch.arange(pos, stop, device=self.device)[None], rows=rows,
+                                    n_keys=stop, last_only=True)
+                pos = stop
+            out.append(logits[0, -1])
+        return torch.stack(out).float()
+
+    def decode(self, tokens, positions, rows):
+        return decode_step(self.model, tokens, positions, rows).float().cpu()
+
+
+def native_applies(model) -> bool:
+    """Whether kernels/decode.c runs `model`: every matmul of every block a fused layer of GGUF
+    blocks (none wrapped), float32 norms on a CPU, dimensions it handles, and the kernels built."""
+    from ..model import FusedSlice
+    from ..quantize.linear import BlockLinear
+
+    def blocks(layer) -> bool:
+        attn, ffn = layer.attention, layer.feed_forward
+        return (FusedSlice.intact(attn.wqkv, attn.wq, attn.wk, attn.wv) and FusedSlice.intact(ffn.w13, ffn.w1, ffn.w3)
+                and all(type(m) is BlockLinear for m in (attn.wqkv, attn.wo, ffn.w13, ffn.w2)))
+
+    return (model.device.type == "cpu" and model.norm.weight.dtype == torch.float32
+            and native.shapes_supported(model.args) and all(blocks(layer) for layer in model.layers)
+            and native.available())  # asked last: a float model must not build the library
+
+
+def make_runner(model) -> Runner:
+    """The runner for `model`, chosen once: native where it applies (`native_applies`), else the
+    torch modules."""
+    return NativeRunner(model) if native_applies(model) else TorchRunner(model)
