@@ -16,6 +16,7 @@ Settings come from the environment (names and defaults as Ollama's, with HERD_ f
                             (POST /api/blobs) are exempt: they are hashed as they stream
     HERD_NUM_THREADS        torch CPU threads                                                torch's default
     HERD_HOME               the model store                                                  ~/.llamaherd
+    HERD_GUARD, HERD_GUARD_MODE, HERD_CODE_SHIELD, ...: moderation (llamaherd.safety.moderation)
 
 Security: the server binds loopback by default. When it is bound to loopback it also refuses
 requests whose Host header is not a loopback name (DNS rebinding: a web page that resolves its
@@ -244,12 +245,14 @@ def create_app(settings: Settings | None = None, engine: Any = None, store: Any 
                 await close()
 
     from .. import __version__
-    from . import ollama, openai, ui
+    from . import moderations, ollama, openai, ui
 
     app = FastAPI(title="llamaherd", version=__version__, lifespan=lifespan,
                   description="Ollama- and OpenAI-compatible API over one batching engine.")
     app.state.settings = settings
-    app.state.handler = Handler(engine, store)
+    from ..safety.moderation import server_moderator
+
+    app.state.handler = Handler(engine, store, server_moderator())
     app.state.blob_dir = Path(getattr(store, "root", settings.home or ".")) / "uploads"
 
     @app.exception_handler(HerdError)
@@ -274,6 +277,7 @@ def create_app(settings: Settings | None = None, engine: Any = None, store: Any 
 
     app.include_router(ollama.routes())
     app.include_router(openai.routes())
+    app.include_router(moderations.routes())
     ui.mount_ui(app)  # the chat page at /ui/
     app.add_middleware(CORSMiddleware, allow_origin_regex=_origin_regex(DEFAULT_ORIGINS + settings.origins),
                        allow_methods=["GET", "POST", "DELETE", "HEAD", "OPTIONS"],

@@ -101,6 +101,7 @@ class Final:
     done: Done
     tool_calls: list[dict[str, Any]] | None
     total_duration: int  # ns, from the request's arrival
+    safety: dict[str, Any] | None = None  # moderation: the guard's verdict, code-shield findings
 
 
 class Reply:
@@ -138,7 +139,7 @@ class Reply:
                         calls = toolfmt.parse_tool_calls(held, self.tools or [])
                         if calls is None:
                             yield Text(held, held_lp)
-                    yield Final(event, calls, time.perf_counter_ns() - self.start)
+                    yield Final(event, calls, time.perf_counter_ns() - self.start, getattr(self.gen, "safety", None))
                     return
                 lps = [self.token_info(lp) for lp in event.logprobs or ()] if self.want_logprobs else []
                 if holding:
@@ -167,9 +168,10 @@ class Handler:
         store: the model store (`llamaherd.store.Store`); None: model management answers 501.
     """
 
-    def __init__(self, engine: EngineAPI, store: Any = None):
+    def __init__(self, engine: EngineAPI, store: Any = None, moderator: Any = None):
         self.engine = engine
         self.store = store
+        self.moderator = moderator  # llamaherd.safety.moderation.Moderator: guard and code shield
 
     # -- running models -------------------------------------------------------------------
 
@@ -182,7 +184,10 @@ class Handler:
         if tools is not None:
             tools = toolfmt.check_tools(tools)
             req.tools = tools
-        gen = await self.engine.generate(req)
+        if self.moderator is not None:  # checks before and after generation (llamaherd.safety)
+            gen = await self.moderator.generate(self.engine, req)
+        else:
+            gen = await self.engine.generate(req)
         return Reply(gen, tools, start, req.logprobs is not None)
 
     async def score(self, req: ScoreRequest) -> ScoreResult:

@@ -151,6 +151,8 @@ class Stats(Wire):
     prompt_eval_duration: int | None = Field(None, description="Time spent evaluating the prompt.")
     eval_count: int | None = Field(None, description="Tokens generated.")
     eval_duration: int | None = Field(None, description="Time spent generating.")
+    safety: dict[str, Any] | None = Field(None, description="Moderation (HERD_GUARD, HERD_CODE_SHIELD): the "
+                                          "guard's verdict when done_reason is content_filter, code-shield findings.")
 
 
 class GenerateResponse(Stats):
