@@ -87,8 +87,6 @@ def test_flagged_prompt_never_reaches_the_chat_model(app_and_engine):
     assert engine.calls.get("smol-chat", 0) == before  # never reached
     assert moderator.stats["input_checked"] == moderator.stats["input_flagged"] == 4
     # A token-id prompt cannot be read by the guard: refused with a 400, not passed through.
-    r = client.post("/api/generate", json={"model": "smol-chat", "prompt": "x", "raw": True, "context": [1, 2]})
-    assert r.status_code == 200  # text prompts are fine (context is appended by the chat model's engine)
     bad = client.post("/v1/completions", json={"model": "smol-chat", "prompt": [1, 2, 3], "max_tokens": 2})
     assert bad.status_code == 400 and "token-id prompts cannot be moderated" in bad.json()["error"]["message"]
 
@@ -226,3 +224,47 @@ def test_code_shield_warn_attaches_findings(scripted):
     choice = body["choices"][0]
     assert choice["message"]["content"] == "".join(REPLY) and choice["finish_reason"] == "stop"
     assert [(f["line"], f["cwe"]) for f in choice["safety"]["code_shield"]["findings"]] == [(4, "CWE-78"), (8, "CWE-242")]
+
+
+class WordGuard:
+    """A stand-in classifier: flags a conversation whose last message contains "BAD"."""
+
+    def __init__(self, engine):
+        self.engine, self.seen = engine, []
+
+    async def classify(self, conversation, role=None):
+        text = conversation[-1]["content"]
+        self.seen.append((role, text))
+        return decide("unsafe\nS1" if "BAD" in text else "safe", 0.9 if "BAD" in text else 0.1, default_policy(),
+                      "assistant" if role == "agent" else "user")
+
+
+def test_output_check_releases_checked_sentences_and_stops_at_the_flagged_one(tmp_path):
+    engine = Scripted(["Hello. ", "This is ", "BAD stuff. ", "More text."])
+    app = create_app(Settings(home=tmp_path), engine=engine)
+    with TestClient(app, base_url=BASE) as client:
+        moderator = moderate(app, guard="g", mode="both")
+        moderator._classifier = guard = WordGuard(engine)
+        lines = [json.loads(x) for x in client.post("/api/chat", json={
+            "model": "m", "messages": [{"role": "user", "content": "hi"}]}).text.splitlines()]
+        assert "".join(x["message"]["content"] for x in lines) == "Hello. "
+        assert lines[-1]["done_reason"] == "content_filter"
+        assert lines[-1]["safety"] == {"flagged": True, "stage": "output", "categories": ["S1"],
+                                       "category_names": ["Violent Crimes"], "score": 0.9, "malformed": False}
+        assert guard.seen == [("user", "hi"), ("agent", "Hello. "), ("agent", "Hello. This is BAD stuff. ")]
+        # A safe reply is released whole, checked at each sentence end and once at the end if needed.
+        engine.pieces = ["One. ", "Two", " three."]
+        guard.seen.clear()
+        body = client.post("/v1/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "hi"}]}).json()
+        assert body["choices"][0]["message"]["content"] == "One. Two three." and body["choices"][0]["finish_reason"] == "stop"
+        assert [t for _, t in guard.seen] == ["hi", "One. ", "One. Two three."]
+        # A flagged prompt: the refusal, through the streamed OpenAI chunks too.
+        chunks = sse_events(client.post("/v1/chat/completions", json={
+            "model": "m", "stream": True, "messages": [{"role": "user", "content": "BAD idea"}]}))
+        assert chunks[-1]["choices"][0]["finish_reason"] == "content_filter"
+        assert chunks[-1]["choices"][0]["safety"]["stage"] == "input"
+        assert moderator.stats["input_flagged"] == 1 and moderator.stats["output_flagged"] == 1
+
+
+def sse_events(response):
+    return [json.loads(line[6:]) for line in response.text.splitlines() if line.startswith("data: ") and line != "data: [DONE]"]
