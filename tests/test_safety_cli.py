@@ -55,3 +55,12 @@ def test_guard_jsonl_with_smollm2(tmp_path, capsys, smollm2_path):
     lines = capsys.readouterr().out.splitlines()
     assert [line.split("\t")[:3] for line in lines] == [["1", "safe", "-"], ["2", "safe", "-"]]
     assert all(0 <= float(line.rsplit("score=", 1)[1]) < 0.5 for line in lines)
+
+
+def test_catalog_knows_the_guard_models():
+    from llamaherd.store import parse_name
+    from llamaherd.store.sources import catalog_source
+
+    assert catalog_source(parse_name("llama-guard3:1b")).repo_id == "QuantFactory/Llama-Guard-3-1B-GGUF"
+    assert catalog_source(parse_name("llama-guard3")).repo_id == "QuantFactory/Llama-Guard-3-8B-GGUF"
+    assert catalog_source(parse_name("llama-guard3:8b-bf16")).repo_id == "meta-llama/Llama-Guard-3-8B"

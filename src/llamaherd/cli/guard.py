@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import sys
 from pathlib import Path
@@ -70,8 +71,7 @@ def cmd_guard(args) -> int:
     unsafe when it reaches --threshold. An answer that is not `safe` / `unsafe\\nS1,...` is
     malformed: unsafe (--on-malformed unsafe, the default) or decided by the score alone."""
     from ..safety.classify import guard_async
-    from ..cli.common import resolve_model
-    import asyncio
+    from .common import resolve_model
 
     items = _items(args)
     resolved = resolve_model(args.model)

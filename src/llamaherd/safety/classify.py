@@ -95,9 +95,11 @@ class GuardClassifier:
 
         turns, assessed = normalize_conversation(conversation, role)
         ids = encode_prompt(self.tokenizer, turns, self.policy, assessed)
-        gen = await self.engine.generate(GenerateRequest(
-            model=self.model, prompt=ids, options={"temperature": 0, "num_predict": self.max_tokens},
-            logprobs=TOP, keep_alive=self.keep_alive))
+        # num_ctx: just what the prompt and the answer need (a long conversation is not cut at the
+        # server's default context; one longer than the guard model's is a clear error).
+        options = {"temperature": 0, "num_predict": self.max_tokens, "num_ctx": len(ids) + self.max_tokens + 1}
+        gen = await self.engine.generate(GenerateRequest(model=self.model, prompt=ids, options=options,
+                                                         logprobs=TOP, keep_alive=self.keep_alive))
         parts, first = [], None
         try:
             async for event in gen:

@@ -166,7 +166,6 @@ def _regex(block: CodeBlock) -> list[Finding]:
             if rule.pattern.search(line):
                 out.append(Finding(block.first_line + i, rule.cwe, rule.severity, rule.id, rule.message,
                                    block.language, "regex"))
-    # Multi-line patterns (keys) are searched over the whole block once.
     return out
 
 

@@ -218,12 +218,14 @@ def create_app(settings: Settings | None = None, engine: Any = None, store: Any 
                 await close()
 
     from .. import __version__
-    from . import ollama, openai, responses, tokenize, ui
+    from . import moderations, ollama, openai, responses, tokenize, ui
 
     app = FastAPI(title="llamaherd", version=__version__, lifespan=lifespan,
                   description="Ollama- and OpenAI-compatible API over one batching engine.")
     app.state.settings = settings
-    app.state.handler = Handler(engine, store)
+    from ..safety.moderation import server_moderator
+
+    app.state.handler = Handler(engine, store, server_moderator())
     root = getattr(store, "root", None)
     if root is not None:
         hide_paths(root)
@@ -260,6 +262,7 @@ def create_app(settings: Settings | None = None, engine: Any = None, store: Any 
     app.include_router(openai.routes())
     app.include_router(tokenize.routes())  # /tokenizer_info, /tokenize, /detokenize (lm-eval)
     app.include_router(responses.routes())
+    app.include_router(moderations.routes())  # /v1/moderations (llamaherd.safety)
     ui.mount_ui(app)  # the chat page at /ui/
     from .openapi import with_request_bodies
 

@@ -67,6 +67,7 @@ class Final:
     tool_calls: list[dict[str, Any]] | None
     total_duration: int  # ns, from the request's arrival
     num_ctx: int | None = None  # the context the request ran with (clamped or grown)
+    safety: dict[str, Any] | None = None  # moderation: the guard's verdict, code-shield findings
 
 
 class Reply:
@@ -107,7 +108,7 @@ class Reply:
                         if calls is None:
                             yield Text(held, held_lp)
                     yield Final(event, calls, time.perf_counter_ns() - self.start,
-                                getattr(self.gen, "num_ctx", None) or None)
+                                getattr(self.gen, "num_ctx", None) or None, getattr(self.gen, "safety", None))
                     return
                 if event.logprobs and not event.tokens and not self.stop_logprob:
                     continue  # a stop token's log-probability: only /v1/completions shows it
@@ -138,9 +139,10 @@ class Handler:
         store: the model store (`llamaherd.store.Store`); None: model management answers 501.
     """
 
-    def __init__(self, engine: EngineAPI, store: Any = None):
+    def __init__(self, engine: EngineAPI, store: Any = None, moderator: Any = None):
         self.engine = engine
         self.store = store
+        self.moderator = moderator  # llamaherd.safety.moderation.Moderator: guard and code shield
 
     # -- running models -------------------------------------------------------------------
 
@@ -158,7 +160,10 @@ class Handler:
         if tools is not None:
             tools = toolfmt.check_tools(tools)
             req.tools = tools
-        gen = await self.engine.generate(req)
+        if self.moderator is not None:  # checks before and after generation (llamaherd.safety)
+            gen = await self.moderator.generate(self.engine, req)
+        else:
+            gen = await self.engine.generate(req)
         return Reply(gen, tools, start, req.logprobs is not None, stop_logprob)
 
     async def score(self, req: ScoreRequest) -> ScoreResult:

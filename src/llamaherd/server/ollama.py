@@ -74,7 +74,8 @@ def _stats(final: Final) -> dict[str, Any]:
     d = final.done
     return dict(done_reason=d.reason, total_duration=final.total_duration, load_duration=d.load_duration,
                 prompt_eval_count=d.prompt_eval_count, prompt_eval_duration=d.prompt_eval_duration,
-                eval_count=d.eval_count, eval_duration=d.eval_duration, num_ctx=final.num_ctx)
+                eval_count=d.eval_count, eval_duration=d.eval_duration, num_ctx=final.num_ctx,
+                safety=final.safety)
 
 
 def _logprob_request(logprobs: bool | None, top: int | None) -> int | None:

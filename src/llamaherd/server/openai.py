@@ -177,7 +177,10 @@ def routes() -> APIRouter:
                         continue
                     if event.tool_calls:
                         yield chunk({"tool_calls": _tool_calls(event.tool_calls, True)})
-                    yield chunk({}, _finish_reason(event))
+                    last = chunk({}, _finish_reason(event))
+                    if event.safety:  # moderation's verdict or code-shield findings (llamaherd.safety)
+                        last["choices"][0]["safety"] = event.safety
+                    yield last
                     if include_usage:
                         yield {**base, "object": "chat.completion.chunk", "choices": [], "usage": _usage(event)}
 
@@ -194,9 +197,11 @@ def routes() -> APIRouter:
                 if event.tool_calls:
                     message["tool_calls"] = _tool_calls(event.tool_calls, False)
                     message["content"] = message["content"] or None
-                return {**base, "object": "chat.completion", "usage": _usage(event), "choices": [{
-                    "index": 0, "message": message, "finish_reason": _finish_reason(event),
-                    "logprobs": _chat_logprobs(logprobs) if body.logprobs else None}]}
+                choice = {"index": 0, "message": message, "finish_reason": _finish_reason(event),
+                          "logprobs": _chat_logprobs(logprobs) if body.logprobs else None}
+                if event.safety:  # moderation's verdict or code-shield findings (llamaherd.safety)
+                    choice["safety"] = event.safety
+                return {**base, "object": "chat.completion", "usage": _usage(event), "choices": [choice]}
 
         return JSONResponse(await unless_disconnected(request, collect()))
 

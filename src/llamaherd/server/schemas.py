@@ -159,6 +159,8 @@ class Stats(Wire):
     eval_count: int | None = Field(None, description="Tokens generated.")
     eval_duration: int | None = Field(None, description="Time spent generating.")
     num_ctx: int | None = Field(None, description="(llamaherd) The context the request ran with: num_ctx after clamping to the model's, or growing to fit the prompt.")
+    safety: dict[str, Any] | None = Field(None, description="Moderation (HERD_GUARD, HERD_CODE_SHIELD): the "
+                                          "guard's verdict when done_reason is content_filter, code-shield findings.")
 
 
 class GenerateResponse(Stats):
