@@ -232,6 +232,7 @@ def corpus(rng, root):
         f.write("{not json\n")
     with open(root / "a.jsonl", "ab") as f:
         f.write(b'{"text": "broken \xff\xfe utf-8"}\n')
+        f.write(b'{"text": "a lone surrogate \\ud800 in JSON"}\n')
     for i, t in enumerate(clean[8:]):
         (root / f"doc{i}.txt").write_text(t + "\r\n\r\n")
     (root / "image.png").write_bytes(b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR" + bytes(100))
@@ -245,7 +246,7 @@ def test_report_counts_add_up_and_shards_decode_exactly(rng, tmp_path, tok, caps
     removed = report["removed"]
     assert report["documents_in"] == report["documents_out"] + sum(removed.values())
     assert {k: v for k, v in removed.items() if v} == {
-        "binary": 1, "invalid_utf8": 2, "bad_json": 2, "language": 1, "gopher_quality": 1, "exact_dedup": 1,
+        "binary": 1, "invalid_utf8": 3, "bad_json": 2, "language": 1, "gopher_quality": 1, "exact_dedup": 1,
         "minhash": 1}, removed
     assert decoded(tmp_path / "out", tok) == clean  # the kept documents, in corpus order, exactly
     (tokens, ends), = open_shards(tmp_path / "out")

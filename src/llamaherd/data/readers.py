@@ -155,6 +155,11 @@ def _read_jsonl(f, unit: Unit, max_doc_bytes: int) -> Iterator[Document | str]:
         if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
             yield "bad_json"
             continue
+        try:
+            obj["text"].encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate written as "\ud800" in the JSON
+            yield "invalid_utf8"
+            continue
         url = obj.get("url")
         source = obj.get("source")
         yield Document(obj["text"], source if isinstance(source, str) and source else unit.source,
