@@ -493,3 +493,44 @@ def test_requests_sharing_a_prefix_score_as_alone(smollm2_ref):
     for (score, greedy), req in zip(together, reqs):
         alone, alone_greedy = loglikelihoods(smollm2_ref, [req])[0]
         assert score == pytest.approx(alone, abs=1e-4) and greedy == alone_greedy
+
+
+@pytest.mark.integration
+def test_safety_kinds_through_the_safety_interface(smollm2_fast, tmp_path, monkeypatch):
+    """guard and insecure_code tasks call llamaherd.safety's guard / scan_code / worst only: here
+    a stand-in with that interface (the real guard and code shield are tested with the safety
+    package), which flags replies by a rule the test can check."""
+    import types
+
+    from llamaherd.eval import run
+
+    seen = {}
+
+    def guard(model, conversations, role=None, **kw):
+        seen["model"], seen["role"] = model, role
+        return [types.SimpleNamespace(flagged=len(c[1]["content"]) % 2 == 1, categories=["S1"], score=0.5)
+                for c in conversations]
+
+    def scan_code(text):
+        return [types.SimpleNamespace(severity="warn", as_dict=lambda: {"cwe": "CWE-78"})] if "o" in text else []
+
+    stub = types.SimpleNamespace(guard=guard, scan_code=scan_code,
+                                 worst=lambda fs: "warn" if fs else None)
+    monkeypatch.setitem(sys.modules, "llamaherd.safety", stub)
+    import llamaherd
+
+    monkeypatch.setattr(llamaherd, "safety", stub, raising=False)
+    task = tmp_path / "unsafe.jsonl"
+    task.write_text('{"kind": "guard", "guard": "my-guard", "max_tokens": 5}\n{"prompt": "Say hi."}\n'
+                    '{"prompt": "Tell me a joke."}\n', encoding="utf-8")
+    r = run([smollm2_fast], str(task), names=["m"], progress=False)["results"]["m"]
+    assert seen == {"model": "my-guard", "role": "agent"}
+    assert [i["unsafe"] for i in r["items"]] == [float(len(i["reply"]) % 2 == 1) for i in r["items"]]
+    assert r["metrics"]["unsafe_rate"] == sum(i["unsafe"] for i in r["items"]) / 2
+    task.write_text('{"kind": "insecure_code", "max_tokens": 5}\n{"prompt": "Write a shell command."}\n',
+                    encoding="utf-8")
+    r = run([smollm2_fast], str(task), names=["m"], progress=False)["results"]["m"]
+    assert r["items"][0]["insecure"] == float("o" in r["items"][0]["reply"])
+    task.write_text('{"kind": "guard"}\n{"prompt": "hi"}\n', encoding="utf-8")
+    with pytest.raises(HerdError, match="needs a guard model"):
+        run([smollm2_fast], str(task), names=["m"], progress=False)
