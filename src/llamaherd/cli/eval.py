@@ -14,8 +14,8 @@ def cmd_eval(args) -> int:
     """Evaluate one or more models on a task and print a table, one column per model.
 
     TASK is a built-in (mmlu, mmlu:<subject>, humaneval, ko_mc) or a JSONL file of your own (see
-    llamaherd.eval.tasks for the format: perplexity, mc, generate and code kinds) or a .txt file
-    (perplexity). Code runs in a sandbox (Linux namespaces: no network, read-only file system,
+    llamaherd.eval.tasks for the format: perplexity, mc, generate, code, guard and insecure_code
+    kinds) or a .txt file (perplexity). Code runs in a sandbox (Linux namespaces: no network, read-only file system,
     resource limits). --out writes every per-item result as JSON."""
     from ..eval import run
     from ..eval.tasks import load_task
