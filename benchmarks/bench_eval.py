@@ -1,6 +1,7 @@
 """herd eval vs lm-evaluation-harness's `hf` backend on the same SmolLM2 GGUF, one run.
 
-    python benchmarks/bench_eval.py [--model FILE.gguf] [--mmlu 200] [--humaneval 164] [--threads 2] [--json out.json]
+    python benchmarks/bench_eval.py [--model FILE.gguf] [--mmlu 200] [--humaneval 164] [--threads 2]
+                                    [--runtimes fast,reference,hf] [--json out.json]
 
   MMLU       an --mmlu question subset (evenly spaced over the 57 subjects, 0-shot, lm-eval's
              `mmlu` prompt), scored by log-likelihood: acc and items/s. lm-eval's `hf` backend gets
@@ -68,6 +69,7 @@ def main() -> None:
     ap.add_argument("--mmlu", type=int, default=200)
     ap.add_argument("--humaneval", type=int, default=164)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--runtimes", default="fast,reference,hf", help="which rows to run (comma-separated)")
     ap.add_argument("--json", help="write the figures here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -79,7 +81,10 @@ def main() -> None:
     mmlu_items = mmlu.subset(args.mmlu)
     he_items = humaneval.items[:args.humaneval]
     rows = {}
+    wanted = set(args.runtimes.split(","))
     for name, quantized in (("herd (fast)", True), ("herd (reference)", False)):
+        if name[6:-1] not in wanted:
+            continue
         llm = llamaherd.load(path, device="cpu", quantized=quantized)
         row = {}
         if args.mmlu:
@@ -93,6 +98,8 @@ def main() -> None:
             row["humaneval_pass1"], row["humaneval_items_s"] = r["metrics"]["pass@1"], len(he_items) / r["seconds"]
         rows[name] = row
         print(name, row, flush=True)
+    if "hf" not in wanted:
+        return
     from lm_eval.models.huggingface import HFLM
 
     hf = HFLM(pretrained=str(path.parent), gguf_file=path.name, dtype="float32", device="cpu", batch_size=8)
