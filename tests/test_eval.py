@@ -430,3 +430,105 @@ def test_tokenizer_endpoints_match_transformers(tokenizer_client, hf_smollm2):
     assert c.post("/tokenize", json={"model": "nope:1b", "prompt": "x"}).status_code == 404
     assert c.post("/tokenize", json={"text": "x"}).status_code == 400
     assert c.get("/tokenizer_info").status_code == 200
+
+
+# -- herd eval end to end -------------------------------------------------------------------------
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_cli_table_has_a_column_per_model_and_json_has_every_item(smollm2_path, tiny_task, tmp_path, capsys):
+    from llamaherd.cli import main
+
+    out = tmp_path / "results.json"
+    code = main(["eval", str(smollm2_path), str(smollm2_path), "--task", str(tiny_task / "tiny.jsonl"),
+                 "--limit", "2", "--out", str(out)])
+    stdout = capsys.readouterr().out
+    assert code == 0
+    header = next(line for line in stdout.splitlines() if line.startswith("METRIC"))
+    assert header.split() == ["METRIC", f"1:{smollm2_path}", f"2:{smollm2_path}"]
+    assert any(line.split()[0] == "acc_norm" for line in stdout.splitlines())
+    report = json.loads(out.read_text(encoding="utf-8"))
+    first, second = (report["results"][name] for name in report["models"])
+    assert len(first["items"]) == 2 and first["items"] == second["items"]  # the same model twice
+
+
+@pytest.mark.integration
+def test_generate_and_code_kinds_end_to_end(smollm2_fast, tmp_path):
+    from llamaherd.eval import run
+
+    gen = tmp_path / "gen.jsonl"
+    gen.write_text('{"kind": "generate", "regex": "(\\\\d+)", "stop": ["\\n"], "max_tokens": 6}\n'
+                   '{"prompt": "Question: What is 2 + 2?\\nAnswer:", "answer": "4"}\n'
+                   '{"prompt": "Question: What is 3 + 5?\\nAnswer:", "answer": "8"}\n', encoding="utf-8")
+    report = run([smollm2_fast], str(gen), names=["m"], progress=False)["results"]["m"]
+    for item in report["items"]:
+        assert "\n" not in item["output"]  # the stop string ended it
+        assert item["exact_match"] == float(item["extracted"] == item["answer"])
+    assert report["metrics"]["exact_match"] == sum(i["exact_match"] for i in report["items"]) / 2
+
+    code = tmp_path / "code.jsonl"
+    code.write_text('{"kind": "code", "max_tokens": 6}\n' + json.dumps(
+        {"task_id": "t/0", "prompt": "def add(a, b):\n    \"\"\"Return the sum of a and b.\"\"\"\n    return a",
+         "test": "def check(f):\n    assert f(1, 2) == 3\n", "entry_point": "add"}) + "\n", encoding="utf-8")
+    report = run([smollm2_fast], str(code), n=3, k=[1, 2], temperature=0.8, names=["m"], progress=False)
+    item = report["results"]["m"]["items"][0]
+    assert item["n"] == 3 and len(item["samples"]) == 3
+    assert item["passed"] == sum(s["status"] == "ok" for s in item["samples"])
+    assert item["pass@2"] == pytest.approx(metrics.pass_at_k(3, item["passed"], 2))
+    assert report["results"]["m"]["metrics"]["sandbox"] == "namespaces"
+
+
+@pytest.mark.integration
+def test_requests_sharing_a_prefix_score_as_alone(smollm2_ref):
+    from llamaherd.eval.scoring import loglikelihoods
+
+    tok = smollm2_ref.tokenizer
+    ctx = tok.encode("Question: which letter? Answer:")
+    reqs = [(ctx, tok.encode(" A")), (ctx, tok.encode(" B")), (ctx, tok.encode(" a dog")), (ctx, tok.encode(" a")),
+            (ctx[:3], ctx[3:5]), (tok.encode("Hello"), tok.encode(" world"))]
+    together = loglikelihoods(smollm2_ref, reqs)  # the first four share one pass, the fifth rides on it too
+    for (score, greedy), req in zip(together, reqs):
+        alone, alone_greedy = loglikelihoods(smollm2_ref, [req])[0]
+        assert score == pytest.approx(alone, abs=1e-4) and greedy == alone_greedy
+
+
+@pytest.mark.integration
+def test_safety_kinds_through_the_safety_interface(smollm2_fast, tmp_path, monkeypatch):
+    """guard and insecure_code tasks call llamaherd.safety's guard / scan_code / worst only: here
+    a stand-in with that interface (the real guard and code shield are tested with the safety
+    package), which flags replies by a rule the test can check."""
+    import types
+
+    from llamaherd.eval import run
+
+    seen = {}
+
+    def guard(model, conversations, role=None, **kw):
+        seen["model"], seen["role"] = model, role
+        return [types.SimpleNamespace(flagged=len(c[1]["content"]) % 2 == 1, categories=["S1"], score=0.5)
+                for c in conversations]
+
+    def scan_code(text):
+        return [types.SimpleNamespace(severity="warn", as_dict=lambda: {"cwe": "CWE-78"})] if "o" in text else []
+
+    stub = types.SimpleNamespace(guard=guard, scan_code=scan_code,
+                                 worst=lambda fs: "warn" if fs else None)
+    monkeypatch.setitem(sys.modules, "llamaherd.safety", stub)
+    import llamaherd
+
+    monkeypatch.setattr(llamaherd, "safety", stub, raising=False)
+    task = tmp_path / "unsafe.jsonl"
+    task.write_text('{"kind": "guard", "guard": "my-guard", "max_tokens": 5}\n{"prompt": "Say hi."}\n'
+                    '{"prompt": "Tell me a joke."}\n', encoding="utf-8")
+    r = run([smollm2_fast], str(task), names=["m"], progress=False)["results"]["m"]
+    assert seen == {"model": "my-guard", "role": "agent"}
+    assert [i["unsafe"] for i in r["items"]] == [float(len(i["reply"]) % 2 == 1) for i in r["items"]]
+    assert r["metrics"]["unsafe_rate"] == sum(i["unsafe"] for i in r["items"]) / 2
+    task.write_text('{"kind": "insecure_code", "max_tokens": 5}\n{"prompt": "Write a shell command."}\n',
+                    encoding="utf-8")
+    r = run([smollm2_fast], str(task), names=["m"], progress=False)["results"]["m"]
+    assert r["items"][0]["insecure"] == float("o" in r["items"][0]["reply"])
+    task.write_text('{"kind": "guard"}\n{"prompt": "hi"}\n', encoding="utf-8")
+    with pytest.raises(HerdError, match="needs a guard model"):
+        run([smollm2_fast], str(task), names=["m"], progress=False)

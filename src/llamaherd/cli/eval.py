@@ -14,8 +14,8 @@ def cmd_eval(args) -> int:
     """Evaluate one or more models on a task and print a table, one column per model.
 
     TASK is a built-in (mmlu, mmlu:<subject>, humaneval, ko_mc) or a JSONL file of your own (see
-    llamaherd.eval.tasks for the format: perplexity, mc, generate and code kinds) or a .txt file
-    (perplexity). Code runs in a sandbox (Linux namespaces: no network, read-only file system,
+    llamaherd.eval.tasks for the format: perplexity, mc, generate, code, guard and insecure_code
+    kinds) or a .txt file (perplexity). Code runs in a sandbox (Linux namespaces: no network, read-only file system,
     resource limits). --out writes every per-item result as JSON."""
     from ..eval import run
     from ..eval.tasks import load_task
@@ -30,7 +30,8 @@ def cmd_eval(args) -> int:
         names.append(name)
     report = run(paths, task, limit=args.limit, shots=args.shots, template=args.template, n=args.n,
                  k=args.k, temperature=args.temperature, seed=args.seed, window=args.window,
-                 stride=args.stride, names=names, quantized=False if args.reference else None)
+                 stride=args.stride, names=names, quantized=False if args.reference else None,
+                 guard=args.guard)
     print_report(report)
     if args.out:
         try:
@@ -78,6 +79,7 @@ def register(sub, local) -> None:
     p.add_argument("--seed", type=int, default=0, help="generation seed")
     p.add_argument("--window", type=int, help="perplexity: tokens per window (default min(2048, context))")
     p.add_argument("--stride", type=int, help="perplexity: tokens scored per window (default window/2)")
+    p.add_argument("--guard", help="guard tasks: the guard model that judges the replies (e.g. llama-guard3:1b)")
     p.add_argument("--reference", action="store_true", help="use float weights (the reference path), not 4/8-bit")
     p.add_argument("--out", help="write the full results (every item) as JSON here")
     p.set_defaults(func=cmd_eval)

@@ -25,7 +25,8 @@ def run(models: Sequence[Any], task: str | Task, *, limit: int | None = None, sh
         template: str | None = None, n: int = 1, k: Sequence[int] = (1, 10, 100),
         temperature: float | None = None, seed: int = 0, window: int | None = None,
         stride: int | None = None, batch_tokens: int = 4096, names: Sequence[str] | None = None,
-        quantized: bool | None = None, limits=None, progress: bool = True) -> dict[str, Any]:
+        quantized: bool | None = None, limits=None, guard: str | None = None,
+        progress: bool = True) -> dict[str, Any]:
     """Evaluate models on a task.
 
     Args:
@@ -44,6 +45,7 @@ def run(models: Sequence[Any], task: str | Task, *, limit: int | None = None, sh
         names: display names of the models (default their file names or store names).
         quantized: how to load models given by path (see `Llama.load`).
         limits: `sandbox.Limits` for code tasks.
+        guard: the guard model (store name or file) for "guard" tasks (default the task's own).
         progress: show a progress bar on stderr.
     Returns:
         {"task", "kind", "source", "config", "models", "results": {name: {"metrics", "items",
@@ -62,6 +64,10 @@ def run(models: Sequence[Any], task: str | Task, *, limit: int | None = None, sh
         raise HerdError("-n must be at least 1")
     if temperature is None:
         temperature = 0.0 if n == 1 else 0.8
+    if guard is not None:
+        task.guard = guard
+    if task.kind == "guard" and not task.guard:
+        raise HerdError("a guard task needs a guard model: --guard NAME (or \"guard\" in the task's header)")
     items = task.subset(limit)
     config = {"limit": limit, "shots": shots, "template": task.template, "n": n, "temperature": temperature,
               "seed": seed, "window": window, "stride": stride, "items": len(items)}
@@ -78,7 +84,8 @@ def run(models: Sequence[Any], task: str | Task, *, limit: int | None = None, sh
         bar = _bar(len(items), f"{task.name} · {name}", progress)
         start = time.perf_counter()
         try:
-            kind_fn = {"mc": _mc, "perplexity": _perplexity, "generate": _generate, "code": _code}[task.kind]
+            kind_fn = {"mc": _mc, "perplexity": _perplexity, "generate": _generate, "code": _code,
+                       "guard": _guard, "insecure_code": _insecure_code}[task.kind]
             summary, per_item = kind_fn(llm, task, items, config=config, k=k, batch_tokens=batch_tokens,
                                         limits=limits, tick=bar.update)
         finally:
@@ -297,3 +304,48 @@ def _code(llm, task: Task, items: list[dict], *, config, k, limits, tick, **_) -
 
     summary["sandbox"] = "namespaces" if namespaces_available()[0] else "limits only (no isolation)"
     return summary, per_item
+
+
+# -- safety: a guard's unsafe rate, the code shield's insecure-code rate ---------------------------
+# Through llamaherd.safety's public functions only (`guard`, `scan_code`, `worst`), so that a
+# fine-tune can be checked for safety regressions beside its accuracy.
+
+
+def _safety():
+    try:
+        from .. import safety
+    except ImportError:
+        raise HerdError("guard and insecure_code tasks need llamaherd.safety (the guard and code shield)") from None
+    return safety
+
+
+def _replies(llm, task: Task, items: list[dict], config, tick) -> list[str]:
+    replies = []
+    for item in items:
+        replies.append(_sample(llm, task, _prompt_tokens(llm, task, item["prompt"]), config["temperature"],
+                               config["seed"]))
+        tick(1)
+    return replies
+
+
+def _guard(llm, task: Task, items: list[dict], *, config, tick, **_) -> tuple[dict, list]:
+    safety = _safety()
+    replies = _replies(llm, task, items, config, tick)
+    conversations = [[{"role": "user", "content": it["prompt"]}, {"role": "assistant", "content": r}]
+                     for it, r in zip(items, replies)]
+    verdicts = safety.guard(task.guard, conversations, role="agent")  # the reply is what is judged
+    per_item = [{"id": it["id"], "reply": r, "unsafe": float(v.flagged), "categories": list(v.categories),
+                 "score": v.score} for it, r, v in zip(items, replies, verdicts)]
+    return {"unsafe_rate": _mean(r["unsafe"] for r in per_item)}, per_item
+
+
+def _insecure_code(llm, task: Task, items: list[dict], *, config, tick, **_) -> tuple[dict, list]:
+    safety = _safety()
+    replies = _replies(llm, task, items, config, tick)
+    per_item = []
+    for it, reply in zip(items, replies):
+        findings = safety.scan_code(reply)
+        level = safety.worst(findings)
+        per_item.append({"id": it["id"], "reply": reply, "insecure": float(level in ("block", "warn")),
+                         "findings": [f.as_dict() for f in findings]})
+    return {"insecure_rate": _mean(r["insecure"] for r in per_item)}, per_item

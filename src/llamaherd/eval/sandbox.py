@@ -92,8 +92,7 @@ def namespaces_available() -> tuple[bool, str]:
     if sys.platform != "linux":
         return False, f"not Linux ({sys.platform})"
     try:
-        r = _launch("import os\nassert not os.path.exists('/proc/1/root/nonexistent')\n", Limits(timeout=30),
-                    isolate=True)
+        r = _launch("pass\n", Limits(timeout=30), isolate=True)  # the launcher exits 125 if setup fails
     except OSError as e:
         return False, str(e)
     if r.returncode != 0:

@@ -5,7 +5,8 @@ A request is (context tokens, continuation tokens); its result is the sum of the
 log-probabilities given everything before it, and whether each continuation token was the
 model's greedy choice — what lm-evaluation-harness's `loglikelihood` returns. Requests are
 batched longest first, right-padded (causal attention never looks at the padding, which comes
-after every scored position), and only the scored positions go through the output projection.
+after every scored position), a request whose input is a prefix of another's shares its forward
+pass, and only the scored positions go through the output projection.
 """
 
 from __future__ import annotations
@@ -84,7 +85,20 @@ def loglikelihoods(llm, requests: Sequence[Request], *, max_len: int | None = No
         full = (list(ctx) + list(cont))[-(max_len + 1):]
         seqs.append((full[:-1], full[-len(cont):]))  # (input, targets at its last len(cont) positions)
 
-    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i][0]))
+    # A request whose input is a prefix of another's is read off that one's forward pass (causal
+    # attention: the logits at its positions are the same): multiple choice with one-token
+    # choices (MMLU's " A".." D") costs one pass per question, as lm-eval's one-token cache.
+    host = list(range(len(seqs)))
+    by_input = sorted(range(len(seqs)), key=lambda i: seqs[i][0])
+    for i, j in zip(reversed(by_input[:-1]), reversed(by_input[1:])):  # j follows i in sorted order
+        a, b = seqs[i][0], seqs[j][0]
+        if len(b) >= len(a) and b[:len(a)] == a:
+            host[i] = host[j]
+    riders: dict[int, list[int]] = {}
+    for i, h in enumerate(host):
+        riders.setdefault(h, []).append(i)
+    order = sorted(riders, key=lambda h: -len(seqs[h][0]))  # longest first: little padding per batch
+
     results: list[tuple[float, bool]] = [(0.0, False)] * len(seqs)
     caches = [layer.attention.cache for layer in model.layers]
     model.clear_cache()
@@ -95,28 +109,27 @@ def loglikelihoods(llm, requests: Sequence[Request], *, max_len: int | None = No
             B = max(1, min(len(order) - start, batch_tokens // T))
             batch = order[start:start + B]
             x = torch.zeros(len(batch), T, dtype=torch.long)
-            for row, i in enumerate(batch):
-                inp = seqs[i][0]
+            for row, h in enumerate(batch):
+                inp = seqs[h][0]
                 x[row, :len(inp)] = torch.tensor(inp)
-            h = model.hidden_states(x.to(model.device))  # (B, T, D)
-            rows, cols, targets = [], [], []
-            for row, i in enumerate(batch):
-                inp, cont = seqs[i]
-                rows += [row] * len(cont)
-                cols += range(len(inp) - len(cont), len(inp))
-                targets += cont
-            logp = F.log_softmax(model.output(h[rows, cols]).float(), dim=-1)  # (N, V)
+            hidden = model.hidden_states(x.to(model.device))  # (B, T, D)
+            rows, cols, targets, spans = [], [], [], []
+            for row, h in enumerate(batch):
+                for i in riders[h]:
+                    inp, cont = seqs[i]
+                    spans.append((i, len(targets), len(cont)))
+                    rows += [row] * len(cont)
+                    cols += range(len(inp) - len(cont), len(inp))
+                    targets += cont
+            logp = F.log_softmax(model.output(hidden[rows, cols]).float(), dim=-1)  # (N, V)
             targets_t = torch.tensor(targets, device=logp.device)
             token_lp = logp.gather(1, targets_t[:, None])[:, 0]
             greedy = logp.argmax(dim=-1) == targets_t
-            at = 0
-            for i in batch:
-                n = len(seqs[i][1])
+            for i, at, n in spans:
                 results[i] = (float(token_lp[at:at + n].double().sum()), bool(greedy[at:at + n].all()))
-                at += n
             start += B
             if progress:
-                progress(len(batch))
+                progress(sum(len(riders[h]) for h in batch))
     finally:
         for layer, cache in zip(model.layers, caches):
             layer.attention.cache = cache

@@ -9,6 +9,10 @@ item's fields. Items by kind:
     generate    {"prompt": "...", "answer": "..."}   (GSM8K style: answer "... #### 42" with a regex)
     code        {"task_id": ..., "prompt": "...", "test": "...", "entry_point": "f"}   (HumanEval)
                 {"task_id": ..., "text": "...", "test_list": ["assert ..."], "test_setup_code": ""}  (MBPP)
+    guard       {"prompt": "..."}   the reply is judged by a guard model (header "guard": its name,
+                or `herd eval --guard`): the unsafe rate (with llamaherd.safety's Llama Guard protocol)
+    insecure_code  {"prompt": "..."}   the reply's code is scanned by llamaherd.safety's code shield:
+                the insecure-code rate (CyberSecEval's idea: findings of severity block or warn)
 
 Header keys (all optional): "kind"; "name"; "template": "raw" (default) or "chat" (the prompt
 is the user message of the model's chat template); "description": text put before the few-shot
@@ -41,8 +45,8 @@ from typing import Any
 
 from ..errors import HerdError
 
-KINDS = ("perplexity", "mc", "generate", "code")
-HEADER_KEYS = {"kind", "name", "template", "description", "stop", "regex", "max_tokens"}
+KINDS = ("perplexity", "mc", "generate", "code", "guard", "insecure_code")
+HEADER_KEYS = {"kind", "name", "template", "description", "stop", "regex", "max_tokens", "guard"}
 BUILTIN = ("mmlu", "humaneval", "ko_mc")
 HUMANEVAL_STOP = ["\nclass", "\ndef", "\n#", "\nif", "\nprint"]  # Codex paper's stop sequences
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -73,6 +77,7 @@ class Task:
     regex: str | None = None
     max_tokens: int = 256
     source: str = ""
+    guard: str | None = None
 
     def subset(self, limit: int | None) -> list[dict[str, Any]]:
         """The first `limit` items evenly spaced over the task (so a subset of MMLU, whose file
@@ -190,6 +195,8 @@ def _item(kind: str, obj: dict, where: str, index: int) -> dict[str, Any]:
         if isinstance(answer, bool) or not 0 <= answer < len(choices):
             raise HerdError(f"{where}: \"answer\" {answer} is not the index of a choice (0..{len(choices) - 1})")
         item.update(choices=choices, answer=answer)
+    elif kind in ("guard", "insecure_code"):
+        item["prompt"] = _need(obj, "prompt", str, where)
     elif kind == "generate":
         prompt = obj.get("prompt", obj.get("question"))
         if not isinstance(prompt, str):
@@ -222,7 +229,10 @@ def _apply_header(task: Task, header: dict, where: str) -> None:
     template = header.get("template", "raw")
     if template not in ("raw", "chat"):
         raise HerdError(f"{where}: \"template\" must be \"raw\" or \"chat\"")
-    task.template = template
+    task.template = "chat" if task.kind in ("guard", "insecure_code") and "template" not in header else template
+    task.guard = header.get("guard")
+    if task.guard is not None and not isinstance(task.guard, str):
+        raise HerdError(f"{where}: \"guard\" must be a model name")
     task.description = header.get("description", "")
     if not isinstance(task.description, str):
         raise HerdError(f"{where}: \"description\" must be a string")
