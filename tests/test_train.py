@@ -429,3 +429,32 @@ def test_fsdp_two_gloo_processes_equal_one_process(tiny_dir, facts_file, tmp_pat
     # the gathered model loads and equals in size the one-process model
     assert (tmp_path / "two" / "model" / "model.safetensors").stat().st_size == \
         (tmp_path / "one" / "model" / "model.safetensors").stat().st_size
+
+
+# -- QLoRA on the real SmolLM2 GGUF -------------------------------------------------------------
+
+@pytest.mark.integration
+def test_qlora_adapter_gradients_match_the_dequantized_fp32_path(smollm2_path, smollm2):
+    """Adapters over the Q4_1 file's own blocks (native float32 kernel forward, backward through the
+    frozen quantized weight) get the gradients they would get over the dequantized fp32 weights."""
+    from llamaherd.quantize.linear import BlockLinear, Int4Linear, Int8Linear
+    from llamaherd.train.finetune import CausalLMLoss, load_for_training
+    q, _ = load_for_training(smollm2_path, "qlora", "cpu")
+    f, _ = load_for_training(smollm2_path, "lora", "cpu")
+    assert isinstance(q.layers[0].attention.wq, (BlockLinear, Int4Linear, Int8Linear))
+    for model in (q, f):
+        lora_llama3(model, "all", rank=4, alpha=8)
+    adapters = {k: torch.randn_like(v) * 0.02 for k, v in q.state_dict().items() if ".lora_" in k}
+    for model in (q, f):
+        model.load_state_dict(adapters, strict=False)
+    examples, _ = tokenize(smollm2, [CHAT], 512)
+    batch = collate(pack(examples, 512))
+    grads = []
+    for model in (q, f):
+        CausalLMLoss(model, 8192)(**batch).backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert set(grads[0]) == set(grads[1]) == {k for k in adapters}
+    worst = max(float((grads[0][n] - grads[1][n]).norm() / grads[1][n].norm()) for n in grads[1])
+    assert worst <= 1e-4, worst
+    # the quantized base kept its blocks: no float weight was added to the blocks
+    assert not any(p.requires_grad for n, p in q.named_parameters() if ".lora_" not in n)
