@@ -434,6 +434,7 @@ def test_fsdp_two_gloo_processes_equal_one_process(tiny_dir, facts_file, tmp_pat
 # -- QLoRA on the real SmolLM2 GGUF -------------------------------------------------------------
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_qlora_adapter_gradients_match_the_dequantized_fp32_path(smollm2_path, smollm2):
     """Adapters over the Q4_1 file's own blocks (native float32 kernel forward, backward through the
     frozen quantized weight) get the gradients they would get over the dequantized fp32 weights."""
@@ -443,6 +444,7 @@ def test_qlora_adapter_gradients_match_the_dequantized_fp32_path(smollm2_path, s
     f, _ = load_for_training(smollm2_path, "lora", "cpu")
     assert isinstance(q.layers[0].attention.wq, (BlockLinear, Int4Linear, Int8Linear))
     for model in (q, f):
+        del model.layers[6:]  # the first 6 of 30 blocks: the real blocks at a fifth of the CPU time
         lora_llama3(model, "all", rank=4, alpha=8)
     adapters = {k: torch.randn_like(v) * 0.02 for k, v in q.state_dict().items() if ".lora_" in k}
     for model in (q, f):
