@@ -460,3 +460,20 @@ def test_qlora_adapter_gradients_match_the_dequantized_fp32_path(smollm2_path, s
     assert worst <= 1e-4, worst
     # the quantized base kept its blocks: no float weight was added to the blocks
     assert not any(p.requires_grad for n, p in q.named_parameters() if ".lora_" not in n)
+
+
+def test_grad_accumulation_and_activation_checkpointing_keep_the_losses(tiny_dir, facts_file, tmp_path):
+    """batch 1 x 2 accumulation steps (with activation checkpointing) = batch 2: every target token of
+    the step weighs the same. And a held-out split gives val_loss records."""
+    from llamaherd.train import sft
+    kw = dict(model=str(tiny_dir), data=str(facts_file), method="full", max_steps=3, lr=5e-3, warmup_steps=1,
+              packing=False, progress=False, val_split=0.34, seed=1)
+    sft(out=str(tmp_path / "a"), batch_size=2, **kw)
+    sft(out=str(tmp_path / "b"), batch_size=1, grad_accum=2, activation_checkpointing=True, **kw)
+    a = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], rel=1e-5)
+    assert a[0]["loss"] != a[-1]["loss"]
+    assert all("val_loss" in r for r in a)  # one batch per epoch: validated after every step
+    assert [r["val_loss"] for r in b] == pytest.approx([r["val_loss"] for r in a], rel=1e-5)
+    assert json.loads((tmp_path / "a" / "summary.json").read_text())["val_examples"] == 1
