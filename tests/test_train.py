@@ -462,6 +462,7 @@ def test_qlora_adapter_gradients_match_the_dequantized_fp32_path(smollm2_path, s
     assert not any(p.requires_grad for n, p in q.named_parameters() if ".lora_" not in n)
 
 
+@pytest.mark.slow
 def test_grad_accumulation_and_activation_checkpointing_keep_the_losses(tiny_dir, facts_file, tmp_path):
     """batch 1 x 2 accumulation steps (with activation checkpointing) = batch 2: every target token of
     the step weighs the same. And a held-out split gives val_loss records."""
