@@ -257,7 +257,7 @@ def full_run(tiny_dir, facts_file, tmp_path_factory):
     """A full fine-tune that overfits three made-up facts (the tiny model starts knowing nothing)."""
     from llamaherd.train import sft
     out = tmp_path_factory.mktemp("runs") / "full"
-    summary = sft(model=str(tiny_dir), data=str(facts_file), out=str(out), method="full", max_steps=40, lr=1e-2,
+    summary = sft(model=str(tiny_dir), data=str(facts_file), out=str(out), method="full", max_steps=25, lr=1e-2,
                   batch_size=3, warmup_steps=2, packing=False, progress=False)
     return out, summary
 
@@ -273,10 +273,10 @@ def test_overfitting_facts_teaches_greedy_answers_and_writes_outputs(full_run):
     llm = llamaherd.load(out / "model", device="cpu")  # the training output is a model herd loads
     assert greedy_answers(llm) == [a for _, a in FACTS]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == list(range(1, 41))
+    assert [r["step"] for r in records] == list(range(1, 26))
     assert {"step", "loss", "lr", "tokens", "tokens_per_s"} <= set(records[0])
-    assert records[-1]["loss"] < 0.1 < records[0]["loss"]
-    assert summary["steps"] == 40 and summary["data"]["examples"] == 3 and summary["peak_memory_bytes"] > 0
+    assert records[-1]["loss"] < 0.5 and records[0]["loss"] > 5
+    assert summary["steps"] == 25 and summary["data"]["examples"] == 3 and summary["peak_memory_bytes"] > 0
     assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((out / "summary.json").read_text())["outputs"]["model"] == str(out / "model")
 
