@@ -14,7 +14,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ..errors import HerdError
 
 # Command-line flags of `herd train sft`: (key, type, help). The keys are `SFTConfig`'s.
 FLAGS = [

@@ -21,10 +21,8 @@ import json
 import math
 import os
 import random
-import signal
 import time
 from contextlib import nullcontext
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -36,7 +34,7 @@ from ..errors import HerdError
 from . import checkpoint
 from .config import SFTConfig, make_config
 from .data import Batches, IGNORE, pack, read_jsonl, tokenize
-from .lora import adapter_state_dict, lora_llama3, parse_targets
+from .lora import lora_llama3, parse_targets
 from .loss import cross_entropy_sum
 from .metrics import Metrics, plot_loss
 
