@@ -340,6 +340,8 @@ def test_resume_after_interrupt_gives_the_same_losses(tiny_dir, facts_file, tmp_
     assert [r["step"] for r in b] == list(range(1, 7))
     assert [r["loss"] for r in b] == [r["loss"] for r in a]
     assert len({r["loss"] for r in a}) == 6  # it did train
+    with pytest.raises(HerdError, match="--resume continues the same run, but lr was 0.005 and is now 0.001"):
+        sft(out=str(tmp_path / "b"), resume=True, **{**kw, "lr": 1e-3})
 
 
 # -- the command line -------------------------------------------------------------------------

@@ -180,6 +180,8 @@ def sft(config: SFTConfig | dict | None = None, *, on_step: Callable[[dict], Non
     for key in ("model", "data", "out"):
         if not getattr(cfg, key):
             raise HerdError(f"{key} is required")
+    if cfg.resume:
+        _check_resume(cfg)
     rank, world = _rank_world()
     device = cfg.device or (f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
     out = Path(cfg.out)
@@ -341,6 +343,21 @@ def sft(config: SFTConfig | dict | None = None, *, on_step: Callable[[dict], Non
         summary["outputs"]["metrics"] = str(out / "metrics.jsonl")
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+# Settings that may change on --resume (they do not change the trajectory of the run).
+RESUME_FREE = {"resume", "progress", "save_every", "val_every", "device", "out"}
+
+
+def _check_resume(cfg: SFTConfig) -> None:
+    """--resume continues the same run: any setting that shapes its losses must be the same."""
+    run_file = Path(cfg.out) / "train.json"
+    if not run_file.exists():
+        raise HerdError(f"nothing to resume: no checkpoint in {Path(cfg.out) / 'checkpoint'}")
+    before = json.loads(run_file.read_text())
+    for key, value in cfg.to_dict().items():
+        if key not in RESUME_FREE and key in before and before[key] != value:
+            raise HerdError(f"--resume continues the same run, but {key} was {before[key]!r} and is now {value!r}")
 
 
 def _peak_rss() -> int:
