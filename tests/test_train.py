@@ -480,3 +480,13 @@ def test_grad_accumulation_and_activation_checkpointing_keep_the_losses(tiny_dir
     assert all("val_loss" in r for r in a)  # one batch per epoch: validated after every step
     assert [r["val_loss"] for r in b] == pytest.approx([r["val_loss"] for r in a], rel=1e-5)
     assert json.loads((tmp_path / "a" / "summary.json").read_text())["val_examples"] == 1
+
+
+def test_korean_demo_set_reads_and_fits(smollm2):
+    """The shipped Korean set is valid for the recipe: every line parses, nothing is cut at 512 tokens."""
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1] / "examples" / "korean-chat"
+    for name, n in (("train.jsonl", 27), ("heldout.jsonl", 6)):
+        examples, stats = tokenize(smollm2, read_jsonl(root / name), 512)
+        assert stats.examples == n and stats.truncated == stats.dropped == 0
+        assert all(any(t != IGNORE for t in e.targets) for e in examples)
