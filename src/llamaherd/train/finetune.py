@@ -262,6 +262,8 @@ def sft(config: SFTConfig | dict | None = None, *, on_step: Callable[[dict], Non
         return float(total_loss[0] / total_loss[1].clamp(min=1))
 
     stream = micro_batches()
+    # The held-out loss before any training, for the summary's before/after.
+    val_before = evaluate() if val_batches is not None and position["step"] == 0 else None
     start_time, interrupted = time.perf_counter(), False
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
@@ -331,7 +333,7 @@ def sft(config: SFTConfig | dict | None = None, *, on_step: Callable[[dict], Non
         "wall_seconds": round(time.perf_counter() - start_time, 2),
         "tokens_per_s": round(position["tokens"] / max(position["seconds"], 1e-9), 1),
         "peak_memory_bytes": peak, "trainable_parameters": n_trainable, "processes": world,
-        "data": stats.to_dict(), "val_examples": len(val_conversations),
+        "data": stats.to_dict(), "val_examples": len(val_conversations), "val_loss_before": val_before,
         "final_loss": (json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["loss"]
                        if rank == 0 and (out / "metrics.jsonl").exists() else None),
         "outputs": outputs,
