@@ -491,3 +491,43 @@ def test_korean_demo_set_reads_and_fits(smollm2):
         examples, stats = tokenize(smollm2, read_jsonl(root / name), 512)
         assert stats.examples == n and stats.truncated == stats.dropped == 0
         assert all(any(t != IGNORE for t in e.targets) for e in examples)
+
+
+@pytest.mark.slow
+def test_herd_create_and_run_with_a_lora_adapter(tiny_dir, tmp_path, monkeypatch, capsys):
+    """`ADAPTER dir` in a Modelfile: herd run merges the PEFT adapter into the base's float weights; an
+    adapter of another base is one line and exit 1."""
+    from llamaherd.export import load_with_adapters
+    from llamaherd.export.hf import save_peft
+    from llamaherd.train.lora import adapter_state_dict, parse_targets
+    model = build_model(*load_hf(tiny_dir)[:2])
+    lora_llama3(model, "q,v,down", rank=2, alpha=4)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_b" in name:
+                p.normal_(0, 0.2)
+    save_peft(adapter_state_dict(model), model.args, parse_targets("q,v,down"), 2, 4, 0.0, str(tiny_dir),
+              tmp_path / "adapter")
+    llm = load_with_adapters(tiny_dir, [tmp_path / "adapter"])
+    ids = [1, 2, 3, 400, 5000]
+    with torch.no_grad():
+        assert (llm.logits(ids) - model(torch.tensor([ids]))[0]).abs().max() <= 1e-4
+
+    monkeypatch.setenv("HERD_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("HERD_LOCAL", "1")
+    (tmp_path / "Modelfile").write_text(f"FROM {tiny_dir}\nADAPTER {tmp_path / 'adapter'}\nPARAMETER temperature 0\n")
+    assert herd("create", "tuned", "-f", tmp_path / "Modelfile") == 0
+    from llamaherd.cli import main
+    assert main(["run", "tuned", "Hi"]) == 0
+    capsys.readouterr()
+    wrong = tmp_path / "wrong"  # the same vocabulary, other projection shapes
+    config = transformers.AutoConfig.from_pretrained(tiny_dir)
+    config.intermediate_size, config.num_key_value_heads = 96, 4
+    transformers.LlamaForCausalLM(config).save_pretrained(wrong)
+    save_tokenizer(llm.tokenizer, wrong)
+    (tmp_path / "Modelfile2").write_text(f"FROM {wrong}\nADAPTER {tmp_path / 'adapter'}\n")
+    assert herd("create", "wrong", "-f", tmp_path / "Modelfile2") == 0
+    capsys.readouterr()
+    assert main(["run", "wrong", "Hi"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("Error: the adapter") and "does not fit this base model" in err and "\n" not in err
