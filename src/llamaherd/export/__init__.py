@@ -37,7 +37,6 @@ class Merged:
 def load_merged(source: str | Path) -> Merged:
     """The float weights of a training output (LoRA merged) or of any model path."""
     from ..weights import build_model, load_checkpoint
-    from .hf import load_peft
 
     source = Path(source)
     run_file = source / "train.json"
