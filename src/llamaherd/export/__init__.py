@@ -80,12 +80,26 @@ def merge_adapters(model, adapters: list[str | Path]):
     return model
 
 
+def _peft_config(adapter: Path) -> dict:
+    try:
+        config = json.loads((adapter / "adapter_config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        config = None
+    if not isinstance(config, dict) or config.get("peft_type") != "LORA":
+        raise HerdError(f"ADAPTER {adapter.name}: not a PEFT LoRA adapter directory")
+    return config
+
+
 def load_with_adapters(path: str | Path, adapters: list[str | Path], device: str = "cpu"):
     """A `Llama` of the model at `path` with LoRA adapters merged into its float weights (the
     quantized fast path does not apply: the merged weights are float32)."""
     from ..llm import Llama
     from ..weights import build_model, load_checkpoint
 
+    for adapter in map(Path, adapters):  # fail on a bad adapter before loading the base
+        if not adapter.is_dir():
+            raise HerdError(f"ADAPTER {adapter.name}: only PEFT LoRA adapter directories can be applied")
+        _peft_config(adapter)
     ckpt = load_checkpoint(path)
     model = merge_adapters(build_model(ckpt.args, ckpt.state_dict), adapters).to(device).eval()
     return Llama(model, ckpt.tokenizer, path=ckpt.path, format=ckpt.format, metadata=ckpt.metadata)
