@@ -387,7 +387,7 @@ def test_create_from_a_meta_directory_and_with_adapters(home, tmp_path, monkeypa
 
     monkeypatch.setattr(llamaherd.llm, "Llama", FakeLlama)
     assert cli.main(["run", "meta", "Hi"]) == 1
-    assert "has adapters, which llamaherd cannot apply yet" in capfd.readouterr().err
+    assert "not a PEFT LoRA adapter directory" in capfd.readouterr().err  # herd run applies real ones (issue 15)
 
 
 def test_create_errors(home, tmp_path):

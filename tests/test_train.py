@@ -257,7 +257,7 @@ def full_run(tiny_dir, facts_file, tmp_path_factory):
     """A full fine-tune that overfits three made-up facts (the tiny model starts knowing nothing)."""
     from llamaherd.train import sft
     out = tmp_path_factory.mktemp("runs") / "full"
-    summary = sft(model=str(tiny_dir), data=str(facts_file), out=str(out), method="full", max_steps=40, lr=1e-2,
+    summary = sft(model=str(tiny_dir), data=str(facts_file), out=str(out), method="full", max_steps=25, lr=1e-2,
                   batch_size=3, warmup_steps=2, packing=False, progress=False)
     return out, summary
 
@@ -273,10 +273,10 @@ def test_overfitting_facts_teaches_greedy_answers_and_writes_outputs(full_run):
     llm = llamaherd.load(out / "model", device="cpu")  # the training output is a model herd loads
     assert greedy_answers(llm) == [a for _, a in FACTS]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == list(range(1, 41))
+    assert [r["step"] for r in records] == list(range(1, 26))
     assert {"step", "loss", "lr", "tokens", "tokens_per_s"} <= set(records[0])
-    assert records[-1]["loss"] < 0.1 < records[0]["loss"]
-    assert summary["steps"] == 40 and summary["data"]["examples"] == 3 and summary["peak_memory_bytes"] > 0
+    assert records[-1]["loss"] < 0.5 and records[0]["loss"] > 5
+    assert summary["steps"] == 25 and summary["data"]["examples"] == 3 and summary["peak_memory_bytes"] > 0
     assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((out / "summary.json").read_text())["outputs"]["model"] == str(out / "model")
 
@@ -318,6 +318,7 @@ def test_exported_gguf_loads_with_the_same_greedy_answers(full_run, tmp_path, qu
         assert (llamaherd.load(path, device="cpu").logits(ids) - trained.logits(ids)).abs().max() <= 1e-5
 
 
+@pytest.mark.slow
 def test_resume_after_interrupt_gives_the_same_losses(tiny_dir, facts_file, tmp_path):
     """Ctrl-C at step 3 saves a checkpoint; --resume then gives exactly the losses of an uninterrupted run
     (data order, dropout RNG and optimizer state restored)."""
@@ -339,6 +340,8 @@ def test_resume_after_interrupt_gives_the_same_losses(tiny_dir, facts_file, tmp_
     assert [r["step"] for r in b] == list(range(1, 7))
     assert [r["loss"] for r in b] == [r["loss"] for r in a]
     assert len({r["loss"] for r in a}) == 6  # it did train
+    with pytest.raises(HerdError, match="--resume continues the same run, but lr was 0.005 and is now 0.001"):
+        sft(out=str(tmp_path / "b"), resume=True, **{**kw, "lr": 1e-3})
 
 
 # -- the command line -------------------------------------------------------------------------
@@ -414,9 +417,8 @@ def test_fsdp_two_gloo_processes_equal_one_process(tiny_dir, facts_file, tmp_pat
     common = ["sft", "--model", tiny_dir, "--data", facts_file, "--method", "full", "--max-steps", 3,
               "--lr", "5e-3", "--warmup-steps", 1, "--no-packing", "--no-progress"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one = subprocess.run([sys.executable, "-m", "llamaherd.train", *map(str, common), "--batch-size", "2",
-                          "--out", str(tmp_path / "one")], env=env, capture_output=True, text=True)
-    assert one.returncode == 0, one.stderr[-2000:]
+    from llamaherd.train.__main__ import main as train_main  # one process: the same entry point, in this one
+    assert train_main([*map(str, common), "--batch-size", "2", "--out", str(tmp_path / "one")]) == 0
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                           "-m", "llamaherd.train", *map(str, common), "--batch-size", "1", "--out",
                           str(tmp_path / "two")], env=env, capture_output=True, text=True)
@@ -429,3 +431,103 @@ def test_fsdp_two_gloo_processes_equal_one_process(tiny_dir, facts_file, tmp_pat
     # the gathered model loads and equals in size the one-process model
     assert (tmp_path / "two" / "model" / "model.safetensors").stat().st_size == \
         (tmp_path / "one" / "model" / "model.safetensors").stat().st_size
+
+
+# -- QLoRA on the real SmolLM2 GGUF -------------------------------------------------------------
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_qlora_adapter_gradients_match_the_dequantized_fp32_path(smollm2_path, smollm2):
+    """Adapters over the Q4_1 file's own blocks (native float32 kernel forward, backward through the
+    frozen quantized weight) get the gradients they would get over the dequantized fp32 weights."""
+    from llamaherd.quantize.linear import BlockLinear, Int4Linear, Int8Linear
+    from llamaherd.train.finetune import CausalLMLoss, load_for_training
+    q, _ = load_for_training(smollm2_path, "qlora", "cpu")
+    f, _ = load_for_training(smollm2_path, "lora", "cpu")
+    assert isinstance(q.layers[0].attention.wq, (BlockLinear, Int4Linear, Int8Linear))
+    for model in (q, f):
+        del model.layers[6:]  # the first 6 of 30 blocks: the real blocks at a fifth of the CPU time
+        lora_llama3(model, "all", rank=4, alpha=8)
+    adapters = {k: torch.randn_like(v) * 0.02 for k, v in q.state_dict().items() if ".lora_" in k}
+    for model in (q, f):
+        model.load_state_dict(adapters, strict=False)
+    examples, _ = tokenize(smollm2, [CHAT], 512)
+    batch = collate(pack(examples, 512))
+    grads = []
+    for model in (q, f):
+        CausalLMLoss(model, 8192)(**batch).backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert set(grads[0]) == set(grads[1]) == {k for k in adapters}
+    worst = max(float((grads[0][n] - grads[1][n]).norm() / grads[1][n].norm()) for n in grads[1])
+    assert worst <= 1e-4, worst
+    # the quantized base kept its blocks: no float weight was added to the blocks
+    assert not any(p.requires_grad for n, p in q.named_parameters() if ".lora_" not in n)
+
+
+@pytest.mark.slow
+def test_grad_accumulation_and_activation_checkpointing_keep_the_losses(tiny_dir, facts_file, tmp_path):
+    """batch 1 x 2 accumulation steps (with activation checkpointing) = batch 2: every target token of
+    the step weighs the same. And a held-out split gives val_loss records."""
+    from llamaherd.train import sft
+    kw = dict(model=str(tiny_dir), data=str(facts_file), method="full", max_steps=3, lr=5e-3, warmup_steps=1,
+              packing=False, progress=False, val_split=0.34, seed=1)
+    sft(out=str(tmp_path / "a"), batch_size=2, **kw)
+    sft(out=str(tmp_path / "b"), batch_size=1, grad_accum=2, activation_checkpointing=True, **kw)
+    a = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], rel=1e-5)
+    assert a[0]["loss"] != a[-1]["loss"]
+    assert all("val_loss" in r for r in a)  # one batch per epoch: validated after every step
+    assert [r["val_loss"] for r in b] == pytest.approx([r["val_loss"] for r in a], rel=1e-5)
+    summary = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert summary["val_examples"] == 1 and summary["val_loss_before"] > 5  # the untrained tiny model
+
+
+def test_korean_demo_set_reads_and_fits(smollm2):
+    """The shipped Korean set is valid for the recipe: every line parses, nothing is cut at 512 tokens."""
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1] / "examples" / "korean-chat"
+    for name, n in (("train.jsonl", 27), ("heldout.jsonl", 6)):
+        examples, stats = tokenize(smollm2, read_jsonl(root / name), 512)
+        assert stats.examples == n and stats.truncated == stats.dropped == 0
+        assert all(any(t != IGNORE for t in e.targets) for e in examples)
+
+
+@pytest.mark.slow
+def test_herd_create_and_run_with_a_lora_adapter(tiny_dir, tmp_path, monkeypatch, capsys):
+    """`ADAPTER dir` in a Modelfile: herd run merges the PEFT adapter into the base's float weights; an
+    adapter of another base is one line and exit 1."""
+    from llamaherd.export import load_with_adapters
+    from llamaherd.export.hf import save_peft
+    from llamaherd.train.lora import adapter_state_dict, parse_targets
+    model = build_model(*load_hf(tiny_dir)[:2])
+    lora_llama3(model, "q,v,down", rank=2, alpha=4)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_b" in name:
+                p.normal_(0, 0.2)
+    save_peft(adapter_state_dict(model), model.args, parse_targets("q,v,down"), 2, 4, 0.0, str(tiny_dir),
+              tmp_path / "adapter")
+    llm = load_with_adapters(tiny_dir, [tmp_path / "adapter"])
+    ids = [1, 2, 3, 400, 5000]
+    with torch.no_grad():
+        assert (llm.logits(ids) - model(torch.tensor([ids]))[0]).abs().max() <= 1e-4
+
+    monkeypatch.setenv("HERD_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("HERD_LOCAL", "1")
+    (tmp_path / "Modelfile").write_text(f"FROM {tiny_dir}\nADAPTER {tmp_path / 'adapter'}\nPARAMETER temperature 0\n")
+    assert herd("create", "tuned", "-f", tmp_path / "Modelfile") == 0
+    from llamaherd.cli import main
+    assert main(["run", "tuned", "Hi"]) == 0
+    capsys.readouterr()
+    wrong = tmp_path / "wrong"  # the same vocabulary, other projection shapes
+    config = transformers.AutoConfig.from_pretrained(tiny_dir)
+    config.intermediate_size, config.num_key_value_heads = 96, 4
+    transformers.LlamaForCausalLM(config).save_pretrained(wrong)
+    save_tokenizer(llm.tokenizer, wrong)
+    (tmp_path / "Modelfile2").write_text(f"FROM {wrong}\nADAPTER {tmp_path / 'adapter'}\n")
+    assert herd("create", "wrong", "-f", tmp_path / "Modelfile2") == 0
+    capsys.readouterr()
+    assert main(["run", "wrong", "Hi"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("Error: the adapter") and "does not fit this base model" in err and "\n" not in err

@@ -125,9 +125,12 @@ def cmd_run(args) -> int:
     from ..llm import Llama
 
     model = resolve_model(args.model)
-    if model.adapters:
-        raise HerdError(f"model '{args.model}' has adapters, which llamaherd cannot apply yet")
-    llm = Llama.load(model.path)
+    if model.adapters:  # LoRA adapters (PEFT directories) merged into the float weights
+        from ..export import load_with_adapters
+
+        llm = load_with_adapters(model.path, model.adapters)
+    else:
+        llm = Llama.load(model.path)
     # The model's stored parameters and system prompt apply unless the command line overrides them.
     options = {**model.params, **_options(args)}
     system = args.system if args.system is not None else model.system

@@ -14,7 +14,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ..errors import HerdError
 
 # Command-line flags of `herd train sft`: (key, type, help). The keys are `SFTConfig`'s.
 FLAGS = [
@@ -114,7 +113,7 @@ def cmd_sft(args) -> int:
     values = config_values(args)
     make_config(values)  # a bad key or value fails here, before anything is loaded or launched
     if args.nproc > 1:
-        return launch(args.nproc, sys.argv[sys.argv.index("sft"):] if "sft" in sys.argv else ["sft"])
+        return launch(args.nproc, values)
     from ..train.finetune import sft
 
     try:
@@ -126,21 +125,17 @@ def cmd_sft(args) -> int:
     return 0
 
 
-def launch(nproc: int, argv: list[str]) -> int:
-    """Run the same command under torchrun with `nproc` processes (without --nproc itself)."""
-    clean, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-            continue
-        if a == "--nproc":
-            skip = True
-            continue
-        if a.startswith("--nproc="):
-            continue
-        clean.append(a)
+def launch(nproc: int, values: dict) -> int:
+    """Run the same settings under torchrun with `nproc` processes (`python -m llamaherd.train sft ...`)."""
+    argv = ["sft"]
+    for key, value in values.items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            argv.append(flag if value else "--no-" + key.replace("_", "-"))
+        elif value is not None:
+            argv += [flag, str(value)]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "llamaherd.train", *clean]
+           "-m", "llamaherd.train", *argv]
     return subprocess.call(cmd, env=os.environ.copy())
 
 

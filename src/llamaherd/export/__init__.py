@@ -37,7 +37,6 @@ class Merged:
 def load_merged(source: str | Path) -> Merged:
     """The float weights of a training output (LoRA merged) or of any model path."""
     from ..weights import build_model, load_checkpoint
-    from .hf import load_peft
 
     source = Path(source)
     run_file = source / "train.json"
@@ -51,18 +50,59 @@ def load_merged(source: str | Path) -> Merged:
         return Merged(ckpt.args, ckpt.state_dict, ckpt.tokenizer, _gguf_meta(base), source.name)
     if not (source / "adapter").exists():
         raise HerdError(f"{source} holds no trained model or adapter yet (did the run finish?)")
-    from ..train.lora import lora_llama3, merge_lora
-
-    model = build_model(base.args, base.state_dict)
-    config, tensors = load_peft(source / "adapter", base.args)
-    targets = [t.removesuffix("_proj") for t in config["target_modules"]]
-    lora_llama3(model, targets, config["r"], config["lora_alpha"])
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
-    if unexpected or any("lora_" in k for k in missing):
-        raise HerdError(f"the adapter in {source / 'adapter'} does not fit its base model {run['model_path']}")
-    merge_lora(model)
+    model = merge_adapters(build_model(base.args, base.state_dict), [source / "adapter"])
     sd = {k: v.detach() for k, v in model.state_dict().items()}
     return Merged(base.args, sd, base.tokenizer, _gguf_meta(base), source.name)
+
+
+def merge_adapters(model, adapters: list[str | Path]):
+    """Merge PEFT LoRA adapter directories into a float model, one after the other (in place).
+
+    Raises:
+        HerdError: not a PEFT LoRA directory, or an adapter whose shapes do not fit the model.
+    """
+    from ..train.lora import lora_llama3, merge_lora
+    from .hf import load_peft
+
+    for adapter in map(Path, adapters):
+        if not adapter.is_dir():
+            raise HerdError(f"ADAPTER {adapter.name}: only PEFT LoRA adapter directories can be applied")
+        try:
+            config, tensors = load_peft(adapter, model.args)
+            targets = [t.removesuffix("_proj") for t in config["target_modules"]]
+            lora_llama3(model, targets, config["r"], config["lora_alpha"])
+            missing, unexpected = model.load_state_dict(tensors, strict=False)
+        except (RuntimeError, KeyError):  # sizes that do not fit: an adapter trained on another base
+            missing, unexpected = [], ["shape"]
+        if unexpected or any("lora_" in k for k in missing):
+            raise HerdError(f"the adapter {adapter.name} does not fit this base model (trained on another one?)")
+        merge_lora(model)
+    return model
+
+
+def _peft_config(adapter: Path) -> dict:
+    try:
+        config = json.loads((adapter / "adapter_config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        config = None
+    if not isinstance(config, dict) or config.get("peft_type") != "LORA":
+        raise HerdError(f"ADAPTER {adapter.name}: not a PEFT LoRA adapter directory")
+    return config
+
+
+def load_with_adapters(path: str | Path, adapters: list[str | Path], device: str = "cpu"):
+    """A `Llama` of the model at `path` with LoRA adapters merged into its float weights (the
+    quantized fast path does not apply: the merged weights are float32)."""
+    from ..llm import Llama
+    from ..weights import build_model, load_checkpoint
+
+    for adapter in map(Path, adapters):  # fail on a bad adapter before loading the base
+        if not adapter.is_dir():
+            raise HerdError(f"ADAPTER {adapter.name}: only PEFT LoRA adapter directories can be applied")
+        _peft_config(adapter)
+    ckpt = load_checkpoint(path)
+    model = merge_adapters(build_model(ckpt.args, ckpt.state_dict), adapters).to(device).eval()
+    return Llama(model, ckpt.tokenizer, path=ckpt.path, format=ckpt.format, metadata=ckpt.metadata)
 
 
 def _gguf_meta(ckpt) -> dict[str, Any]:

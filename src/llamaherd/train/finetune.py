@@ -21,10 +21,8 @@ import json
 import math
 import os
 import random
-import signal
 import time
 from contextlib import nullcontext
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -36,7 +34,7 @@ from ..errors import HerdError
 from . import checkpoint
 from .config import SFTConfig, make_config
 from .data import Batches, IGNORE, pack, read_jsonl, tokenize
-from .lora import adapter_state_dict, lora_llama3, parse_targets
+from .lora import lora_llama3, parse_targets
 from .loss import cross_entropy_sum
 from .metrics import Metrics, plot_loss
 
@@ -182,6 +180,8 @@ def sft(config: SFTConfig | dict | None = None, *, on_step: Callable[[dict], Non
     for key in ("model", "data", "out"):
         if not getattr(cfg, key):
             raise HerdError(f"{key} is required")
+    if cfg.resume:
+        _check_resume(cfg)
     rank, world = _rank_world()
     device = cfg.device or (f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
     out = Path(cfg.out)
@@ -262,6 +262,8 @@ def sft(config: SFTConfig | dict | None = None, *, on_step: Callable[[dict], Non
         return float(total_loss[0] / total_loss[1].clamp(min=1))
 
     stream = micro_batches()
+    # The held-out loss before any training, for the summary's before/after.
+    val_before = evaluate() if val_batches is not None and position["step"] == 0 else None
     start_time, interrupted = time.perf_counter(), False
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
@@ -331,7 +333,7 @@ def sft(config: SFTConfig | dict | None = None, *, on_step: Callable[[dict], Non
         "wall_seconds": round(time.perf_counter() - start_time, 2),
         "tokens_per_s": round(position["tokens"] / max(position["seconds"], 1e-9), 1),
         "peak_memory_bytes": peak, "trainable_parameters": n_trainable, "processes": world,
-        "data": stats.to_dict(), "val_examples": len(val_conversations),
+        "data": stats.to_dict(), "val_examples": len(val_conversations), "val_loss_before": val_before,
         "final_loss": (json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["loss"]
                        if rank == 0 and (out / "metrics.jsonl").exists() else None),
         "outputs": outputs,
@@ -343,6 +345,21 @@ def sft(config: SFTConfig | dict | None = None, *, on_step: Callable[[dict], Non
         summary["outputs"]["metrics"] = str(out / "metrics.jsonl")
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+# Settings that may change on --resume (they do not change the trajectory of the run).
+RESUME_FREE = {"resume", "progress", "save_every", "val_every", "device", "out"}
+
+
+def _check_resume(cfg: SFTConfig) -> None:
+    """--resume continues the same run: any setting that shapes its losses must be the same."""
+    run_file = Path(cfg.out) / "train.json"
+    if not run_file.exists():
+        raise HerdError(f"nothing to resume: no checkpoint in {Path(cfg.out) / 'checkpoint'}")
+    before = json.loads(run_file.read_text())
+    for key, value in cfg.to_dict().items():
+        if key not in RESUME_FREE and key in before and before[key] != value:
+            raise HerdError(f"--resume continues the same run, but {key} was {before[key]!r} and is now {value!r}")
 
 
 def _peak_rss() -> int:

@@ -1,0 +1,137 @@
+"""Training speed and memory: herd vs HF transformers (+ peft), SmolLM2-135M, one run.
+
+    python benchmarks/bench_train.py [--model FILE.gguf] [--steps 4] [--batch 4] [--seq 256] [--threads 2]
+
+Same weights (the SmolLM2-135M-Instruct GGUF, dequantized to float32), the same token batches
+(random ids from a fixed seed: the data pipeline is not what is measured), AdamW, fp32 on the CPU.
+Rows:
+  herd full        every weight trains
+  hf full          transformers LlamaForCausalLM, the same
+  herd lora        LoRA r16 on all seven projections, base frozen
+  hf+peft lora     peft's LoRA with the same settings
+  herd qlora       herd's LoRA over the GGUF's own quantized blocks (no float copy of the blocks)
+Each row runs in a fresh process (peak RSS is its own): one warm-up step, then `--steps` timed
+steps. tokens/s = batch x seq x steps / time; ratios are herd / transformers (and, for memory,
+transformers' / herd's: > 1 is better).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+ROWS = ["herd full", "hf full", "herd lora", "hf+peft lora", "herd qlora"]
+
+
+def batches(vocab: int, batch: int, seq: int, n: int):
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(0, vocab, (batch, seq + 1), generator=g) for _ in range(n)]
+
+
+def run_row(row: str, model_path: str, steps: int, batch: int, seq: int, threads: int) -> dict:
+    import torch
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    if row.startswith("herd"):
+        from llamaherd.train.finetune import CausalLMLoss, load_for_training
+        from llamaherd.train.lora import lora_llama3
+
+        method = row.split()[1]
+        model, _ = load_for_training(model_path, method, "cpu")
+        if method != "full":
+            lora_llama3(model, "all", rank=16, alpha=32)
+        model.train()
+        loss_module = CausalLMLoss(model, 8192)
+        vocab = model.args.vocab_size
+
+        def step_loss(b):
+            tokens, targets = b[:, :-1], b[:, 1:]
+            return loss_module(tokens, targets, None, None) / targets.numel()
+    else:
+        import transformers
+
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            str(__import__("pathlib").Path(model_path).parent), gguf_file=__import__("pathlib").Path(model_path).name,
+            dtype=torch.float32)
+        if row.startswith("hf+peft"):
+            import peft
+
+            model = peft.get_peft_model(model, peft.LoraConfig(
+                r=16, lora_alpha=32, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
+                                                                       "gate_proj", "up_proj", "down_proj"]))
+        model.train()
+        vocab = model.config.vocab_size
+
+        def step_loss(b):
+            return model(input_ids=b[:, :-1], labels=b[:, :-1].clone()).loss  # HF shifts the labels
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5)
+    data = batches(vocab, batch, seq, steps + 1)
+    times = []
+    for b in data:
+        t0 = time.perf_counter()
+        step_loss(b).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t0)
+    timed = sum(times[1:])
+    return {"row": row, "tokens_per_s": batch * seq * steps / timed,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "trainable": sum(p.numel() for p in params)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", help="the SmolLM2 GGUF (default: the cached one)")
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rows", default=",".join(ROWS), help="comma-separated subset of: " + ", ".join(ROWS))
+    p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one row in this process
+    p.add_argument("--json", help="also write the results here")
+    args = p.parse_args()
+    if args.model is None:
+        from llamaherd.fetch import smollm2_gguf
+
+        args.model = str(smollm2_gguf())
+    if args.one:
+        print(json.dumps(run_row(args.one, args.model, args.steps, args.batch, args.seq, args.threads)))
+        return
+    results = {}
+    for row in args.rows.split(","):
+        cmd = [sys.executable, __file__, "--one", row, "--model", args.model, "--steps", str(args.steps),
+               "--batch", str(args.batch), "--seq", str(args.seq), "--threads", str(args.threads)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            print(f"{row}: failed\n{proc.stderr[-1500:]}", file=sys.stderr)
+            continue
+        results[row] = json.loads(proc.stdout.strip().splitlines()[-1])
+        r = results[row]
+        print(f"{row:<14} {r['tokens_per_s']:8.1f} tokens/s   peak RSS {r['peak_rss_mb']:7.0f} MB   "
+              f"trainable {r['trainable'] / 1e6:.2f} M", flush=True)
+    print(f"\nbatch {args.batch} x {args.seq} tokens, {args.steps} timed steps, {args.threads} threads")
+    print("| run | tokens/s | peak RSS (MB) | vs transformers (speed / memory) |")
+    print("|---|---|---|---|")
+    peers = {"herd full": "hf full", "herd lora": "hf+peft lora", "herd qlora": "hf+peft lora"}
+    for row, r in results.items():
+        ratio = ""
+        if row in peers and peers[row] in results:
+            q = results[peers[row]]
+            ratio = f"{r['tokens_per_s'] / q['tokens_per_s']:.2f}x / {q['peak_rss_mb'] / r['peak_rss_mb']:.2f}x"
+        print(f"| {row} | {r['tokens_per_s']:.0f} | {r['peak_rss_mb']:.0f} | {ratio} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
