@@ -205,7 +205,8 @@ def test_langchain_openai_chat_and_responses(herd):
 
 
 @pytest.mark.slow  # importing litellm takes seconds
-def test_litellm_providers(herd):
+def test_litellm_providers(herd, monkeypatch):
+    monkeypatch.setenv("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no fetch from GitHub at import
     import litellm
     from litellm.llms.ollama.common_utils import OllamaModelInfo
 
