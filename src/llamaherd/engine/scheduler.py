@@ -198,11 +198,11 @@ class Scheduler:
     def _row_lengths(self) -> list[int]:
         """Positions each row holds: a job's tokens so far, or the prefix a free row keeps."""
         lengths = [len(k) for k in self._kept]
-        for jobs, held in ((list(self._prefilling), lambda j: j.prefilled), (list(self._running), lambda j: len(j.history))):
-            for job in jobs:
-                row = job.row
-                if row is not None:
-                    lengths[row] = max(lengths[row], held(job))
+        held = [(j, j.prefilled) for j in list(self._prefilling)] + [(j, len(j.history)) for j in list(self._running)]
+        for job, n in held:
+            row = job.row
+            if row is not None:
+                lengths[row] = max(lengths[row], n)
         return lengths
 
     def close(self) -> None:

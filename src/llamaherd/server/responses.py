@@ -42,10 +42,12 @@ MAX_STORED = 1000
 
 class ResponseRequest(s.FiniteWire):
     model: str = Field(description="Model name.")
-    input: str | list[dict[str, Any]] = Field(description="Text, or a list of input items (messages, function calls and their outputs).")
+    input: str | list[dict[str, Any]] = Field(
+        description="Text, or a list of input items (messages, function calls and their outputs).")
     instructions: str | None = Field(None, description="A system message for this response only.")
     previous_response_id: str | None = Field(None, description="Continue from this stored response.")
-    tools: list[dict[str, Any]] | None = Field(None, description="Function tools: {type: function, name, description, parameters}.")
+    tools: list[dict[str, Any]] | None = Field(
+        None, description="Function tools: {type: function, name, description, parameters}.")
     tool_choice: str | dict[str, Any] | None = Field(None, description="none or auto (default).")
     temperature: float | None = Field(None, description="0-2; 0 is greedy.")
     top_p: float | None = Field(None, description="Nucleus sampling.")
@@ -157,7 +159,8 @@ def _options(body: ResponseRequest) -> dict[str, Any]:
 
 
 def _message_item(text: str, status: str = "completed") -> dict[str, Any]:
-    content = [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}] if status == "completed" else []
+    content = ([{"type": "output_text", "text": text, "annotations": [], "logprobs": []}]
+               if status == "completed" else [])
     return {"type": "message", "id": f"msg_{uuid.uuid4().hex}", "status": status, "role": "assistant",
             "content": content}
 
