@@ -84,8 +84,9 @@ def test_lm_eval_local_completions_scores_as_its_hf_backend(herd, tmp_path, hf_s
     expected = hf.loglikelihood(requests)
     assert lm_eval.__version__
     for (got, got_greedy), (want, want_greedy), c in zip(served, expected, CONTINUATIONS):
-        # Q4_1 kernels against float32 weights dequantized from them: close, not bitwise.
-        assert got == pytest.approx(want, abs=0.05 + 0.02 * abs(want)), c
+        # Q4_1 kernels against float32 weights dequantized from them: measured within 4e-4 of each
+        # other, while the stop token's bug lost the continuation's last token (-0.19 and -0.23 here).
+        assert got == pytest.approx(want, abs=0.01), c
         assert got_greedy == want_greedy, c
     alive_and_intact(herd)
 
