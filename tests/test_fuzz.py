@@ -27,6 +27,7 @@ from llamaherd.store.modelfile import format_modelfile, parse_modelfile  # noqa:
 ROOT = Path(__file__).resolve().parents[1]
 COUNTS: Counter = Counter()
 FOUND: list[str] = []
+pytestmark = [pytest.mark.slow, pytest.mark.integration]  # the real SmolLM2 tokenizer; ~40 s
 FAST = settings(max_examples=10, deadline=None, derandomize=True, database=None,
                 suppress_health_check=list(HealthCheck))
 

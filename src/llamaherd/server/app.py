@@ -202,8 +202,11 @@ def create_app(settings: Settings | None = None, engine: Any = None, store: Any 
             app.state.handler.engine = own
         clean = getattr(store, "clean_temporary", None)
         if clean is not None:  # what killed uploads left, and blobs no model uses (as Ollama prunes)
-            await asyncio.to_thread(clean)
-            await asyncio.to_thread(store.prune)
+            try:
+                await asyncio.to_thread(clean)
+                await asyncio.to_thread(store.prune)
+            except (HerdError, OSError) as e:  # a read-only store still serves what it holds
+                log.warning("could not clean the model store: %s", e)
         start = getattr(app.state.handler.engine, "start", None)
         if start is not None:
             await start()

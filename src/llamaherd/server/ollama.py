@@ -366,6 +366,8 @@ async def receive_blob(request: Request, digest: str) -> None:
     import os
     import shutil
 
+    from ..store.store import StorageError
+
     check_digest(digest)
     store = handler_of(request)._store()
     length = request.headers.get("content-length")
@@ -375,7 +377,7 @@ async def receive_blob(request: Request, digest: str) -> None:
         if int(length) > free:
             os.close(fd)
             tmp.unlink(missing_ok=True)
-            raise HerdError(f"not enough disk space for the upload: {int(length):,} bytes, {free:,} free")
+            raise StorageError(f"not enough disk space for the upload: {int(length):,} bytes, {free:,} free", 507)
     sha = hashlib.sha256()
     try:
         with os.fdopen(fd, "wb") as f:
