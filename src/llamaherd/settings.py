@@ -43,7 +43,7 @@ VARS: tuple[Var, ...] = (
     Var("HERD_CONTEXT_LENGTH", "4096", "default num_ctx (clipped to the model's)"),
     Var("HERD_MAX_BODY", "32M", "request body size limit (suffix K/M/G); blob uploads are exempt"),
     Var("HERD_NUM_THREADS", "torch's default", "CPU threads for the server's matmuls"),
-    Var("HERD_DEBUG", "0", "1: log more (each request's options, model loads, tracebacks)"),
+    Var("HERD_DEBUG", "0", "1: log more (each request's client and size; uvicorn's and the engine's debug lines)"),
     Var("HERD_LOCAL", "0", "1: CLI commands work in their own process even when a server answers"),
     Var("HERD_NATIVE", "1", "0: do not compile and use the native CPU kernels (torch's kernels instead)"),
     Var("HERD_CACHE", "~/.cache/llamaherd", "downloads and compiled kernels"),
