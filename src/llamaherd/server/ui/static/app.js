@@ -103,9 +103,30 @@ async function copyText(text) {
 }
 
 function flash(button, text) {
-  const before = button.textContent;
+  const before = [...button.childNodes];
   button.textContent = text;
-  setTimeout(() => { button.textContent = before; }, 1500);
+  setTimeout(() => { button.replaceChildren(...before); }, 1500);
+}
+
+// Line icons (24x24, stroked with the text colour): drawn here, so no font needs the glyph.
+const ICONS = {
+  edit: ["M4 20h4L19 9l-4-4L4 16z", "M14 6l4 4"],
+  copy: ["M9 9h11v11H9z", "M5 15H4V4h11v1"],
+  regenerate: ["M20 11a8 8 0 1 0-2.3 5.7", "M20 4v7h-7"],
+};
+
+function icon(name) {
+  const ns = "http://www.w3.org/2000/svg";
+  const svg = document.createElementNS(ns, "svg");
+  for (const [k, v] of Object.entries({ viewBox: "0 0 24 24", width: "16", height: "16", fill: "none",
+    stroke: "currentColor", "stroke-width": "2", "stroke-linecap": "round", "stroke-linejoin": "round",
+    "aria-hidden": "true", class: `icon-${name}` })) svg.setAttribute(k, v);
+  for (const d of ICONS[name]) {
+    const path = document.createElementNS(ns, "path");
+    path.setAttribute("d", d);
+    svg.append(path);
+  }
+  return svg;
 }
 
 // -- the server ------------------------------------------------------------------------------
@@ -427,12 +448,12 @@ function renderMessage(chat, m, i) {
             onclick: () => showVersion(chat, i, at + 1) }, "›")) : null,
         h("div", { class: "actions" },
           h("button", { class: "edit-message", type: "button", title: "Edit", "aria-label": "Edit",
-            disabled: state.streaming != null, onclick: () => { state.editing = i; renderMessages(); } }, "✎"),
+            disabled: state.streaming != null, onclick: () => { state.editing = i; renderMessages(); } }, icon("edit")),
           h("button", { class: "copy", type: "button", title: "Copy", "aria-label": "Copy", onclick: async (e) => {
             const button = e.currentTarget;
             await copyText(m.content);
             flash(button, "Copied");
-          } }, "⧉"))));
+          } }, icon("copy")))));
   }
   const isLast = i === chat.messages.length - 1;
   const body = h("div", { class: "body" });
@@ -445,9 +466,9 @@ function renderMessage(chat, m, i) {
           const button = e.currentTarget;
           await copyText(m.content);
           flash(button, "Copied");
-        } }, "⧉") : null,
+        } }, icon("copy")) : null,
       isLast && !state.streaming ? h("button", { class: "regenerate", type: "button", title: "Regenerate",
-        "aria-label": "Regenerate", onclick: () => regenerate(chat) }, "↻") : null));
+        "aria-label": "Regenerate", onclick: () => regenerate(chat) }, icon("regenerate")) : null));
   }
   if (m.stopped) meta.append(h("span", { class: "stopped" }, "stopped"));
   if (m.stats) meta.append(h("span", { class: "stats", title: statsTitle(m.stats) }, formatStats(m.stats)));
