@@ -55,7 +55,7 @@ VARS: tuple[Var, ...] = (
     Var("HERD_GUARD_REFUSAL", "I can't help with that.", "the reply to a flagged prompt"),
     Var("HERD_CODE_SHIELD", "off", "warn | block: scan the code in replies for insecure patterns"),
     Var("HERD_SEMGREP", "semgrep on PATH", "the semgrep program the code shield runs, where installed"),
-    Var("HERD_DEBUG", "0", "1: log more (each request's options, model loads, tracebacks)"),
+    Var("HERD_DEBUG", "0", "1: log more (each request's client and size; uvicorn's and the engine's debug lines)"),
     Var("HERD_LOCAL", "0", "1: CLI commands work in their own process even when a server answers"),
     Var("HERD_NATIVE", "1", "0: do not compile and use the native CPU kernels (torch's kernels instead)"),
     Var("HERD_CACHE", "~/.cache/llamaherd", "downloads and compiled kernels"),

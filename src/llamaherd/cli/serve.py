@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import inspect
 import socket
 
 from .. import settings
@@ -53,6 +54,6 @@ def cmd_serve(args) -> int:
 
 
 def register(sub, local) -> None:
-    serve = sub.add_parser("serve", help="serve the Ollama and OpenAI APIs", description=cmd_serve.__doc__,
+    serve = sub.add_parser("serve", help="serve the Ollama and OpenAI APIs", description=inspect.cleandoc(cmd_serve.__doc__),
                            epilog=settings.help_text(), formatter_class=argparse.RawDescriptionHelpFormatter)
     serve.set_defaults(func=cmd_serve)

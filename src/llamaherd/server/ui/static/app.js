@@ -1,12 +1,15 @@
 // llamaherd's chat page: plain JavaScript over Ollama's public API, no build step.
 //
-//   GET  /api/tags     the model picker            POST /api/chat   a reply, streamed as NDJSON
-//   GET  /api/ps       the models loaded now       POST /api/pull   pull by name, NDJSON progress
-//   GET  /api/version  shown in the side bar
+//   GET  /api/tags     the installed models        POST /api/chat     a reply, streamed as NDJSON
+//   GET  /api/ps       the models loaded now       POST /api/pull     pull by name, NDJSON progress
+//   GET  /api/version  shown in the side bar       DELETE /api/delete remove an installed model
 //
 // Conversations live in this browser's localStorage ("llamaherd.chats"), newest first:
 //   {id, title, model, system, options: {temperature: 0.7, ...}, created, updated,
-//    messages: [{role: "user" | "assistant", content, model?, stats?, stopped?, error?}]}
+//    messages: [{role: "user" | "assistant", content, model?, stats?, stopped?, error?,
+//                versions?: [{content, tail: [messages after it]}], version?}]}
+// Editing a user message keeps the old one and what followed it as a branch (versions, shown as
+// ‹ 1/2 ›): the messages after the shown version are the conversation's; the others' wait in `tail`.
 // A reply that failed keeps its error (shown in the conversation) and is left out of the history
 // sent with the next message. Stop aborts the fetch: the server notices the disconnect and frees
 // the generation's slot at once.
@@ -26,7 +29,7 @@ const STATS_KEYS = ["done_reason", "total_duration", "load_duration", "prompt_ev
 const $ = (id) => document.getElementById(id);
 const ui = {
   sidebar: $("sidebar"), backdrop: $("backdrop"), openSidebar: $("open-sidebar"), closeSidebar: $("close-sidebar"),
-  newChat: $("new-chat"), chatList: $("chat-list"), loaded: $("loaded"),
+  newChat: $("new-chat"), chatList: $("chat-list"), installed: $("installed"), closeSettings: $("close-settings"),
   pullForm: $("pull-form"), pullName: $("pull-name"), pullButton: $("pull-button"), pullBox: $("pull-box"),
   pullProgress: $("pull-progress"), pullStatus: $("pull-status"),
   themeToggle: $("theme-toggle"), version: $("version"),
@@ -39,6 +42,8 @@ const state = {
   chats: [],          // every conversation, newest first
   current: null,      // the one shown
   models: [],         // names from /api/tags
+  sizes: {},          // name -> bytes, from /api/tags
+  loaded: new Set(),  // names from /api/ps
   modelsError: null,  // why /api/tags failed, if it did
   streaming: null,    // {chat, reply, controller} while a reply streams (one at a time)
   editing: -1,        // index of the user message being edited in the current chat
@@ -98,9 +103,30 @@ async function copyText(text) {
 }
 
 function flash(button, text) {
-  const before = button.textContent;
+  const before = [...button.childNodes];
   button.textContent = text;
-  setTimeout(() => { button.textContent = before; }, 1500);
+  setTimeout(() => { button.replaceChildren(...before); }, 1500);
+}
+
+// Line icons (24x24, stroked with the text colour): drawn here, so no font needs the glyph.
+const ICONS = {
+  edit: ["M4 20h4L19 9l-4-4L4 16z", "M14 6l4 4"],
+  copy: ["M9 9h11v11H9z", "M5 15H4V4h11v1"],
+  regenerate: ["M20 11a8 8 0 1 0-2.3 5.7", "M20 4v7h-7"],
+};
+
+function icon(name) {
+  const ns = "http://www.w3.org/2000/svg";
+  const svg = document.createElementNS(ns, "svg");
+  for (const [k, v] of Object.entries({ viewBox: "0 0 24 24", width: "16", height: "16", fill: "none",
+    stroke: "currentColor", "stroke-width": "2", "stroke-linecap": "round", "stroke-linejoin": "round",
+    "aria-hidden": "true", class: `icon-${name}` })) svg.setAttribute(k, v);
+  for (const d of ICONS[name]) {
+    const path = document.createElementNS(ns, "path");
+    path.setAttribute("d", d);
+    svg.append(path);
+  }
+  return svg;
 }
 
 // -- the server ------------------------------------------------------------------------------
@@ -323,6 +349,7 @@ function formatStats(s) {
   if (s.prompt_eval_count != null) parts.push(`prompt ${s.prompt_eval_count} tokens`);
   if (s.total_duration) parts.push(`${(s.total_duration / 1e9).toFixed(2)} s`);
   if (s.done_reason === "length") parts.push("cut at the length limit");
+  if (s.done_reason === "stopped") parts.push("counted by this page");
   return parts.join(" · ");
 }
 
@@ -337,6 +364,7 @@ function statsTitle(s) {
 
 function render() {
   renderChatList();
+  renderInstalled();
   renderHeader();
   renderSettings();
   renderMessages();
@@ -405,12 +433,27 @@ function renderMessage(chat, m, i) {
   const streaming = state.streaming && state.streaming.reply === m;
   if (m.role === "user") {
     if (i === state.editing) return renderEditor(chat, m, i);
+    const versions = m.versions || [];
+    const at = m.version ?? 0;
     return h("div", { class: "message user", "data-index": i },
       h("div", { class: "role" }, "You"),
       h("div", { class: "body", dir: "auto" }, m.content),
-      h("div", { class: "meta" }, h("div", { class: "actions" },
-        h("button", { class: "edit-message", type: "button", disabled: state.streaming != null,
-          onclick: () => { state.editing = i; renderMessages(); } }, "Edit"))));
+      h("div", { class: "meta" },
+        versions.length > 1 ? h("span", { class: "branches" },
+          h("button", { class: "prev-branch", type: "button", "aria-label": "Previous version", title: "Previous version",
+            disabled: at === 0 || state.streaming != null, onclick: () => showVersion(chat, i, at - 1) }, "‹"),
+          h("span", { class: "branch-index" }, `${at + 1}/${versions.length}`),
+          h("button", { class: "next-branch", type: "button", "aria-label": "Next version", title: "Next version",
+            disabled: at === versions.length - 1 || state.streaming != null,
+            onclick: () => showVersion(chat, i, at + 1) }, "›")) : null,
+        h("div", { class: "actions" },
+          h("button", { class: "edit-message", type: "button", title: "Edit", "aria-label": "Edit",
+            disabled: state.streaming != null, onclick: () => { state.editing = i; renderMessages(); } }, icon("edit")),
+          h("button", { class: "copy", type: "button", title: "Copy", "aria-label": "Copy", onclick: async (e) => {
+            const button = e.currentTarget;
+            await copyText(m.content);
+            flash(button, "Copied");
+          } }, icon("copy")))));
   }
   const isLast = i === chat.messages.length - 1;
   const body = h("div", { class: "body" });
@@ -418,16 +461,19 @@ function renderMessage(chat, m, i) {
   const meta = h("div", { class: "meta" });
   if (!streaming) {
     meta.append(h("div", { class: "actions" },
-      m.content ? h("button", { class: "copy", type: "button", onclick: async (e) => {
-        await copyText(m.content);
-        flash(e.target, "Copied");
-      } }, "Copy") : null,
-      isLast && !state.streaming ? h("button", { class: "regenerate", type: "button",
-        onclick: () => regenerate(chat) }, "Regenerate") : null));
+      m.content ? h("button", { class: "copy", type: "button", title: "Copy", "aria-label": "Copy",
+        onclick: async (e) => {
+          const button = e.currentTarget;
+          await copyText(m.content);
+          flash(button, "Copied");
+        } }, icon("copy")) : null,
+      isLast && !state.streaming ? h("button", { class: "regenerate", type: "button", title: "Regenerate",
+        "aria-label": "Regenerate", onclick: () => regenerate(chat) }, icon("regenerate")) : null));
   }
   if (m.stopped) meta.append(h("span", { class: "stopped" }, "stopped"));
   if (m.stats) meta.append(h("span", { class: "stats", title: statsTitle(m.stats) }, formatStats(m.stats)));
-  return h("div", { class: streaming ? "message assistant streaming" : "message assistant", "data-index": i },
+  const classes = ["message", "assistant", streaming ? "streaming" : "", isLast ? "last" : ""].join(" ").trim();
+  return h("div", { class: classes, "data-index": i },
     h("div", { class: "role" }, m.model || chat.model),
     body,
     m.error ? h("div", { class: "error", role: "alert", dir: "auto" }, `⚠ ${m.error}`) : null,
@@ -441,8 +487,12 @@ function renderEditor(chat, m, i) {
     const text = area.value.trim();
     if (!text || state.streaming) return;
     state.editing = -1;
-    chat.messages.splice(i);  // the edited message replaces everything from it on
-    chat.messages.push({ role: "user", content: text });
+    // The old message and what followed it stay as a version of this message (‹ 1/2 ›).
+    const versions = m.versions || [{ content: m.content, tail: [] }];
+    versions[m.version ?? 0] = { content: m.content, tail: chat.messages.slice(i + 1) };
+    versions.push({ content: text, tail: [] });
+    chat.messages.splice(i);
+    chat.messages.push({ role: "user", content: text, versions, version: versions.length - 1 });
     generate(chat);
   };
   const cancel = () => { state.editing = -1; renderMessages(); };
@@ -456,6 +506,19 @@ function renderEditor(chat, m, i) {
     h("div", { class: "edit-actions" },
       h("button", { type: "button", class: "cancel-edit", onclick: cancel }, "Cancel"),
       h("button", { type: "button", class: "primary save-edit", onclick: submit }, "Save & send")));
+}
+
+/** Show version `k` of the user message at `i`: the conversation after it becomes that version's. */
+function showVersion(chat, i, k) {
+  const m = chat.messages[i];
+  if (state.streaming || !m.versions || !m.versions[k]) return;
+  m.versions[m.version ?? 0] = { content: m.content, tail: chat.messages.slice(i + 1) };
+  m.version = k;
+  m.content = m.versions[k].content;
+  chat.messages.splice(i + 1, Infinity, ...m.versions[k].tail);
+  m.versions[k].tail = [];  // the shown version's messages live in the conversation
+  save();
+  renderMessages();
 }
 
 function nearBottom() {
@@ -510,6 +573,8 @@ async function generate(chat) {
   const reply = { role: "assistant", content: "", model: chat.model };
   chat.messages.push(reply);
   const controller = new AbortController();
+  const started = performance.now();
+  let first = 0, pieces = 0;  // when the first text came, and how many pieces (tokens) came
   state.streaming = { chat, reply, controller };
   touch(chat);
   save();
@@ -522,6 +587,8 @@ async function generate(chat) {
       if (part.error) throw new ServerError(part.error);
       if (part.message && part.message.content) {
         reply.content += part.message.content;
+        pieces += 1;
+        first = first || performance.now();
         showStreamedText();
       }
       if (part.done) {
@@ -530,8 +597,13 @@ async function generate(chat) {
     }
     if (!reply.stats) throw new Error("The reply ended before it was done: the server closed the connection.");
   } catch (e) {
-    if (controller.signal.aborted) reply.stopped = true;
-    else reply.error = errorText(e);
+    if (controller.signal.aborted) {
+      reply.stopped = true;
+      // The server sends no statistics for a reply cut short: what this page saw (one piece per token).
+      const now = performance.now();
+      reply.stats = { done_reason: "stopped", eval_count: pieces, total_duration: Math.round((now - started) * 1e6),
+        eval_duration: first ? Math.round((now - first) * 1e6) : 0 };
+    } else reply.error = errorText(e);
   } finally {
     state.streaming = null;
     touch(chat);
@@ -569,6 +641,7 @@ async function refreshModels() {
   try {
     const { models } = await getJson("/api/tags");
     state.models = models.map((m) => m.name).sort();
+    state.sizes = Object.fromEntries(models.map((m) => [m.name, m.size]));
     state.modelsError = null;
   } catch (e) {
     state.modelsError = errorText(e);
@@ -579,24 +652,74 @@ async function refreshModels() {
     chat.model = state.models.includes(preferred) ? preferred : state.models[0];
   }
   renderHeader();
+  renderInstalled();
   if (!chat.messages.length) renderMessages();
 }
 
 async function refreshLoaded() {
-  let items;
   try {
     const { models } = await getJson("/api/ps");
-    items = models.map((m) => h("li", { title: `expires ${new Date(m.expires_at).toLocaleString()}` },
-      h("span", { class: "name" }, m.name), h("span", { class: "size" }, formatBytes(m.size))));
-    if (!items.length) items = [h("li", { class: "none" }, "none")];
+    state.loaded = new Set(models.map((m) => m.name));
   } catch (e) {
-    items = [h("li", { class: "none" }, "server unreachable")];
+    state.loaded = new Set();
   }
-  ui.loaded.replaceChildren(...items);
+  renderInstalled();
+}
+
+function useModel(name) {
+  state.current.model = name;
+  localStorage.setItem(STORAGE.model, name);
+  save();
+  renderHeader();
+  renderInstalled();
+  renderMessages();
+  closeSidebar();
+}
+
+/** The side bar's list: every installed model, its size, whether it is loaded, and delete. */
+function renderInstalled() {
+  let items = state.models.map((name) => {
+    const loaded = state.loaded.has(name);
+    return h("li", { class: [loaded ? "is-loaded" : "", name === state.current.model ? "current" : ""].join(" ").trim(),
+      "data-name": name },
+      h("button", { class: "use", type: "button", title: `Chat with ${name}`, onclick: () => useModel(name) }, name),
+      loaded ? h("span", { class: "badge", title: "loaded in memory" }, "● loaded") : null,
+      h("span", { class: "size" }, formatBytes(state.sizes[name])),
+      h("button", { class: "delete-model", type: "button", title: `Delete ${name}`, "aria-label": `Delete ${name}`,
+        onclick: () => deleteModel(name) }, "✕"));
+  });
+  if (!items.length) items = [h("li", { class: "none" }, state.modelsError ? "server unreachable" : "none yet: pull one")];
+  ui.installed.replaceChildren(...items);
+}
+
+async function deleteModel(name) {
+  if (!confirm(`Delete the model “${name}” from this server? Its files are removed unless another model uses them.`)) {
+    return;
+  }
+  try {
+    const res = await fetch("/api/delete", { method: "DELETE", headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ model: name }) });
+    if (!res.ok) throw await httpError(res);
+    toast(`Deleted ${name}`);
+  } catch (e) {
+    toast(`Could not delete ${name}: ${pageWorded(errorText(e))}`);
+  }
+  await refreshModels();
+  refreshLoaded();
+}
+
+/** A server message in this page's words: no `herd` commands to type, the models one can pull named. */
+function pageWorded(message, name) {
+  if (/not in the catalog/.test(message)) {
+    return `“${name}” is not a model this server can pull. Try smollm2:135m, llama3.2:1b, llama3.1:8b, ` +
+      "or a Hugging Face GGUF as hf.co/{user}/{repo}:{quant}.";
+  }
+  return message.replace(/[,;:]?\s*(try|run|or make one with)\s+herd\s[^.;]*/gi, "").replace(/`?herd [a-z]+`?/g, "the side bar");
 }
 
 async function pull(name) {
   ui.pullBox.hidden = false;
+  ui.pullProgress.hidden = false;
   ui.pullButton.disabled = true;
   ui.pullStatus.classList.remove("error");
   ui.pullStatus.textContent = `pulling ${name}…`;
@@ -625,12 +748,14 @@ async function pull(name) {
       state.current.model = pulled;
       save();
       renderHeader();
+      renderInstalled();
       renderMessages();
     }
     ui.pullStatus.textContent = `${name}: success`;
   } catch (e) {
+    ui.pullProgress.hidden = true;  // a failed pull leaves no bar behind, only why it failed
     ui.pullStatus.classList.add("error");
-    ui.pullStatus.textContent = `Pull failed: ${errorText(e)}`;
+    ui.pullStatus.textContent = `Could not pull ${name}: ${pageWorded(e.message || errorText(e), name)}`;
   } finally {
     ui.pullButton.disabled = false;
   }
@@ -674,6 +799,7 @@ function bind() {
   document.addEventListener("keydown", (e) => {
     if (e.key !== "Escape") return;
     if (state.streaming) stop();
+    else if (!ui.settings.hidden) ui.closeSettings.click();
     else closeSidebar();
   });
 
@@ -693,10 +819,12 @@ function bind() {
     save();
     renderMessages();
   });
-  ui.settingsToggle.addEventListener("click", () => {
-    ui.settings.hidden = !ui.settings.hidden;
-    ui.settingsToggle.setAttribute("aria-expanded", String(!ui.settings.hidden));
-  });
+  const showSettings = (open) => {
+    ui.settings.hidden = !open;
+    ui.settingsToggle.setAttribute("aria-expanded", String(open));
+  };
+  ui.settingsToggle.addEventListener("click", () => showSettings(ui.settings.hidden));
+  ui.closeSettings.addEventListener("click", () => showSettings(false));
   ui.system.addEventListener("input", () => { state.current.system = ui.system.value; saveSoon(); });
   for (const input of ui.settings.querySelectorAll("[data-option]")) {
     input.addEventListener("input", () => {
