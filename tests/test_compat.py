@@ -21,8 +21,9 @@ def engine():
 
 
 def make_client(engine, tmp_path, **settings):
+    # A client on this machine: model management (blobs, create...) is refused to other machines.
     return TestClient(create_app(Settings(**settings), engine=engine, store=FakeStore(tmp_path)),
-                      base_url="http://localhost:11434")
+                      base_url="http://localhost:11434", client=("127.0.0.1", 50000))
 
 
 @pytest.fixture
@@ -313,9 +314,9 @@ def test_kv_memory_follows_rows_and_is_reserved_against_max_memory(tiny_loader):
         await finish(first)
         loaded = engine._models["t"]
         s, bpp = loaded.scheduler, kvcache.bytes_per_position(loaded.llm.model)
-        assert kvcache.is_lazy(s.model) and s._capacity >= 128
+        assert kvcache.is_lazy(loaded.llm.model) and s.capacity >= 128
         # memory held: the positions rows hold (the kept prompt prefix), not 16 rows × the capacity
-        assert s.kv_bytes() == sum(len(k) for k in s._kept) * bpp < s._capacity * bpp
+        assert s.kv_bytes() == sum(len(k) for k in s._kept) * bpp < s.capacity * bpp
         # the context is clamped to what the memory holds; a prompt longer than that cannot run: 400
         engine.config.max_memory = loaded.size + 100 * bpp
         small = await engine.generate(chat("hi", num_ctx=512))

@@ -6,6 +6,7 @@ import json
 from types import SimpleNamespace
 
 import pytest
+from pathlib import Path
 
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
@@ -127,6 +128,15 @@ class FakeStore:
             progress({"status": "pulling abc", "digest": "sha256:abc", "total": 10, "completed": done})
         self.models[name] = {}
         progress({"status": "success"})
+
+    def upload_file(self):
+        import tempfile
+
+        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".upload-")
+        return fd, Path(tmp)
+
+    def commit_upload(self, tmp, digest):
+        self.uploaded = digest
 
     def create(self, name, modelfile, base_dir, progress):
         self.modelfile = modelfile

@@ -38,7 +38,7 @@ def resolve_model(model: str | Path, progress=None):
             return store.resolve(str(model), pull=True, progress=progress)
         if not path.exists():
             examples = [DEFAULT_MODEL] + [n for n in catalog_names() if n != DEFAULT_MODEL][:3]
-            raise ModelNotFound(
+            raise ModelNotFound(str(model),
                 f"model '{model}' not found: it is not in the store ({store.root}; see herd list) nor in the "
                 f"catalog ({', '.join(examples)}, ... or hf.co/{{user}}/{{repo}}:{{quant}}), "
                 "and no file or directory has that name")

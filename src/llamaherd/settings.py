@@ -226,6 +226,10 @@ def native(env: Mapping[str, str] | None = None) -> bool:
     return _get("HERD_NATIVE", env) != "0"
 
 
+def semgrep(env: Mapping[str, str] | None = None) -> str | None:
+    return _get("HERD_SEMGREP", env) or None
+
+
 def cache(env: Mapping[str, str] | None = None) -> Path:
     return Path(_get("HERD_CACHE", env) or Path.home() / ".cache" / "llamaherd").expanduser()
 

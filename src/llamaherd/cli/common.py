@@ -3,10 +3,10 @@ progress bars and Ollama-style tables."""
 
 from __future__ import annotations
 
+import re
 import sys
 
 from .. import settings
-
 from ..resolve import DEFAULT_MODEL  # noqa: F401  (the verbs import it from here)
 
 
@@ -134,7 +134,10 @@ def server_show(name: str, pull: bool = False) -> dict:
                "context_length": facts.get(f"{arch}.context_length"),
                "embedding_length": facts.get(f"{arch}.embedding_length"),
                "quantization": d.get("quantization_level") or None}
-    return {"details": details, "parameters": mf.parameters, "template": r.get("template") or None,
+    # The server notes tool support in the template it shows (for clients such as litellm); the
+    # stored template is what `herd show` prints.
+    template = re.sub(r"\{#- llamaherd: .*?#\}$", "", r.get("template") or "", flags=re.S) or None
+    return {"details": details, "parameters": mf.parameters, "template": template,
             "system": r.get("system"), "license": r.get("license"), "messages": mf.messages,
             "adapters": mf.adapters, "modelfile": r["modelfile"]}
 

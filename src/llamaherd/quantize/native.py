@@ -38,9 +38,10 @@ FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 
 
 def _cache_dir() -> Path:
-    """`$HERD_CACHE/kernels`, else ~/.cache/llamaherd/kernels: the cache folder `fetch.cache_dir`
-    names, found without importing the fetching and store layers above this one."""
-    return Path(os.environ.get("HERD_CACHE") or Path.home() / ".cache" / "llamaherd") / "kernels"
+    """`$HERD_CACHE/kernels`, else ~/.cache/llamaherd/kernels (`settings` is below every layer)."""
+    from .. import settings
+
+    return settings.cache() / "kernels"
 
 
 def _torch_omp() -> list[str]:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import shutil
 import subprocess
@@ -205,7 +204,9 @@ def _bandit(block: CodeBlock) -> list[Finding]:
 
 def semgrep_command() -> str | None:
     """The semgrep executable: HERD_SEMGREP, else `semgrep` on PATH; None when absent."""
-    return os.environ.get("HERD_SEMGREP") or shutil.which("semgrep")
+    from .. import settings
+
+    return settings.semgrep() or shutil.which("semgrep")
 
 
 SEMGREP_RULES = Path(__file__).with_name("semgrep_rules")

@@ -622,7 +622,7 @@ class Store:
             return
         base = parse_name(mf.from_)
         if not self.has(base) and self.catalog(base) is None:
-            raise ModelNotFound(f"from {mf.from_!r}: no such model")
+            raise ModelNotFound(mf.from_, f"from {mf.from_!r}: no such model")
 
     def _base_model(self, mf: Modelfile, base_dir: Path | None, progress: Progress) -> Manifest | Path | str:
         """What FROM names: a stored model's manifest (pulled first if needed), a stored blob's
