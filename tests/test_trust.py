@@ -414,7 +414,7 @@ def test_the_scheduler_reports_the_stop_tokens_logprob(tiny_loader):
     from llamaherd.generate import SamplingOptions
 
     llm = tiny_loader("x")
-    scheduler = Scheduler(llm.model, n_rows=1, max_ctx=512)
+    scheduler = Scheduler(llm.runner, n_rows=1, max_ctx=512)
     try:
         events: queue.Queue = queue.Queue()
         every_token = frozenset(range(llm.tokenizer.n_words))  # whatever comes first is a stop token
