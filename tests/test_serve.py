@@ -115,13 +115,15 @@ def assert_stats(final) -> None:
 
 def test_root_and_version(oc):
     import llamaherd
+    from llamaherd.server.ollama import OLLAMA_API_VERSION
 
     # The ollama client has no call for these two: use its HTTP client (its headers, its host).
     http = oc._client
     r = http.get("/")
     assert (r.status_code, r.text) == (200, "Ollama is running")
     assert http.head("/").status_code == 200
-    assert http.get("/api/version").json() == {"version": llamaherd.__version__}
+    # The Ollama release whose API this matches (clients check a minimum), and our own version.
+    assert http.get("/api/version").json() == {"version": OLLAMA_API_VERSION, "llamaherd": llamaherd.__version__}
     assert http.head("/api/version").status_code == 200
 
 
