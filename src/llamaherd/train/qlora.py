@@ -15,10 +15,14 @@ from torch import nn
 
 
 def quantized_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """x @ W^T through the quantized module, in float32 where our kernel allows it."""
+    """x @ W^T through the quantized module, in float32 where our kernel allows it. A slice of a
+    fused projection (`model.FusedSlice`: wq of wqkv) runs the fused matmul and keeps its part."""
+    from ..model import FusedSlice
     from ..quantize import native
     from ..quantize.linear import BlockLinear
 
+    if isinstance(module, FusedSlice):
+        return quantized_forward(module.fused, x)[..., module.start:module.stop]
     if type(module) is BlockLinear and module.out_features % 16 == 0 and native.available():
         y = native.block_mm_dense(x.reshape(-1, module.in_features), module.raw, module.kernel_type)
         return y.view(*x.shape[:-1], module.out_features).to(x.dtype)
@@ -27,8 +31,11 @@ def quantized_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def dequantize_weight(module: nn.Module) -> torch.Tensor:
     """The float32 weight (out, in) of a quantized module."""
+    from ..model import FusedSlice
     from ..quantize.linear import GGMLEmbedding, dequantized_weight
 
+    if isinstance(module, FusedSlice):  # its rows of the fused projection's weight
+        return dequantize_weight(module.fused)[module.start:module.stop]
     if isinstance(module, GGMLEmbedding):  # BlockLinear: its rows of blocks, dequantized exactly
         return module.rows(torch.arange(module.raw.shape[0]))
     return dequantized_weight(module)
