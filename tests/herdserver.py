@@ -1,4 +1,5 @@
-"""A real `herd serve` process for the end-to-end tests (tests/test_ui.py, tests/test_serve.py)."""
+"""A real `herd serve` process for the end-to-end tests (test_ui, test_serve, test_compat_serve,
+test_trust_server)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -77,3 +80,22 @@ class HerdServer:
 
     def api(self, method: str, path: str, **kw) -> httpx.Response:
         return httpx.request(method, self.url + path, timeout=300, **kw)
+
+
+@contextmanager
+def serving(home: Path, model: str, gguf: Path, log: Path,
+            env: dict[str, str | None] | None = None) -> Iterator[HerdServer]:
+    """A server over a new store at `home` holding the file `gguf` as `model`, loaded before it is
+    given; stopped afterwards. The server's output goes to `log` (emptied first)."""
+    from llamaherd.store import Store
+
+    Store(home).create(model, f"FROM {gguf}")
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.unlink(missing_ok=True)
+    server = HerdServer(home, log, env=env)
+    try:
+        server.start()
+        server.api("POST", "/api/generate", json={"model": model}).raise_for_status()
+        yield server
+    finally:
+        server.stop()

@@ -21,7 +21,7 @@ import ollama
 import openai
 import pytest
 
-from herdserver import HerdServer
+from herdserver import serving
 
 pytestmark = pytest.mark.integration
 
@@ -46,21 +46,10 @@ WEATHER = {"type": "function", "function": {"name": "get_weather", "description"
 
 @pytest.fixture(scope="module")
 def herd(tmp_path_factory, smollm2_path):
-    from llamaherd.store import Store
-
-    home = tmp_path_factory.mktemp("herd-compat-home")
-    Store(home).create(MODEL, f"FROM {smollm2_path}")
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    log = ARTIFACTS / "herd-serve.log"
-    log.unlink(missing_ok=True)
-    server = HerdServer(home, log, env={"HERD_NUM_PARALLEL": str(ROWS), "HERD_KEEP_ALIVE": "10m",
-                                        "HERD_CONTEXT_LENGTH": str(CONTEXT)})
-    try:
-        server.start()
-        server.api("POST", "/api/generate", json={"model": MODEL}).raise_for_status()
+    with serving(tmp_path_factory.mktemp("herd-compat-home"), MODEL, smollm2_path, ARTIFACTS / "herd-serve.log",
+                 env={"HERD_NUM_PARALLEL": str(ROWS), "HERD_KEEP_ALIVE": "10m",
+                      "HERD_CONTEXT_LENGTH": str(CONTEXT)}) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")

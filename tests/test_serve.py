@@ -28,7 +28,7 @@ import openai
 import pytest
 import torch
 
-from herdserver import HerdServer
+from herdserver import serving
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "test-artifacts" / "serve"
@@ -42,20 +42,9 @@ TIMEOUT = 300  # two shared CPU cores
 @pytest.fixture(scope="module")
 def herd(tmp_path_factory, smollm2_path):
     """`herd serve` over a store holding SmolLM2 as `smol`, loaded once up front."""
-    from llamaherd.store import Store
-
-    home = tmp_path_factory.mktemp("herd-serve-home")
-    Store(home).create(MODEL, f"FROM {smollm2_path}")
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    log = ARTIFACTS / "herd-serve.log"
-    log.unlink(missing_ok=True)
-    server = HerdServer(home, log, env={"HERD_NUM_PARALLEL": str(ROWS)})
-    try:
-        server.start()
-        server.api("POST", "/api/generate", json={"model": MODEL}).raise_for_status()
+    with serving(tmp_path_factory.mktemp("herd-serve-home"), MODEL, smollm2_path, ARTIFACTS / "herd-serve.log",
+                 env={"HERD_NUM_PARALLEL": str(ROWS)}) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from herdserver import HerdServer
+from herdserver import serving
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -30,21 +30,10 @@ CONTINUATIONS = ["The capital of France is Paris.", "Paris", "The capital of Fra
 
 @pytest.fixture(scope="module")
 def herd(tmp_path_factory, smollm2_path):
-    from llamaherd.store import Store
-
-    home = tmp_path_factory.mktemp("herd-trust-home")
-    Store(home).create(MODEL, f"FROM {smollm2_path}")
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    log = ARTIFACTS / "herd-serve.log"
-    log.unlink(missing_ok=True)
-    server = HerdServer(home, log, env={"HERD_NUM_PARALLEL": "2", "HERD_MAX_QUEUE": "3",
-                                        "HERD_HEADER_TIMEOUT": "2", "HERD_MAX_CONNECTIONS": "64"})
-    try:
-        server.start()
-        server.api("POST", "/api/generate", json={"model": MODEL}).raise_for_status()
+    with serving(tmp_path_factory.mktemp("herd-trust-home"), MODEL, smollm2_path, ARTIFACTS / "herd-serve.log",
+                 env={"HERD_NUM_PARALLEL": "2", "HERD_MAX_QUEUE": "3",
+                      "HERD_HEADER_TIMEOUT": "2", "HERD_MAX_CONNECTIONS": "64"}) as server:
         yield server
-    finally:
-        server.stop()
 
 
 def alive_and_intact(herd) -> None:
