@@ -63,12 +63,13 @@ def register(sub, local) -> None:
     s.set_defaults(func=cmd_sft)
 
 
-def add_sft_arguments(s: argparse.ArgumentParser) -> None:
+def add_sft_arguments(s: argparse.ArgumentParser, flags=FLAGS, bools=BOOLS) -> None:
+    """The recipe's keys as flags (`flags`: (key, type, help); `bools`: (key, help) on/off pairs)."""
     s.add_argument("--config", metavar="FILE", help="a YAML file of these keys (or a shipped recipe's name); "
                                                     "flags override it")
-    for key, kind, text in FLAGS:
+    for key, kind, text in flags:
         s.add_argument("--" + key.replace("_", "-"), dest=key, type=kind, default=None, help=text)
-    for key, text in BOOLS:
+    for key, text in bools:
         s.add_argument("--" + key.replace("_", "-"), dest=key, action=argparse.BooleanOptionalAction,
                        default=None, help=text)
     s.add_argument("--nproc", type=int, default=1, help="processes to launch with torchrun (FSDP2) [1]")
@@ -88,7 +89,7 @@ def cmd_train(args) -> int:
     return 2
 
 
-def config_values(args) -> dict:
+def config_values(args, flags=FLAGS, bools=BOOLS) -> dict:
     """The recipe's keys: the --config file's, then every flag given on the command line."""
     from ..train.config import read_yaml, recipe_text, recipes
 
@@ -101,7 +102,7 @@ def config_values(args) -> dict:
             values = yaml.safe_load(recipe_text(args.config))
         else:
             values = read_yaml(path)
-    for key, *_ in FLAGS + BOOLS:
+    for key, *_ in [*flags, *bools]:
         if getattr(args, key, None) is not None:
             values[key] = getattr(args, key)
     return values

@@ -16,7 +16,6 @@ from ..errors import HerdError
 
 METHODS = ("full", "lora", "qlora")
 
-
 @dataclass
 class SFTConfig:
     model: str = ""  # model name in the store, a .gguf file, or a HF / Meta directory
@@ -74,16 +73,13 @@ class SFTConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-
-KEYS = tuple(f.name for f in fields(SFTConfig))
-
-
-def make_config(values: dict[str, Any]) -> SFTConfig:
-    """An `SFTConfig` from a dict; HerdError for an unknown key (listing the valid ones) or a bad value."""
-    unknown = sorted(set(values) - set(KEYS))
+def make_config(values: dict[str, Any], cls: type = SFTConfig):
+    """A `cls` (an `SFTConfig`, or another recipe's dataclass of the same kind) from a dict;
+    HerdError for an unknown key (listing the valid ones) or a bad value."""
+    types = {f.name: f.type for f in fields(cls)}
+    unknown = sorted(set(values) - set(types))
     if unknown:
-        raise HerdError(f"unknown config key {unknown[0]!r}; valid keys: {', '.join(KEYS)}")
-    types = {f.name: f.type for f in fields(SFTConfig)}
+        raise HerdError(f"unknown config key {unknown[0]!r}; valid keys: {', '.join(types)}")
     clean = {}
     for key, value in values.items():
         kind = types[key]
@@ -104,8 +100,7 @@ def make_config(values: dict[str, Any]) -> SFTConfig:
                 clean[key] = str(value)
         except (TypeError, ValueError):
             raise HerdError(f"config key {key!r}: bad value {value!r} (expected {kind})") from None
-    return SFTConfig(**clean)
-
+    return cls(**clean)
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """A recipe file's keys (a YAML mapping); HerdError if it is missing or not a mapping."""
@@ -124,7 +119,6 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise HerdError(f"{path} must hold a mapping of config keys")
     return data
 
-
 def recipes() -> dict[str, str]:
     """Shipped recipe name -> its first comment line (what it does)."""
     out = {}
@@ -133,7 +127,6 @@ def recipes() -> dict[str, str]:
             first = f.read_text(encoding="utf-8").splitlines()[0]
             out[f.name.removesuffix(".yaml")] = first.lstrip("# ").strip()
     return out
-
 
 def recipe_text(name: str) -> str:
     """The YAML of a shipped recipe; HerdError naming the known ones."""

@@ -18,25 +18,21 @@ gloo on the CPU, NCCL on GPUs). The outputs in OUT/:
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
-import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from ..errors import HerdError
-from . import checkpoint
 from .config import SFTConfig, make_config
-from .data import Batches, IGNORE, pack, read_jsonl, tokenize
+from .data import Batches, pack, read_jsonl, tokenize
 from .lora import lora_llama3, parse_targets
 from .loss import cross_entropy_sum
-from .metrics import Metrics, plot_loss
+from .loop import fit, rank_world
+from .metrics import plot_loss
 
 
 class CausalLMLoss(nn.Module):
@@ -113,22 +109,6 @@ def _float_tensors(path: Path, names: tuple[str, ...], dtype) -> dict[str, torch
     return out
 
 
-def lr_lambda(warmup: int, total: int, min_ratio: float) -> Callable[[int], float]:
-    """Linear warm-up over `warmup` steps, then cosine decay to `min_ratio` at `total`."""
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-    return f
-
-
-def _rank_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def _split(conversations: list, fraction: float, seed: int) -> tuple[list, list]:
     if fraction <= 0:
         return conversations, []
@@ -182,7 +162,7 @@ def sft(config: SFTConfig | dict | None = None, *, on_step: Callable[[dict], Non
             raise HerdError(f"{key} is required")
     if cfg.resume:
         _check_resume(cfg)
-    rank, world = _rank_world()
+    rank, world = rank_world()
     device = cfg.device or (f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
     out = Path(cfg.out)
     if rank == 0:
@@ -219,121 +199,23 @@ def sft(config: SFTConfig | dict | None = None, *, on_step: Callable[[dict], Non
     wrapper = CausalLMLoss(model, cfg.loss_chunk)
     if world > 1:
         wrapper = _distribute(model, wrapper, cfg.activation_checkpointing)
-    params = [p for p in wrapper.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay,
-                                  foreach=world == 1 or None)
-    steps_per_epoch = max(1, len(batches) // cfg.grad_accum)
-    total = cfg.max_steps or cfg.epochs * steps_per_epoch
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(min(cfg.warmup_steps, total // 2), total,
-                                                                        cfg.min_lr_ratio))
-    position = {"step": 0, "epoch": 0, "batch": 0, "tokens": 0, "seconds": 0.0}
-    if cfg.resume:
-        position = checkpoint.load(out / "checkpoint", wrapper, optimizer, scheduler)
     if rank == 0:
         run = {**cfg.to_dict(), "model_path": str(model_path), "resume": False}
         (out / "train.json").write_text(json.dumps(run, indent=2))
-
-
-    def autocast():  # bf16 matmuls on CUDA (weights and optimizer stay fp32); plain fp32 on the CPU
-        return torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else nullcontext()
-
-    metrics = Metrics(out, total, position["step"], show=cfg.progress and rank == 0, write=rank == 0)
-    n_trainable = sum(p.numel() for p in params) * (world if world > 1 else 1)
-
-    def micro_batches():
-        epoch, b = position["epoch"], position["batch"]
-        while True:
-            for batch in batches.epoch(epoch, b):
-                b += 1
-                yield epoch, b, batch
-            epoch, b = epoch + 1, 0
-
-    def evaluate() -> float:
-        wrapper.eval()
-        total_loss = torch.zeros(2, device=device)
-        with torch.no_grad(), autocast():
-            for batch in val_batches.epoch(0):
-                batch = {k: v.to(device) for k, v in batch.items()}
-                total_loss[0] += wrapper(**batch).float()
-                total_loss[1] += (batch["targets"] != IGNORE).sum()
-        if world > 1:
-            dist.all_reduce(total_loss)
-        wrapper.train()
-        return float(total_loss[0] / total_loss[1].clamp(min=1))
-
-    stream = micro_batches()
-    # The held-out loss before any training, for the summary's before/after.
-    val_before = evaluate() if val_batches is not None and position["step"] == 0 else None
-    start_time, interrupted = time.perf_counter(), False
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-    try:
-        while position["step"] < total:
-            t0 = time.perf_counter()
-            micro = [next(stream) for _ in range(cfg.grad_accum)]
-            # Every token of the global batch weighs the same: divide the summed loss by their count.
-            counts = torch.tensor([float(sum((m[2]["targets"] != IGNORE).sum() for m in micro)),
-                                   float(sum(m[2]["tokens"].numel() for m in micro))], device=device)
-            if world > 1:
-                dist.all_reduce(counts)
-            n_targets = counts[0].clamp(min=1)
-            loss_sum = torch.zeros((), device=device)
-            for _, _, batch in micro:
-                batch = {k: v.to(device) for k, v in batch.items()}
-                with autocast():
-                    loss = wrapper(**batch)
-                # FSDP averages gradients over processes; each process's loss is its share of the
-                # global sum, so scale by `world` to get the global batch's mean-loss gradient.
-                (loss * world / n_targets).backward()
-                loss_sum += loss.detach().float()
-            if world > 1:
-                dist.all_reduce(loss_sum)
-            if cfg.grad_clip > 0:
-                norm = nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # a DTensor under FSDP
-            else:
-                grad_norm = float("nan")
-            lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            position.update(step=position["step"] + 1, epoch=micro[-1][0], batch=micro[-1][1],
-                            tokens=position["tokens"] + int(counts[1]))
-            seconds = time.perf_counter() - t0
-            position["seconds"] += seconds
-            record = {"step": position["step"], "loss": float(loss_sum / n_targets), "lr": lr,
-                      "tokens": int(counts[1]), "tokens_per_s": counts[1].item() / seconds,
-                      "grad_norm": grad_norm, "epoch": micro[-1][0]}
-            end_of_epoch = micro[-1][1] == len(batches) or position["step"] == total
-            if val_batches is not None and ((cfg.val_every and position["step"] % cfg.val_every == 0)
-                                            or (not cfg.val_every and end_of_epoch)):
-                record["val_loss"] = evaluate()
-            metrics.log(record)
-            if on_step is not None:
-                on_step(record)
-            if cfg.save_every and position["step"] % cfg.save_every == 0:
-                checkpoint.save(out / "checkpoint", wrapper, optimizer, scheduler, dict(position))
-    except KeyboardInterrupt:
-        interrupted = True
-    finally:
-        metrics.close()
-    checkpoint.save(out / "checkpoint", wrapper, optimizer, scheduler, dict(position))
-    if interrupted:
-        if rank == 0:
-            print(f"interrupted at step {position['step']}: checkpoint saved in {out / 'checkpoint'}; "
-                  "continue with --resume", flush=True)
-        raise KeyboardInterrupt
+    result = fit(cfg, wrapper, batches, out=out, device=device, val_batches=val_batches, on_step=on_step)
+    position = result["position"]
 
     # Save: the merged model or the adapter (full tensors gathered from the shards).
     outputs = _save_outputs(cfg, wrapper, model, ckpt, model_path, out, rank, world)
-    peak = (torch.cuda.max_memory_allocated() if device.startswith("cuda") else _peak_rss())
     summary = {
         "method": cfg.method, "steps": position["step"], "epochs": position["epoch"] + 1,
         "tokens": position["tokens"], "seconds": round(position["seconds"], 2),
-        "wall_seconds": round(time.perf_counter() - start_time, 2),
+        "wall_seconds": result["wall_seconds"],
         "tokens_per_s": round(position["tokens"] / max(position["seconds"], 1e-9), 1),
-        "peak_memory_bytes": peak, "trainable_parameters": n_trainable, "processes": world,
-        "data": stats.to_dict(), "val_examples": len(val_conversations), "val_loss_before": val_before,
+        "peak_memory_bytes": result["peak_memory_bytes"], "trainable_parameters": result["trainable_parameters"],
+        "processes": world,
+        "data": stats.to_dict(), "val_examples": len(val_conversations),
+        "val_loss_before": result["val_before"]["val_loss"] if result["val_before"] else None,
         "final_loss": (json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["loss"]
                        if rank == 0 and (out / "metrics.jsonl").exists() else None),
         "outputs": outputs,
@@ -360,12 +242,6 @@ def _check_resume(cfg: SFTConfig) -> None:
     for key, value in cfg.to_dict().items():
         if key not in RESUME_FREE and key in before and before[key] != value:
             raise HerdError(f"--resume continues the same run, but {key} was {before[key]!r} and is now {value!r}")
-
-
-def _peak_rss() -> int:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 def _full_state(wrapper: nn.Module, world: int) -> dict[str, torch.Tensor]:
