@@ -33,7 +33,7 @@ import torch
 
 log = logging.getLogger("llamaherd.native")
 KERNELS = Path(__file__).with_name("kernels")
-SOURCES = [KERNELS / "blockmm.c", KERNELS / "decode.c"]  # compiled together; both include simd.h
+SOURCES = [KERNELS / "blockmm.c", KERNELS / "decode.c", KERNELS / "kquant.c"]  # compiled together; all include simd.h
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 
 
@@ -88,6 +88,12 @@ def _build() -> ctypes.CDLL | None:
     lib.rows8_dequantize.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
     lib.block_mm_dense.restype = None
     lib.block_mm_dense.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+    lib.kq_mixed.restype = ctypes.c_int
+    lib.kq_mixed.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+    lib.kq_rows_dequantize.restype = None
+    lib.kq_rows_dequantize.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
+    lib.kq_force_scalar.restype = None
+    lib.kq_force_scalar.argtypes = [ctypes.c_int]
     lib.herd_decode_scratch.restype = ctypes.c_int64
     lib.herd_decode_scratch.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
     lib.herd_decode.restype = None
@@ -150,8 +156,42 @@ def block_dequantize(raw: torch.Tensor, qtype: int, K: int) -> torch.Tensor:
     """The float32 weight (N, K) of N rows of GGUF blocks (Q4_0, Q4_1 or Q8_0), bit-exact with
     gguf's dequantization (and `ggml.dequantize`), ~20x as fast as the latter."""
     _match_torch_threads()
+    if qtype in KQUANT_TYPES:
+        return kq_rows(raw, None, qtype, K, raw.shape[0])
     out = torch.empty(raw.shape[0], K, dtype=torch.float32)
     library().block_dequantize(raw.data_ptr(), out.data_ptr(), raw.shape[0], K, qtype)
+    return out
+
+
+# -- the other block types (kernels/kquant.c): block_mm and block_mm_dense hand them over --------
+
+KQUANT_TYPES = (6, 7, 12, 13, 14)  # Q5_0, Q5_1, Q4_K, Q5_K, Q6_K (ggml's type ids)
+
+
+def mixed_type(parts: list[tuple[int, int]]) -> int:
+    """The kernel type of a fused projection whose parts (rows, ggml type) differ in type: their rows
+    stacked, each part's bytes after the last's (kernels/kquant.c `kq_mixed`)."""
+    rows = (ctypes.c_int64 * len(parts))(*(r for r, _ in parts))
+    types = (ctypes.c_int32 * len(parts))(*(int(t) for _, t in parts))
+    kind = library().kq_mixed(len(parts), rows, types)
+    if kind < 0:
+        raise ValueError(f"no native kernel for a projection of parts {parts}")
+    return kind
+
+
+def kq_rows(raw: torch.Tensor, ids: torch.Tensor | None, kernel_type: int, K: int, n_rows: int) -> torch.Tensor:
+    """Rows `ids` (None: all `n_rows`) of a kquant.c projection as float32 (n, K), bit-exact with
+    gguf's dequantization."""
+    _match_torch_threads()
+    raw = raw.contiguous()
+    if ids is not None:
+        ids = ids.to(torch.int64).contiguous()
+        if ids.numel() and not (0 <= int(ids.min()) and int(ids.max()) < n_rows):
+            raise IndexError(f"row ids outside 0..{n_rows - 1}")
+    n = n_rows if ids is None else ids.numel()
+    out = torch.empty(n, K, dtype=torch.float32)
+    library().kq_rows_dequantize(raw.data_ptr(), None if ids is None else ids.data_ptr(), n, out.data_ptr(), K,
+                                 kernel_type)
     return out
 
 
