@@ -139,7 +139,7 @@ class BlockLinear(GGMLEmbedding):
         self.in_features, self.out_features = in_features, out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = native.block_mm(x.reshape(-1, self.in_features), self.raw, self.kernel_type)
+        y = native.block_mm(x.reshape(-1, self.in_features), self.raw, self.kernel_type, self.out_features)
         return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
 
 
@@ -343,7 +343,7 @@ def dequantized_weight(module: nn.Module) -> torch.Tensor:
     if isinstance(module, Int8Linear):
         return module.weight.float() * module.scales.float().unsqueeze(1)
     if isinstance(module, GGMLEmbedding):
-        return module.rows(torch.arange(module.raw.shape[0]))
+        return module.rows(torch.arange(module.n_rows))
     eye = torch.eye(module.in_features, dtype=torch.bfloat16)
     return module(eye).float().T
 

@@ -126,29 +126,33 @@ def _match_torch_threads() -> None:
         _thread.n = n
 
 
-def block_mm(x: torch.Tensor, raw: torch.Tensor, qtype: int) -> torch.Tensor:
+def block_mm(x: torch.Tensor, raw: torch.Tensor, qtype: int, n: int | None = None) -> torch.Tensor:
     """x (M, K) @ W^T, W (N, K) given by its GGUF blocks: raw (N, K/32 * block bytes) uint8 of type
-    Q4_0, Q4_1 or Q8_0 (ggml type ids 2, 3, 8). Returns (M, N) float32.
+    Q4_0, Q4_1 or Q8_0 (ggml type ids 2, 3, 8), or of kernels/kquant.c's types (then `n` = N where
+    raw is a mixed projection's flat bytes). Returns (M, N) float32.
 
     The activations are quantized to int16 blocks inside (see kernels/blockmm.c).
     """
     _match_torch_threads()
     x = x.float().contiguous()
     M, K = x.shape
-    y = torch.empty(M, raw.shape[0], dtype=torch.float32)
+    N = raw.shape[0] if n is None else n
+    y = torch.empty(M, N, dtype=torch.float32)
     scratch = torch.empty(2 * M * K + 8 * M * (K // 32), dtype=torch.uint8)  # int16 codes, scales, sums
-    library().block_mm(x.data_ptr(), raw.data_ptr(), scratch.data_ptr(), y.data_ptr(), M, raw.shape[0], K, qtype)
+    library().block_mm(x.data_ptr(), raw.data_ptr(), scratch.data_ptr(), y.data_ptr(), M, N, K, qtype)
     return y
 
 
-def block_mm_dense(x: torch.Tensor, raw: torch.Tensor, qtype: int) -> torch.Tensor:
+def block_mm_dense(x: torch.Tensor, raw: torch.Tensor, qtype: int, n: int | None = None) -> torch.Tensor:
     """As `block_mm`, in float32: the weights expanded exactly, the activations not rounded (see
-    kernels/blockmm.c). Faster from a few dozen rows on; N must be a multiple of 16."""
+    kernels/blockmm.c). Faster from a few dozen rows on; N must be a multiple of 16 (any N for
+    kernels/kquant.c's types)."""
     _match_torch_threads()
     x = x.float().contiguous()
     M, K = x.shape
-    y = torch.empty(M, raw.shape[0], dtype=torch.float32)
-    library().block_mm_dense(x.data_ptr(), raw.data_ptr(), y.data_ptr(), M, raw.shape[0], K, qtype)
+    N = raw.shape[0] if n is None else n
+    y = torch.empty(M, N, dtype=torch.float32)
+    library().block_mm_dense(x.data_ptr(), raw.data_ptr(), y.data_ptr(), M, N, K, qtype)
     return y
 
 
