@@ -1,10 +1,6 @@
 """Quantize at load: a float (Hugging Face) checkpoint into GGUF blocks for the native kernels,
 `llamaherd.load(dir, quantize=...)`, `herd run DIR --quantize`, `herd create -q`."""
 
-import os
-import subprocess
-import sys
-
 import gguf
 import pytest
 import torch
@@ -72,28 +68,31 @@ def test_a_bad_quantization_is_one_clear_error(hf_dir):
         llamaherd.load(hf_dir, device="cpu", quantize="q3_k")
 
 
-def herd(*args, home):
-    env = {**os.environ, "HERD_HOME": str(home), "HERD_HOST": "127.0.0.1:9"}  # no server: nothing answers there
-    return subprocess.run([sys.executable, "-m", "llamaherd", *map(str, args)], capture_output=True, text=True,
-                          timeout=300, env=env)
+def herd(capsys, *args) -> tuple[int, str, str]:
+    """The CLI in this process (a subprocess would spend most of its time importing torch)."""
+    from llamaherd.cli import main
+
+    code = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
 
 
-@pytest.mark.slow
-def test_herd_run_and_create_quantize(hf_dir, tmp_path):
-    bad = herd("run", hf_dir, "ab", "--quantize", "q9", home=tmp_path)
-    assert bad.returncode == 1 and bad.stderr.strip().splitlines() == [
-        "Error: unknown quantization 'q9': use one of q8_0, q4_0, q4_k"]
-    run = herd("run", hf_dir, "ab", "--raw", "--quantize", "q4_k", "--num-predict", "4", "--temperature", "0",
-               home=tmp_path)
-    assert run.returncode == 0, run.stderr
+def test_herd_run_and_create_quantize(hf_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HERD_HOME", str(tmp_path))
+    monkeypatch.setenv("HERD_HOST", "127.0.0.1:9")  # no server: nothing answers there
+    code, _, err = herd(capsys, "run", hf_dir, "ab", "--quantize", "q9")
+    assert code == 1 and err.strip().splitlines() == ["Error: unknown quantization 'q9': use one of q8_0, q4_0, q4_k"]
+    code, said, err = herd(capsys, "run", hf_dir, "ab", "--raw", "--quantize", "q4_k", "--num-predict", "4",
+                           "--temperature", "0")
+    assert code == 0 and said.strip(), err
     (tmp_path / "Modelfile").write_text(f"FROM {hf_dir}\nPARAMETER temperature 0\n")
-    create = herd("create", "tinyq", "-f", tmp_path / "Modelfile", "-q", "q4_k", home=tmp_path)
-    assert create.returncode == 0, create.stderr
+    code, _, err = herd(capsys, "create", "tinyq", "-f", tmp_path / "Modelfile", "-q", "Q4_K_M")
+    assert code == 0, err
     from llamaherd.store import Store
 
     stored = Store(tmp_path).resolve("tinyq")
     types = {t.name: t.tensor_type for t in gguf.GGUFReader(stored.path).tensors}
     assert types["blk.0.attn_q.weight"] == Q.Q4_K and types["blk.3.attn_v.weight"] == Q.Q6_K
-    again = herd("run", "tinyq", "ab", "--raw", "--num-predict", "4", "--local", home=tmp_path)
-    assert again.returncode == 0, again.stderr
-    assert again.stdout == run.stdout  # the stored Q4_K_M file is what --quantize q4_k makes at load
+    code, again, err = herd(capsys, "run", "tinyq", "ab", "--raw", "--num-predict", "4", "--local")
+    assert code == 0, err
+    assert again == said  # the stored Q4_K_M file is what --quantize q4_k makes at load
