@@ -16,17 +16,23 @@ __all__ = ["load", "load_tokenizer", "HerdError", "__version__"]
 from .errors import HerdError
 
 
-def load(model: str | Path, device: str | None = None, dtype=None, quantized: bool | None = None):
+def load(model: str | Path, device: str | None = None, dtype=None, quantized: bool | None = None,
+         quantize: str | None = None):
     """Load a model; returns a `llamaherd.llm.Llama` (see `Llama.load` for the other arguments).
 
     Args:
         model: a name in the store (`smollm2:135m`, pulled first if the catalog knows it, as
             `herd run` does), or a `.gguf` file, a Hugging Face or a Meta checkpoint directory.
+        quantize: "q8_0", "q4_0" or "q4_k": quantize the weights at load for the native CPU kernels.
     """
     from .llm import Llama
     from .resolve import resolve_model
 
-    return Llama.load(resolve_model(model).path, device=device, dtype=dtype, quantized=quantized)
+    if quantize is not None:
+        from .quantize.blocks import check_scheme
+
+        check_scheme(quantize)  # before a pull
+    return Llama.load(resolve_model(model).path, device=device, dtype=dtype, quantized=quantized, quantize=quantize)
 
 
 def load_tokenizer(spec: str | Path = "llama3"):

@@ -68,7 +68,7 @@ class Llama:
 
     @classmethod
     def load(cls, path: str | Path, device: str | None = None, dtype: torch.dtype | None = None,
-             quantized: bool | None = None) -> "Llama":
+             quantized: bool | None = None, quantize: str | None = None) -> "Llama":
         """Load a `.gguf` file, a Hugging Face directory or a Meta checkpoint directory.
 
         Args:
@@ -76,6 +76,8 @@ class Llama:
             dtype: float dtype of unquantized weights; default bf16 on CUDA, float32 on CPU.
             quantized: keep GGUF weights 4/8-bit (fast CPU kernels, bf16 matmul inputs); default
                 on for CPU. Off gives the reference path: weights dequantized to `dtype`.
+            quantize: "q8_0", "q4_0" or "q4_k" (llama.cpp's Q4_K_M mix): quantize any checkpoint
+                (a Hugging Face directory...) at load into GGUF blocks for the native CPU kernels.
         """
         from .weights import build_model, load_checkpoint
 
@@ -84,7 +86,9 @@ class Llama:
         dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
         if quantized is None:
             quantized = device == "cpu"
-        ckpt = load_checkpoint(path, dtype, quantized=quantized)
+        if quantize is not None and not device.startswith("cpu"):
+            raise HerdError(f"quantize={quantize!r} is for the CPU (its kernels are CPU ones), not {device}")
+        ckpt = load_checkpoint(path, dtype, quantized=quantized, quantize=quantize)
         model = build_model(ckpt.args, ckpt.state_dict, device, ckpt.quantized)
         return cls(model, ckpt.tokenizer, path=ckpt.path, format=ckpt.format, metadata=ckpt.metadata,
                    load_duration=time.perf_counter() - start)

@@ -122,7 +122,8 @@ def cmd_create(args) -> int:
     except (OSError, UnicodeDecodeError) as e:
         raise HerdError(f"cannot read the Modelfile {path}: {e}") from None
     with PullProgress() as progress:
-        open_store().create(args.model, text, base_dir=path.resolve().parent, progress=progress)
+        open_store().create(args.model, text, base_dir=path.resolve().parent, progress=progress,
+                            quantize=args.quantize)
     return 0
 
 
@@ -172,6 +173,8 @@ def register(sub, local) -> None:
     create = sub.add_parser("create", help="create a model from a Modelfile", description=cmd_create.__doc__)
     create.add_argument("model")
     create.add_argument("-f", "--file", default="Modelfile", help="the Modelfile (default: ./Modelfile)")
+    create.add_argument("-q", "--quantize", metavar="TYPE",
+                        help="store the weights quantized: q8_0, q4_0 or q4_k (Q4_K_M), as ollama create --quantize")
     create.set_defaults(func=cmd_create)
 
     ps = sub.add_parser("ps", help="list the models a running server has loaded", description=cmd_ps.__doc__)

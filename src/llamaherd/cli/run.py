@@ -120,7 +120,11 @@ def _names_a_path(name: str) -> bool:
 
 def cmd_run(args) -> int:
     """Run a model: answer PROMPT and exit, or chat interactively."""
-    if not _names_a_path(args.model) and use_server(args):
+    if args.quantize:  # checked before anything loads; the weights are quantized here, not on a server
+        from ..quantize.blocks import check_scheme
+
+        check_scheme(args.quantize)
+    if not _names_a_path(args.model) and not args.quantize and use_server(args):
         return _run_on_server(args)
     from ..llm import Llama
 
@@ -128,9 +132,11 @@ def cmd_run(args) -> int:
     if model.adapters:  # LoRA adapters (PEFT directories) merged into the float weights
         from ..export import load_with_adapters
 
+        if args.quantize:
+            raise HerdError("--quantize does not apply to a model with adapters (herd create -q writes a quantized copy)")
         llm = load_with_adapters(model.path, model.adapters)
     else:
-        llm = Llama.load(model.path)
+        llm = Llama.load(model.path, quantize=args.quantize)
     # The model's stored parameters and system prompt apply unless the command line overrides them.
     options = {**model.params, **_options(args)}
     system = args.system if args.system is not None else model.system
@@ -404,4 +410,6 @@ def register(sub, local) -> None:
                      help="at temperature 0, check up to N tokens guessed by prompt lookup in one step "
                           "(same output; faster when the reply repeats its prompt or itself; not on a server)")
     run.add_argument("--verbose", action="store_true", help="print timings and token rates on stderr")
+    run.add_argument("--quantize", "-q", metavar="TYPE",
+                     help="quantize the weights at load for the CPU kernels: q8_0, q4_0 or q4_k (Q4_K_M); runs here")
     run.set_defaults(func=cmd_run)

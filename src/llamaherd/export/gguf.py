@@ -5,7 +5,8 @@ architecture keys, the tokenizer (`tokenizer.ggml.*`, copied from the base GGUF 
 otherwise rebuilt from tokenizer.json) and the chat template in the metadata. Tensors keep Meta's
 interleaved q/k layout, which is GGUF's. Quantization (`gguf.quants.quantize`, llama.cpp's
 reference rounding): f32, f16, q8_0, or q4_0 (blocks as q4_0, the embedding and output as q8_0,
-as they show most in the logits); norms always stay f32.
+as they show most in the logits); q4_k is llama.cpp's Q4_K_M mix (`quantize.blocks.scheme_type`);
+norms always stay f32.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from ..config import ModelArgs
 from ..errors import HerdError
 from ..weights.keymaps import FROM_GGUF
 
-QUANTS = ("f32", "f16", "q8_0", "q4_0")
+QUANTS = ("f32", "f16", "q8_0", "q4_0", "q4_k")
 TO_GGUF = {v: k for k, v in FROM_GGUF.items() if v is not None}
 # GGUF token types (llama.cpp `llama_token_type`)
 NORMAL, CONTROL, USER_DEFINED = 1, 3, 4
@@ -93,9 +94,13 @@ def _add_field(writer, key: str, value: Any) -> None:
         raise HerdError(f"cannot write metadata {key!r} of type {type(value).__name__} to GGUF ({gguf.__name__})")
 
 
-def _tensor_type(name: str, tensor: torch.Tensor, quant: str):
+def _tensor_type(name: str, tensor: torch.Tensor, quant: str, n_layers: int = 0):
     from gguf import GGMLQuantizationType as Q
 
+    if quant == "q4_k" and tensor.ndim == 2 and tensor.shape[-1] % 32 == 0:
+        from ..quantize.blocks import scheme_type
+
+        return scheme_type(quant, name.removesuffix(".weight"), tensor.shape[-1], n_layers)
     if tensor.ndim == 1 or quant == "f32":
         return Q.F32
     if quant == "f16" or tensor.shape[-1] % 32:
@@ -143,7 +148,8 @@ def save_gguf(state_dict: dict[str, torch.Tensor], args: ModelArgs, tokenizer, o
     writer.add_rope_freq_base(args.rope_theta)
     writer.add_vocab_size(args.vocab_size)
     writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                          "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[quant])
+                          "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
+                          "q4_k": gguf.LlamaFileType.MOSTLY_Q4_K_M}[quant])
     for key, value in tokenizer_fields(tokenizer, base_metadata).items():
         _add_field(writer, key, value)
 
@@ -158,14 +164,17 @@ def save_gguf(state_dict: dict[str, torch.Tensor], args: ModelArgs, tokenizer, o
     for key in sorted(tensors, key=_order):
         t = tensors[key].detach().float().cpu()
         gname = "rope_freqs.weight" if key == "rope_freqs.weight" else gguf_name(key)
-        qtype = _tensor_type(key, t, quant)
+        tied = key == "tok_embeddings.weight" and args.tie_embeddings  # also the output projection: its type
+        qtype = _tensor_type("output.weight" if tied else key, t, quant, args.n_layers)
         data = t.numpy()
         if qtype == Q.F32:
             writer.add_tensor(gname, data.astype(np.float32))
         elif qtype == Q.F16:
             writer.add_tensor(gname, data.astype(np.float16))
         else:
-            writer.add_tensor(gname, gguf.quants.quantize(data, qtype), raw_dtype=qtype)  # bytes; shape from them
+            from ..quantize.blocks import quantize
+
+            writer.add_tensor(gname, quantize(t, qtype).numpy(), raw_dtype=qtype)  # bytes; shape from them
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -68,24 +68,39 @@ class Int8Linear(nn.Module):
 
 
 class GGMLEmbedding(nn.Module):
-    """Embedding rows kept in their GGUF blocks and dequantized on lookup: exact, and small."""
+    """Embedding rows kept in their GGUF blocks and dequantized on lookup: exact, and small.
 
-    def __init__(self, num_embeddings: int, dim: int, qtype: Q, device=None):
+    `parts` [(rows, qtype), ...] (a fused projection whose parts differ in type, e.g. wq, wk Q4_K and
+    wv Q6_K): the parts' rows stacked, each part's bytes after the last's, in one flat buffer.
+    """
+
+    def __init__(self, num_embeddings: int, dim: int, qtype: Q, device=None, parts: list[tuple[int, Q]] | None = None):
         super().__init__()
-        self.dim, self.qtype = dim, Q(qtype)
-        block, size = GGML_QUANT_SIZES[self.qtype]
-        self.register_buffer("raw", torch.empty(num_embeddings, dim // block * size, dtype=torch.uint8, device=device))
+        self.dim, self.qtype, self.n_rows = dim, Q(qtype), num_embeddings
+        self.parts = [(int(n), Q(t)) for n, t in parts] if parts and len({t for _, t in parts}) > 1 else None
+        if self.parts:
+            size = sum(n * dim // GGML_QUANT_SIZES[t][0] * GGML_QUANT_SIZES[t][1] for n, t in self.parts)
+            self.register_buffer("raw", torch.empty(size, dtype=torch.uint8, device=device))
+        else:
+            block, size = GGML_QUANT_SIZES[self.qtype]
+            self.register_buffer("raw", torch.empty(num_embeddings, dim // block * size, dtype=torch.uint8, device=device))
 
     rows8 = False  # True once `repack` has put the blocks in the native kernel's 8-row layout
+    _mixed = None  # a mixed projection's kernel type, once asked
 
     @property
     def kernel_type(self) -> int:
-        """The type id kernels/blockmm.c knows the bytes by: ggml's, + 100 when repacked."""
+        """The type id the native kernels know the bytes by: ggml's, + 100 when repacked, or a
+        mixed projection's (`native.mixed_type`)."""
+        if self.parts:
+            if self._mixed is None:
+                self._mixed = native.mixed_type(self.parts)
+            return self._mixed
         return int(self.qtype) + (100 if self.rows8 else 0)
 
     def repack(self) -> None:
         """Put the rows in the native kernel's 8-row layout (`repack_rows8`)."""
-        if not self.rows8 and self.qtype in NATIVE_TYPES and self.raw.shape[0] % 8 == 0:
+        if not self.rows8 and not self.parts and self.qtype in REPACKED_TYPES and self.raw.shape[0] % 8 == 0:
             self.raw = native.rows8_repack(self.raw, int(self.qtype), self.dim)  # repack_rows8, fast
             self.rows8 = True
 
@@ -93,13 +108,17 @@ class GGMLEmbedding(nn.Module):
         """Float32 rows (n, dim) for token ids (n,)."""
         if self.rows8:
             return native.rows8_dequantize(self.raw, ids.reshape(-1), self.kernel_type, self.dim)
+        if self.parts or (self.qtype in KQUANT_TYPES and self.raw.device.type == "cpu" and native.available()):
+            return native.kq_rows(self.raw, ids.reshape(-1), self.kernel_type, self.dim, self.n_rows)
         return _dequantize_rows(self.raw.index_select(0, ids.reshape(-1)), self.qtype, (ids.numel(), self.dim))
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.rows(tokens.reshape(-1)).view(*tokens.shape, self.dim)
 
 
-NATIVE_TYPES = (Q.Q4_0, Q.Q4_1, Q.Q8_0)  # what kernels/blockmm.c multiplies from the file's blocks
+REPACKED_TYPES = (Q.Q4_0, Q.Q4_1, Q.Q8_0)  # what kernels/blockmm.c multiplies from its own 8-row layout
+KQUANT_TYPES = (Q.Q5_0, Q.Q5_1, Q.Q4_K, Q.Q5_K, Q.Q6_K)  # what kernels/kquant.c multiplies from the file's blocks
+NATIVE_TYPES = REPACKED_TYPES + KQUANT_TYPES
 
 
 def _dequantize_rows(blocks: torch.Tensor, qtype: Q, shape: tuple[int, int]) -> torch.Tensor:
@@ -111,15 +130,16 @@ def _dequantize_rows(blocks: torch.Tensor, qtype: Q, shape: tuple[int, int]) -> 
 
 
 class BlockLinear(GGMLEmbedding):
-    """A linear layer whose weight rows stay in their GGUF blocks (Q4_0, Q4_1, Q8_0), multiplied by
-    the native kernel (`native.block_mm`: int16 activation blocks, exact integer dot products)."""
+    """A linear layer whose weight rows stay in their GGUF blocks (Q4_0, Q4_1, Q8_0, Q5_0, Q5_1, Q4_K,
+    Q5_K, Q6_K, or parts of several: see `GGMLEmbedding`), multiplied by the native kernel
+    (`native.block_mm`: int16 activation blocks, exact integer dot products)."""
 
-    def __init__(self, in_features: int, out_features: int, qtype: Q, device=None):
-        super().__init__(out_features, in_features, qtype, device=device)
+    def __init__(self, in_features: int, out_features: int, qtype: Q, device=None, parts=None):
+        super().__init__(out_features, in_features, qtype, device=device, parts=parts)
         self.in_features, self.out_features = in_features, out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = native.block_mm(x.reshape(-1, self.in_features), self.raw, self.kernel_type)
+        y = native.block_mm(x.reshape(-1, self.in_features), self.raw, self.kernel_type, self.out_features)
         return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
 
 
@@ -271,8 +291,11 @@ def pack_gguf_tensors(parts: list[tuple], int4: bool = True, native_ok: bool | N
     if kind == "int8":  # per-row scales: requantizing the stacked rows is requantizing each
         weight = torch.cat([dequantize(data, qtype, shape) for data, qtype, shape in parts])
         return "int8", quantize_int8_rows(weight)
-    if len(qtypes) != 1:
+    if len(qtypes) != 1 and kind != "block":
         return None
+    if len(qtypes) != 1:  # blocks of several types (Q4_K_M: wv Q6_K beside Q4_K): each part's bytes after the last's
+        raw = torch.from_numpy(np.concatenate([np.asarray(data).reshape(-1) for data, _, _ in parts]))
+        return "block:" + "+".join(Q(qtype).name for _, qtype, _ in parts), {"raw": raw}
     stacked = np.concatenate([np.asarray(data).reshape(shape[0], -1) for data, _, shape in parts])
     return pack_gguf_tensor(stacked, qtypes.pop(), (N, K), int4, native_ok)
 
@@ -280,7 +303,7 @@ def pack_gguf_tensors(parts: list[tuple], int4: bool = True, native_ok: bool | N
 def swap_quantized_modules(model: nn.Module, kinds: dict[str, str]) -> None:
     """Replace the `nn.Linear` / `nn.Embedding` named in `kinds` by their quantized counterparts.
 
-    Kinds: "int4", "int8", "block:<TYPE>" (`BlockLinear`), "ggml:<TYPE>" (an embedding kept in GGUF
+    Kinds: "int4", "int8", "block:<TYPE>" (`BlockLinear`; "block:Q4_K+Q4_K+Q6_K" for a fused one of mixed parts), "ggml:<TYPE>" (an embedding kept in GGUF
     blocks), and the output projection's "refined_block:<TYPE>" (`RefinedBlockLinear`) or
     "refined:<TYPE>" (`RefinedInt8Linear`).
     """
@@ -296,7 +319,9 @@ def swap_quantized_modules(model: nn.Module, kinds: dict[str, str]) -> None:
         if kind == "ggml":
             new = GGMLEmbedding(old.num_embeddings, old.embedding_dim, Q[qtype], device="meta")
         elif kind == "block":
-            new = BlockLinear(old.in_features, old.out_features, Q[qtype], device="meta")
+            qtypes = [Q[t] for t in qtype.split("+")]  # several: a fused projection's parts (`pack_gguf_tensors`)
+            shares = [(p.out_features, t) for p, t in zip(parts, qtypes)] if len(qtypes) > 1 else None
+            new = BlockLinear(old.in_features, old.out_features, qtypes[0], device="meta", parts=shares)
         elif kind == "refined_block":
             new = RefinedBlockLinear(old.in_features, old.out_features, Q[qtype], device="meta")
         elif kind == "refined":
@@ -318,7 +343,7 @@ def dequantized_weight(module: nn.Module) -> torch.Tensor:
     if isinstance(module, Int8Linear):
         return module.weight.float() * module.scales.float().unsqueeze(1)
     if isinstance(module, GGMLEmbedding):
-        return module.rows(torch.arange(module.raw.shape[0]))
+        return module.rows(torch.arange(module.n_rows))
     eye = torch.eye(module.in_features, dtype=torch.bfloat16)
     return module(eye).float().T
 

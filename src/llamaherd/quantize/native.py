@@ -33,7 +33,7 @@ import torch
 
 log = logging.getLogger("llamaherd.native")
 KERNELS = Path(__file__).with_name("kernels")
-SOURCES = [KERNELS / "blockmm.c", KERNELS / "decode.c"]  # compiled together; both include simd.h
+SOURCES = [KERNELS / "blockmm.c", KERNELS / "decode.c", KERNELS / "kquant.c"]  # compiled together; all include simd.h
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 
 
@@ -88,6 +88,12 @@ def _build() -> ctypes.CDLL | None:
     lib.rows8_dequantize.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
     lib.block_mm_dense.restype = None
     lib.block_mm_dense.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+    lib.kq_mixed.restype = ctypes.c_int
+    lib.kq_mixed.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+    lib.kq_rows_dequantize.restype = None
+    lib.kq_rows_dequantize.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
+    lib.kq_force_scalar.restype = None
+    lib.kq_force_scalar.argtypes = [ctypes.c_int]
     lib.herd_decode_scratch.restype = ctypes.c_int64
     lib.herd_decode_scratch.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
     lib.herd_decode.restype = None
@@ -120,29 +126,33 @@ def _match_torch_threads() -> None:
         _thread.n = n
 
 
-def block_mm(x: torch.Tensor, raw: torch.Tensor, qtype: int) -> torch.Tensor:
+def block_mm(x: torch.Tensor, raw: torch.Tensor, qtype: int, n: int | None = None) -> torch.Tensor:
     """x (M, K) @ W^T, W (N, K) given by its GGUF blocks: raw (N, K/32 * block bytes) uint8 of type
-    Q4_0, Q4_1 or Q8_0 (ggml type ids 2, 3, 8). Returns (M, N) float32.
+    Q4_0, Q4_1 or Q8_0 (ggml type ids 2, 3, 8), or of kernels/kquant.c's types (then `n` = N where
+    raw is a mixed projection's flat bytes). Returns (M, N) float32.
 
     The activations are quantized to int16 blocks inside (see kernels/blockmm.c).
     """
     _match_torch_threads()
     x = x.float().contiguous()
     M, K = x.shape
-    y = torch.empty(M, raw.shape[0], dtype=torch.float32)
+    N = raw.shape[0] if n is None else n
+    y = torch.empty(M, N, dtype=torch.float32)
     scratch = torch.empty(2 * M * K + 8 * M * (K // 32), dtype=torch.uint8)  # int16 codes, scales, sums
-    library().block_mm(x.data_ptr(), raw.data_ptr(), scratch.data_ptr(), y.data_ptr(), M, raw.shape[0], K, qtype)
+    library().block_mm(x.data_ptr(), raw.data_ptr(), scratch.data_ptr(), y.data_ptr(), M, N, K, qtype)
     return y
 
 
-def block_mm_dense(x: torch.Tensor, raw: torch.Tensor, qtype: int) -> torch.Tensor:
+def block_mm_dense(x: torch.Tensor, raw: torch.Tensor, qtype: int, n: int | None = None) -> torch.Tensor:
     """As `block_mm`, in float32: the weights expanded exactly, the activations not rounded (see
-    kernels/blockmm.c). Faster from a few dozen rows on; N must be a multiple of 16."""
+    kernels/blockmm.c). Faster from a few dozen rows on; N must be a multiple of 16 (any N for
+    kernels/kquant.c's types)."""
     _match_torch_threads()
     x = x.float().contiguous()
     M, K = x.shape
-    y = torch.empty(M, raw.shape[0], dtype=torch.float32)
-    library().block_mm_dense(x.data_ptr(), raw.data_ptr(), y.data_ptr(), M, raw.shape[0], K, qtype)
+    N = raw.shape[0] if n is None else n
+    y = torch.empty(M, N, dtype=torch.float32)
+    library().block_mm_dense(x.data_ptr(), raw.data_ptr(), y.data_ptr(), M, N, K, qtype)
     return y
 
 
@@ -150,8 +160,42 @@ def block_dequantize(raw: torch.Tensor, qtype: int, K: int) -> torch.Tensor:
     """The float32 weight (N, K) of N rows of GGUF blocks (Q4_0, Q4_1 or Q8_0), bit-exact with
     gguf's dequantization (and `ggml.dequantize`), ~20x as fast as the latter."""
     _match_torch_threads()
+    if qtype in KQUANT_TYPES:
+        return kq_rows(raw, None, qtype, K, raw.shape[0])
     out = torch.empty(raw.shape[0], K, dtype=torch.float32)
     library().block_dequantize(raw.data_ptr(), out.data_ptr(), raw.shape[0], K, qtype)
+    return out
+
+
+# -- the other block types (kernels/kquant.c): block_mm and block_mm_dense hand them over --------
+
+KQUANT_TYPES = (6, 7, 12, 13, 14)  # Q5_0, Q5_1, Q4_K, Q5_K, Q6_K (ggml's type ids)
+
+
+def mixed_type(parts: list[tuple[int, int]]) -> int:
+    """The kernel type of a fused projection whose parts (rows, ggml type) differ in type: their rows
+    stacked, each part's bytes after the last's (kernels/kquant.c `kq_mixed`)."""
+    rows = (ctypes.c_int64 * len(parts))(*(r for r, _ in parts))
+    types = (ctypes.c_int32 * len(parts))(*(int(t) for _, t in parts))
+    kind = library().kq_mixed(len(parts), rows, types)
+    if kind < 0:
+        raise ValueError(f"no native kernel for a projection of parts {parts}")
+    return kind
+
+
+def kq_rows(raw: torch.Tensor, ids: torch.Tensor | None, kernel_type: int, K: int, n_rows: int) -> torch.Tensor:
+    """Rows `ids` (None: all `n_rows`) of a kquant.c projection as float32 (n, K), bit-exact with
+    gguf's dequantization."""
+    _match_torch_threads()
+    raw = raw.contiguous()
+    if ids is not None:
+        ids = ids.to(torch.int64).contiguous()
+        if ids.numel() and not (0 <= int(ids.min()) and int(ids.max()) < n_rows):
+            raise IndexError(f"row ids outside 0..{n_rows - 1}")
+    n = n_rows if ids is None else ids.numel()
+    out = torch.empty(n, K, dtype=torch.float32)
+    library().kq_rows_dequantize(raw.data_ptr(), None if ids is None else ids.data_ptr(), n, out.data_ptr(), K,
+                                 kernel_type)
     return out
 
 

@@ -542,7 +542,7 @@ class Store:
     # -- creating -------------------------------------------------------------------------
 
     def create(self, name: str, modelfile: str | Modelfile, base_dir: str | Path | None = ".",
-               progress: Progress | None = None) -> str:
+               progress: Progress | None = None, quantize: str | None = None) -> str:
         """Create (or replace) `name` from a Modelfile (its text, or a `Modelfile` built directly, as
         `/api/create` does); returns the manifest digest. Progress events as for `pull`.
 
@@ -552,9 +552,15 @@ class Store:
         FROM may also be `sha256:<hex>`, a GGUF blob already in the store (an upload): it is used
         in place, not copied. The parameters, template and messages are checked before anything
         is written (`check_parameters`, the template's syntax, num_ctx against the model's context).
+        `quantize` (q8_0, q4_0, q4_k), as `ollama create --quantize`: the weights are stored as a GGUF
+        file of that quantization, made from FROM's weights (`_quantized`).
         """
         progress = progress or _no_progress
         n = parse_name(name)
+        if quantize is not None:
+            from ..quantize.blocks import check_scheme
+
+            quantize = check_scheme(quantize)
         mf = parse_modelfile(modelfile) if isinstance(modelfile, str) else modelfile
         check_definition(mf)
         if base_dir is None and mf.adapters:
@@ -591,6 +597,10 @@ class Store:
                 progress({"status": f"copying model files from {base}"})
                 files = self._import(base, work / "model")
                 details = self._details_of(files, work)
+            if quantize is not None:
+                progress({"status": f"quantizing model weights to {quantize}"})
+                files = self._quantized(files, work, quantize)
+                details = self._details_of(files, work)
             for i, adapter in enumerate(mf.adapters):
                 path = (Path(base_dir) / Path(adapter).expanduser())
                 if not path.exists():
@@ -609,6 +619,27 @@ class Store:
             shutil.rmtree(work, ignore_errors=True)
         progress({"status": "success"})
         return digest
+
+    def _quantized(self, files: list[Fetched], work: Path, scheme: str) -> list[Fetched]:
+        """A GGUF file of quantization `scheme` made from the model `files` (fetched or stored), ready
+        to commit: the weights read as float32 and quantized (`quantize.blocks`), the tokenizer and
+        chat template carried over."""
+        from ..export.gguf import save_gguf
+        from ..weights import load_checkpoint
+
+        paths = {f.name: f.path or self.blobs.path(f.digest) for f in files}
+        with tempfile.TemporaryDirectory(dir=work, prefix=".source-") as tmp:
+            if len(files) == 1 and files[0].name is None:
+                source = paths[None]
+            else:
+                for file_name, path in paths.items():
+                    os.symlink(Path(path).resolve(), Path(tmp) / file_name)
+                source = Path(tmp)
+            ckpt = load_checkpoint(source)
+            out = save_gguf(ckpt.state_dict, ckpt.args, ckpt.tokenizer, work / "quantized.gguf", quant=scheme,
+                            name=str(ckpt.metadata.get("general.name") or "llamaherd model"),
+                            base_metadata=ckpt.metadata if ckpt.format == "gguf" else None)
+        return self._import(out, work / "quantized")
 
     def check_create(self, name: str, mf: Modelfile) -> None:
         """What `create(name, mf, base_dir=None)` would refuse before it starts (a bad name or

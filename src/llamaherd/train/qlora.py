@@ -24,7 +24,7 @@ def quantized_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if isinstance(module, FusedSlice):
         return quantized_forward(module.fused, x)[..., module.start:module.stop]
     if type(module) is BlockLinear and module.out_features % 16 == 0 and native.available():
-        y = native.block_mm_dense(x.reshape(-1, module.in_features), module.raw, module.kernel_type)
+        y = native.block_mm_dense(x.reshape(-1, module.in_features), module.raw, module.kernel_type, module.out_features)
         return y.view(*x.shape[:-1], module.out_features).to(x.dtype)
     return module(x)
 
@@ -37,7 +37,7 @@ def dequantize_weight(module: nn.Module) -> torch.Tensor:
     if isinstance(module, FusedSlice):  # its rows of the fused projection's weight
         return dequantize_weight(module.fused)[module.start:module.stop]
     if isinstance(module, GGMLEmbedding):  # BlockLinear: its rows of blocks, dequantized exactly
-        return module.rows(torch.arange(module.raw.shape[0]))
+        return module.rows(torch.arange(module.n_rows))
     return dequantized_weight(module)
 
 

@@ -51,12 +51,20 @@ def detect_format(path: Path) -> str:
     raise FormatError(f"{path} is not a GGUF file (bad magic {magic!r}) nor a model directory")
 
 
-def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32, quantized: bool = False) -> Checkpoint:
+def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32, quantized: bool = False,
+                    quantize: str | None = None) -> Checkpoint:
     """Read weights, config and tokenizer from any supported format, and check them.
 
     `quantized`: keep a GGUF file's quantized weights quantized (CPU inference); other formats and
     float GGUF tensors are unaffected.
+    `quantize`: q8_0 | q4_0 | q4_k: quantize the weights at load, whatever the format, into the GGUF
+    blocks of that scheme (`weights.quantized`), for the native CPU kernels.
     """
+    if quantize is not None:
+        from ..quantize.blocks import check_scheme
+
+        quantize = check_scheme(quantize)  # a bad name fails before anything is read
+        dtype, quantized = torch.float32, False
     from ..tokenizer import load_tokenizer
     from ..tokenizer.bpe import tokenizer_from_gguf
 
@@ -83,6 +91,11 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32, quanti
         if tok_file is None:
             raise HerdError(f"no tokenizer found for {path}: expected tokenizer.model beside params.json")
         tokenizer = load_tokenizer(tok_file)
+    if quantize is not None:
+        from .quantized import quantize_state_dict
+
+        check_state_dict(sd, args)
+        sd, kinds = quantize_state_dict(args, sd, quantize)
     check_state_dict(sd, args, kinds)
     return Checkpoint(args, sd, tokenizer, kind, path, meta, kinds)
 

@@ -50,9 +50,6 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, quantized: b
     the returned dict names those modules and their kind. Otherwise everything is dequantized to
     `dtype` and the dict is empty.
     """
-    from ..quantize import native
-    from ..quantize.linear import NATIVE_TYPES, pack_gguf_tensor, quantize_int8_rows
-
     reader = GGUFFile(path)
     meta = reader.metadata
     names = {t.name for t in reader.tensors}
@@ -65,29 +62,10 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, quantized: b
         try:
             module = key.rpartition(".")[0] if key else None
             if quantized and t.tensor_type.name not in FLOAT_TYPES and module in QUANTIZABLE:
-                fused = _fused_name(module)
-                if fused is None:
-                    kinds[module], buffers = pack_gguf_tensor(t.data, t.tensor_type, shape)
-                    state_dict.update({f"{module}.{name}": b for name, b in buffers.items()})
-                else:  # packed when all its parts are read (see `_pack_fused`)
-                    parts.setdefault(fused, {})[module] = (t.data, t.tensor_type, shape)
-                    if len(parts[fused]) == len(FUSED_PROJECTIONS[fused.rpartition(".")[2]]):
-                        _pack_fused(fused, parts.pop(fused), state_dict, kinds)
+                add_block_weight(module, t.data, t.tensor_type, shape, state_dict, kinds, parts)
                 continue
             if quantized and t.tensor_type.name not in FLOAT_TYPES and module in ("tok_embeddings", "output"):
-                raw = torch.from_numpy(np.array(t.data))  # a copy: 1 byte a weight or so
-                if module == "tok_embeddings":
-                    kinds[module] = f"ggml:{t.tensor_type.name}"
-                    state_dict["tok_embeddings.raw"] = raw
-                if module == "output" or args.tie_embeddings:
-                    if t.tensor_type in NATIVE_TYPES and native.available():  # RefinedBlockLinear
-                        kinds["output"] = f"refined_block:{t.tensor_type.name}"
-                        state_dict["output.raw"] = raw  # shared with the embedding when tied
-                    else:  # RefinedInt8Linear
-                        kinds["output"] = f"refined:{t.tensor_type.name}"
-                        state_dict.update({f"output.{n}": b for n, b in quantize_int8_rows(
-                            dequantize(t.data, t.tensor_type, shape)).items()})
-                        state_dict["output.exact.raw"] = raw
+                add_embedding_or_output(module, t.data, t.tensor_type, shape, args.tie_embeddings, state_dict, kinds)
                 continue
             tensor = dequantize(t.data, t.tensor_type, shape, dtype=dtype)
         except FormatError as e:
@@ -96,9 +74,51 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, quantized: b
             args = replace(args, rope_scaling=_rope_scaling_from_tensor(tensor.float(), args))
         elif key is not None:
             state_dict[key] = tensor
-    for fused, found in parts.items():  # a part without its siblings: the checks name what is missing
-        _pack_fused(fused, found, state_dict, kinds)
+    finish_parts(parts, state_dict, kinds)
     return args, state_dict, meta, kinds
+
+
+def add_block_weight(module: str, data, qtype, shape: tuple[int, int], state_dict: dict, kinds: dict,
+                     parts: dict[str, dict[str, tuple]]) -> None:
+    """Put the quantized buffers of block projection `module` (GGUF blocks `data`) in `state_dict`
+    and its kind in `kinds`; a part of a fused projection waits in `parts` for its siblings."""
+    from ..quantize.linear import pack_gguf_tensor
+
+    fused = _fused_name(module)
+    if fused is None:
+        kinds[module], buffers = pack_gguf_tensor(data, qtype, shape)
+        state_dict.update({f"{module}.{name}": b for name, b in buffers.items()})
+    else:  # packed when all its parts are read (see `_pack_fused`)
+        parts.setdefault(fused, {})[module] = (data, qtype, shape)
+        if len(parts[fused]) == len(FUSED_PROJECTIONS[fused.rpartition(".")[2]]):
+            _pack_fused(fused, parts.pop(fused), state_dict, kinds)
+
+
+def add_embedding_or_output(module: str, data, qtype, shape: tuple[int, int], tied: bool, state_dict: dict,
+                            kinds: dict) -> None:
+    """The embedding ("tok_embeddings", also the output projection when `tied`) or the output
+    projection ("output") from GGUF blocks `data`: their buffers into `state_dict`, kinds into `kinds`."""
+    from ..quantize import native
+    from ..quantize.linear import NATIVE_TYPES, quantize_int8_rows
+
+    raw = torch.from_numpy(np.array(data))  # a copy: 1 byte a weight or so
+    if module == "tok_embeddings":
+        kinds[module] = f"ggml:{qtype.name}"
+        state_dict["tok_embeddings.raw"] = raw
+    if module == "output" or tied:
+        if qtype in NATIVE_TYPES and native.available():  # RefinedBlockLinear
+            kinds["output"] = f"refined_block:{qtype.name}"
+            state_dict["output.raw"] = raw  # shared with the embedding when tied
+        else:  # RefinedInt8Linear
+            kinds["output"] = f"refined:{qtype.name}"
+            state_dict.update({f"output.{n}": b for n, b in quantize_int8_rows(dequantize(data, qtype, shape)).items()})
+            state_dict["output.exact.raw"] = raw
+
+
+def finish_parts(parts: dict[str, dict[str, tuple]], state_dict: dict, kinds: dict) -> None:
+    """Pack what is left in `parts`: a part without its siblings (the checks name what is missing)."""
+    for fused, found in parts.items():
+        _pack_fused(fused, found, state_dict, kinds)
 
 
 def _fused_name(module: str) -> str | None:

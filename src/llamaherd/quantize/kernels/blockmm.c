@@ -25,6 +25,12 @@
 
 #include "simd.h"
 
+/* The other block types (K-quants, Q5_0, Q5_1, mixed projections) live in kquant.c. */
+int kq_handles(int type);
+void kq_mm(const int16_t *xq, const float *xd, const float *xs, const uint8_t *w, float *y, int64_t M, int64_t N,
+           int64_t K, int type);
+void kq_mm_dense(const float *x, const uint8_t *w, float *y, int64_t M, int64_t N, int64_t K, int type);
+
 #define QK 32
 /* Each weight row is read 1 KB ahead of its use. The hardware prefetcher alone follows the NT
  * interleaved row streams badly: at batch 1 the kernel then waited on memory (a 30 MB Q8_0 output
@@ -231,6 +237,10 @@ void block_mm(const float *x, const uint8_t *w, void *scratch, float *y, int64_t
     int16_t *xq = (int16_t *)scratch;
     float *xd = (float *)(xq + M * K), *xs = xd + M * nb;
     quantize_x(x, xq, xd, xs, M * nb);
+    if (kq_handles(type)) {
+        kq_mm(xq, xd, xs, w, y, M, N, K, type);
+        return;
+    }
     if (type > 100) { /* repacked eight rows at a time */
 #pragma omp parallel for schedule(static)
         for (int64_t g = 0; g < N / 8; g++)
@@ -381,6 +391,10 @@ static void panel_rows8(const uint8_t *w, int64_t nb, int type, float *panel, in
 }
 
 void block_mm_dense(const float *x, const uint8_t *w, float *y, int64_t M, int64_t N, int64_t K, int type) {
+    if (kq_handles(type)) {
+        kq_mm_dense(x, w, y, M, N, K, type);
+        return;
+    }
     const int64_t nb = K / QK, bs = block_bytes(type);
     const int rows8 = type > 100, t8 = type - 100;
 #pragma omp parallel

@@ -1,0 +1,475 @@
+/* The other GGUF block types multiplied from their own blocks: the K-quants Q4_K, Q5_K, Q6_K (256
+ * weights a super-block, the Q4_K_M / Q5_K_M mixes) and Q5_0, Q5_1 (32 a block, what llama.cpp
+ * gives a K-quant tensor whose rows are not a multiple of 256), plus Q4_0, Q4_1, Q8_0 when they
+ * sit beside those in one fused projection ("mixed": wq, wk as Q4_K and wv as Q6_K in one wqkv).
+ *
+ * Every type is read 32 weights at a time, as w[i] = s[i / 16] * q[i] + mn: small integer codes q,
+ * a float scale per 16 weights (equal halves but for Q6_K) and a float offset per 32 (Q4_1, Q5_1,
+ * and the K-quants' sub-block minimum). So one kernel serves them all, in blockmm.c's manner: the
+ * activations are the same int16 blocks of 32 (blockmm.c `quantize_x`: scale xd, xs = xd * sum of
+ * codes), each block's dot product is exact in integers (AVX2 madd) and scaled once in float,
+ * and the offset costs one multiply by xs. No weight is converted, copied or requantized.
+ *
+ *   Q5_0 {f16 d; u32 qh; u8 qs[16]}          w = d * (q - 16), bit 4 of q[i] = bit i of qh
+ *   Q5_1 {f16 d; f16 m; u32 qh; u8 qs[16]}   w = d * q + m
+ *   Q4_K {f16 d, dmin; u8 scales[12]; u8 qs[128]}             8 sub-blocks of 32, 6-bit scale and min:
+ *                                                             w = (d * sc) * q - (dmin * m)
+ *   Q5_K {f16 d, dmin; u8 scales[12]; u8 qh[32]; u8 qs[128]}  Q4_K with bit 4 of q in qh (bit j: sub-block j)
+ *   Q6_K {u8 ql[128]; u8 qh[64]; i8 scales[16]; f16 d}       16 sub-blocks of 16: w = (d * sc) * (q - 32)
+ *
+ * Dequantization (`kq_rows_dequantize`) rounds as gguf-py does, operation by operation (a multiply,
+ * then an add, never fused), so it is bit-exact with `gguf.quants.dequantize`; the prompt path
+ * (`kq_mm_dense`) multiplies those exact float32 weights. Each row of x gets the same instructions
+ * in the same order whatever the number of rows (continuous batching relies on it). Without AVX2
+ * the same loops run in plain C (`kq_mm`'s scalar path, also forced by `kq_force_scalar` in tests).
+ */
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "simd.h"
+
+enum { Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14 };
+#define MIXED 1000   /* kernel types MIXED + i: entry i of the table of mixed projections */
+#define MAX_MIXED 256
+#define MAX_PARTS 8
+#define PREFETCH 1024
+
+static int force_scalar = 0;
+void kq_force_scalar(int on) { force_scalar = on; }
+
+/* Weights a block, and bytes a block, of the types this file reads (0: not one of them). */
+static int64_t block_values(int type) { return type == Q4_K || type == Q5_K || type == Q6_K ? 256 : 32; }
+static int64_t block_bytes(int type) {
+    switch (type) {
+        case Q4_0: return 18;
+        case Q4_1: return 20;
+        case Q5_0: return 22;
+        case Q5_1: return 24;
+        case Q8_0: return 34;
+        case Q4_K: return 144;
+        case Q5_K: return 176;
+        case Q6_K: return 210;
+        default: return 0;
+    }
+}
+static int has_min(int type) { return type == Q4_1 || type == Q5_1 || type == Q4_K || type == Q5_K; }
+
+int64_t kq_row_bytes(int64_t K, int type) {
+    return block_bytes(type) ? K / block_values(type) * block_bytes(type) : 0;
+}
+
+/* -- mixed projections: parts of different types, rows stacked, each part's bytes after the last's -- */
+typedef struct {
+    int n;
+    int64_t rows[MAX_PARTS];
+    int types[MAX_PARTS];
+} mixed_t;
+static mixed_t mixes[MAX_MIXED];
+static int n_mixes = 0;
+
+/* The kernel type of a projection whose parts have rows[i] rows of types[i]: MIXED + an entry of
+ * the table (the same entry for the same parts), or -1 when the table is full or a type is unknown. */
+int kq_mixed(int n, const int64_t *rows, const int32_t *types) {
+    if (n < 1 || n > MAX_PARTS) return -1;
+    for (int i = 0; i < n; i++)
+        if (!block_bytes(types[i])) return -1;
+    int found = -1;
+#pragma omp critical(kq_mixes)
+    {
+        for (int e = 0; e < n_mixes && found < 0; e++) {
+            int same = mixes[e].n == n;
+            for (int i = 0; same && i < n; i++) same = mixes[e].rows[i] == rows[i] && mixes[e].types[i] == types[i];
+            if (same) found = e;
+        }
+        if (found < 0 && n_mixes < MAX_MIXED) {
+            mixes[n_mixes].n = n;
+            for (int i = 0; i < n; i++) mixes[n_mixes].rows[i] = rows[i], mixes[n_mixes].types[i] = types[i];
+            found = n_mixes++;
+        }
+    }
+    return found < 0 ? -1 : MIXED + found;
+}
+
+/* Whether this file multiplies `type` (blockmm.c keeps Q4_0, Q4_1, Q8_0 alone and its repacked types). */
+int kq_handles(int type) {
+    return type == Q5_0 || type == Q5_1 || type == Q4_K || type == Q5_K || type == Q6_K ||
+           (type >= MIXED && type < MIXED + n_mixes);
+}
+
+/* The parts of a kernel type: one for a plain type. */
+static mixed_t parts_of(int type) {
+    if (type >= MIXED) return mixes[type - MIXED];
+    mixed_t one = {1, {0}, {type}};
+    one.rows[0] = INT64_MAX;
+    return one;
+}
+
+/* -- decoding, in plain C --------------------------------------------------------------------- */
+
+static float half(const uint8_t *p) { /* IEEE fp16 -> fp32, exact */
+    const uint16_t h = (uint16_t)(p[0] | p[1] << 8);
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
+    if (exp == 0 && man == 0) bits = sign;
+    else if (exp == 0) { /* subnormal: normalise */
+        exp = 113;
+        while (!(man & 0x400)) man <<= 1, exp--;
+        bits = sign | exp << 23 | (man & 0x3ff) << 13;
+    } else if (exp == 31) bits = sign | 0x7f800000 | man << 13;
+    else bits = sign | (exp + 112) << 23 | man << 13;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+/* Sub-block j's 6-bit scale and min of a Q4_K / Q5_K super-block's 12 bytes (see ggml.py). */
+static inline void scale_min(const uint8_t *s, int j, int *sc, int *m) {
+    if (j < 4) {
+        *sc = s[j] & 63, *m = s[j + 4] & 63;
+    } else {
+        *sc = (s[j + 4] & 0xF) | (s[j - 4] >> 6) << 4;
+        *m = (s[j + 4] >> 4) | (s[j] >> 6) << 4;
+    }
+}
+
+/* Block j (of 32 weights) of a row: its scales s[0] (weights 0..15) and s[1] (16..31), and its
+ * offset mn, rounded as gguf-py rounds them (d * sc, dmin * m: one float multiply each). */
+static inline void block_scales(const uint8_t *row, int64_t j, int type, float s[2], float *mn) {
+    *mn = 0.f;
+    if (type == Q4_K || type == Q5_K) {
+        const uint8_t *b = row + j / 8 * block_bytes(type);
+        int sc, m;
+        scale_min(b + 4, (int)(j % 8), &sc, &m);
+        s[0] = s[1] = half(b) * (float)sc;
+        *mn = -(half(b + 2) * (float)m);
+    } else if (type == Q6_K) {
+        const uint8_t *b = row + j / 8 * 210;
+        const int8_t *sc = (const int8_t *)(b + 192) + 2 * (j % 8);
+        const float d = half(b + 208);
+        s[0] = d * (float)sc[0], s[1] = d * (float)sc[1];
+    } else {
+        const uint8_t *b = row + j * block_bytes(type);
+        s[0] = s[1] = half(b);
+        if (type == Q4_1 || type == Q5_1) *mn = half(b + 2);
+    }
+}
+
+/* Block j's 32 codes q (w = s * q + mn), offsets (-8, -16, -32) applied. */
+static void block_codes(const uint8_t *row, int64_t j, int type, int16_t q[32]) {
+    if (type == Q4_K || type == Q5_K) {
+        const uint8_t *b = row + j / 8 * block_bytes(type);
+        const int sub = (int)(j % 8), shift = 4 * (sub % 2);
+        const uint8_t *qs = b + (type == Q4_K ? 16 : 48) + 32 * (sub / 2), *qh = b + 16;
+        for (int i = 0; i < 32; i++)
+            q[i] = (int16_t)(((qs[i] >> shift) & 15) | (type == Q5_K ? ((qh[i] >> sub) & 1) << 4 : 0));
+    } else if (type == Q6_K) { /* half h of 128 weights; within it, row r of 32: ql low/high nibbles, qh 2-bit field r */
+        const uint8_t *b = row + j / 8 * 210;
+        const int sub = (int)(j % 8), h = sub / 4, r = sub % 4;
+        const uint8_t *ql = b + 64 * h + 32 * (r % 2), *qh = b + 128 + 32 * h;
+        for (int i = 0; i < 32; i++)
+            q[i] = (int16_t)((((ql[i] >> (4 * (r / 2))) & 15) | ((qh[i] >> (2 * r)) & 3) << 4) - 32);
+    } else if (type == Q8_0) {
+        const uint8_t *b = row + j * 34;
+        for (int i = 0; i < 32; i++) q[i] = (int8_t)b[2 + i];
+    } else { /* Q4_0, Q4_1, Q5_0, Q5_1: byte i holds weight i (low nibble) and i + 16 (high) */
+        const uint8_t *b = row + j * block_bytes(type);
+        const int five = type == Q5_0 || type == Q5_1, head = 2 + 2 * has_min(type);
+        const int off = type == Q4_0 ? 8 : type == Q5_0 ? 16 : 0;
+        const uint8_t *qs = b + head + 4 * five;
+        uint32_t qh = 0;
+        if (five) qh = (uint32_t)b[head] | (uint32_t)b[head + 1] << 8 | (uint32_t)b[head + 2] << 16 | (uint32_t)b[head + 3] << 24;
+        for (int i = 0; i < 16; i++) {
+            q[i] = (int16_t)(((qs[i] & 15) | ((qh >> i) & 1) << 4) - off);
+            q[i + 16] = (int16_t)(((qs[i] >> 4) | ((qh >> (i + 16)) & 1) << 4) - off);
+        }
+    }
+}
+
+/* A row of K weights as float32, bit-exact with gguf-py. */
+__attribute__((optimize("fp-contract=off"))) static void dequantize_row(const uint8_t *row, float *o, int64_t K,
+                                                                        int type) {
+    const int min = has_min(type);
+    for (int64_t j = 0; j < K / 32; j++, o += 32) {
+        int16_t q[32];
+        float s[2], mn;
+        block_scales(row, j, type, s, &mn);
+        block_codes(row, j, type, q);
+        for (int i = 0; i < 32; i++) o[i] = min ? s[i / 16] * (float)q[i] + mn : s[i / 16] * (float)q[i];
+    }
+}
+
+/* Where row r of a projection of kernel type `type` starts, and its own type. */
+static const uint8_t *row_at(const uint8_t *w, int64_t r, int64_t K, int type, int *row_type) {
+    const mixed_t p = parts_of(type);
+    for (int i = 0; i < p.n; i++) {
+        if (r < p.rows[i] || i == p.n - 1) {
+            *row_type = p.types[i];
+            return w + r * kq_row_bytes(K, p.types[i]);
+        }
+        r -= p.rows[i];
+        w += p.rows[i] * kq_row_bytes(K, p.types[i]);
+    }
+    return NULL;
+}
+
+/* Rows ids[0..n-1] (NULL: rows 0..n-1) as float32 (n, K): an embedding lookup, a weight for tests. */
+void kq_rows_dequantize(const uint8_t *w, const int64_t *ids, int64_t n, float *out, int64_t K, int type) {
+#pragma omp parallel for schedule(static) if (n >= 64)
+    for (int64_t i = 0; i < n; i++) {
+        int t = type;
+        const uint8_t *row = row_at(w, ids ? ids[i] : i, K, type, &t);
+        dequantize_row(row, out + i * K, K, t);
+    }
+}
+
+/* -- y = x @ W^T on int16 activation blocks (decode) ----------------------------------------- */
+
+/* One weight row against one activation row, in plain C: the scalar path. */
+static float row_dot(const uint8_t *row, const int16_t *xq, const float *xd, const float *xs, int64_t nb, int type) {
+    float acc = 0.f, mins = 0.f;
+    for (int64_t j = 0; j < nb; j++) {
+        int16_t q[32];
+        float s[2], mn;
+        block_scales(row, j, type, s, &mn);
+        block_codes(row, j, type, q);
+        int32_t lo = 0, hi = 0;
+        for (int i = 0; i < 16; i++) lo += q[i] * xq[32 * j + i], hi += q[i + 16] * xq[32 * j + 16 + i];
+        acc += s[0] * xd[j] * (float)lo + s[1] * xd[j] * (float)hi;
+        mins += mn * xs[j];
+    }
+    return acc + mins;
+}
+
+#if HERD_SIMD
+/* Block j's 32 codes as int16 in two registers (weights 0..15, 16..31): block_codes in AVX2. */
+static inline __attribute__((always_inline)) void codes(const uint8_t *row, int64_t j, const int type, __m256i w[2]) {
+    const __m256i nib = _mm256_set1_epi8(0x0F);
+    __m256i v; /* the 32 codes as bytes, in order, before offsets */
+    if (type == Q8_0) {
+        const uint8_t *qs = row + j * 34 + 2;
+        w[0] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)qs));
+        w[1] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(qs + 16)));
+        return;
+    }
+    if (type == Q4_K || type == Q5_K) {
+        const uint8_t *b = row + j / 8 * block_bytes(type);
+        const int sub = (int)(j % 8);
+        v = _mm256_loadu_si256((const __m256i *)(b + (type == Q4_K ? 16 : 48) + 32 * (sub / 2)));
+        v = _mm256_and_si256(sub % 2 ? _mm256_srli_epi16(v, 4) : v, nib);
+        if (type == Q5_K) {
+            const __m256i bit = _mm256_set1_epi8((char)(1 << sub));
+            const __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(_mm256_loadu_si256((const __m256i *)(b + 16)), bit), bit);
+            v = _mm256_or_si256(v, _mm256_and_si256(set, _mm256_set1_epi8(16)));
+        }
+    } else if (type == Q6_K) {
+        const uint8_t *b = row + j / 8 * 210;
+        const int sub = (int)(j % 8), h = sub / 4, r = sub % 4;
+        const __m256i ql = _mm256_loadu_si256((const __m256i *)(b + 64 * h + 32 * (r % 2)));
+        const __m256i qh = _mm256_loadu_si256((const __m256i *)(b + 128 + 32 * h));
+        const __m256i lo = _mm256_and_si256(r / 2 ? _mm256_srli_epi16(ql, 4) : ql, nib);
+        const __m256i hi = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * r)), _mm256_set1_epi8(3));
+        v = _mm256_or_si256(lo, _mm256_slli_epi16(hi, 4));
+    } else { /* Q4_0, Q4_1, Q5_0, Q5_1 */
+        const uint8_t *b = row + j * block_bytes(type);
+        const int five = type == Q5_0 || type == Q5_1, head = 2 + 2 * has_min(type);
+        const __m128i raw = _mm_loadu_si128((const __m128i *)(b + head + 4 * five));
+        v = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), nib);
+        if (five) { /* byte i of the block gets bit i of qh: byte i / 8 of it, tested against 1 << i % 8 */
+            int32_t qh;
+            memcpy(&qh, b + head, 4);
+            const __m256i spread = _mm256_shuffle_epi8(_mm256_set1_epi32(qh),
+                _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0));
+            const __m256i bits = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
+            const __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, bits), bits);
+            v = _mm256_or_si256(v, _mm256_and_si256(set, _mm256_set1_epi8(16)));
+        }
+    }
+    w[0] = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(v));
+    w[1] = _mm256_cvtepu8_epi16(_mm256_extracti128_si256(v, 1));
+    const int off = type == Q4_0 ? 8 : type == Q5_0 ? 16 : type == Q6_K ? 32 : 0;
+    if (off) {
+        w[0] = _mm256_sub_epi16(w[0], _mm256_set1_epi16((short)off));
+        w[1] = _mm256_sub_epi16(w[1], _mm256_set1_epi16((short)off));
+    }
+}
+
+#define NT 2 /* weight rows a tile: each activation block loaded once for them */
+#define MT 4 /* activation rows a tile: each weight block decoded once for them */
+
+/* Output features n .. n + nt - 1 for activation rows m0 .. m0 + mt - 1 (see blockmm.c's `tile`). */
+static inline __attribute__((always_inline)) void tile(const uint8_t *w, int64_t row_bytes, const int16_t *xq,
+        const float *xd, const float *xs, float *y, int64_t ldy, int64_t n, int64_t m0, int64_t nb, const int nt,
+        const int mt, const int type) {
+    __m256 acc[NT][MT];
+    float mins[NT][MT];
+    for (int f = 0; f < nt; f++)
+        for (int r = 0; r < mt; r++) acc[f][r] = _mm256_setzero_ps(), mins[f][r] = 0.f;
+    for (int64_t b = 0; b < nb; b++) {
+        __m256i q[NT][2];
+        float s[NT][2], mn[NT];
+        for (int f = 0; f < nt; f++) {
+            const uint8_t *row = w + (n + f) * row_bytes;
+            if (b % 4 == 0) _mm_prefetch((const char *)row + b * row_bytes / nb + PREFETCH, _MM_HINT_T0);
+            block_scales(row, b, type, s[f], &mn[f]);
+            codes(row, b, type, q[f]);
+        }
+        for (int r = 0; r < mt; r++) {
+            const int64_t i = (m0 + r) * nb + b;
+            const __m256i x0 = _mm256_loadu_si256((const __m256i *)(xq + i * 32));
+            const __m256i x1 = _mm256_loadu_si256((const __m256i *)(xq + i * 32 + 16));
+            for (int f = 0; f < nt; f++) {
+                /* exact integer dot products (|q| <= 128, |x| <= 32767: < 2^31 a lane), scaled once */
+                const __m256i p0 = _mm256_madd_epi16(q[f][0], x0), p1 = _mm256_madd_epi16(q[f][1], x1);
+                if (type == Q6_K) { /* two scales a block */
+                    acc[f][r] = _mm256_fmadd_ps(_mm256_set1_ps(s[f][0] * xd[i]), _mm256_cvtepi32_ps(p0), acc[f][r]);
+                    acc[f][r] = _mm256_fmadd_ps(_mm256_set1_ps(s[f][1] * xd[i]), _mm256_cvtepi32_ps(p1), acc[f][r]);
+                } else {
+                    acc[f][r] = _mm256_fmadd_ps(_mm256_set1_ps(s[f][0] * xd[i]), _mm256_cvtepi32_ps(_mm256_add_epi32(p0, p1)),
+                                                acc[f][r]);
+                }
+                if (has_min(type)) mins[f][r] += mn[f] * xs[i];
+            }
+        }
+    }
+    for (int f = 0; f < nt; f++)
+        for (int r = 0; r < mt; r++) y[(m0 + r) * ldy + n + f] = hsum(acc[f][r]) + mins[f][r];
+}
+
+#define TILE(nt, type)                                                                        \
+    switch (mt) {                                                                             \
+        case 1: tile(w, row_bytes, xq, xd, xs, y, ldy, n, m0, nb, nt, 1, type); break;        \
+        case 2: tile(w, row_bytes, xq, xd, xs, y, ldy, n, m0, nb, nt, 2, type); break;        \
+        case 3: tile(w, row_bytes, xq, xd, xs, y, ldy, n, m0, nb, nt, 3, type); break;        \
+        default: tile(w, row_bytes, xq, xd, xs, y, ldy, n, m0, nb, nt, 4, type); break;       \
+    }
+#define TILES(type) { if (n + 1 < N) TILE(2, type) else TILE(1, type) } break;
+
+static void mm_simd(const int16_t *xq, const float *xd, const float *xs, const uint8_t *w, float *y, int64_t ldy,
+                    int64_t M, int64_t N, int64_t K, int type) {
+    const int64_t nb = K / 32, row_bytes = kq_row_bytes(K, type);
+#pragma omp parallel for schedule(static)
+    for (int64_t n = 0; n < N; n += NT)
+        for (int64_t m0 = 0; m0 < M; m0 += MT) {
+            const int mt = (int)(M - m0 < MT ? M - m0 : MT);
+            switch (type) {
+                case Q4_0: TILES(Q4_0)
+                case Q4_1: TILES(Q4_1)
+                case Q5_0: TILES(Q5_0)
+                case Q5_1: TILES(Q5_1)
+                case Q8_0: TILES(Q8_0)
+                case Q4_K: TILES(Q4_K)
+                case Q5_K: TILES(Q5_K)
+                default: TILES(Q6_K)
+            }
+        }
+}
+#endif
+
+/* One part: y[:, 0..N-1] (row stride ldy) = x @ W^T for N rows of one type. */
+static void mm_part(const int16_t *xq, const float *xd, const float *xs, const uint8_t *w, float *y, int64_t ldy,
+                    int64_t M, int64_t N, int64_t K, int type) {
+#if HERD_SIMD
+    if (!force_scalar) {
+        mm_simd(xq, xd, xs, w, y, ldy, M, N, K, type);
+        return;
+    }
+#endif
+    const int64_t nb = K / 32, row_bytes = kq_row_bytes(K, type);
+#pragma omp parallel for schedule(static)
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t m = 0; m < M; m++)
+            y[m * ldy + n] = row_dot(w + n * row_bytes, xq + m * K, xd + m * nb, xs + m * nb, nb, type);
+}
+
+/* y (M, N) = x @ W^T, x given as blockmm.c's int16 blocks (codes xq, scales xd, xd * sums xs). */
+void kq_mm(const int16_t *xq, const float *xd, const float *xs, const uint8_t *w, float *y, int64_t M, int64_t N,
+           int64_t K, int type) {
+    const mixed_t p = parts_of(type);
+    int64_t n0 = 0;
+    for (int i = 0; i < p.n; i++) {
+        const int64_t rows = i == p.n - 1 ? N - n0 : p.rows[i];
+        mm_part(xq, xd, xs, w, y + n0, N, M, rows, K, p.types[i]);
+        w += rows * kq_row_bytes(K, p.types[i]);
+        n0 += rows;
+    }
+}
+
+/* -- y = x @ W^T in float32 (prompts) ----------------------------------------------------------
+ * Sixteen weight rows at a time are dequantized exactly into a k-major panel and multiplied by a
+ * 6 x 16 register tile (blockmm.c's dense path): every y[m, n] is one chain of multiply-adds over
+ * k from zero, whatever M is. Any N: a last panel of fewer rows is padded with zeros. */
+#define DN 16
+#define DM 6
+#if HERD_SIMD
+static inline __attribute__((always_inline)) void dense_tile(const float *x, const float *panel, float *y,
+        int64_t ldy, int64_t m0, int64_t n0, int64_t K, int nn, const int mt) {
+    __m256 acc[DM][2];
+    for (int r = 0; r < mt; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K; k++) {
+        const __m256 w0 = _mm256_load_ps(panel + k * DN), w1 = _mm256_load_ps(panel + k * DN + 8);
+        for (int r = 0; r < mt; r++) {
+            const __m256 xb = _mm256_broadcast_ss(x + (m0 + r) * K + k);
+            acc[r][0] = _mm256_fmadd_ps(xb, w0, acc[r][0]);
+            acc[r][1] = _mm256_fmadd_ps(xb, w1, acc[r][1]);
+        }
+    }
+    for (int r = 0; r < mt; r++) {
+        float out[DN];
+        _mm256_storeu_ps(out, acc[r][0]);
+        _mm256_storeu_ps(out + 8, acc[r][1]);
+        memcpy(y + (m0 + r) * ldy + n0, out, (size_t)nn * sizeof(float));
+    }
+}
+#endif
+
+static void dense_part(const float *x, const uint8_t *w, float *y, int64_t ldy, int64_t M, int64_t N, int64_t K,
+                       int type) {
+    const int64_t row_bytes = kq_row_bytes(K, type);
+#pragma omp parallel
+    {
+        float *panel = aligned_alloc(32, (size_t)K * DN * sizeof(float)), *row = malloc((size_t)K * sizeof(float));
+#pragma omp for schedule(static)
+        for (int64_t n0 = 0; n0 < N; n0 += DN) {
+            const int nn = (int)(N - n0 < DN ? N - n0 : DN);
+            for (int j = 0; j < DN; j++) {
+                if (j < nn) dequantize_row(w + (n0 + j) * row_bytes, row, K, type);
+                for (int64_t k = 0; k < K; k++) panel[k * DN + j] = j < nn ? row[k] : 0.f;
+            }
+#if HERD_SIMD
+            if (!force_scalar) {
+                int64_t m0 = 0;
+                for (; m0 + DM <= M; m0 += DM) dense_tile(x, panel, y, ldy, m0, n0, K, nn, DM);
+                switch (M - m0) {
+                    case 1: dense_tile(x, panel, y, ldy, m0, n0, K, nn, 1); break;
+                    case 2: dense_tile(x, panel, y, ldy, m0, n0, K, nn, 2); break;
+                    case 3: dense_tile(x, panel, y, ldy, m0, n0, K, nn, 3); break;
+                    case 4: dense_tile(x, panel, y, ldy, m0, n0, K, nn, 4); break;
+                    case 5: dense_tile(x, panel, y, ldy, m0, n0, K, nn, 5); break;
+                    default: break;
+                }
+                continue;
+            }
+#endif
+            for (int64_t m = 0; m < M; m++)
+                for (int j = 0; j < nn; j++) {
+                    float acc = 0.f;
+                    for (int64_t k = 0; k < K; k++) acc += x[m * K + k] * panel[k * DN + j];
+                    y[m * ldy + n0 + j] = acc;
+                }
+        }
+        free(panel);
+        free(row);
+    }
+}
+
+void kq_mm_dense(const float *x, const uint8_t *w, float *y, int64_t M, int64_t N, int64_t K, int type) {
+    const mixed_t p = parts_of(type);
+    int64_t n0 = 0;
+    for (int i = 0; i < p.n; i++) {
+        const int64_t rows = i == p.n - 1 ? N - n0 : p.rows[i];
+        dense_part(x, w, y + n0, N, M, rows, K, p.types[i]);
+        w += rows * kq_row_bytes(K, p.types[i]);
+        n0 += rows;
+    }
+}

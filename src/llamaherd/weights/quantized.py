@@ -1,0 +1,50 @@
+"""Quantize at load: a float checkpoint's weights into GGUF blocks for the native CPU kernels.
+
+    load_checkpoint(dir, quantize="q4_k")  ->  the state dict and kinds `load_gguf(quantized=True)` gives
+
+What `load_in_4bit` does for a Hugging Face model, the llama.cpp way: each projection of the
+transformer blocks, the embedding and the output projection become the blocks a GGUF file of that
+scheme would hold (`quantize.blocks`: q8_0, q4_0, q4_k = the Q4_K_M mix), packed exactly as a
+loaded GGUF's are, so the same kernels run them. Each float weight is dropped as soon as its
+blocks are made: the float model and its quantized copy never both stay whole.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import ModelArgs
+from ..errors import FormatError
+
+
+def quantize_state_dict(args: ModelArgs, state_dict: dict[str, torch.Tensor], scheme: str
+                        ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(state dict, kinds) of `state_dict` (float, Meta names) quantized with `scheme`.
+
+    `state_dict` is emptied as its weights are quantized. Norms (and anything else 1-D) stay float.
+    """
+    from ..quantize.blocks import check_scheme, quantize, scheme_type
+    from .gguf import QUANTIZABLE, add_block_weight, add_embedding_or_output, finish_parts
+
+    scheme = check_scheme(scheme)
+    out, kinds, parts = {}, {}, {}
+    for name in list(state_dict):
+        tensor = state_dict.pop(name)
+        module, _, leaf = name.rpartition(".")
+        if leaf != "weight" or tensor.ndim != 2 or tensor.shape[1] % 32:
+            out[name] = tensor
+            continue
+        if module in QUANTIZABLE:
+            qtype = scheme_type(scheme, module, tensor.shape[1], args.n_layers)
+            add_block_weight(module, quantize(tensor, qtype).numpy(), qtype, tuple(tensor.shape), out, kinds, parts)
+        elif module == "tok_embeddings" or (module == "output" and not args.tie_embeddings):
+            role = "output" if module == "output" or args.tie_embeddings else module  # tied: the output's type
+            qtype = scheme_type(scheme, role, tensor.shape[1], args.n_layers)
+            add_embedding_or_output(module, quantize(tensor, qtype).numpy(), qtype, tuple(tensor.shape),
+                                    args.tie_embeddings, out, kinds)
+        elif module == "output":  # tied: the embedding's blocks serve it
+            continue
+        else:
+            raise FormatError(f"unexpected tensor {name!r} in checkpoint")
+    finish_parts(parts, out, kinds)
+    return out, kinds
