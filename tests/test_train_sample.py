@@ -261,8 +261,8 @@ def test_bad_inputs_are_one_line_and_exit_1(tiny_dir, tmp_path, fake_reward, cap
 # -- the real model ---------------------------------------------------------------------------
 
 @pytest.mark.integration
-def test_smollm2_native_runner_shares_the_prefill_and_k1_greedy_is_chat(smollm2_path, monkeypatch):
-    policy = Llama.load(smollm2_path)  # its Q4_1 blocks: the native runner
+def test_smollm2_native_runner_shares_the_prefill_and_k1_greedy_is_chat(smollm2_fast, monkeypatch):
+    policy = smollm2_fast  # its Q4_1 blocks: the native runner (the sampler takes over its runner, then gives it back)
     assert type(policy.runner).__name__ == "NativeRunner"
     prompts = [[{"role": "user", "content": "What is the capital of France?"}],
                [{"role": "user", "content": "Name a fruit."}]]
@@ -271,9 +271,9 @@ def test_smollm2_native_runner_shares_the_prefill_and_k1_greedy_is_chat(smollm2_
         assert row["messages"][-1]["content"] == "".join(
             policy.chat(m, temperature=0, repeat_penalty=1.0, num_predict=12))
     assert "Paris" in rows[0]["messages"][-1]["content"]
-    options = {**PLAIN, "temperature": 1.0, "top_p": 0.9, "num_predict": 6}
+    options = {**PLAIN, "temperature": 1.0, "top_p": 0.9, "num_predict": 5}
     counted = Counted(policy.runner, monkeypatch)
-    got = dict(generate_samples(policy, prompts, 4, options, seed=1, parallel=8))
+    got = dict(generate_samples(policy, prompts, 3, options, seed=1, parallel=8))
     assert counted.tokens == sum(len(policy.encode_chat(p)) for p in prompts) and len(counted.forks) == 2
     monkeypatch.undo()
     seeds = random.Random(1)

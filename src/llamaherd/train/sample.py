@@ -110,8 +110,8 @@ def _as_messages(prompt: str | Sequence[dict[str, Any]]) -> Messages:
 # -- sampling -----------------------------------------------------------------------------------
 
 def generate_samples(policy, prompts: Sequence[Messages], k: int, options: dict[str, Any], *,
-                     seed: int | None = 0, parallel: int = 16, progress: bool = False
-                     ) -> Iterator[tuple[int, list[Sample]]]:
+                     seed: int | None = 0, parallel: int = 16, progress: bool = False,
+                     share_prefill: bool = True) -> Iterator[tuple[int, list[Sample]]]:
     """K replies to each prompt, through one batch loop over `policy`'s model; yields
     (prompt index, its K samples) as each prompt's samples are all done (not in order).
 
@@ -123,6 +123,7 @@ def generate_samples(policy, prompts: Sequence[Messages], k: int, options: dict[
         seed: each sample's seed is drawn from it; None: fresh entropy.
         parallel: KV-cache rows, samples decoded together (at least k).
         progress: show a tqdm bar (samples/s).
+        share_prefill: compute each prompt once for its k samples (off: k prefills, to measure).
     """
     from tqdm import tqdm
 
@@ -154,7 +155,11 @@ def generate_samples(policy, prompts: Sequence[Messages], k: int, options: dict[
     bar = tqdm(total=k * len(prompts), unit="sample", desc="sampling", disable=not progress, dynamic_ncols=True)
     try:
         for jobs in groups:
-            loop.submit(jobs[0], forks=jobs[1:])
+            if share_prefill:
+                loop.submit(jobs[0], forks=jobs[1:])
+            else:
+                for job in jobs:
+                    loop.submit(job)
         for _ in range(k * len(prompts)):
             while True:
                 (i, j), event = events.get()
