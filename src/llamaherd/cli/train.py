@@ -4,6 +4,7 @@
     herd train sft --config lora-smollm2 --data chat.jsonl --out runs/mine   # a shipped recipe or a YAML file
     herd train sft ... --nproc 2                                             # torchrun, FSDP2
     herd train --list | --show NAME
+    herd train sample --policy MODEL --reward RM --data prompts.jsonl -k 8 --out best.jsonl   # rejection sampling
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ def register(sub, local) -> None:
                          description="Supervised fine-tuning (full, LoRA or QLoRA) on JSONL chat data.")
     add_sft_arguments(s)
     s.set_defaults(func=cmd_sft)
+    add_sample_parser(verbs)
 
 
 def add_sft_arguments(s: argparse.ArgumentParser, flags=FLAGS, bools=BOOLS) -> None:
@@ -153,3 +155,72 @@ def print_summary(s: dict) -> None:
         print(f"final loss {s['final_loss']:.4f}")
     for name, path in s["outputs"].items():
         print(f"{name}: {path}")
+
+
+# -- herd train sample ------------------------------------------------------------------------
+
+def add_sample_parser(verbs) -> None:
+    s = verbs.add_parser("sample", help="rejection sampling: K replies per prompt, the best kept as SFT data",
+                         description="Rejection sampling (Llama 3): K replies per prompt from the policy, "
+                                     "scored by a reward model; the best (or the top quartile) written as "
+                                     "SFT JSONL with their scores. The K replies share the prompt's prefill.")
+    s.add_argument("--policy", required=True, help="the model to sample from: a store name, a .gguf file, a HF / "
+                                                   "Meta directory or a training output")
+    s.add_argument("--reward", required=True, help="the reward model (herd train reward's output)")
+    s.add_argument("--data", required=True, help='prompts JSONL: {"messages": [...]} or {"prompt": "..."} per line '
+                                                  "(a last assistant message is dropped)")
+    s.add_argument("--out", required=True, help="the SFT JSONL to write")
+    s.add_argument("-k", type=int, default=4, help="samples per prompt [4]")
+    s.add_argument("--temperature", type=float, default=0.8, help="sampling temperature, 0 for greedy [0.8]")
+    s.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling threshold [0.9]")
+    s.add_argument("--system", help="a system prompt for this round: steers the replies, not written out")
+    s.add_argument("--keep", choices=["best", "top_quartile"], default="best",
+                   help="the best reply per prompt, or the best quarter of the K [best]")
+    s.add_argument("--max-tokens", type=int, default=256, help="the longest reply, in tokens [256]")
+    s.add_argument("--seed", type=int, default=0, help="the samples' seeds are drawn from it [0]")
+    s.add_argument("--parallel", type=int, default=16, help="replies decoded together (at least K) [16]")
+    s.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                   help="show the progress bar (samples/s) [on]")
+    s.set_defaults(func=cmd_sample)
+
+
+def cmd_sample(args) -> int:
+    import time
+
+    from ..errors import HerdError
+    from ..train.sample import read_prompts, rejection_sample, write_jsonl
+
+    if args.k < 1:
+        raise HerdError(f"-k must be at least 1 (got {args.k})")
+    if args.max_tokens < 1 or args.parallel < 1:
+        raise HerdError("--max-tokens and --parallel must be at least 1")
+    prompts = read_prompts(args.data)  # bad data fails before anything is loaded
+    try:
+        from ..train.reward import load_reward_model
+    except ModuleNotFoundError as e:
+        if e.name != "llamaherd.train.reward":
+            raise
+        raise HerdError("this install has no reward models (llamaherd.train.reward)") from None
+    scorer = load_reward_model(args.reward)
+    from ..llm import Llama
+    from ..train.finetune import resolve_model_path
+
+    policy = Llama.load(resolve_model_path(args.policy))
+    kept: list[dict] = []
+    start = time.perf_counter()
+    try:
+        rejection_sample(policy, prompts, scorer.score, args.k, args.temperature, args.top_p, args.system, args.keep,
+                         max_tokens=args.max_tokens, seed=args.seed, parallel=args.parallel, progress=args.progress,
+                         on_rows=kept.extend)
+    except KeyboardInterrupt:
+        write_jsonl(sorted(kept, key=lambda r: (r["prompt"], -r["score"])), args.out)
+        print(f"interrupted: the rows of {len({r['prompt'] for r in kept})} prompts written to {args.out}",
+              file=sys.stderr)
+        return 130
+    seconds = time.perf_counter() - start
+    write_jsonl(sorted(kept, key=lambda r: (r["prompt"], -r["score"])), args.out)
+    n = len(prompts) * args.k
+    mean = sum(r["score"] for r in kept) / len(kept)
+    print(f"sampled {n} replies to {len(prompts)} prompts in {seconds:.1f} s ({n / seconds:.1f} samples/s); "
+          f"kept {len(kept)} ({args.keep}), mean score {mean:.4f}: {args.out}")
+    return 0

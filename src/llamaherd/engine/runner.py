@@ -4,6 +4,7 @@ The batch loop (`scheduler.Scheduler`) and the single-stream loop (`generate.gen
 runner for the few things they need, and nothing else touches the model:
 
     allocate(n_rows, capacity)  a KV cache of n_rows sequences x capacity positions (kept if it grows)
+    fork(src, dsts, n)          copy a row's first n positions into other rows (samples share a prompt)
     prefill(prompts)            run prompt pieces (tokens, start position, row); logits after each
     decode(tokens, positions, rows)  one token per row (or consecutive tokens of one row): logits
     logits(tokens) / embed(tokens)   teacher-forced logits, and hidden states, without the cache
@@ -83,6 +84,16 @@ class Runner:
     def release_row(self, row: int, keep: int) -> None:
         """Give back the memory of `row`'s positions from `keep` on (a lazily committed cache)."""
         kvcache.release(self.model, row, keep)
+
+    def fork(self, src: int, dsts: list[int], n: int) -> None:
+        """Copy the first `n` positions of row `src` into rows `dsts`: K samples of one prompt
+        share its prefill (`Scheduler.submit(job, forks=...)`). A copy holds the same bits a prefill
+        of the prompt into that row would, so each sample is what it would be alone. Every per-row
+        tensor of the cache is copied (keys, values, and whatever a quantized cache keeps per
+        position): all are laid out (row, head, position, ...)."""
+        for layer in self.model.layers:
+            for buf in layer.attention.cache.buffers():
+                buf[dsts, :, :n] = buf[src, :, :n]
 
     @property
     def bytes_per_position(self) -> int:

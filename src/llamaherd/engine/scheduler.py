@@ -23,6 +23,12 @@ that row and prefills only the rest. Only what a fresh prefill would compute to 
 reused: whole units of the prompt path (`Runner.reuse_unit`) that lay inside the earlier prompt — not the reply's tokens, which
 decoding computed in another way. So the output is the same with or without the reuse (tested).
 
+Shared prompts. K samples of one prompt (rejection sampling) are one job and its `forks`
+(`submit(job, forks=...)`): the group waits until a row is free for each, the prompt is prefilled
+once into the job's row, its keys and values are copied into the forks' rows (`Runner.fork`), and
+each fork samples its first token from the same logits with its own options and generator. A copy
+holds the bits a prefill would, so each sample is what it would be alone.
+
 The KV cache is `n_rows` rows by `capacity` positions; the capacity grows
 (doubling, up to the model's context length) when a sequence needs it. On the CPU the cache is
 lazily committed memory (`kvcache`): a row costs memory for the positions it holds, and a row given
@@ -96,6 +102,7 @@ class Job:
         self.first_token_at: int | None = None
         self.reused = 0  # prompt tokens taken from a kept prefix, not computed
         self.lookup: PromptLookup | None = None  # draft tokens, when the job speculates
+        self.forks: list[Job] = []  # jobs with this prompt that take its prefill (`Scheduler.submit`)
         self.guesses = opts.speculate  # how many drafts to check next, adapted to how many hold
 
     def cancel(self) -> None:
@@ -111,6 +118,18 @@ def token_logprob(logits: torch.Tensor, token: int, k: int) -> TokenLogprob:
         values, ids = torch.topk(logp, k)
         top = list(zip(ids.tolist(), values.tolist()))
     return TokenLogprob(token, float(logp[token]), top)
+
+
+def _heir(job: Job) -> Job | None:
+    """A waiting `job`, or if it is cancelled the first of its forks that is not (taking the others
+    as its forks); None if all are."""
+    if not job.cancelled:
+        return job
+    live = [f for f in job.forks if not f.cancelled]
+    if live:
+        live[0].forks = live[1:]
+        return live[0]
+    return None
 
 
 class Scheduler:
@@ -145,7 +164,15 @@ class Scheduler:
 
     # -- used from other threads ------------------------------------------------------------
 
-    def submit(self, job: Job) -> None:
+    def submit(self, job: Job, forks: Sequence[Job] = ()) -> None:
+        """Queue `job`. `forks`: more jobs with the same prompt (each with its own options and
+        seed) that share its prefill: the prompt is computed once and its keys and values copied
+        into their rows. A group needs a free row for each of its jobs at once."""
+        if any(f.prompt != job.prompt for f in forks):
+            raise ValueError("forks must have the job's prompt")
+        if len(forks) >= self.n_rows:
+            raise ValueError(f"{len(forks) + 1} jobs sharing a prompt need as many rows; the scheduler has {self.n_rows}")
+        job.forks = list(forks)
         with self._cond:
             if self._closed:
                 raise HerdError(f"model '{self.name}' is being unloaded")
@@ -248,6 +275,7 @@ class Scheduler:
         error = HerdError(f"model '{self.name}' was unloaded")
         with self._cond:
             jobs = list(self._waiting) + self._prefilling + self._running
+            jobs += [f for j in jobs for f in j.forks]
             self._waiting.clear()
             calls = list(self._calls)
             self._calls.clear()
@@ -277,10 +305,11 @@ class Scheduler:
     def _drop_cancelled(self) -> None:
         with self._cond:
             if any(j.cancelled for j in self._waiting):
-                self._waiting = deque(j for j in self._waiting if not j.cancelled)
+                self._waiting = deque(j for j in map(_heir, self._waiting) if j is not None)
         for job in self._prefilling + self._running:
             if job.cancelled:
                 job.finished = True
+                self._pass_on(job)
                 self._free_row(job)
         self._prefilling = [j for j in self._prefilling if not j.finished]
         self._running = [j for j in self._running if not j.finished]
@@ -288,24 +317,36 @@ class Scheduler:
     def _admit(self) -> None:
         while self._free:
             with self._cond:
-                if not self._waiting:
-                    return
+                if not self._waiting or len(self._waiting[0].forks) >= len(self._free):
+                    return  # (a group waits for a row for each of its jobs)
                 job = self._waiting.popleft()
-            if job.cancelled:
+            members, job.forks = (job, *job.forks), []
+            group = [j for j in members if self._start(j)]
+            if not group:
                 continue
-            try:
-                job.generator = make_generator(job.opts.seed)
-            except Exception as e:  # noqa: BLE001 — fail this job; the loop (and every later job) goes on
-                self._fail(job, e)
-                continue
-            if job.budget == 0:  # num_predict 0: nothing to generate, not even a prefill
-                job.started_at = job.first_token_at = time.perf_counter_ns()
-                self._finish(job, "length")
-                continue
-            if job.opts.speculate and job.opts.temperature <= 0 and self.runner.speculates and job.constraint is None:
-                job.lookup = PromptLookup(job.prompt)
+            job, job.forks = group[0], group[1:]
             self._take_row(job)
+            for fork in job.forks:  # rows the prefill will be copied into
+                fork.row = self._free.pop(0)
+                self._kept[fork.row] = []
             self._prefilling.append(job)
+
+    def _start(self, job: Job) -> bool:
+        """Get `job` ready to run; False if it is over already (cancelled, failed, nothing to make)."""
+        if job.cancelled:
+            return False
+        try:
+            job.generator = make_generator(job.opts.seed)
+        except Exception as e:  # noqa: BLE001 — fail this job; the loop (and every later job) goes on
+            self._fail(job, e)
+            return False
+        if job.budget == 0:  # num_predict 0: nothing to generate, not even a prefill
+            job.started_at = job.first_token_at = time.perf_counter_ns()
+            self._finish(job, "length")
+            return False
+        if job.opts.speculate and job.opts.temperature <= 0 and self.runner.speculates and job.constraint is None:
+            job.lookup = PromptLookup(job.prompt)
+        return True
 
     def _take_row(self, job: Job) -> None:
         """Give `job` the free row that holds the longest reusable prefix of its prompt, or else the
@@ -370,8 +411,50 @@ class Scheduler:
                 self._kept[job.row] = job.prompt[:end // unit * unit]
                 self._prefilling.remove(job)
                 self._running.append(job)
+                self._fork(job, row_logits)
                 self._advance(job, row_logits)
         self._running = [j for j in self._running if not j.finished]
+
+    def _fork(self, job: Job, logits: torch.Tensor) -> None:
+        """Give `job`'s prefilled prompt to its forks (see "Shared prompts"); they join the running set."""
+        forks, job.forks = job.forks, []
+        for fork in forks:
+            if fork.cancelled:
+                fork.finished = True
+                self._free_row(fork)
+        forks = [f for f in forks if not f.finished]
+        if not forks:
+            return
+        try:
+            self.runner.fork(job.row, [f.row for f in forks], len(job.prompt))
+        except Exception as e:  # noqa: BLE001 — the forks fail, the job goes on
+            log.exception("fork failed")
+            for fork in forks:
+                self._fail(fork, e)
+            return
+        for fork in forks:
+            fork.prefilled = fork.reused = len(fork.prompt)
+            fork.started_at = job.started_at
+            self._kept[fork.row] = self._kept[job.row]
+            self._running.append(fork)
+            self._advance(fork, logits)
+
+    def _pass_on(self, job: Job) -> None:
+        """A cancelled job's forks still want its prefill: the first of them takes over its row and
+        its progress, the others stay its forks."""
+        heirs = [f for f in job.forks if not f.cancelled]
+        for fork in job.forks:
+            if fork.cancelled:
+                fork.finished = True
+                self._free_row(fork)
+        job.forks = []
+        if not heirs or job not in self._prefilling:
+            return
+        heir = heirs[0]
+        heir.row, job.row = job.row, heir.row
+        heir.prefilled, heir.reused, heir.started_at = job.prefilled, job.reused, job.started_at
+        heir.forks = heirs[1:]
+        self._prefilling.append(heir)
 
     def _decode(self) -> None:
         """One step for every running job: its next token, and for a job that speculates, the
@@ -465,3 +548,6 @@ class Scheduler:
         self._free_row(job)
         if not job.cancelled:
             self._emit(job, error)
+        forks, job.forks = job.forks, []
+        for fork in forks:  # they were waiting for this job's prefill
+            self._fail(fork, error)
