@@ -2,6 +2,7 @@
 the LoRA reference, a run that learns a held-out preference, and bad inputs. Tiny random Llama models
 with SmolLM2's real tokenizer and chat template."""
 
+import functools
 import json
 import math
 
@@ -28,6 +29,15 @@ PAIRS = [  # (prompt, chosen, rejected): responses of different lengths, so per-
 ]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run faster on one thread (and the machine is shared); restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def tiny_hf(seed=0, vocab=49152):
     torch.manual_seed(seed)
     config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -52,8 +62,15 @@ def tiny_dirs(tmp_path_factory, smollm2):
     return dirs
 
 
+@functools.lru_cache(maxsize=4)
+def _weights(path):
+    return load_hf(path)[:2]
+
+
 def herd_model(path):
-    return build_model(*load_hf(path)[:2])
+    """A fresh herd model of a tiny directory (its weights read once; tests never change them in place)."""
+    args, sd = _weights(path)
+    return build_model(args, dict(sd))
 
 
 def write_jsonl(path, records):
