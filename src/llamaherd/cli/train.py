@@ -1,6 +1,7 @@
 """`herd train`: fine-tuning.
 
     herd train sft --model smollm2:135m --data chat.jsonl --out runs/mine [--method full|lora|qlora] ...
+    herd train dpo --config dpo-smollm2 --data prefs.jsonl --out runs/dpo [--beta 0.1 --nll-coef 0.2]
     herd train sft --config lora-smollm2 --data chat.jsonl --out runs/mine   # a shipped recipe or a YAML file
     herd train sft ... --nproc 2                                             # torchrun, FSDP2
     herd train --list | --show NAME
@@ -63,6 +64,11 @@ def register(sub, local) -> None:
     add_sft_arguments(s)
     s.set_defaults(func=cmd_sft)
     add_sample_parser(verbs)
+    d = verbs.add_parser("dpo", help="DPO on preference pairs (the Llama 3 recipe)",
+                         description="Direct Preference Optimization as the Llama 3 paper runs it: beta 0.1, "
+                                     "an NLL term on the chosen responses, formatting tokens masked.")
+    add_sft_arguments(d, DPO_FLAGS, DPO_BOOLS)
+    d.set_defaults(func=cmd_dpo)
 
 
 def add_sft_arguments(s: argparse.ArgumentParser, flags=FLAGS, bools=BOOLS) -> None:
@@ -126,6 +132,58 @@ def cmd_sft(args) -> int:
     if summary.get("outputs"):
         print_summary(summary)
     return 0
+
+
+# `herd train dpo`: SFT's flags (its defaults where the paper's differ) plus the preference keys (`DPOConfig`).
+DPO_FLAGS = [(k, t, {"data": "preference JSONL: {\"prompt\", \"chosen\", \"rejected\", \"rating\"?} per line",
+                     "method": "full | lora | qlora [full]", "lr": "peak learning rate [1e-5]",
+                     "batch_size": "pairs per micro-batch [4]"}.get(k, h)) for k, t, h in FLAGS] + [
+    ("beta", float, "beta, the strength of the KL constraint to the reference [0.1]"),
+    ("nll_coef", float, "weight of the chosen responses' mean NLL term [0.2]"),
+    ("loss_type", str, "sigmoid | hinge | ipo [sigmoid]"),
+    ("min_rating", str, "keep pairs rated at least: significantly better, better, slightly better, "
+                        "marginally better, or any [better]"),
+]
+DPO_BOOLS = BOOLS + [("mask_format_tokens", "leave the template's header and end-of-turn tokens out of the "
+                                            "log-probability sums [on]")]
+
+
+def cmd_dpo(args) -> int:
+    from ..errors import HerdError
+    from ..train.config import make_config
+    from ..train.dpo import DPOConfig, dpo
+
+    values = config_values(args, DPO_FLAGS, DPO_BOOLS)
+    make_config(values, cls=DPOConfig)  # a bad key or value fails here, before anything is loaded
+    if args.nproc > 1:
+        raise HerdError("herd train dpo runs in one process for now (no --nproc)")
+    try:
+        summary = dpo(values)
+    except KeyboardInterrupt:
+        return 130
+    print_dpo_summary(summary)
+    return 0
+
+
+def print_dpo_summary(s: dict) -> None:
+    from .common import human_size
+
+    d = s["data"]
+    print(f"trained {s['steps']} DPO steps ({s['method']}) in {s['wall_seconds']:.1f} s: {s['pairs_seen']} pairs, "
+          f"{s['pairs_per_s']:.2f} pairs/s, peak memory {human_size(s['peak_memory_bytes'])}")
+    print(f"data: {d['pairs']} pairs ({d['scored_tokens']} scored tokens), {d['filtered_by_rating']} below "
+          f"min_rating, {d['dropped_too_long']} dropped as too long")
+    f = s["final"]
+    if f:
+        print(f"last step: loss {f['loss']:.4f}, reward margin {f['reward_margin']:.4f}, "
+              f"reward accuracy {f['reward_accuracy']:.2f}, chosen NLL {f['chosen_nll']:.4f}")
+    if s.get("val_after"):
+        v, b = s["val_after"], s["val_before"] or {}
+        print(f"held out ({s['val_pairs']} pairs): reward margin {b.get('val_reward_margin', 0):.4f} -> "
+              f"{v['val_reward_margin']:.4f}, chosen NLL {b.get('val_chosen_nll', float('nan')):.4f} -> "
+              f"{v['val_chosen_nll']:.4f}")
+    for name, path in s["outputs"].items():
+        print(f"{name}: {path}")
 
 
 def launch(nproc: int, values: dict) -> int:

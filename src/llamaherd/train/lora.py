@@ -12,6 +12,7 @@ base model exactly.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -72,6 +73,7 @@ class LoRALinear(nn.Module):
         self.lora_b = nn.Linear(rank, self.out_features, bias=False, device=device)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
+        self.enabled = True  # False: the base layer alone (the DPO reference, see `adapters_off`)
         self.reset_lora()
 
     @torch.no_grad()
@@ -90,7 +92,7 @@ class LoRALinear(nn.Module):
             from .qlora import frozen_quantized_linear
 
             y = frozen_quantized_linear(self.base, x)
-        if self.merged:
+        if self.merged or not self.enabled:
             return y
         return y + self.lora_b(self.lora_a(self.dropout(x))) * self.scaling
 
@@ -138,6 +140,22 @@ def lora_llama3(model: nn.Module, targets: str | list[str] = "q,v", rank: int = 
 
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+@contextmanager
+def adapters_off(model: nn.Module):
+    """Within this block the model computes as its frozen base (every unmerged adapter skipped):
+    the starting policy, with no second copy of the weights (DPO's reference model)."""
+    modules = list(lora_modules(model).values())
+    if any(m.merged for m in modules):
+        raise HerdError("adapters_off needs unmerged adapters")
+    for m in modules:
+        m.enabled = False
+    try:
+        yield model
+    finally:
+        for m in modules:
+            m.enabled = True
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

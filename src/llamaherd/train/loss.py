@@ -32,12 +32,12 @@ class _ChunkedCE(torch.autograd.Function):
             target_logit = torch.where(inside, picked, target_logit)
         ctx.save_for_backward(h, weight, safe, valid, lse)
         ctx.chunk = chunk
-        return ((lse - target_logit) * valid).sum()
+        return (lse - target_logit) * valid  # (N,) per-token losses, 0 where ignored
 
     @staticmethod
     def backward(ctx, grad):
         h, weight, safe, valid, lse = ctx.saved_tensors
-        scale = (grad * valid).float()[:, None]  # (N, 1): d(sum loss) per row, 0 where ignored
+        scale = (grad * valid).float()[:, None]  # (N, 1): d(loss) per row, 0 where ignored
         grad_h = torch.zeros(h.shape, dtype=torch.float32, device=h.device) if ctx.needs_input_grad[0] else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if ctx.needs_input_grad[1] else None
         for start in range(0, weight.shape[0], ctx.chunk):
@@ -69,7 +69,25 @@ def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.
         The sum (not the mean) of the per-token losses, float32: divide by the number of
         targets of the whole (global) batch, so accumulation and processes weigh every token alike.
     """
+    return chunked_token_losses(h, weight, targets, chunk).sum()
+
+
+def chunked_token_losses(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         chunk: int = 8192) -> torch.Tensor:
+    """Per-token cross-entropy (the negative log-probability of each target), (N,) flattened,
+    0 where the target is IGNORE; computed in vocabulary chunks as `chunked_cross_entropy`.
+    Preference losses (DPO) sum these per sequence."""
     return _ChunkedCE.apply(h.reshape(-1, h.shape[-1]), weight, targets.reshape(-1), chunk)
+
+
+def token_losses(h: torch.Tensor, output: torch.nn.Module, targets: torch.Tensor,
+                 chunk: int | None = 8192) -> torch.Tensor:
+    """Per-token losses (N,) through the model's output layer: chunked for a plain `nn.Linear`,
+    otherwise (a quantized output) through the layer itself."""
+    if chunk and isinstance(output, torch.nn.Linear):
+        return chunked_token_losses(h, output.weight, targets, chunk)
+    return F.cross_entropy(output(h).float().flatten(0, -2), targets.reshape(-1), ignore_index=IGNORE,
+                           reduction="none")
 
 
 def cross_entropy_sum(h: torch.Tensor, output: torch.nn.Module, targets: torch.Tensor,

@@ -1,0 +1,571 @@
+"""Direct Preference Optimization (Rafailov et al., 2023) as the Llama 3 paper runs it (section 4.1.4).
+
+    from llamaherd.train.dpo import dpo
+    summary = dpo(model="smollm2:135m", data="prefs.jsonl", out="runs/dpo", max_steps=100)
+
+Each line of the data file is one preference pair:
+
+    {"prompt": [{"role": "user", "content": "..."}, ...],   # messages (or one string: a user turn)
+     "chosen": [{"role": "assistant", "content": "..."}],   # assistant message(s) (or one string)
+     "rejected": [{"role": "assistant", "content": "..."}],
+     "rating": "better"}                                     # optional
+
+With `min_rating` ("better" by default) only pairs rated at least that strongly are kept
+(RATINGS, strongest first: the paper trains DPO on "significantly better" and "better" pairs);
+pairs without a rating are kept.
+
+The loss of a pair, with log-probabilities summed over the response's tokens,
+
+    sigmoid(β (log π(c)/π_ref(c) − log π(r)/π_ref(r)))   →   −log σ(·)  +  nll_coef · NLL(c)
+
+differs from the usual DPO in two ways the paper gives (β = 0.1, lr 1e-5, nll_coef = 0.2):
+
+- formatting tokens are masked out of both log-probability sums (`mask_format_tokens`). What a
+  "formatting token" is, for any chat template: every token of the response that the template writes
+  rather than the assistant — the end-of-turn token (Llama 3's `<|eot_id|>`, ChatML's `<|im_end|>`
+  for SmolLM2) and, when a response has several messages, the whitespace after each end-of-turn and
+  the next message's header (`<|start_header_id|>assistant<|end_header_id|>\\n\\n`,
+  `<|im_start|>assistant\\n`). The first header is part of the prompt (the generation prompt), so it
+  is never in the sums. Chosen and rejected responses share these tokens; the paper found that their
+  contrastive pull makes the model repeat tails or stop abruptly.
+- an NLL term on the chosen response: its mean per-token negative log-likelihood (over all its
+  tokens, the end-of-turn included, exactly the tokens SFT would learn, so the model keeps learning
+  where to stop), averaged over pairs. It keeps the chosen responses likely while DPO pushes the two
+  apart (Pang et al., 2024).
+
+The reference model is the starting policy. With LoRA / QLoRA it is the same model with its adapters
+switched off (`lora.adapters_off`: no second copy); for a full fine-tune, the reference log-probs
+are computed once before training (one no-grad pass) and carried in the batches, so the frozen
+copy never has to sit in memory.
+
+A micro-batch holds `batch_size` pairs. With `packing` (on), a pair's chosen and rejected sequences
+are two documents of one row (document masks, positions restarting at 0) and pairs are packed
+greedily into rows of up to 2 × `max_seq_len` positions, so one forward computes both sides with no
+padding between them. Without it, rows are [chosen_1..chosen_B, rejected_1..rejected_B], padded.
+A pair whose prompt + response exceeds `max_seq_len + 1` tokens is dropped (and counted).
+
+Outputs in OUT/ are SFT's (see `finetune`); metrics.jsonl has, per step: loss, dpo_loss,
+reward_margin (β-scaled log-ratio margin), reward_accuracy (chosen reward > rejected reward),
+chosen_nll, chosen_reward, rejected_reward (each a mean over the step's pairs), and val_* the same.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import HerdError
+from .config import SFTConfig, make_config
+from .data import IGNORE, ROLES
+from .loop import fit, rank_world
+from .loss import token_losses
+
+RATINGS = ("significantly better", "better", "slightly better", "marginally better")  # strongest first
+LOSS_TYPES = ("sigmoid", "hinge", "ipo")
+
+
+@dataclass
+class DPOConfig(SFTConfig):
+    """SFT's keys (model, data, method, lr, batch_size, ...) with the paper's DPO defaults, plus:"""
+
+    data: str = ""  # preference JSONL: {"prompt", "chosen", "rejected", "rating"?} per line
+    method: str = "full"  # the paper fine-tunes every weight
+    lr: float = 1e-5  # the paper's
+    batch_size: int = 4  # pairs per process per micro-batch
+    beta: float = 0.1  # strength of the KL constraint to the reference
+    nll_coef: float = 0.2  # weight of the chosen responses' mean NLL
+    mask_format_tokens: bool = True  # leave the template's tokens out of the log-prob sums
+    loss_type: str = "sigmoid"  # sigmoid (DPO) | hinge (SLiC) | ipo
+    min_rating: str | None = "better"  # keep pairs rated at least this (RATINGS); "any": all
+
+    def check(self) -> None:
+        super().check()
+        if self.beta <= 0:
+            raise HerdError(f"beta must be positive, got {self.beta}")
+        if self.nll_coef < 0:
+            raise HerdError(f"nll_coef must be at least 0, got {self.nll_coef}")
+        if self.loss_type not in LOSS_TYPES:
+            raise HerdError(f"unknown loss_type {self.loss_type!r}; valid: {', '.join(LOSS_TYPES)}")
+        if self.min_rating not in (None, "", "any", *RATINGS):
+            raise HerdError(f"unknown min_rating {self.min_rating!r}; valid: {', '.join(RATINGS)} or any")
+
+
+# -- reading --------------------------------------------------------------------------------------
+
+@dataclass
+class Pair:
+    prompt: list[dict[str, str]]
+    chosen: list[dict[str, str]]
+    rejected: list[dict[str, str]]
+    rating: str | None = None
+
+
+def _messages(value: Any, key: str, default_role: str) -> list[dict[str, str]]:
+    """A field as a list of messages: a string is one message of `default_role`."""
+    if isinstance(value, str):
+        return [{"role": default_role, "content": value}]
+    if isinstance(value, dict):
+        value = [value]
+    if not isinstance(value, list) or not value:
+        raise HerdError(f"{key!r} must be a string or a non-empty list of messages")
+    out = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise HerdError(f"{key}[{i}] must be a message: {{\"role\": one of {', '.join(ROLES)}, "
+                            "\"content\": a string}")
+        out.append({"role": m["role"], "content": m["content"]})
+    return out
+
+
+def pair_of(record: Any) -> Pair:
+    """The preference pair a JSONL record stands for; HerdError (without a location) if malformed."""
+    if not isinstance(record, dict):
+        raise HerdError(f"expected a JSON object, got {type(record).__name__}")
+    missing = [k for k in ("prompt", "chosen", "rejected") if k not in record]
+    if missing:
+        raise HerdError(f"missing {' and '.join(repr(k) for k in missing)} (a pair needs 'prompt', 'chosen' "
+                        f"and 'rejected'; keys found: {', '.join(sorted(record)) or 'none'})")
+    prompt = _messages(record["prompt"], "prompt", "user")
+    chosen = _messages(record["chosen"], "chosen", "assistant")
+    rejected = _messages(record["rejected"], "rejected", "assistant")
+    for key, response in (("chosen", chosen), ("rejected", rejected)):
+        if any(m["role"] != "assistant" for m in response):
+            raise HerdError(f"{key!r} must hold assistant messages only")
+    if chosen == rejected:
+        raise HerdError("'chosen' and 'rejected' are identical: the pair prefers nothing")
+    rating = record.get("rating")
+    if rating is not None:
+        if not isinstance(rating, str) or rating.strip().lower() not in RATINGS:
+            raise HerdError(f"unknown rating {rating!r}; valid: {', '.join(RATINGS)}")
+        rating = rating.strip().lower()
+    return Pair(prompt, chosen, rejected, rating)
+
+
+def read_pairs(path: str | Path) -> list[Pair]:
+    """The preference pairs of a JSONL file (blank lines skipped).
+
+    Raises:
+        HerdError: the file is missing or empty, or a line is malformed (named as FILE:LINE).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise HerdError(f"data file {path} does not exist")
+    pairs = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                pairs.append(pair_of(json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise HerdError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            except HerdError as e:
+                raise HerdError(f"{path}:{lineno}: {e}") from None
+    if not pairs:
+        raise HerdError(f"{path} holds no pairs")
+    return pairs
+
+
+def keep_rated(pairs: Sequence[Pair], min_rating: str | None) -> list[Pair]:
+    """The pairs rated at least `min_rating` (unrated pairs are kept; None, "" or "any": all)."""
+    if min_rating in (None, "", "any"):
+        return list(pairs)
+    limit = RATINGS.index(min_rating)
+    return [p for p in pairs if p.rating is None or RATINGS.index(p.rating) <= limit]
+
+
+# -- tokenizing -----------------------------------------------------------------------------------
+
+def encode_response(tokenizer, prompt: Sequence[dict], response: Sequence[dict], template: str | None = None
+                    ) -> tuple[list[int], list[bool], list[bool]]:
+    """The tokens of prompt + response, and per token: is it the response's, is it a formatting token.
+
+    The response's tokens run from the end of the generation prompt to its last end-of-turn token
+    (template whitespace after that is not generated by the model). Formatting tokens (see the
+    module doc) are the template's inside that span: end-of-turn tokens, and between two messages
+    what follows an end-of-turn up to the next message's content (found by rendering the
+    conversation up to that message with the generation prompt).
+
+    Raises:
+        HerdError: the template does not render a conversation as a prefix of its continuation.
+    """
+    from ..chat.template import format_prompt
+
+    def render(messages, open_turn):
+        return format_prompt(tokenizer, messages, add_generation_prompt=open_turn, template=template)
+
+    tokens = render([*prompt, *response], False)
+    is_response, is_format = [False] * len(tokens), [False] * len(tokens)
+    start = None  # where message j's span starts: the generation prompt's end, then the previous end-of-turn
+    for j in range(len(response)):
+        head = render([*prompt, *response[:j]], True)  # everything before message j's content
+        through = render([*prompt, *response[:j + 1]], False)
+        if tokens[:len(through)] != through or through[:len(head)] != head:
+            raise HerdError("the chat template does not render a conversation as a prefix of its continuation; "
+                            "cannot tell the response's tokens apart")
+        start = len(head) if start is None else start
+        end = next((k + 1 for k in range(len(head), len(through)) if through[k] in tokenizer.stop_ids), len(through))
+        is_response[start:end] = [True] * (end - start)
+        is_format[start:len(head)] = [True] * (len(head) - start)  # after the last end-of-turn: header (j > 0)
+        is_format[len(head):end] = [t in tokenizer.stop_ids for t in tokens[len(head):end]]
+        start = end
+    return tokens, is_response, is_format
+
+
+@dataclass
+class Side:
+    """One sequence of a pair: `inputs[i]` predicts `targets[i]` (IGNORE outside the response);
+    `scored[i]`: that target counts in the DPO log-probability sum."""
+
+    inputs: list[int]
+    targets: list[int]
+    scored: list[bool]
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+
+@dataclass
+class PairExample:
+    chosen: Side
+    rejected: Side
+    ref: tuple[float, float] | None = None  # the reference's (chosen, rejected) log-probs, when precomputed
+
+
+@dataclass
+class PairStats:
+    pairs: int = 0  # kept
+    filtered_by_rating: int = 0
+    dropped_too_long: int = 0
+    tokens: int = 0  # input positions of both sides
+    scored_tokens: int = 0  # targets in the log-prob sums
+
+    def to_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+def tokenize_pairs(tokenizer, pairs: Sequence[Pair], max_seq_len: int, mask_format_tokens: bool = True,
+                   template: str | None = None) -> tuple[list[PairExample], PairStats]:
+    """Pair examples; a pair with a side over `max_seq_len + 1` tokens is dropped (counted)."""
+    examples, stats = [], PairStats()
+    for pair in pairs:
+        sides = []
+        for response in (pair.chosen, pair.rejected):
+            tokens, is_response, is_format = encode_response(tokenizer, pair.prompt, response, template)
+            scored = [r and not (mask_format_tokens and f) for r, f in zip(is_response, is_format)]
+            targets = [t if r else IGNORE for t, r in zip(tokens[1:], is_response[1:])]
+            sides.append(Side(tokens[:-1], targets, scored[1:]))
+        if max(len(s) for s in sides) > max_seq_len:
+            stats.dropped_too_long += 1
+            continue
+        examples.append(PairExample(*sides))
+        stats.pairs += 1
+        stats.tokens += sum(len(s) for s in sides)
+        stats.scored_tokens += sum(sum(s.scored) for s in sides)
+    return examples, stats
+
+
+# -- batching -------------------------------------------------------------------------------------
+
+def collate_pairs(pairs: Sequence[PairExample], packing: bool, row_len: int, pad_id: int = 0
+                  ) -> dict[str, torch.Tensor]:
+    """A micro-batch of pairs as tensors.
+
+    Every position has a segment id `seg` = 2 * (pair index) + (0 chosen | 1 rejected), -1 on padding.
+    With `packing`, pairs go greedily into rows of at most `row_len` positions, chosen then rejected
+    as two documents; without it, one sequence per row, all chosen rows then all rejected rows.
+    Returns tokens, targets, doc_ids, input_pos, seg (B, T), scored (B, T) bool, n_pairs (),
+    and ref_logps (P, 2) when the reference log-probs were precomputed.
+    """
+    rows: list[list[tuple[Side, int]]] = []
+    if packing:
+        used = row_len  # start a new row at once
+        for p, pair in enumerate(pairs):
+            n = len(pair.chosen) + len(pair.rejected)
+            if used + n > row_len:
+                rows.append([])
+                used = 0
+            rows[-1] += [(pair.chosen, 2 * p), (pair.rejected, 2 * p + 1)]
+            used += n
+    else:
+        rows = [[(pair.chosen, 2 * p)] for p, pair in enumerate(pairs)]
+        rows += [[(pair.rejected, 2 * p + 1)] for p, pair in enumerate(pairs)]
+    T = max(sum(len(s) for s, _ in row) for row in rows)
+    out = {"tokens": torch.full((len(rows), T), pad_id), "targets": torch.full((len(rows), T), IGNORE),
+           "doc_ids": torch.full((len(rows), T), -1), "input_pos": torch.zeros(len(rows), T, dtype=torch.long),
+           "seg": torch.full((len(rows), T), -1), "scored": torch.zeros(len(rows), T, dtype=torch.bool)}
+    for b, row in enumerate(rows):
+        at = 0
+        for d, (side, seg) in enumerate(row):
+            span = slice(at, at + len(side))
+            out["tokens"][b, span] = torch.tensor(side.inputs)
+            out["targets"][b, span] = torch.tensor(side.targets)
+            out["scored"][b, span] = torch.tensor(side.scored)
+            out["doc_ids"][b, span] = d
+            out["input_pos"][b, span] = torch.arange(len(side))
+            out["seg"][b, span] = seg
+            at += len(side)
+    out["n_pairs"] = torch.tensor(len(pairs))
+    if all(p.ref is not None for p in pairs):
+        out["ref_logps"] = torch.tensor([p.ref for p in pairs], dtype=torch.float32)
+    return out
+
+
+class PairBatches:
+    """Micro-batches of `batch_size` pairs, reshuffled every epoch from (seed, epoch) as `data.Batches`
+    (resuming at (epoch, index) replays the order). The interface `loop.fit` reads: `len` and `epoch`.
+
+    With several processes each takes every `world`-th pair of a global batch. Pairs that do not
+    fill a last whole batch are left to the next epoch's shuffle, unless `drop_last` is off
+    (validation: every pair, in order).
+    """
+
+    def __init__(self, pairs: Sequence[PairExample], batch_size: int, max_seq_len: int, packing: bool = True,
+                 seed: int = 0, shuffle: bool = True, drop_last: bool = True, rank: int = 0, world: int = 1):
+        self.pairs, self.batch_size, self.packing = list(pairs), batch_size, packing
+        self.row_len, self.seed, self.shuffle, self.drop_last = 2 * max_seq_len, seed, shuffle, drop_last
+        self.rank, self.world = rank, world
+        if len(self.pairs) < batch_size * world:
+            raise HerdError(f"only {len(self.pairs)} training pairs, fewer than one batch "
+                            f"({batch_size} x {world} processes): lower --batch-size or add data")
+
+    def __len__(self) -> int:
+        step = self.batch_size * self.world
+        return len(self.pairs) // step if self.drop_last else -(-len(self.pairs) // step)
+
+    def order(self, epoch: int) -> list[int]:
+        if not self.shuffle:
+            return list(range(len(self.pairs)))
+        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        return torch.randperm(len(self.pairs), generator=g).tolist()
+
+    def epoch(self, epoch: int, start: int = 0):
+        order, step = self.order(epoch), self.batch_size * self.world
+        for b in range(start, len(self)):
+            chunk = order[b * step:(b + 1) * step][self.rank::self.world]
+            if chunk:
+                yield collate_pairs([self.pairs[i] for i in chunk], self.packing, self.row_len)
+
+
+def n_pairs(batch: dict) -> torch.Tensor:
+    """The weight of a preference batch (`loop.fit`'s `weight=`): its pairs."""
+    return batch["n_pairs"]
+
+
+# -- the loss -------------------------------------------------------------------------------------
+
+def dpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, ref_chosen_logps: torch.Tensor,
+             ref_rejected_logps: torch.Tensor, beta: float = 0.1, loss_type: str = "sigmoid",
+             chosen_tokens: torch.Tensor | None = None, rejected_tokens: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The preference loss of each pair, from summed log-probabilities (all (P,)).
+
+    Args:
+        chosen_logps, rejected_logps: the policy's log-probs of each response.
+        ref_chosen_logps, ref_rejected_logps: the reference model's.
+        beta: β, the strength of the KL constraint.
+        loss_type: sigmoid (DPO: −log σ(β Δ)), hinge (SLiC: relu(1 − β Δ)), or ipo
+            ((Δ per token − 1/(2β))², with each side's log-ratio divided by its token count, as TRL).
+        chosen_tokens, rejected_tokens: tokens in each sum (ipo only).
+    Returns:
+        (losses, chosen_rewards, rejected_rewards): the rewards are β × log-ratio, detached.
+    """
+    chosen_logratios = chosen_logps - ref_chosen_logps
+    rejected_logratios = rejected_logps - ref_rejected_logps
+    delta = chosen_logratios - rejected_logratios
+    if loss_type == "sigmoid":
+        losses = -F.logsigmoid(beta * delta)
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - beta * delta)
+    elif loss_type == "ipo":
+        per_token = chosen_logratios / chosen_tokens.clamp(min=1) - rejected_logratios / rejected_tokens.clamp(min=1)
+        losses = (per_token - 1 / (2 * beta)) ** 2
+    else:
+        raise HerdError(f"unknown loss_type {loss_type!r}; valid: {', '.join(LOSS_TYPES)}")
+    return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
+
+
+def sequence_logps(model: nn.Module, batch: dict, chunk: int = 8192) -> dict[str, torch.Tensor]:
+    """Per segment (pair × side) of a `collate_pairs` batch, each (P, 2) [chosen, rejected]:
+    logps (summed over the scored targets), nll (summed −log p over all response targets),
+    tokens (response targets), scored (scored targets)."""
+    P = int(batch["n_pairs"])
+    h = model.hidden_states(batch["tokens"], input_pos=batch["input_pos"], doc_ids=batch["doc_ids"])
+    sel = batch["targets"] != IGNORE  # only the responses' positions reach the output layer
+    nll = token_losses(h[sel], model.output, batch["targets"][sel], chunk)  # (N,)
+    seg, scored = batch["seg"][sel], batch["scored"][sel]
+
+    def per_segment(values):
+        return torch.zeros(2 * P, device=values.device, dtype=values.dtype).index_add(0, seg, values).view(P, 2)
+
+    return {"logps": per_segment(-nll * scored), "nll": per_segment(nll),
+            "tokens": per_segment(torch.ones_like(nll)), "scored": per_segment(scored.float())}
+
+
+class DPOLoss(nn.Module):
+    """The model and its summed preference loss as one module (`loop.fit`'s wrapper).
+
+    The reference log-probs come in the batch (`ref_logps`, precomputed) or, when absent, from the
+    same model with its LoRA adapters switched off (the starting policy, no second copy).
+    """
+
+    def __init__(self, model: nn.Module, beta: float = 0.1, nll_coef: float = 0.2, loss_type: str = "sigmoid",
+                 loss_chunk: int = 8192):
+        super().__init__()
+        self.model, self.beta, self.nll_coef, self.loss_type, self.loss_chunk = \
+            model, beta, nll_coef, loss_type, loss_chunk
+
+    @torch.no_grad()
+    def reference_logps(self, batch: dict) -> torch.Tensor:
+        """(P, 2) log-probs of the starting policy: the model with its adapters off."""
+        from .lora import adapters_off, lora_modules
+
+        if not lora_modules(self.model):
+            raise HerdError("a full fine-tune needs precomputed reference log-probs (ref_logps)")
+        with adapters_off(self.model):
+            return sequence_logps(self.model, batch, self.loss_chunk)["logps"]
+
+    def forward(self, tokens, targets, doc_ids, input_pos, seg, scored, n_pairs, ref_logps=None):
+        batch = {"tokens": tokens, "targets": targets, "doc_ids": doc_ids, "input_pos": input_pos, "seg": seg,
+                 "scored": scored, "n_pairs": n_pairs}
+        if ref_logps is None:
+            ref_logps = self.reference_logps(batch)
+        s = sequence_logps(self.model, batch, self.loss_chunk)
+        losses, chosen_rewards, rejected_rewards = dpo_loss(
+            s["logps"][:, 0], s["logps"][:, 1], ref_logps[:, 0], ref_logps[:, 1], self.beta, self.loss_type,
+            s["scored"][:, 0], s["scored"][:, 1])
+        chosen_nll = s["nll"][:, 0] / s["tokens"][:, 0].clamp(min=1)  # mean per token, per pair
+        loss = (losses + self.nll_coef * chosen_nll).sum()
+        margin = chosen_rewards - rejected_rewards
+        return loss, {"dpo_loss": losses.detach().sum(), "chosen_nll": chosen_nll.detach().sum(),
+                      "reward_margin": margin.sum(), "reward_accuracy": (margin > 0).float().sum(),
+                      "chosen_reward": chosen_rewards.sum(), "rejected_reward": rejected_rewards.sum()}
+
+
+@torch.no_grad()
+def precompute_reference(model: nn.Module, examples: list[PairExample], batch_size: int, max_seq_len: int,
+                         packing: bool, device: str, chunk: int = 8192) -> None:
+    """Store the model's (chosen, rejected) log-probs in every example (`ref`): the reference of a
+    full fine-tune, computed before the first step (so no frozen copy of the weights is kept)."""
+    from contextlib import nullcontext
+
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else nullcontext()
+    was_training = model.training
+    model.eval()
+    with autocast:
+        for i in range(0, len(examples), batch_size):
+            chunk_pairs = examples[i:i + batch_size]
+            for p in chunk_pairs:
+                p.ref = None
+            batch = {k: v.to(device) for k, v in collate_pairs(chunk_pairs, packing, 2 * max_seq_len).items()}
+            logps = sequence_logps(model, batch, chunk)["logps"].float().cpu()
+            for p, row in zip(chunk_pairs, logps.tolist()):
+                p.ref = (row[0], row[1])
+    model.train(was_training)
+
+
+# -- the recipe -----------------------------------------------------------------------------------
+
+def dpo(config: DPOConfig | dict | None = None, *, on_step: Callable[[dict], None] | None = None,
+        **kwargs: Any) -> dict:
+    """Align a model on preference pairs with DPO (see the module doc and `DPOConfig` for the keys).
+
+    Args:
+        config: a `DPOConfig`, or a dict of its keys; `kwargs` override it.
+        on_step: called with each step's metrics record (after it is logged).
+    Returns:
+        The summary (also written to OUT/summary.json).
+    Raises:
+        HerdError: a bad setting, model or data file.
+    """
+    from .finetune import _check_resume, _checkpoint_blocks, _save_outputs, _split, load_for_training, \
+        resolve_model_path
+    from .lora import lora_llama3
+    from .metrics import plot_loss
+
+    values = config.to_dict() if isinstance(config, DPOConfig) else dict(config or {})
+    cfg = make_config({**values, **kwargs}, cls=DPOConfig)
+    for key in ("model", "data", "out"):
+        if not getattr(cfg, key):
+            raise HerdError(f"{key} is required")
+    if cfg.resume:
+        _check_resume(cfg)
+    rank, world = rank_world()
+    if world > 1:
+        raise HerdError("DPO runs in one process for now (no --nproc)")
+    device = cfg.device or (f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+
+    # Data: pairs, rated strongly enough, tokenized with the model's template.
+    pairs = read_pairs(cfg.data)
+    val_pairs = read_pairs(cfg.val_data) if cfg.val_data else []
+    if not cfg.val_data:
+        pairs, val_pairs = _split(pairs, cfg.val_split, cfg.seed)
+    kept = keep_rated(pairs, cfg.min_rating)
+    if not kept:
+        raise HerdError(f"no pair of {cfg.data} is rated at least {cfg.min_rating!r} (min_rating)")
+    model_path = resolve_model_path(cfg.model)
+    model, ckpt = load_for_training(model_path, cfg.method, device)
+    if cfg.max_seq_len > ckpt.args.max_seq_len:
+        raise HerdError(f"max_seq_len {cfg.max_seq_len} exceeds the model's context length {ckpt.args.max_seq_len}")
+    examples, stats = tokenize_pairs(ckpt.tokenizer, kept, cfg.max_seq_len, cfg.mask_format_tokens)
+    stats.filtered_by_rating = len(pairs) - len(kept)
+    if not examples:
+        raise HerdError(f"no pair of {cfg.data} fits max_seq_len {cfg.max_seq_len}")
+    val_examples, _ = tokenize_pairs(ckpt.tokenizer, keep_rated(val_pairs, cfg.min_rating), cfg.max_seq_len,
+                                     cfg.mask_format_tokens)
+
+    # Model and reference: LoRA's is the model with its adapters off; a full fine-tune's is
+    # precomputed here, from the starting weights.
+    if cfg.method == "full":
+        precompute_reference(model, examples + val_examples, cfg.batch_size, cfg.max_seq_len, cfg.packing, device,
+                             cfg.loss_chunk)
+    else:
+        lora_llama3(model, cfg.lora_targets, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
+    batches = PairBatches(examples, cfg.batch_size, cfg.max_seq_len, cfg.packing, cfg.seed)
+    val_batches = (PairBatches(val_examples, cfg.batch_size, cfg.max_seq_len, cfg.packing, shuffle=False,
+                               drop_last=False) if val_examples else None)
+    if cfg.activation_checkpointing:
+        _checkpoint_blocks(model)
+    model.train()
+    wrapper = DPOLoss(model, cfg.beta, cfg.nll_coef, cfg.loss_type, cfg.loss_chunk)
+    run = {**cfg.to_dict(), "model_path": str(model_path), "resume": False, "recipe": "dpo"}
+    (out / "train.json").write_text(json.dumps(run, indent=2))
+    result = fit(cfg, wrapper, batches, out=out, device=device, val_batches=val_batches, weight=n_pairs,
+                 on_step=on_step)
+    position = result["position"]
+
+    outputs = _save_outputs(cfg, wrapper, model, ckpt, model_path, out, rank, world)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    last = records[-1] if records else {}
+    pairs_seen = position["step"] * cfg.batch_size * cfg.grad_accum
+    summary = {
+        "method": cfg.method, "steps": position["step"], "epochs": position["epoch"] + 1,
+        "pairs_seen": pairs_seen, "tokens": position["tokens"], "seconds": round(position["seconds"], 2),
+        "wall_seconds": result["wall_seconds"],
+        "pairs_per_s": round(pairs_seen / max(position["seconds"], 1e-9), 2),
+        "tokens_per_s": round(position["tokens"] / max(position["seconds"], 1e-9), 1),
+        "peak_memory_bytes": result["peak_memory_bytes"], "trainable_parameters": result["trainable_parameters"],
+        "processes": world, "data": stats.to_dict(), "val_pairs": len(val_examples),
+        "val_before": result["val_before"],
+        "val_after": {k: v for k, v in last.items() if k.startswith("val_")} or None,
+        "final": {k: last[k] for k in ("loss", "dpo_loss", "reward_margin", "reward_accuracy", "chosen_nll")
+                  if k in last},
+        "outputs": outputs,
+    }
+    png = plot_loss(out)
+    if png is not None:
+        summary["outputs"]["loss_curve"] = str(png)
+    summary["outputs"]["metrics"] = str(out / "metrics.jsonl")
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
