@@ -287,7 +287,7 @@ def run_round(config: LoopConfig | dict, on_stage: Callable[[str, dict], None] |
 
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     reward = load_reward_model(reward_path, device)
-    reward.check_tokenizer(policy_tokenizer(cfg.model), f"the policy {cfg.model}'s")
+    reward.check_tokenizer(policy_tokenizer(cfg.model), f"the policy {cfg.model}")
 
     # 2. Rejection sampling: K replies per prompt, the reward model keeps the best.
     from .sample import rejection_sample
