@@ -310,7 +310,7 @@ def fake_stages(monkeypatch, calls):
     from llamaherd.train.finetune import sft
 
     def rejection_sample(policy, prompts, scorer, k, temperature, top_p, system=None, keep="best"):
-        calls["sample"] = {"policy": policy, "k": k, "temperature": temperature, "top_p": top_p, "keep": keep}
+        calls["sample"] = {"policy": Path(policy.path), "k": k, "temperature": temperature, "top_p": top_p, "keep": keep}
         rows = []
         for prompt in prompts:
             replies = [CANDIDATES[i % len(CANDIDATES)] for i in range(k)]
@@ -354,7 +354,7 @@ def test_one_round_reward_sample_sft_dpo_with_averaging(tiny_dir, tmp_path, monk
     assert stages["reward"]["runs"] == 2 and stages["reward"]["model"] == str(out / "reward" / "model")
     rm = load_reward_model(out / "reward" / "model")
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
-    assert len(samples) == 8 and calls["sample"] == {"policy": str(tiny_dir), "k": 3, "temperature": 0.8,
+    assert len(samples) == 8 and calls["sample"] == {"policy": tiny_dir, "k": 3, "temperature": 0.8,
                                                      "top_p": 0.9, "keep": "best"}
     for row in samples:
         prompt = row["messages"][:-1]

@@ -226,14 +226,6 @@ def write_jsonl(rows: list[dict], path: Path) -> Path:
     return path
 
 
-def policy_tokenizer(model: str):
-    """The tokenizer of a policy (a store name or path), without building the model."""
-    from ..weights import load_checkpoint
-    from .finetune import resolve_model_path
-
-    return load_checkpoint(resolve_model_path(model), quantized=True).tokenizer
-
-
 # -- the round ------------------------------------------------------------------------------------
 
 def run_round(config: LoopConfig | dict, on_stage: Callable[[str, dict], None] | None = None) -> dict:
@@ -287,14 +279,17 @@ def run_round(config: LoopConfig | dict, on_stage: Callable[[str, dict], None] |
 
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     reward = load_reward_model(reward_path, device)
-    reward.check_tokenizer(policy_tokenizer(cfg.model), f"the policy {cfg.model}")
 
-    # 2. Rejection sampling: K replies per prompt, the reward model keeps the best.
+    # 2. Rejection sampling: K replies per prompt from the policy, the reward model keeps the best.
+    from ..llm import Llama
+    from .finetune import resolve_model_path
     from .sample import rejection_sample
 
-    samples = rejection_sample(cfg.model, prompts, reward.score, cfg.k, cfg.temperature, cfg.top_p,
+    policy = Llama.load(resolve_model_path(cfg.model))
+    reward.check_tokenizer(policy.tokenizer, f"the policy {cfg.model}")
+    samples = rejection_sample(policy, prompts, reward.score, cfg.k, cfg.temperature, cfg.top_p,
                                system=cfg.system, keep=cfg.keep)
-    del reward
+    del reward, policy
     if not samples:
         raise HerdError("rejection sampling kept no sample to fine-tune on")
     samples_file = write_jsonl(samples, out / "samples.jsonl")
