@@ -12,11 +12,11 @@ import sys
 
 from .. import __version__
 from ..errors import HerdError
-from . import data, doctor, eval as evaluation, export, guard, models, run, serve, train
+from . import data, doctor, eval as evaluation, export, guard, models, reward, run, serve, train
 
 # The verb groups, in the order `herd --help` lists them. A new group is a module with
 # `register(sub, local)` added here.
-COMMANDS = (run, models, doctor, serve, train, export, data, evaluation, guard)
+COMMANDS = (run, models, doctor, serve, train, reward, export, data, evaluation, guard)
 
 
 def build_parser() -> argparse.ArgumentParser:

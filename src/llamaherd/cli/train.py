@@ -69,6 +69,9 @@ def register(sub, local) -> None:
                                      "an NLL term on the chosen responses, formatting tokens masked.")
     add_sft_arguments(d, DPO_FLAGS, DPO_BOOLS)
     d.set_defaults(func=cmd_dpo)
+    from .reward import register_train_verbs  # herd train reward, herd train loop
+
+    register_train_verbs(verbs)
 
 
 def add_sft_arguments(s: argparse.ArgumentParser, flags=FLAGS, bools=BOOLS) -> None:
