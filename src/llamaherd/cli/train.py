@@ -61,6 +61,9 @@ def register(sub, local) -> None:
                          description="Supervised fine-tuning (full, LoRA or QLoRA) on JSONL chat data.")
     add_sft_arguments(s)
     s.set_defaults(func=cmd_sft)
+    from .pretrain import register_verbs  # herd train pretrain / scaling
+
+    register_verbs(verbs)
 
 
 def add_sft_arguments(s: argparse.ArgumentParser, flags=FLAGS, bools=BOOLS) -> None:
