@@ -264,3 +264,24 @@ def test_scaling_command_writes_json_and_plot(corpus, tmp_path, capsys):
     assert "C = 2e+08 FLOPs" in capsys.readouterr().out
     if "plot" in result["outputs"]:
         assert (tmp_path / "scaling.png").read_bytes()[:4] == b"\x89PNG"
+
+
+# -- the Llama 3 tokenizer as a tokenizer.json ---------------------------------------------------
+
+def test_llama3_tiktoken_converts_to_the_same_bpe():
+    """What a `--tokenizer llama3` model saves: the tiktoken BPE as a `tokenizers` BPE with the same
+    ids. Checked on Llama 3's first 6,000 ranks (a BPE's first ranks are a BPE: a token only merges
+    lower ranks), so the test stays fast; the whole 128k vocabulary converts the same way."""
+    from llamaherd.tokenizer import load_tokenizer
+    from llamaherd.tokenizer.convert import hf_from_tiktoken
+    from llamaherd.tokenizer.llama3 import Llama3Tokenizer
+    full = load_tokenizer("llama3")
+    small = Llama3Tokenizer({full.model.decode_single_token_bytes(i): i for i in range(6000)})
+    hf = hf_from_tiktoken(small)
+    assert hf.n_words == small.n_words == 6256 and (hf.bos_id, hf.eos_id) == (small.bos_id, small.eos_id)
+    assert hf.stop_ids == small.stop_ids
+    texts = [" ".join(documents(3, seed=5)), "Ça va? 안녕하세요 世界 1234567 don't  \n\n  tabs\t\tx   ",
+             "def f(x):\n    return x**2  # 2024-01-01\r\n", "<|eot_id|> is text here"]
+    for text in texts:
+        assert hf.encode(text) == small.encode(text)
+        assert hf.decode(hf.encode(text)) == text

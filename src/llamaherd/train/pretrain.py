@@ -227,12 +227,13 @@ def loaders(cfg: PretrainConfig, rank: int, world: int) -> tuple[WindowBatches, 
 # -- the recipe -------------------------------------------------------------------------------
 
 def pretrain(config: PretrainConfig | dict | None = None, *, on_step: Callable[[dict], None] | None = None,
-             **kwargs: Any) -> dict:
+             plot: bool = True, **kwargs: Any) -> dict:
     """Pre-train a preset from random weights, or continue pre-training a model (see the module doc).
 
     Args:
         config: a `PretrainConfig`, or a dict of its keys; `kwargs` override it.
         on_step: called with each step's metrics record (after it is logged).
+        plot: draw OUT/loss.png (when matplotlib is installed).
     Returns:
         The summary (also written to OUT/summary.json): steps, tokens, time, parameters, MFU inputs,
         the validation loss and perplexity at each evaluation, the outputs.
@@ -321,7 +322,7 @@ def pretrain(config: PretrainConfig | dict | None = None, *, on_step: Callable[[
         "outputs": {"model": str(final_model)} if rank == 0 else {},
     }
     if rank == 0:
-        png = plot_loss(out)
+        png = plot_loss(out) if plot else None
         if png is not None:
             summary["outputs"]["loss_curve"] = str(png)
         summary["outputs"]["metrics"] = str(out / "metrics.jsonl")

@@ -102,7 +102,8 @@ def run_grid(data: str, out: str, *, presets: list[str] | None = None, flops: li
             steps = max(1, round(budget / (6 * n) / per_step))
             summary = pretrain(preset=name, data=str(data), out=str(out / "runs" / f"{name}-{budget:.0e}"),
                                max_steps=steps, warmup_steps=max(1, steps // 10), batch_size=batch_size,
-                               max_seq_len=max_seq_len, lr=lr, val_split=val_split, seed=seed, progress=progress)
+                               max_seq_len=max_seq_len, lr=lr, val_split=val_split, seed=seed, progress=progress,
+                               plot=False)
             runs.append({"preset": name, "flops": budget, "params": n, "tokens": summary["tokens"],
                          "steps": steps, "val_loss": summary["val_loss"]})
     result = fit_grid(runs)
