@@ -72,6 +72,9 @@ def register(sub, local) -> None:
     from .reward import register_train_verbs  # herd train reward, herd train loop
 
     register_train_verbs(verbs)
+    from .pretrain import register_verbs  # herd train pretrain / scaling
+
+    register_verbs(verbs)
 
 
 def add_sft_arguments(s: argparse.ArgumentParser, flags=FLAGS, bools=BOOLS) -> None:

@@ -1,4 +1,4 @@
-"""`torchrun --nproc_per_node N -m llamaherd.train sft ...`: the same arguments as `herd train sft`.
+"""`torchrun --nproc_per_node N -m llamaherd.train sft|pretrain ...`: the arguments of `herd train sft|pretrain`.
 
 Each process joins the group (gloo on the CPU, NCCL on GPUs); the recipe shards the model with
 FSDP2 and gives each process its share of every global batch. Only rank 0 prints and writes.
@@ -13,6 +13,7 @@ import sys
 import torch
 import torch.distributed as dist
 
+from ..cli.pretrain import register_verbs
 from ..cli.train import add_sft_arguments, cmd_sft
 from ..errors import HerdError
 
@@ -20,7 +21,10 @@ from ..errors import HerdError
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m llamaherd.train")
     verbs = parser.add_subparsers(dest="verb", required=True)
-    add_sft_arguments(verbs.add_parser("sft"))
+    sft = verbs.add_parser("sft")
+    add_sft_arguments(sft)
+    sft.set_defaults(func=cmd_sft)
+    register_verbs(verbs)  # pretrain (scaling too, though it runs one process)
     args = parser.parse_args(argv)
     args.nproc = 1  # already launched
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -33,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if quiet:
             sys.stdout = open(os.devnull, "w")
-        return cmd_sft(args)
+        return args.func(args)
     except HerdError as e:
         print(f"Error: {e}", file=sys.stderr)
         return 1
