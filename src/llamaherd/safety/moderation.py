@@ -12,6 +12,8 @@ Settings (environment variables of `herd serve`, listed with the others in `llam
                           every this many tokens (text is held back until checked)    64
     HERD_CODE_SHIELD      warn | block: scan the code in replies; unset: off
     HERD_GUARD_REFUSAL    the reply to a flagged prompt                  "I can't help with that."
+    HERD_MODERATION_OVERRIDE  what a request's X-Herd-Moderation header may do:
+                          stricter (only add checks) | any (also weaken them)         stricter
 
 - Input: the conversation up to its last user message is classified before the chat model sees
   it. Flagged: the reply is the refusal with `done_reason`/`finish_reason` "content_filter" and a
@@ -19,6 +21,11 @@ Settings (environment variables of `herd serve`, listed with the others in `llam
 - Output: the reply is classified (as the Agent's message in the conversation) at sentence ends
   or every HERD_GUARD_EVERY tokens, and at the end; text is released only once checked, so a
   flagged reply stops with "content_filter" before its unsafe part is sent.
+- Per request: the header `X-Herd-Moderation: mode=both; threshold=0.2; code-shield=block`
+  (any of the three keys; mode off|input|output|both, code-shield off|warn|block) changes the
+  checks for that request. By default it may only make them stricter (more stages, a lower
+  threshold, a stronger code shield); a weaker setting is a 400 unless the server allows it
+  (HERD_MODERATION_OVERRIDE=any). The guard model itself is always the server's.
 - Code shield: `warn` attaches the findings to the final object/chunk (`safety.code_shield`);
   `block` holds each fenced code block until it closes and replaces a block with a block-severity
   finding by a notice.
@@ -27,6 +34,7 @@ Settings (environment variables of `herd serve`, listed with the others in `llam
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import os
 import re
@@ -54,6 +62,7 @@ class ModerationSettings:
     every: int = 64
     code_shield: str | None = None
     refusal: str = "I can't help with that."
+    allow_weaker: bool = False  # may a request's X-Herd-Moderation weaken the checks?
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> "ModerationSettings":
@@ -74,12 +83,79 @@ class ModerationSettings:
             raise HerdError("HERD_GUARD_THRESHOLD must be a number and HERD_GUARD_EVERY an integer") from None
         if not 0 <= threshold <= 1 or every < 1:
             raise HerdError("HERD_GUARD_THRESHOLD must be in [0, 1] and HERD_GUARD_EVERY >= 1")
+        override = env.get("HERD_MODERATION_OVERRIDE", "stricter").strip().lower() or "stricter"
+        if override not in ("stricter", "any"):
+            raise HerdError(f"HERD_MODERATION_OVERRIDE must be stricter or any, got {override!r}")
         return cls(env.get("HERD_GUARD") or None, mode, threshold, malformed, every, shield,
-                   env.get("HERD_GUARD_REFUSAL") or cls.refusal)
+                   env.get("HERD_GUARD_REFUSAL") or cls.refusal, override == "any")
 
     @property
     def enabled(self) -> bool:
         return bool(self.guard) or self.code_shield is not None
+
+    @property
+    def stages(self) -> set[str]:
+        """What the guard checks: {"input", "output"}, a part of it, or nothing."""
+        if not self.guard or self.mode == "off":
+            return set()
+        return {"input", "output"} if self.mode == "both" else {self.mode}
+
+    def override(self, header: str) -> "ModerationSettings":
+        """These settings changed by a request's X-Herd-Moderation header (see the module docstring).
+
+        Raises:
+            HerdError: a malformed header, a guard stage asked of a server without a guard model,
+                or a weaker setting where the server allows only stricter ones.
+        """
+        changes = parse_override(header)
+        new = replace(self, **changes)
+        if "mode" in changes and changes["mode"] != "off" and not self.guard:
+            raise HerdError(f"{OVERRIDE_HEADER}: mode={changes['mode']} needs a guard model, and this server has "
+                            "none (start it with HERD_GUARD=MODEL)")
+        if not self.allow_weaker:
+            weaker = []
+            if not new.stages >= self.stages:
+                weaker.append(f"mode={new.mode} (the server checks {self.mode})")
+            if new.guard and new.threshold > self.threshold:
+                weaker.append(f"threshold={new.threshold:g} (the server's is {self.threshold:g})")
+            if _SHIELD_RANK[new.code_shield] < _SHIELD_RANK[self.code_shield]:
+                weaker.append(f"code-shield={new.code_shield or 'off'} (the server's is {self.code_shield})")
+            if weaker:
+                raise HerdError(f"{OVERRIDE_HEADER} may only make moderation stricter on this server: "
+                                f"{', '.join(weaker)} is weaker (HERD_MODERATION_OVERRIDE=any allows it)")
+        return new
+
+
+OVERRIDE_HEADER = "X-Herd-Moderation"
+_SHIELD_RANK = {None: 0, "warn": 1, "block": 2}
+
+
+def parse_override(header: str) -> dict[str, Any]:
+    """`mode=both; threshold=0.2; code-shield=block` (";" or "," between pairs) -> settings fields."""
+    changes: dict[str, Any] = {}
+    for part in re.split(r"[;,]", header):
+        if not part.strip():
+            continue
+        key, eq, value = (x.strip().lower() for x in part.partition("="))
+        if not eq or not value:
+            raise HerdError(f"{OVERRIDE_HEADER}: expected key=value pairs, got {part.strip()!r}")
+        if key == "mode" and value in ("off", "input", "output", "both"):
+            changes["mode"] = value
+        elif key == "code-shield" and value in ("off", "warn", "block"):
+            changes["code_shield"] = None if value == "off" else value
+        elif key == "threshold":
+            try:
+                changes["threshold"] = float(value)
+            except ValueError:
+                changes["threshold"] = -1.0
+            if not 0 <= changes["threshold"] <= 1:
+                raise HerdError(f"{OVERRIDE_HEADER}: threshold must be a number in [0, 1], got {value!r}")
+        elif key in ("mode", "code-shield"):
+            valid = "off, input, output, both" if key == "mode" else "off, warn, block"
+            raise HerdError(f"{OVERRIDE_HEADER}: {key} must be one of {valid}, got {value!r}")
+        else:
+            raise HerdError(f"{OVERRIDE_HEADER}: unknown key {key!r}; valid: mode, threshold, code-shield")
+    return changes
 
 
 def verdict_info(verdict, stage: str) -> dict[str, Any]:
@@ -120,9 +196,23 @@ class Moderator:
         self.settings = settings
         self.stats: Counter = Counter()
         self._classifier = None
+        self._server: Moderator | None = None  # a request's moderator: the server's, whose guard it shares
+
+    def for_request(self, header: str) -> "Moderator":
+        """A moderator for one request with its X-Herd-Moderation header applied
+        (`ModerationSettings.override`); it counts in this one's `stats` and uses its guard."""
+        m = Moderator(self.settings.override(header))
+        m.stats, m._server = self.stats, self
+        return m
 
     def classifier(self, engine):
         """The guard classifier, made on first use (the engine exists once the server starts)."""
+        if self._server is not None:
+            clf = self._server.classifier(engine)
+            if getattr(clf, "threshold", self.settings.threshold) != self.settings.threshold:
+                clf = copy.copy(clf)  # the same guard, this request's threshold
+                clf.threshold = self.settings.threshold
+            return clf
         if self._classifier is None or self._classifier.engine is not engine:
             from .classify import GuardClassifier
 
@@ -144,9 +234,9 @@ class Moderator:
         """The moderated counterpart of `engine.generate(req)`."""
         s = self.settings
         conv = None
-        if s.guard:
+        if s.stages:
             conv = self.conversation(req)
-        if s.guard and s.mode in ("input", "both") and any(m.get("role") == "user" for m in conv):
+        if "input" in s.stages and any(m.get("role") == "user" for m in conv):
             self.stats["input_checked"] += 1
             verdict = await self.classifier(engine).classify(conv, role="user")
             if verdict.flagged:
@@ -154,7 +244,7 @@ class Moderator:
                 log.info("guard flagged a prompt: %s score %.3f", verdict.categories, verdict.score)
                 return Refusal(req.model, s.refusal, verdict_info(verdict, "input"))
         gen = await engine.generate(req)
-        check_output = bool(s.guard) and s.mode in ("output", "both")
+        check_output = "output" in s.stages
         if not check_output and not s.code_shield:
             return gen
         return ModeratedGeneration(self, engine, gen, conv if check_output else None)
@@ -385,3 +475,11 @@ def server_moderator(env: dict[str, str] | None = None) -> Moderator | None:
     """The server's moderator from HERD_GUARD* / HERD_CODE_SHIELD, or None when both are off."""
     settings = ModerationSettings.from_env(env)
     return Moderator(settings) if settings.enabled else None
+
+
+def request_moderator(server: Moderator | None, header: str) -> Moderator:
+    """The moderator of a request that sent X-Herd-Moderation: the server's with the header
+    applied; on a server with no moderation, the settings from the environment (all off) with it."""
+    if server is None:
+        server = Moderator(ModerationSettings.from_env())
+    return server.for_request(header)

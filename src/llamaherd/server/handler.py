@@ -146,8 +146,11 @@ class Handler:
 
     # -- running models -------------------------------------------------------------------
 
-    async def generate(self, req: GenerateRequest, stop_logprob: bool = False) -> Reply:
+    async def generate(self, req: GenerateRequest, stop_logprob: bool = False, moderation: str | None = None) -> Reply:
         """Start a generation; request errors raise here, before anything is streamed.
+
+        `moderation` is the request's X-Herd-Moderation header: its own moderation settings
+        (`llamaherd.safety.moderation`; stricter than the server's unless the server allows weaker).
 
         With `stop_logprob`, a generation that ends on a stop token reports that token's
         log-probability too (as vLLM's completions do): lm-evaluation-harness reads the last
@@ -160,8 +163,13 @@ class Handler:
         if tools is not None:
             tools = toolfmt.check_tools(tools)
             req.tools = tools
-        if self.moderator is not None:  # checks before and after generation (llamaherd.safety)
-            gen = await self.moderator.generate(self.engine, req)
+        moderator = self.moderator
+        if moderation is not None:
+            from ..safety.moderation import request_moderator
+
+            moderator = request_moderator(moderator, moderation)
+        if moderator is not None:  # checks before and after generation (llamaherd.safety)
+            gen = await moderator.generate(self.engine, req)
         else:
             gen = await self.engine.generate(req)
         return Reply(gen, tools, start, req.logprobs is not None, stop_logprob)

@@ -157,7 +157,8 @@ def routes() -> APIRouter:
         reply = await handler_of(request).generate(et.GenerateRequest(
             model=body.model, messages=_messages(body.messages), tools=tools, options=_options(body),
             format=format, keep_alive=parse_keep_alive(body.keep_alive),
-            logprobs=(body.top_logprobs or 0) if body.logprobs else None))
+            logprobs=(body.top_logprobs or 0) if body.logprobs else None),
+            moderation=request.headers.get("x-herd-moderation"))
         cid, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), reply.model
         base = {"id": cid, "created": created, "model": model, "system_fingerprint": FINGERPRINT}
 
@@ -230,7 +231,8 @@ def routes() -> APIRouter:
                 raise HerdError("echo is not supported with stream")
             reply = await h.generate(et.GenerateRequest(
                 model=body.model, prompt=prompts[0], raw=True, suffix=body.suffix, options=options,
-                keep_alive=keep_alive, logprobs=body.logprobs), stop_logprob=True)
+                keep_alive=keep_alive, logprobs=body.logprobs), stop_logprob=True,
+                moderation=request.headers.get("x-herd-moderation"))
             base = {"id": cid, "object": "text_completion", "created": created, "model": reply.model,
                     "system_fingerprint": FINGERPRINT}
             include_usage = body.stream_options is not None and body.stream_options.include_usage
@@ -252,7 +254,7 @@ def routes() -> APIRouter:
             return sse_stream(chunks())
 
         async def one(i: int, prompt: str | list[int]) -> tuple[dict, dict[str, int], str]:
-            return await _completion(h, body, prompt, i, options, keep_alive)
+            return await _completion(h, body, prompt, i, options, keep_alive, request.headers.get("x-herd-moderation"))
 
         results = await unless_disconnected(request, asyncio.gather(*(one(i, p) for i, p in enumerate(prompts))))
         usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
@@ -327,7 +329,8 @@ def _completion_logprobs(infos: list[TokenInfo | None], offset: int, first_text:
 
 
 async def _completion(h: Handler, body: s.CompletionRequest, prompt: str | list[int], index: int,
-                      options: dict[str, Any], keep_alive) -> tuple[dict, dict[str, int], str]:
+                      options: dict[str, Any], keep_alive, moderation: str | None = None,
+                      ) -> tuple[dict, dict[str, int], str]:
     """One choice of a non-streamed completion (with the prompt's logprobs when echoing)."""
     text_parts: list[str] = []
     infos: list[TokenInfo | None] = []
@@ -351,7 +354,7 @@ async def _completion(h: Handler, body: s.CompletionRequest, prompt: str | list[
     if not (body.echo and options.get("num_predict") == 0):
         reply = await h.generate(et.GenerateRequest(
             model=body.model, prompt=prompt, raw=True, suffix=body.suffix, options=options, keep_alive=keep_alive,
-            logprobs=body.logprobs), stop_logprob=True)
+            logprobs=body.logprobs), stop_logprob=True, moderation=moderation)
         model = reply.model
         async for event in reply.events():
             if isinstance(event, Text):
