@@ -297,38 +297,72 @@ static inline __attribute__((always_inline)) void codes(const uint8_t *row, int6
 #define NT 2 /* weight rows a tile: each activation block loaded once for them */
 #define MT 4 /* activation rows a tile: each weight block decoded once for them */
 
+static inline __attribute__((always_inline)) float f16(const uint8_t *p) {
+    uint16_t h;
+    memcpy(&h, p, 2);
+    return _cvtsh_ss(h);
+}
+
+/* block_scales for every block of 32 of super-block sb (8 of them for the K-quants, 1 otherwise),
+ * each scale and min unpacked once: s[j] (two halves) and mn[j]. */
+static inline __attribute__((always_inline)) void super_scales(const uint8_t *row, int64_t sb, const int type,
+                                                               float s[8][2], float mn[8]) {
+    const uint8_t *b = row + sb * block_bytes(type);
+    if (type == Q4_K || type == Q5_K) {
+        const float d = f16(b), dmin = f16(b + 2);
+        for (int j = 0; j < 8; j++) {
+            int sc, m;
+            scale_min(b + 4, j, &sc, &m);
+            s[j][0] = s[j][1] = d * (float)sc;
+            mn[j] = -(dmin * (float)m);
+        }
+    } else if (type == Q6_K) {
+        const float d = f16(b + 208);
+        const int8_t *sc = (const int8_t *)(b + 192);
+        for (int j = 0; j < 8; j++) s[j][0] = d * (float)sc[2 * j], s[j][1] = d * (float)sc[2 * j + 1], mn[j] = 0.f;
+    } else {
+        s[0][0] = s[0][1] = f16(b);
+        mn[0] = has_min(type) ? f16(b + 2) : 0.f;
+    }
+}
+
 /* Output features n .. n + nt - 1 for activation rows m0 .. m0 + mt - 1 (see blockmm.c's `tile`). */
 static inline __attribute__((always_inline)) void tile(const uint8_t *w, int64_t row_bytes, const int16_t *xq,
         const float *xd, const float *xs, float *y, int64_t ldy, int64_t n, int64_t m0, int64_t nb, const int nt,
         const int mt, const int type) {
+    const int nsub = (int)(block_values(type) / 32);
     __m256 acc[NT][MT];
     float mins[NT][MT];
     for (int f = 0; f < nt; f++)
         for (int r = 0; r < mt; r++) acc[f][r] = _mm256_setzero_ps(), mins[f][r] = 0.f;
-    for (int64_t b = 0; b < nb; b++) {
-        __m256i q[NT][2];
-        float s[NT][2], mn[NT];
+    for (int64_t sb = 0; sb < nb / nsub; sb++) {
+        float s[NT][8][2], mn[NT][8];
         for (int f = 0; f < nt; f++) {
             const uint8_t *row = w + (n + f) * row_bytes;
-            if (b % 4 == 0) _mm_prefetch((const char *)row + b * row_bytes / nb + PREFETCH, _MM_HINT_T0);
-            block_scales(row, b, type, s[f], &mn[f]);
-            codes(row, b, type, q[f]);
+            for (int64_t at = 0; at < block_bytes(type); at += 64) /* every cache line, 1 KB ahead */
+                _mm_prefetch((const char *)row + sb * block_bytes(type) + at + PREFETCH, _MM_HINT_T0);
+            super_scales(row, sb, type, s[f], mn[f]);
         }
-        for (int r = 0; r < mt; r++) {
-            const int64_t i = (m0 + r) * nb + b;
-            const __m256i x0 = _mm256_loadu_si256((const __m256i *)(xq + i * 32));
-            const __m256i x1 = _mm256_loadu_si256((const __m256i *)(xq + i * 32 + 16));
-            for (int f = 0; f < nt; f++) {
-                /* exact integer dot products (|q| <= 128, |x| <= 32767: < 2^31 a lane), scaled once */
-                const __m256i p0 = _mm256_madd_epi16(q[f][0], x0), p1 = _mm256_madd_epi16(q[f][1], x1);
-                if (type == Q6_K) { /* two scales a block */
-                    acc[f][r] = _mm256_fmadd_ps(_mm256_set1_ps(s[f][0] * xd[i]), _mm256_cvtepi32_ps(p0), acc[f][r]);
-                    acc[f][r] = _mm256_fmadd_ps(_mm256_set1_ps(s[f][1] * xd[i]), _mm256_cvtepi32_ps(p1), acc[f][r]);
-                } else {
-                    acc[f][r] = _mm256_fmadd_ps(_mm256_set1_ps(s[f][0] * xd[i]), _mm256_cvtepi32_ps(_mm256_add_epi32(p0, p1)),
-                                                acc[f][r]);
+        for (int j = 0; j < nsub; j++) {
+            const int64_t b = sb * nsub + j;
+            __m256i q[NT][2];
+            for (int f = 0; f < nt; f++) codes(w + (n + f) * row_bytes, b, type, q[f]);
+            for (int r = 0; r < mt; r++) {
+                const int64_t i = (m0 + r) * nb + b;
+                const __m256i x0 = _mm256_loadu_si256((const __m256i *)(xq + i * 32));
+                const __m256i x1 = _mm256_loadu_si256((const __m256i *)(xq + i * 32 + 16));
+                for (int f = 0; f < nt; f++) {
+                    /* exact integer dot products (|q| <= 128, |x| <= 32767: < 2^31 a lane), scaled once */
+                    const __m256i p0 = _mm256_madd_epi16(q[f][0], x0), p1 = _mm256_madd_epi16(q[f][1], x1);
+                    if (type == Q6_K) { /* two scales a block */
+                        acc[f][r] = _mm256_fmadd_ps(_mm256_set1_ps(s[f][j][0] * xd[i]), _mm256_cvtepi32_ps(p0), acc[f][r]);
+                        acc[f][r] = _mm256_fmadd_ps(_mm256_set1_ps(s[f][j][1] * xd[i]), _mm256_cvtepi32_ps(p1), acc[f][r]);
+                    } else {
+                        acc[f][r] = _mm256_fmadd_ps(_mm256_set1_ps(s[f][j][0] * xd[i]),
+                                                    _mm256_cvtepi32_ps(_mm256_add_epi32(p0, p1)), acc[f][r]);
+                    }
+                    if (has_min(type)) mins[f][r] += mn[f][j] * xs[i];
                 }
-                if (has_min(type)) mins[f][r] += mn[f] * xs[i];
             }
         }
     }
