@@ -370,6 +370,46 @@ static inline __attribute__((always_inline)) void tile(const uint8_t *w, int64_t
         for (int r = 0; r < mt; r++) y[(m0 + r) * ldy + n + f] = hsum(acc[f][r]) + mins[f][r];
 }
 
+/* dequantize_row in AVX2, to the same bits (a multiply, then an add: contraction off): the prompt
+ * path's panels, which the scalar loop made cost more than the multiply itself. */
+static inline __attribute__((always_inline)) void dequantize_row_t(const uint8_t *row, float *o, int64_t K,
+                                                                   const int type) {
+    const int nsub = (int)(block_values(type) / 32);
+    for (int64_t sb = 0; sb < K / block_values(type); sb++) {
+        float s[8][2], mn[8];
+        super_scales(row, sb, type, s, mn);
+        for (int j = 0; j < nsub; j++) {
+            const int64_t b = sb * nsub + j;
+            __m256i q[2];
+            codes(row, b, type, q);
+            for (int h = 0; h < 2; h++) {
+                const __m256 sc = _mm256_set1_ps(s[j][h]), m = _mm256_set1_ps(mn[j]);
+                const __m256i halves[2] = {_mm256_cvtepi16_epi32(_mm256_castsi256_si128(q[h])),
+                                           _mm256_cvtepi16_epi32(_mm256_extracti128_si256(q[h], 1))};
+                for (int e = 0; e < 2; e++) {
+                    __m256 v = _mm256_mul_ps(sc, _mm256_cvtepi32_ps(halves[e]));
+                    if (has_min(type)) v = _mm256_add_ps(v, m);
+                    _mm256_storeu_ps(o + b * 32 + 16 * h + 8 * e, v);
+                }
+            }
+        }
+    }
+}
+
+__attribute__((optimize("fp-contract=off"))) static void dequantize_row_simd(const uint8_t *row, float *o,
+                                                                            int64_t K, int type) {
+    switch (type) {
+        case Q4_0: dequantize_row_t(row, o, K, Q4_0); break;
+        case Q4_1: dequantize_row_t(row, o, K, Q4_1); break;
+        case Q5_0: dequantize_row_t(row, o, K, Q5_0); break;
+        case Q5_1: dequantize_row_t(row, o, K, Q5_1); break;
+        case Q8_0: dequantize_row_t(row, o, K, Q8_0); break;
+        case Q4_K: dequantize_row_t(row, o, K, Q4_K); break;
+        case Q5_K: dequantize_row_t(row, o, K, Q5_K); break;
+        default: dequantize_row_t(row, o, K, Q6_K); break;
+    }
+}
+
 #define TILE(nt, type)                                                                        \
     switch (mt) {                                                                             \
         case 1: tile(w, row_bytes, xq, xd, xs, y, ldy, n, m0, nb, nt, 1, type); break;        \
@@ -467,7 +507,13 @@ static void dense_part(const float *x, const uint8_t *w, float *y, int64_t ldy, 
         for (int64_t n0 = 0; n0 < N; n0 += DN) {
             const int nn = (int)(N - n0 < DN ? N - n0 : DN);
             for (int j = 0; j < DN; j++) {
-                if (j < nn) dequantize_row(w + (n0 + j) * row_bytes, row, K, type);
+                if (j < nn) {
+#if HERD_SIMD
+                    if (!force_scalar) dequantize_row_simd(w + (n0 + j) * row_bytes, row, K, type);
+                    else
+#endif
+                        dequantize_row(w + (n0 + j) * row_bytes, row, K, type);
+                }
                 for (int64_t k = 0; k < K; k++) panel[k * DN + j] = j < nn ? row[k] : 0.f;
             }
 #if HERD_SIMD
