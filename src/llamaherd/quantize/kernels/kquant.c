@@ -489,10 +489,11 @@ static inline __attribute__((always_inline)) void dense_tile(const float *x, con
         }
     }
     for (int r = 0; r < mt; r++) {
-        float out[DN];
+        float *out = y + (m0 + r) * ldy + n0, part[DN];
+        if (nn < DN) out = part; /* a last panel of fewer rows: through a buffer */
         _mm256_storeu_ps(out, acc[r][0]);
         _mm256_storeu_ps(out + 8, acc[r][1]);
-        memcpy(y + (m0 + r) * ldy + n0, out, (size_t)nn * sizeof(float));
+        if (nn < DN) memcpy(y + (m0 + r) * ldy + n0, part, (size_t)nn * sizeof(float));
     }
 }
 #endif
