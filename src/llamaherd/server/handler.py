@@ -231,11 +231,12 @@ class Handler:
         if check is not None:
             await asyncio.to_thread(check, model, definition)
 
-    async def create(self, model: str, definition: Any) -> AsyncIterator[dict[str, Any]]:
+    async def create(self, model: str, definition: Any, quantize: str | None = None) -> AsyncIterator[dict[str, Any]]:
         """Create `model` from a `store.modelfile.Modelfile` (FROM a stored model or blob: never a
-        path on the server's disk)."""
+        path on the server's disk); `quantize` (q8_0, q4_0, q4_k): store its weights so quantized."""
         store = self._store()
-        async for event in _progress_of(lambda progress: store.create(model, definition, None, progress)):
+        extra = {"quantize": quantize} if quantize else {}
+        async for event in _progress_of(lambda progress: store.create(model, definition, None, progress, **extra)):
             yield event
 
 

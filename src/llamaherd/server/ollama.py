@@ -279,7 +279,7 @@ def routes() -> APIRouter:
         body = await parse_body(request, s.CreateRequest)
         h, definition = handler_of(request), definition_of(body)
         await h.check_creatable(body.model, definition)
-        events = h.create(body.model, definition)
+        events = h.create(body.model, definition, quantize=body.quantize)
         return await progress_response(request, events, body.stream)
 
     @router.head("/api/blobs/{digest}")
@@ -405,8 +405,10 @@ def definition_of(body: s.CreateRequest):
     from ..store import parse_name
     from ..store.modelfile import Modelfile
 
-    if body.quantize:
-        raise et.Unsupported("quantize is not supported by /api/create")
+    if body.quantize:  # an unknown type is a 400 before the stream starts
+        from ..quantize.blocks import check_scheme
+
+        check_scheme(body.quantize)
     if body.adapters:
         raise et.Unsupported("adapters are not supported by /api/create")
     if body.files:

@@ -248,7 +248,7 @@ class CreateRequest(Wire):
     parameters: dict[str, Any] | None = Field(None, description="Default options.")
     messages: list[Message] | None = Field(None, description="Conversation every chat starts with.")
     stream: bool = Field(True, description="Stream progress objects.")
-    quantize: str | None = Field(None, description="(not supported) quantize while creating.")
+    quantize: str | None = Field(None, description="Store the weights quantized: q8_0, q4_0, q4_K_M (q4_k).")
 
 
 class ModelDetails(Wire):

@@ -624,8 +624,7 @@ class Store:
         """A GGUF file of quantization `scheme` made from the model `files` (fetched or stored), ready
         to commit: the weights read as float32 and quantized (`quantize.blocks`), the tokenizer and
         chat template carried over."""
-        from ..export.gguf import save_gguf
-        from ..weights import load_checkpoint
+        from ..weights.quantized import quantized_gguf
 
         paths = {f.name: f.path or self.blobs.path(f.digest) for f in files}
         with tempfile.TemporaryDirectory(dir=work, prefix=".source-") as tmp:
@@ -635,10 +634,7 @@ class Store:
                 for file_name, path in paths.items():
                     os.symlink(Path(path).resolve(), Path(tmp) / file_name)
                 source = Path(tmp)
-            ckpt = load_checkpoint(source)
-            out = save_gguf(ckpt.state_dict, ckpt.args, ckpt.tokenizer, work / "quantized.gguf", quant=scheme,
-                            name=str(ckpt.metadata.get("general.name") or "llamaherd model"),
-                            base_metadata=ckpt.metadata if ckpt.format == "gguf" else None)
+            out = quantized_gguf(source, work / "quantized.gguf", scheme)
         return self._import(out, work / "quantized")
 
     def check_create(self, name: str, mf: Modelfile) -> None:

@@ -48,3 +48,18 @@ def quantize_state_dict(args: ModelArgs, state_dict: dict[str, torch.Tensor], sc
             raise FormatError(f"unexpected tensor {name!r} in checkpoint")
     finish_parts(parts, out, kinds)
     return out, kinds
+
+
+def quantized_gguf(source, out, scheme: str, name: str | None = None):
+    """Write the checkpoint at `source` (any format) as a GGUF file of quantization `scheme` (q8_0,
+    q4_0, q4_k) at `out`: its weights read as float32 and quantized (`quantize.blocks`), its
+    tokenizer and chat template carried over. What `herd create -q` stores. Returns the path."""
+    from ..export.gguf import save_gguf
+    from ..quantize.blocks import check_scheme
+    from . import load_checkpoint
+
+    scheme = check_scheme(scheme)
+    ckpt = load_checkpoint(source)
+    return save_gguf(ckpt.state_dict, ckpt.args, ckpt.tokenizer, out, quant=scheme,
+                     name=name or str(ckpt.metadata.get("general.name") or "llamaherd model"),
+                     base_metadata=ckpt.metadata if ckpt.format == "gguf" else None)

@@ -297,43 +297,117 @@ static inline __attribute__((always_inline)) void codes(const uint8_t *row, int6
 #define NT 2 /* weight rows a tile: each activation block loaded once for them */
 #define MT 4 /* activation rows a tile: each weight block decoded once for them */
 
+static inline __attribute__((always_inline)) float f16(const uint8_t *p) {
+    uint16_t h;
+    memcpy(&h, p, 2);
+    return _cvtsh_ss(h);
+}
+
+/* block_scales for every block of 32 of super-block sb (8 of them for the K-quants, 1 otherwise),
+ * each scale and min unpacked once: s[j] (two halves) and mn[j]. */
+static inline __attribute__((always_inline)) void super_scales(const uint8_t *row, int64_t sb, const int type,
+                                                               float s[8][2], float mn[8]) {
+    const uint8_t *b = row + sb * block_bytes(type);
+    if (type == Q4_K || type == Q5_K) {
+        const float d = f16(b), dmin = f16(b + 2);
+        for (int j = 0; j < 8; j++) {
+            int sc, m;
+            scale_min(b + 4, j, &sc, &m);
+            s[j][0] = s[j][1] = d * (float)sc;
+            mn[j] = -(dmin * (float)m);
+        }
+    } else if (type == Q6_K) {
+        const float d = f16(b + 208);
+        const int8_t *sc = (const int8_t *)(b + 192);
+        for (int j = 0; j < 8; j++) s[j][0] = d * (float)sc[2 * j], s[j][1] = d * (float)sc[2 * j + 1], mn[j] = 0.f;
+    } else {
+        s[0][0] = s[0][1] = f16(b);
+        mn[0] = has_min(type) ? f16(b + 2) : 0.f;
+    }
+}
+
 /* Output features n .. n + nt - 1 for activation rows m0 .. m0 + mt - 1 (see blockmm.c's `tile`). */
 static inline __attribute__((always_inline)) void tile(const uint8_t *w, int64_t row_bytes, const int16_t *xq,
         const float *xd, const float *xs, float *y, int64_t ldy, int64_t n, int64_t m0, int64_t nb, const int nt,
         const int mt, const int type) {
+    const int nsub = (int)(block_values(type) / 32);
     __m256 acc[NT][MT];
     float mins[NT][MT];
     for (int f = 0; f < nt; f++)
         for (int r = 0; r < mt; r++) acc[f][r] = _mm256_setzero_ps(), mins[f][r] = 0.f;
-    for (int64_t b = 0; b < nb; b++) {
-        __m256i q[NT][2];
-        float s[NT][2], mn[NT];
+    for (int64_t sb = 0; sb < nb / nsub; sb++) {
+        float s[NT][8][2], mn[NT][8];
         for (int f = 0; f < nt; f++) {
             const uint8_t *row = w + (n + f) * row_bytes;
-            if (b % 4 == 0) _mm_prefetch((const char *)row + b * row_bytes / nb + PREFETCH, _MM_HINT_T0);
-            block_scales(row, b, type, s[f], &mn[f]);
-            codes(row, b, type, q[f]);
+            for (int64_t at = 0; at < block_bytes(type); at += 64) /* every cache line, 1 KB ahead */
+                _mm_prefetch((const char *)row + sb * block_bytes(type) + at + PREFETCH, _MM_HINT_T0);
+            super_scales(row, sb, type, s[f], mn[f]);
         }
-        for (int r = 0; r < mt; r++) {
-            const int64_t i = (m0 + r) * nb + b;
-            const __m256i x0 = _mm256_loadu_si256((const __m256i *)(xq + i * 32));
-            const __m256i x1 = _mm256_loadu_si256((const __m256i *)(xq + i * 32 + 16));
-            for (int f = 0; f < nt; f++) {
-                /* exact integer dot products (|q| <= 128, |x| <= 32767: < 2^31 a lane), scaled once */
-                const __m256i p0 = _mm256_madd_epi16(q[f][0], x0), p1 = _mm256_madd_epi16(q[f][1], x1);
-                if (type == Q6_K) { /* two scales a block */
-                    acc[f][r] = _mm256_fmadd_ps(_mm256_set1_ps(s[f][0] * xd[i]), _mm256_cvtepi32_ps(p0), acc[f][r]);
-                    acc[f][r] = _mm256_fmadd_ps(_mm256_set1_ps(s[f][1] * xd[i]), _mm256_cvtepi32_ps(p1), acc[f][r]);
-                } else {
-                    acc[f][r] = _mm256_fmadd_ps(_mm256_set1_ps(s[f][0] * xd[i]), _mm256_cvtepi32_ps(_mm256_add_epi32(p0, p1)),
-                                                acc[f][r]);
+        for (int j = 0; j < nsub; j++) {
+            const int64_t b = sb * nsub + j;
+            __m256i q[NT][2];
+            for (int f = 0; f < nt; f++) codes(w + (n + f) * row_bytes, b, type, q[f]);
+            for (int r = 0; r < mt; r++) {
+                const int64_t i = (m0 + r) * nb + b;
+                const __m256i x0 = _mm256_loadu_si256((const __m256i *)(xq + i * 32));
+                const __m256i x1 = _mm256_loadu_si256((const __m256i *)(xq + i * 32 + 16));
+                for (int f = 0; f < nt; f++) {
+                    /* exact integer dot products (|q| <= 128, |x| <= 32767: < 2^31 a lane), scaled once */
+                    const __m256i p0 = _mm256_madd_epi16(q[f][0], x0), p1 = _mm256_madd_epi16(q[f][1], x1);
+                    if (type == Q6_K) { /* two scales a block */
+                        acc[f][r] = _mm256_fmadd_ps(_mm256_set1_ps(s[f][j][0] * xd[i]), _mm256_cvtepi32_ps(p0), acc[f][r]);
+                        acc[f][r] = _mm256_fmadd_ps(_mm256_set1_ps(s[f][j][1] * xd[i]), _mm256_cvtepi32_ps(p1), acc[f][r]);
+                    } else {
+                        acc[f][r] = _mm256_fmadd_ps(_mm256_set1_ps(s[f][j][0] * xd[i]),
+                                                    _mm256_cvtepi32_ps(_mm256_add_epi32(p0, p1)), acc[f][r]);
+                    }
+                    if (has_min(type)) mins[f][r] += mn[f][j] * xs[i];
                 }
-                if (has_min(type)) mins[f][r] += mn[f] * xs[i];
             }
         }
     }
     for (int f = 0; f < nt; f++)
         for (int r = 0; r < mt; r++) y[(m0 + r) * ldy + n + f] = hsum(acc[f][r]) + mins[f][r];
+}
+
+/* dequantize_row in AVX2, to the same bits (a multiply, then an add: contraction off): the prompt
+ * path's panels, which the scalar loop made cost more than the multiply itself. */
+static inline __attribute__((always_inline)) void dequantize_row_t(const uint8_t *row, float *o, int64_t K,
+                                                                   const int type) {
+    const int nsub = (int)(block_values(type) / 32);
+    for (int64_t sb = 0; sb < K / block_values(type); sb++) {
+        float s[8][2], mn[8];
+        super_scales(row, sb, type, s, mn);
+        for (int j = 0; j < nsub; j++) {
+            const int64_t b = sb * nsub + j;
+            __m256i q[2];
+            codes(row, b, type, q);
+            for (int h = 0; h < 2; h++) {
+                const __m256 sc = _mm256_set1_ps(s[j][h]), m = _mm256_set1_ps(mn[j]);
+                const __m256i halves[2] = {_mm256_cvtepi16_epi32(_mm256_castsi256_si128(q[h])),
+                                           _mm256_cvtepi16_epi32(_mm256_extracti128_si256(q[h], 1))};
+                for (int e = 0; e < 2; e++) {
+                    __m256 v = _mm256_mul_ps(sc, _mm256_cvtepi32_ps(halves[e]));
+                    if (has_min(type)) v = _mm256_add_ps(v, m);
+                    _mm256_storeu_ps(o + b * 32 + 16 * h + 8 * e, v);
+                }
+            }
+        }
+    }
+}
+
+__attribute__((optimize("fp-contract=off"))) static void dequantize_row_simd(const uint8_t *row, float *o,
+                                                                            int64_t K, int type) {
+    switch (type) {
+        case Q4_0: dequantize_row_t(row, o, K, Q4_0); break;
+        case Q4_1: dequantize_row_t(row, o, K, Q4_1); break;
+        case Q5_0: dequantize_row_t(row, o, K, Q5_0); break;
+        case Q5_1: dequantize_row_t(row, o, K, Q5_1); break;
+        case Q8_0: dequantize_row_t(row, o, K, Q8_0); break;
+        case Q4_K: dequantize_row_t(row, o, K, Q4_K); break;
+        case Q5_K: dequantize_row_t(row, o, K, Q5_K); break;
+        default: dequantize_row_t(row, o, K, Q6_K); break;
+    }
 }
 
 #define TILE(nt, type)                                                                        \
@@ -415,10 +489,11 @@ static inline __attribute__((always_inline)) void dense_tile(const float *x, con
         }
     }
     for (int r = 0; r < mt; r++) {
-        float out[DN];
+        float *out = y + (m0 + r) * ldy + n0, part[DN];
+        if (nn < DN) out = part; /* a last panel of fewer rows: through a buffer */
         _mm256_storeu_ps(out, acc[r][0]);
         _mm256_storeu_ps(out + 8, acc[r][1]);
-        memcpy(y + (m0 + r) * ldy + n0, out, (size_t)nn * sizeof(float));
+        if (nn < DN) memcpy(y + (m0 + r) * ldy + n0, part, (size_t)nn * sizeof(float));
     }
 }
 #endif
@@ -433,7 +508,13 @@ static void dense_part(const float *x, const uint8_t *w, float *y, int64_t ldy, 
         for (int64_t n0 = 0; n0 < N; n0 += DN) {
             const int nn = (int)(N - n0 < DN ? N - n0 : DN);
             for (int j = 0; j < DN; j++) {
-                if (j < nn) dequantize_row(w + (n0 + j) * row_bytes, row, K, type);
+                if (j < nn) {
+#if HERD_SIMD
+                    if (!force_scalar) dequantize_row_simd(w + (n0 + j) * row_bytes, row, K, type);
+                    else
+#endif
+                        dequantize_row(w + (n0 + j) * row_bytes, row, K, type);
+                }
                 for (int64_t k = 0; k < K; k++) panel[k * DN + j] = j < nn ? row[k] : 0.f;
             }
 #if HERD_SIMD
