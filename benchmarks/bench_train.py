@@ -13,6 +13,8 @@ Rows:
 Each row runs in a fresh process (peak RSS is its own): one warm-up step, then `--steps` timed
 steps. tokens/s = batch x seq x steps / time; ratios are herd / transformers (and, for memory,
 transformers' / herd's: > 1 is better).
+
+`--sampling` runs the rejection-sampling section instead (see `bench_sampling` below).
 """
 
 from __future__ import annotations
@@ -133,5 +135,140 @@ def main() -> None:
             json.dump(results, f, indent=2)
 
 
+# -- rejection sampling: herd's batch loop vs transformers' generate(num_return_sequences=K) ----------
+#
+#     python benchmarks/bench_train.py --sampling [--k 8] [--prompts 8] [--max-tokens 64] [--parallel 32]
+#
+# The same prompts (a shared system prompt and short questions, chat template applied), the same
+# sampling (temperature 1, top-p 0.9, no top-k, no repeat penalty), up to --max-tokens new tokens
+# each, a reply ending at its end-of-turn token. samples/s = prompts x K / wall time (prefill
+# included, load not). Rows, each in a fresh process:
+#   herd q4_1        the GGUF's own blocks (the native runner), K samples sharing each prompt's prefill
+#   herd q4_1 noshare  the same with each sample prefilling its prompt (what the sharing saves)
+#   herd f32         weights dequantized to float32 (the torch runner): the same numbers as HF's
+#   hf f32           transformers, the GGUF dequantized to float32, one generate() over all prompts
+#                    (left-padded) with num_return_sequences=K
+
+SAMPLING_ROWS = ["herd q4_1", "herd q4_1 noshare", "herd f32", "hf f32"]
+SAMPLING_SYSTEM = ("You are a helpful, careful assistant. Answer the user's question clearly and correctly, "
+                   "in a friendly tone. Prefer short paragraphs and concrete examples; say so when you are "
+                   "not sure, and never make up facts, names or numbers.")
+SAMPLING_QUESTIONS = ["What is the capital of France?", "Give me three tips for learning to cook.",
+                      "Why is the sky blue?", "Write a haiku about the sea.", "How do vaccines work?",
+                      "What is a prime number?", "Suggest a name for a pet turtle.", "Explain recursion to a child.",
+                      "What causes the seasons?", "How do I make a cup of tea?", "What is photosynthesis?",
+                      "Tell me a fun fact about octopuses.", "What is the difference between weather and climate?",
+                      "How does a bicycle stay upright?", "Name three famous painters.", "What is gravity?"]
+
+
+def sampling_prompts(n: int) -> list[list[dict]]:
+    return [[{"role": "system", "content": SAMPLING_SYSTEM}, {"role": "user", "content": q}]
+            for q in (SAMPLING_QUESTIONS * (n // len(SAMPLING_QUESTIONS) + 1))[:n]]
+
+
+def run_sampling_row(row: str, model_path: str, n_prompts: int, k: int, max_tokens: int, parallel: int,
+                     threads: int) -> dict:
+    import torch
+
+    torch.set_num_threads(threads)
+    prompts = sampling_prompts(n_prompts)
+    if row.startswith("herd"):
+        from llamaherd.llm import Llama
+        from llamaherd.train.sample import generate_samples
+
+        policy = Llama.load(model_path, device="cpu", quantized="q4_1" in row)
+        options = {"temperature": 1.0, "top_p": 0.9, "top_k": 0, "repeat_penalty": 1.0, "num_predict": max_tokens}
+        list(generate_samples(policy, prompts[:1], 2, {**options, "num_predict": 4}))  # warm-up
+        t0 = time.perf_counter()
+        done = list(generate_samples(policy, prompts, k, options, seed=0, parallel=parallel,
+                                     share_prefill="noshare" not in row))
+        seconds = time.perf_counter() - t0
+        new_tokens = sum(len(s.tokens) for _, samples in done for s in samples)
+        prompt_tokens = sum(len(policy.encode_chat(p)) for p in prompts)
+    else:
+        from pathlib import Path
+
+        import transformers
+
+        path = Path(model_path)
+        tok = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        tok.padding_side = "left"
+        model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                                  dtype=torch.float32).eval()
+        texts = [tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
+        batch = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        eos = [tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id]
+        kw = dict(do_sample=True, temperature=1.0, top_p=0.9, top_k=0, repetition_penalty=1.0,
+                  num_return_sequences=k, eos_token_id=eos, pad_token_id=tok.pad_token_id or 0)
+        with torch.inference_mode():
+            model.generate(**tok(texts[:1], return_tensors="pt"), max_new_tokens=4, **kw)  # warm-up
+            torch.manual_seed(0)
+            t0 = time.perf_counter()
+            out = model.generate(**batch, max_new_tokens=max_tokens, **kw)
+            seconds = time.perf_counter() - t0
+        new = out[:, batch["input_ids"].shape[1]:]
+        ended = torch.isin(new, torch.tensor(eos))  # the tokens up to the first end, as herd counts them
+        lengths = torch.where(ended.any(1), ended.int().argmax(1), torch.full((new.shape[0],), new.shape[1]))
+        new_tokens = int(lengths.sum())
+        prompt_tokens = int(batch["attention_mask"].sum())
+    return {"row": row, "samples_per_s": n_prompts * k / seconds, "new_tokens_per_s": new_tokens / seconds,
+            "seconds": seconds, "samples": n_prompts * k, "new_tokens": new_tokens, "prompt_tokens": prompt_tokens,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def bench_sampling(args) -> None:
+    results = {}
+    settings = ["--model", args.model, "--k", str(args.k), "--prompts", str(args.prompts), "--max-tokens",
+                str(args.max_tokens), "--parallel", str(args.parallel), "--threads", str(args.threads)]
+    for row in args.sampling_rows.split(","):
+        proc = subprocess.run([sys.executable, __file__, "--sampling", "--one", row, *settings],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            print(f"{row}: failed\n{proc.stderr[-1500:]}", file=sys.stderr)
+            continue
+        r = results[row] = json.loads(proc.stdout.strip().splitlines()[-1])
+        print(f"{row:<18} {r['samples_per_s']:7.2f} samples/s  {r['new_tokens_per_s']:7.1f} new tokens/s  "
+              f"({r['samples']} samples, {r['new_tokens']} new tokens in {r['seconds']:.1f} s)  "
+              f"peak RSS {r['peak_rss_mb']:.0f} MB", flush=True)
+    print(f"\n{args.prompts} prompts x K={args.k}, up to {args.max_tokens} new tokens, temperature 1, top-p 0.9, "
+          f"{args.threads} threads, herd --parallel {args.parallel}")
+    print("| run | samples/s | new tokens/s | vs hf f32 (samples/s) |")
+    print("|---|---|---|---|")
+    for row, r in results.items():
+        ratio = f"{r['samples_per_s'] / results['hf f32']['samples_per_s']:.2f}x" if "hf f32" in results else ""
+        print(f"| {row} | {r['samples_per_s']:.2f} | {r['new_tokens_per_s']:.1f} | {ratio} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+def sampling_main(argv: list[str]) -> None:
+    p = argparse.ArgumentParser(description="rejection sampling: herd vs transformers generate")
+    p.add_argument("--sampling", action="store_true")
+    p.add_argument("--model")
+    p.add_argument("--k", type=int, default=8)
+    p.add_argument("--prompts", type=int, default=8)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--parallel", type=int, default=32)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--sampling-rows", default=",".join(SAMPLING_ROWS),
+                   help="comma-separated subset of: " + ", ".join(SAMPLING_ROWS))
+    p.add_argument("--one", help=argparse.SUPPRESS)
+    p.add_argument("--json")
+    args = p.parse_args(argv)
+    if args.model is None:
+        from llamaherd.fetch import smollm2_gguf
+
+        args.model = str(smollm2_gguf())
+    if args.one:
+        print(json.dumps(run_sampling_row(args.one, args.model, args.prompts, args.k, args.max_tokens,
+                                          args.parallel, args.threads)))
+    else:
+        bench_sampling(args)
+
+
 if __name__ == "__main__":
-    main()
+    if "--sampling" in sys.argv:
+        sampling_main(sys.argv[1:])
+    else:
+        main()

@@ -242,6 +242,7 @@ def test_command_writes_the_best_reply_per_prompt_with_its_score(tiny_dir, tmp_p
     ("empty", "prompts.jsonl holds no prompts"),
     ("missing", "prompts file"),
     ("k0", "-k must be at least 1 (got 0)"),
+    ("top_p", "top_p"),
 ])
 def test_bad_inputs_are_one_line_and_exit_1(tiny_dir, tmp_path, fake_reward, capsys, case, message):
     lines = {"missing_field": ['{"prompt": "hi"}', '{"text": "hi"}'], "bad_json": ["{oops"],
@@ -251,7 +252,7 @@ def test_bad_inputs_are_one_line_and_exit_1(tiny_dir, tmp_path, fake_reward, cap
     if case == "missing":
         data = tmp_path / "nope.jsonl"
     argv = ["train", "sample", "--policy", str(tiny_dir), "--reward", "rm", "--data", str(data),
-            "--out", str(tmp_path / "o.jsonl"), "-k", "0" if case == "k0" else "2"]
+            "--out", str(tmp_path / "o.jsonl"), "-k", "0" if case == "k0" else "2", "--top-p", "2" if case == "top_p" else "1"]
     assert main(argv) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("Error: ") and message in err and "\n" not in err, err

@@ -258,7 +258,10 @@ def cmd_sample(args) -> int:
         raise HerdError(f"-k must be at least 1 (got {args.k})")
     if args.max_tokens < 1 or args.parallel < 1:
         raise HerdError("--max-tokens and --parallel must be at least 1")
-    prompts = read_prompts(args.data)  # bad data fails before anything is loaded
+    from ..generate import SamplingOptions
+
+    SamplingOptions.from_dict({"temperature": args.temperature, "top_p": args.top_p, "seed": args.seed})
+    prompts = read_prompts(args.data)  # bad options or data fail before anything is loaded
     try:
         from ..train.reward import load_reward_model
     except ModuleNotFoundError as e:
