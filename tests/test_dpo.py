@@ -12,7 +12,7 @@ import torch
 from llamaherd.errors import HerdError
 from llamaherd.export.hf import save_tokenizer
 from llamaherd.train.data import IGNORE
-from llamaherd.train.dpo import (DPOConfig, DPOLoss, PairBatches, collate_pairs, dpo_loss, encode_response,
+from llamaherd.train.dpo import (DPOConfig, DPOLoss, PairBatches, collate_pairs, encode_response,
                                  keep_rated, pair_of, precompute_reference, read_pairs, sequence_logps,
                                  tokenize_pairs)
 from llamaherd.train.lora import adapters_off, lora_llama3
@@ -312,7 +312,8 @@ def test_full_fine_tune_precomputes_the_reference(tiny_dirs, tmp_path):
 def test_pair_batches_replay_and_cover(smollm2):
     examples = examples_of(smollm2, PAIRS * 3)
     a, b = PairBatches(examples, 2, 512, seed=1), PairBatches(examples, 2, 512, seed=1)
-    assert len(a) == 4 and [x["tokens"].tolist() for x in a.epoch(1, 2)] == [x["tokens"].tolist() for x in b.epoch(1)][2:]
+    assert len(a) == 4
+    assert [x["tokens"].tolist() for x in a.epoch(1, 2)] == [x["tokens"].tolist() for x in b.epoch(1)][2:]
     val = PairBatches(examples, 4, 512, shuffle=False, drop_last=False)
     assert [int(x["n_pairs"]) for x in val.epoch(0)] == [4, 4, 1]
 

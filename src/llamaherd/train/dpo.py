@@ -53,8 +53,7 @@ from __future__ import annotations
 
 import json
 import os
-import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
