@@ -309,8 +309,9 @@ def fake_stages(monkeypatch, calls):
 
     from llamaherd.train.finetune import sft
 
-    def rejection_sample(policy, prompts, scorer, k, temperature, top_p, system=None, keep="best"):
-        calls["sample"] = {"policy": Path(policy.path), "k": k, "temperature": temperature, "top_p": top_p, "keep": keep}
+    def rejection_sample(policy, prompts, scorer, k, temperature, top_p, system=None, keep="best", **kw):
+        calls["sample"] = {"policy": Path(policy.path), "k": k, "temperature": temperature, "top_p": top_p,
+                           "keep": keep, **kw}
         rows = []
         for prompt in prompts:
             replies = [CANDIDATES[i % len(CANDIDATES)] for i in range(k)]
@@ -354,8 +355,9 @@ def test_one_round_reward_sample_sft_dpo_with_averaging(tiny_dir, tmp_path, monk
     assert stages["reward"]["runs"] == 2 and stages["reward"]["model"] == str(out / "reward" / "model")
     rm = load_reward_model(out / "reward" / "model")
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
-    assert len(samples) == 8 and calls["sample"] == {"policy": tiny_dir, "k": 3, "temperature": 0.8,
-                                                     "top_p": 0.9, "keep": "best"}
+    assert len(samples) == 8 and calls["sample"] == {"policy": tiny_dir, "k": 3, "temperature": 0.8, "top_p": 0.9,
+                                                     "keep": "best", "max_tokens": 256, "seed": 0,
+                                                     "progress": False}
     for row in samples:
         prompt = row["messages"][:-1]
         scores = rm.score([prompt + [{"role": "assistant", "content": c}] for c in CANDIDATES[:3]])
@@ -376,6 +378,28 @@ def test_one_round_reward_sample_sft_dpo_with_averaging(tiny_dir, tmp_path, monk
     assert torch.allclose(avg[key], (merged[0][key] + merged[1][key]) / 2, atol=1e-6)  # ... and are averaged
     assert (out / "dpo" / "model" / "model.safetensors").exists()
     assert json.loads((out / "round.json").read_text())["policy"] == summary["policy"]
+
+
+@pytest.mark.slow
+def test_one_round_with_the_real_sampler_and_dpo(tiny_dir, tmp_path):
+    """The whole round with `train.sample` and `train.dpo` themselves (once they are merged: they come
+    from the sampler's and DPO's branches of issue 16): full fine-tunes, two runs a stage."""
+    pytest.importorskip("llamaherd.train.sample")
+    pytest.importorskip("llamaherd.train.dpo")
+    from llamaherd.train.posttrain import run_round
+
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "How do I make tea?"},
+                                                       {"messages": [{"role": "user", "content": "Hi!"}]}])
+    out = tmp_path / "round"
+    s = run_round({"model": str(tiny_dir), "data": str(DEMO / "heldout.jsonl"), "prompts": str(prompts),
+                   "out": str(out), "method": "full", "runs": 2, "k": 2, "max_tokens": 8, "reward_steps": 2,
+                   "sft_steps": 1, "dpo_steps": 1, "max_seq_len": 256, "batch_size": 1, "progress": False})
+    assert s["stages"]["sample"]["kept"] == 2 and s["policy"] == str(out / "dpo" / "model")
+    rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    rm = load_reward_model(out / "reward" / "model")
+    assert [r["score"] for r in rows] == pytest.approx(rm.score([r["messages"] for r in rows]), abs=1e-4)
+    policy = transformers.AutoModelForCausalLM.from_pretrained(out / "dpo" / "model")
+    assert policy.config.num_hidden_layers == 2
 
 
 def test_loop_bad_settings_are_one_line(tiny_dir, tmp_path, capsys):

@@ -58,6 +58,7 @@ class LoopConfig:
     top_p: float = 0.9
     system: str | None = None  # a system prompt for this round's samples
     keep: str = "best"  # best | top_quartile
+    max_tokens: int = 256  # the longest sampled reply
     sft_lr: float = 2e-4
     sft_steps: int | None = None
     dpo_lr: float = 1e-5  # the paper's
@@ -72,7 +73,7 @@ class LoopConfig:
             raise HerdError(f"the loop's method is full or lora, not {self.method!r}")
         if self.keep not in KEEP:
             raise HerdError(f"keep must be one of {', '.join(KEEP)}, got {self.keep!r}")
-        for name in ("runs", "k", "batch_size", "max_seq_len"):
+        for name in ("runs", "k", "batch_size", "max_seq_len", "max_tokens"):
             if getattr(self, name) < 1:
                 raise HerdError(f"{name} must be at least 1, got {getattr(self, name)}")
         for name in ("reward_steps", "sft_steps", "dpo_steps"):
@@ -104,6 +105,7 @@ LOOP_FLAGS = [
     ("top_p", float, "nucleus sampling [0.9]"),
     ("system", str, "a system prompt for this round's samples"),
     ("keep", str, "best | top_quartile [best]"),
+    ("max_tokens", int, "the longest sampled reply, in tokens [256]"),
     ("sft_steps", int, "SFT steps per run (default: one epoch)"),
     ("dpo_steps", int, "DPO steps per run (default: one epoch)"),
     ("beta", float, "DPO beta [0.1]"),
@@ -288,7 +290,8 @@ def run_round(config: LoopConfig | dict, on_stage: Callable[[str, dict], None] |
     policy = Llama.load(resolve_model_path(cfg.model))
     reward.check_tokenizer(policy.tokenizer, f"the policy {cfg.model}")
     samples = rejection_sample(policy, prompts, reward.score, cfg.k, cfg.temperature, cfg.top_p,
-                               system=cfg.system, keep=cfg.keep)
+                               system=cfg.system, keep=cfg.keep, max_tokens=cfg.max_tokens, seed=cfg.seed,
+                               progress=cfg.progress)
     del reward, policy
     if not samples:
         raise HerdError("rejection sampling kept no sample to fine-tune on")
