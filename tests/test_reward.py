@@ -186,15 +186,35 @@ def test_reward_model_learns_the_demo_preference(demo_run):
     assert len(metrics) == 14 and {"loss", "accuracy", "margin", "lr"} <= set(metrics[0])
 
 
-def test_lora_run_exports_merged_weights(tiny_dir, tmp_path):
-    s = train_demo(tiny_dir, tmp_path / "lora", method="lora", lr=5e-3, max_steps=2, lora_rank=4)
-    rm = load_reward_model(tmp_path / "lora")
+def test_herd_train_reward_lora_exports_merged_weights(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "lora"
+    assert herd_main(["train", "reward", "--model", str(tiny_dir), "--data", str(DEMO / "train.jsonl"),
+                      "--val-data", str(DEMO / "heldout.jsonl"), "--out", str(out), "--method", "lora",
+                      "--lr", "5e-3", "--max-steps", "2", "--lora-rank", "4", "--batch-size", "1",
+                      "--max-seq-len", "256", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    s = json.loads((out / "summary.json").read_text())
+    assert "trained 2 steps (lora)" in printed and f"held-out pairwise accuracy {s['val_accuracy']:.3f} on 18 pairs" in printed
+    rm = load_reward_model(out)
     base = load_hf(tiny_dir)[1]
     moved = rm.model.layers[0].attention.wq.weight - base["layers.0.attention.wq.weight"]
     assert moved.abs().max() > 0  # the adapters trained and were merged in
     assert torch.equal(rm.model.tok_embeddings.weight, base["tok_embeddings.weight"])  # frozen under LoRA
     loss, _ = bt_loss(rm, read_preferences(DEMO / "heldout.jsonl"))
     assert loss == pytest.approx(s["val_loss"], rel=1e-3, abs=1e-4)
+
+
+def test_shipped_recipes_are_valid():
+    import yaml
+
+    from llamaherd.train.config import make_config, recipe_text
+    from llamaherd.train.posttrain import make_loop_config
+    from llamaherd.train.reward import RewardConfig
+
+    assert make_config(yaml.safe_load(recipe_text("reward-smollm2")), RewardConfig).method == "lora"
+    loop = make_loop_config(yaml.safe_load(recipe_text("loop-smollm2")))
+    assert (loop.runs, loop.beta, loop.nll_coef, loop.dpo_lr) == (2, 0.1, 0.2, 1e-5)
+    assert (DEMO.parent.parent / loop.data).exists() and (DEMO.parent.parent / loop.val_data).exists()
 
 
 def test_herd_reward_prints_and_writes_scores(demo_run, tmp_path, capsys):
