@@ -173,9 +173,10 @@ def train_demo(model, out, **kw):
 
 def test_reward_model_learns_the_demo_preference(demo_run):
     out, s = demo_run
-    # 14 held-out rows (2 of them three-way: 18 pairs) none of whose prompts is trained on; chance is 0.5.
+    # 14 held-out rows (2 of them three-way: 18 pairs) none of whose prompts is trained on. Chance is
+    # 0.5; preferring the longer reply gets 15 of the 18 (the demo has long rude replies for that).
     assert s["val_pairs"] == 18 and s["data"]["rows"] == 42 and s["data"]["pairs"] == 56
-    assert s["val_accuracy"] >= 0.85, s
+    assert s["val_accuracy"] >= 16 / 18, s
     assert s["val_loss"] < s["val_loss_before"] < 1.0
     # The exported model, read back, gives the held-out loss and accuracy the run measured.
     rm = load_reward_model(out)
@@ -323,11 +324,10 @@ CANDIDATES = ["Of course! Happy to help. Hope this helps!", "Ugh, figure it out 
 def fake_stages(monkeypatch, calls):
     """Stand-ins for `train.sample.rejection_sample` and `train.dpo.dpo` (other branches of issue 16),
     with their agreed signatures: the sampler scores canned candidates with the scorer it is given
-    and keeps the best; DPO fine-tunes on the chosen replies so that it leaves a real run to average."""
+    and keeps the best; DPO records its arguments and leaves its starting model as its output."""
+    import shutil
     import sys
     import types
-
-    from llamaherd.train.finetune import sft
 
     def rejection_sample(policy, prompts, scorer, k, temperature, top_p, system=None, keep="best", **kw):
         calls["sample"] = {"policy": Path(policy.path), "k": k, "temperature": temperature, "top_p": top_p,
@@ -340,13 +340,11 @@ def fake_stages(monkeypatch, calls):
             rows.append({"messages": prompt + [{"role": "assistant", "content": replies[best]}], "score": scores[best]})
         return rows
 
-    def dpo(config=None, **kw):
+    def dpo(config=None, **kw):  # leaves a full fine-tune's output: the starting model, unchanged
         calls.setdefault("dpo", []).append(kw)
-        pairs = [json.loads(line) for line in Path(kw["data"]).read_text().splitlines()]
-        Path(kw["out"]).parent.mkdir(parents=True, exist_ok=True)
-        data = write_jsonl(Path(kw["out"] + ".jsonl"), [{"messages": p["prompt"] + p["chosen"]} for p in pairs])
-        keep = {k: v for k, v in kw.items() if k not in ("data", "beta", "nll_coef")}
-        return sft(data=str(data), **keep)
+        shutil.copytree(kw["model"], Path(kw["out"]) / "model")
+        (Path(kw["out"]) / "train.json").write_text(json.dumps({"model_path": kw["model"], "method": "full"}))
+        return {"outputs": {"model": str(Path(kw["out"]) / "model")}}
 
     monkeypatch.setitem(sys.modules, "llamaherd.train.sample",
                         types.SimpleNamespace(rejection_sample=rejection_sample))
@@ -396,7 +394,8 @@ def test_one_round_reward_sample_sft_dpo_with_averaging(tiny_dir, tmp_path, monk
     key = "layers.0.attention.wq.weight"
     assert not torch.equal(merged[0][key], merged[1][key])  # the runs differ (seeds) ...
     assert torch.allclose(avg[key], (merged[0][key] + merged[1][key]) / 2, atol=1e-6)  # ... and are averaged
-    assert (out / "dpo" / "model" / "model.safetensors").exists()
+    dpo_avg = load_hf(out / "dpo" / "model")[1]
+    assert all(torch.allclose(dpo_avg[k], avg[k], atol=1e-6) for k in avg)  # the mean of two copies of sft/model
     assert json.loads((out / "round.json").read_text())["policy"] == summary["policy"]
 
 
