@@ -352,11 +352,7 @@ def fake_stages(monkeypatch, calls):
 
 
 @pytest.mark.slow
-def test_one_round_reward_sample_sft_dpo_with_averaging(tiny_dir, tmp_path, monkeypatch):
-    from safetensors.torch import load_file
-
-    from llamaherd.train.posttrain import run_round
-
+def test_one_round_reward_sample_sft_dpo_with_averaging(tiny_dir, tmp_path, monkeypatch, capsys):
     calls = {}
     fake_stages(monkeypatch, calls)
     rows = read_preferences(DEMO / "train.jsonl")[:8]
@@ -364,9 +360,13 @@ def test_one_round_reward_sample_sft_dpo_with_averaging(tiny_dir, tmp_path, monk
         {"prompt": r.prompt, "chosen": r.replies[-2], "rejected": r.replies[-1],
          **({"edited": r.replies[0]} if len(r.replies) == 3 else {})} for r in rows])
     out = tmp_path / "round"
-    summary = run_round({"model": str(tiny_dir), "data": str(data), "out": str(out), "runs": 2, "k": 3,
-                         "reward_steps": 2, "sft_steps": 1, "dpo_steps": 1, "max_seq_len": 256, "batch_size": 1,
-                         "reward_lr": 1e-3, "sft_lr": 1e-3, "progress": False})
+    # through the command line (`herd train loop`); run_round is what it calls
+    argv = {"model": tiny_dir, "data": data, "out": out, "runs": 2, "k": 3, "reward-steps": 2, "sft-steps": 1,
+            "dpo-steps": 1, "max-seq-len": 256, "batch-size": 1, "reward-lr": 1e-3, "sft-lr": 1e-3}
+    assert herd_main(["train", "loop", "--no-progress", *[a for k, v in argv.items() for a in (f"--{k}", str(v))]]) == 0
+    printed = capsys.readouterr().out
+    summary = json.loads((out / "round.json").read_text())
+    assert f"policy: {out / 'dpo' / 'model'}" in printed and f"reward: {out / 'reward' / 'model'}" in printed
     stages = summary["stages"]
     assert list(stages) == ["reward", "sample", "sft", "dpo"] and summary["policy"] == str(out / "dpo" / "model")
     # The reward stage: two runs averaged, and that average is what scored the samples.
@@ -396,7 +396,6 @@ def test_one_round_reward_sample_sft_dpo_with_averaging(tiny_dir, tmp_path, monk
     assert torch.allclose(avg[key], (merged[0][key] + merged[1][key]) / 2, atol=1e-6)  # ... and are averaged
     dpo_avg = load_hf(out / "dpo" / "model")[1]
     assert all(torch.allclose(dpo_avg[k], avg[k], atol=1e-6) for k in avg)  # the mean of two copies of sft/model
-    assert json.loads((out / "round.json").read_text())["policy"] == summary["policy"]
 
 
 @pytest.mark.slow
