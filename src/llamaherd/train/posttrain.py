@@ -20,7 +20,7 @@ The stages, each in its own directory of OUT:
 "Averaging" is the paper's: the runs of a stage differ (here by seed: data order, adapter
 initialisation) and their weights are averaged element-wise; a LoRA run counts as its merged
 weights (averaging A and B apart would not average the updates B·A). With `runs: 1` a stage's
-model is its one run, merged.
+model is its one run, merged (the reward model: reward/run0/model itself).
 
 Every stage is an ordinary recipe call (`train_reward`, `rejection_sample`, `sft`, `dpo`) with the
 same `method`, so each can be rerun alone with the matching `herd train` verb.
@@ -31,9 +31,12 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from ..errors import HerdError
+
+if TYPE_CHECKING:
+    import torch
 
 KEEP = ("best", "top_quartile")
 
