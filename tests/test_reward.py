@@ -173,9 +173,10 @@ def train_demo(model, out, **kw):
 
 def test_reward_model_learns_the_demo_preference(demo_run):
     out, s = demo_run
-    # 14 held-out rows (2 of them three-way: 18 pairs) none of whose prompts is trained on; chance is 0.5.
+    # 14 held-out rows (2 of them three-way: 18 pairs) none of whose prompts is trained on. Chance is
+    # 0.5; preferring the longer reply gets 15 of the 18 (the demo has long rude replies for that).
     assert s["val_pairs"] == 18 and s["data"]["rows"] == 42 and s["data"]["pairs"] == 56
-    assert s["val_accuracy"] >= 0.85, s
+    assert s["val_accuracy"] >= 16 / 18, s
     assert s["val_loss"] < s["val_loss_before"] < 1.0
     # The exported model, read back, gives the held-out loss and accuracy the run measured.
     rm = load_reward_model(out)
@@ -186,15 +187,35 @@ def test_reward_model_learns_the_demo_preference(demo_run):
     assert len(metrics) == 14 and {"loss", "accuracy", "margin", "lr"} <= set(metrics[0])
 
 
-def test_lora_run_exports_merged_weights(tiny_dir, tmp_path):
-    s = train_demo(tiny_dir, tmp_path / "lora", method="lora", lr=5e-3, max_steps=2, lora_rank=4)
-    rm = load_reward_model(tmp_path / "lora")
+def test_herd_train_reward_lora_exports_merged_weights(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "lora"
+    assert herd_main(["train", "reward", "--model", str(tiny_dir), "--data", str(DEMO / "train.jsonl"),
+                      "--val-data", str(DEMO / "heldout.jsonl"), "--out", str(out), "--method", "lora",
+                      "--lr", "5e-3", "--max-steps", "2", "--lora-rank", "4", "--batch-size", "1",
+                      "--max-seq-len", "256", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    s = json.loads((out / "summary.json").read_text())
+    assert "trained 2 steps (lora)" in printed and f"held-out pairwise accuracy {s['val_accuracy']:.3f} on 18 pairs" in printed
+    rm = load_reward_model(out)
     base = load_hf(tiny_dir)[1]
     moved = rm.model.layers[0].attention.wq.weight - base["layers.0.attention.wq.weight"]
     assert moved.abs().max() > 0  # the adapters trained and were merged in
     assert torch.equal(rm.model.tok_embeddings.weight, base["tok_embeddings.weight"])  # frozen under LoRA
     loss, _ = bt_loss(rm, read_preferences(DEMO / "heldout.jsonl"))
     assert loss == pytest.approx(s["val_loss"], rel=1e-3, abs=1e-4)
+
+
+def test_shipped_recipes_are_valid():
+    import yaml
+
+    from llamaherd.train.config import make_config, recipe_text
+    from llamaherd.train.posttrain import make_loop_config
+    from llamaherd.train.reward import RewardConfig
+
+    assert make_config(yaml.safe_load(recipe_text("reward-smollm2")), RewardConfig).method == "lora"
+    loop = make_loop_config(yaml.safe_load(recipe_text("loop-smollm2")))
+    assert (loop.runs, loop.beta, loop.nll_coef, loop.dpo_lr) == (2, 0.1, 0.2, 1e-5)
+    assert (DEMO.parent.parent / loop.data).exists() and (DEMO.parent.parent / loop.val_data).exists()
 
 
 def test_herd_reward_prints_and_writes_scores(demo_run, tmp_path, capsys):
@@ -303,14 +324,14 @@ CANDIDATES = ["Of course! Happy to help. Hope this helps!", "Ugh, figure it out 
 def fake_stages(monkeypatch, calls):
     """Stand-ins for `train.sample.rejection_sample` and `train.dpo.dpo` (other branches of issue 16),
     with their agreed signatures: the sampler scores canned candidates with the scorer it is given
-    and keeps the best; DPO fine-tunes on the chosen replies so that it leaves a real run to average."""
+    and keeps the best; DPO records its arguments and leaves its starting model as its output."""
+    import shutil
     import sys
     import types
 
-    from llamaherd.train.finetune import sft
-
-    def rejection_sample(policy, prompts, scorer, k, temperature, top_p, system=None, keep="best"):
-        calls["sample"] = {"policy": Path(policy.path), "k": k, "temperature": temperature, "top_p": top_p, "keep": keep}
+    def rejection_sample(policy, prompts, scorer, k, temperature, top_p, system=None, keep="best", **kw):
+        calls["sample"] = {"policy": Path(policy.path), "k": k, "temperature": temperature, "top_p": top_p,
+                           "keep": keep, **kw}
         rows = []
         for prompt in prompts:
             replies = [CANDIDATES[i % len(CANDIDATES)] for i in range(k)]
@@ -319,13 +340,11 @@ def fake_stages(monkeypatch, calls):
             rows.append({"messages": prompt + [{"role": "assistant", "content": replies[best]}], "score": scores[best]})
         return rows
 
-    def dpo(config=None, **kw):
+    def dpo(config=None, **kw):  # leaves a full fine-tune's output: the starting model, unchanged
         calls.setdefault("dpo", []).append(kw)
-        pairs = [json.loads(line) for line in Path(kw["data"]).read_text().splitlines()]
-        Path(kw["out"]).parent.mkdir(parents=True, exist_ok=True)
-        data = write_jsonl(Path(kw["out"] + ".jsonl"), [{"messages": p["prompt"] + p["chosen"]} for p in pairs])
-        keep = {k: v for k, v in kw.items() if k not in ("data", "beta", "nll_coef")}
-        return sft(data=str(data), **keep)
+        shutil.copytree(kw["model"], Path(kw["out"]) / "model")
+        (Path(kw["out"]) / "train.json").write_text(json.dumps({"model_path": kw["model"], "method": "full"}))
+        return {"outputs": {"model": str(Path(kw["out"]) / "model")}}
 
     monkeypatch.setitem(sys.modules, "llamaherd.train.sample",
                         types.SimpleNamespace(rejection_sample=rejection_sample))
@@ -333,11 +352,7 @@ def fake_stages(monkeypatch, calls):
 
 
 @pytest.mark.slow
-def test_one_round_reward_sample_sft_dpo_with_averaging(tiny_dir, tmp_path, monkeypatch):
-    from safetensors.torch import load_file
-
-    from llamaherd.train.posttrain import run_round
-
+def test_one_round_reward_sample_sft_dpo_with_averaging(tiny_dir, tmp_path, monkeypatch, capsys):
     calls = {}
     fake_stages(monkeypatch, calls)
     rows = read_preferences(DEMO / "train.jsonl")[:8]
@@ -345,17 +360,22 @@ def test_one_round_reward_sample_sft_dpo_with_averaging(tiny_dir, tmp_path, monk
         {"prompt": r.prompt, "chosen": r.replies[-2], "rejected": r.replies[-1],
          **({"edited": r.replies[0]} if len(r.replies) == 3 else {})} for r in rows])
     out = tmp_path / "round"
-    summary = run_round({"model": str(tiny_dir), "data": str(data), "out": str(out), "runs": 2, "k": 3,
-                         "reward_steps": 2, "sft_steps": 1, "dpo_steps": 1, "max_seq_len": 256, "batch_size": 1,
-                         "reward_lr": 1e-3, "sft_lr": 1e-3, "progress": False})
+    # through the command line (`herd train loop`); run_round is what it calls
+    argv = {"model": tiny_dir, "data": data, "out": out, "runs": 2, "k": 3, "reward-steps": 2, "sft-steps": 1,
+            "dpo-steps": 1, "max-seq-len": 256, "batch-size": 1, "reward-lr": 1e-3, "sft-lr": 1e-3}
+    assert herd_main(["train", "loop", "--no-progress", *[a for k, v in argv.items() for a in (f"--{k}", str(v))]]) == 0
+    printed = capsys.readouterr().out
+    summary = json.loads((out / "round.json").read_text())
+    assert f"policy: {out / 'dpo' / 'model'}" in printed and f"reward: {out / 'reward' / 'model'}" in printed
     stages = summary["stages"]
     assert list(stages) == ["reward", "sample", "sft", "dpo"] and summary["policy"] == str(out / "dpo" / "model")
     # The reward stage: two runs averaged, and that average is what scored the samples.
     assert stages["reward"]["runs"] == 2 and stages["reward"]["model"] == str(out / "reward" / "model")
     rm = load_reward_model(out / "reward" / "model")
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
-    assert len(samples) == 8 and calls["sample"] == {"policy": tiny_dir, "k": 3, "temperature": 0.8,
-                                                     "top_p": 0.9, "keep": "best"}
+    assert len(samples) == 8 and calls["sample"] == {"policy": tiny_dir, "k": 3, "temperature": 0.8, "top_p": 0.9,
+                                                     "keep": "best", "max_tokens": 256, "seed": 0,
+                                                     "progress": False}
     for row in samples:
         prompt = row["messages"][:-1]
         scores = rm.score([prompt + [{"role": "assistant", "content": c}] for c in CANDIDATES[:3]])
@@ -374,8 +394,30 @@ def test_one_round_reward_sample_sft_dpo_with_averaging(tiny_dir, tmp_path, monk
     key = "layers.0.attention.wq.weight"
     assert not torch.equal(merged[0][key], merged[1][key])  # the runs differ (seeds) ...
     assert torch.allclose(avg[key], (merged[0][key] + merged[1][key]) / 2, atol=1e-6)  # ... and are averaged
-    assert (out / "dpo" / "model" / "model.safetensors").exists()
-    assert json.loads((out / "round.json").read_text())["policy"] == summary["policy"]
+    dpo_avg = load_hf(out / "dpo" / "model")[1]
+    assert all(torch.allclose(dpo_avg[k], avg[k], atol=1e-6) for k in avg)  # the mean of two copies of sft/model
+
+
+@pytest.mark.slow
+def test_one_round_with_the_real_sampler_and_dpo(tiny_dir, tmp_path):
+    """The whole round with `train.sample` and `train.dpo` themselves (once they are merged: they come
+    from the sampler's and DPO's branches of issue 16): full fine-tunes, two runs a stage."""
+    pytest.importorskip("llamaherd.train.sample")
+    pytest.importorskip("llamaherd.train.dpo")
+    from llamaherd.train.posttrain import run_round
+
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "How do I make tea?"},
+                                                       {"messages": [{"role": "user", "content": "Hi!"}]}])
+    out = tmp_path / "round"
+    s = run_round({"model": str(tiny_dir), "data": str(DEMO / "heldout.jsonl"), "prompts": str(prompts),
+                   "out": str(out), "method": "full", "runs": 2, "k": 2, "max_tokens": 8, "reward_steps": 2,
+                   "sft_steps": 1, "dpo_steps": 1, "max_seq_len": 256, "batch_size": 1, "progress": False})
+    assert s["stages"]["sample"]["kept"] == 2 and s["policy"] == str(out / "dpo" / "model")
+    rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    rm = load_reward_model(out / "reward" / "model")
+    assert [r["score"] for r in rows] == pytest.approx(rm.score([r["messages"] for r in rows]), abs=1e-4)
+    policy = transformers.AutoModelForCausalLM.from_pretrained(out / "dpo" / "model")
+    assert policy.config.num_hidden_layers == 2
 
 
 def test_loop_bad_settings_are_one_line(tiny_dir, tmp_path, capsys):

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -56,6 +57,8 @@ def register_train_verbs(verbs) -> None:
                                                     "flags override it")
     for key, kind, text in LOOP_FLAGS:
         s.add_argument("--" + key.replace("_", "-"), dest=key, type=kind, default=None, help=text)
+    s.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="show the stages' progress bars [on]")
     s.set_defaults(func=cmd_train_loop)
 
 
@@ -150,7 +153,7 @@ def cmd_train_loop(args) -> int:
             values = yaml.safe_load(recipe_text(args.config))
         else:
             values = read_yaml(args.config)
-    for key, *_ in LOOP_FLAGS:
+    for key, *_ in [*LOOP_FLAGS, ("progress",)]:
         if getattr(args, key, None) is not None:
             values[key] = getattr(args, key)
     cfg = make_loop_config(values)

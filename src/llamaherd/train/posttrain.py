@@ -20,7 +20,7 @@ The stages, each in its own directory of OUT:
 "Averaging" is the paper's: the runs of a stage differ (here by seed: data order, adapter
 initialisation) and their weights are averaged element-wise; a LoRA run counts as its merged
 weights (averaging A and B apart would not average the updates B·A). With `runs: 1` a stage's
-model is its one run, merged.
+model is its one run, merged (the reward model: reward/run0/model itself).
 
 Every stage is an ordinary recipe call (`train_reward`, `rejection_sample`, `sft`, `dpo`) with the
 same `method`, so each can be rerun alone with the matching `herd train` verb.
@@ -31,9 +31,12 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from ..errors import HerdError
+
+if TYPE_CHECKING:
+    import torch
 
 KEEP = ("best", "top_quartile")
 
@@ -58,6 +61,7 @@ class LoopConfig:
     top_p: float = 0.9
     system: str | None = None  # a system prompt for this round's samples
     keep: str = "best"  # best | top_quartile
+    max_tokens: int = 256  # the longest sampled reply
     sft_lr: float = 2e-4
     sft_steps: int | None = None
     dpo_lr: float = 1e-5  # the paper's
@@ -72,7 +76,7 @@ class LoopConfig:
             raise HerdError(f"the loop's method is full or lora, not {self.method!r}")
         if self.keep not in KEEP:
             raise HerdError(f"keep must be one of {', '.join(KEEP)}, got {self.keep!r}")
-        for name in ("runs", "k", "batch_size", "max_seq_len"):
+        for name in ("runs", "k", "batch_size", "max_seq_len", "max_tokens"):
             if getattr(self, name) < 1:
                 raise HerdError(f"{name} must be at least 1, got {getattr(self, name)}")
         for name in ("reward_steps", "sft_steps", "dpo_steps"):
@@ -98,13 +102,17 @@ LOOP_FLAGS = [
     ("seed", int, "seed of the first run [0]"),
     ("batch_size", int, "sequences per micro-batch [4]"),
     ("max_seq_len", int, "tokens per sequence [512]"),
+    ("reward_lr", float, "reward model learning rate [1e-4]"),
     ("reward_steps", int, "reward model steps per run (default: one epoch)"),
     ("k", int, "samples per prompt [4]"),
     ("temperature", float, "sampling temperature [0.8]"),
     ("top_p", float, "nucleus sampling [0.9]"),
     ("system", str, "a system prompt for this round's samples"),
     ("keep", str, "best | top_quartile [best]"),
+    ("max_tokens", int, "the longest sampled reply, in tokens [256]"),
+    ("sft_lr", float, "SFT learning rate [2e-4]"),
     ("sft_steps", int, "SFT steps per run (default: one epoch)"),
+    ("dpo_lr", float, "DPO learning rate [1e-5, the paper's]"),
     ("dpo_steps", int, "DPO steps per run (default: one epoch)"),
     ("beta", float, "DPO beta [0.1]"),
     ("nll_coef", float, "DPO NLL coefficient [0.2]"),
@@ -288,7 +296,8 @@ def run_round(config: LoopConfig | dict, on_stage: Callable[[str, dict], None] |
     policy = Llama.load(resolve_model_path(cfg.model))
     reward.check_tokenizer(policy.tokenizer, f"the policy {cfg.model}")
     samples = rejection_sample(policy, prompts, reward.score, cfg.k, cfg.temperature, cfg.top_p,
-                               system=cfg.system, keep=cfg.keep)
+                               system=cfg.system, keep=cfg.keep, max_tokens=cfg.max_tokens, seed=cfg.seed,
+                               progress=cfg.progress)
     del reward, policy
     if not samples:
         raise HerdError("rejection sampling kept no sample to fine-tune on")

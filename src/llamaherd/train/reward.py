@@ -235,7 +235,7 @@ def pad_token(tokenizer) -> int:
     for i in (getattr(tokenizer, "pad_id", None), tokenizer.bos_id, 0, 1):
         if i is not None and i not in stops:
             return i
-    raise HerdError("the tokenizer has no token to pad with")  # unreachable: 0 and 1 are not both stops
+    raise HerdError("the tokenizer has no token to pad with (every candidate ends a turn)")
 
 
 class RewardModel(nn.Module):
