@@ -10,6 +10,8 @@ Rows:
   herd lora        LoRA r16 on all seven projections, base frozen
   hf+peft lora     peft's LoRA with the same settings
   herd qlora       herd's LoRA over the GGUF's own quantized blocks (no float copy of the blocks)
+  herd pretrain    pre-training a Llama 3 shape from random weights (`--preset`, `--vocab`; see below)
+  hf pretrain      a plain transformers LlamaForCausalLM loop of the same shape
 Each row runs in a fresh process (peak RSS is its own): one warm-up step, then `--steps` timed
 steps. tokens/s = batch x seq x steps / time; ratios are herd / transformers (and, for memory,
 transformers' / herd's: > 1 is better).
@@ -25,6 +27,104 @@ import sys
 import time
 
 ROWS = ["herd full", "hf full", "herd lora", "hf+peft lora", "herd qlora"]
+
+
+# -- pre-training: a Llama 3 shape from random weights, herd's recipe step vs a plain transformers loop --
+#
+#   python benchmarks/bench_train.py --rows "herd pretrain,hf pretrain" [--preset 20m] [--vocab 128256]
+#
+# The same shape (herd's preset; `LlamaConfig` with the same sizes), the same random token batches, AdamW
+# (0.9/0.95, weight decay 0.1), clipping at 1.0, fp32 on the CPU. herd trains as `herd train pretrain`
+# does: documents packed with a document mask (a boundary every ~`seq / 3` tokens, positions restarting),
+# the chunked cross-entropy over the vocabulary. transformers trains plain causal sequences (no mask:
+# less work than herd's). MFU = training FLOPs per token (train/presets.flops_per_token, the same for
+# both) x tokens/s / this process's measured peak (the best of a few large fp32 matmuls, same threads).
+PRETRAIN_ROWS = ["herd pretrain", "hf pretrain"]
+
+
+def peak_flops(n: int = 2048, repeats: int = 5) -> float:
+    """This process's fp32 matmul FLOP/s: the best of `repeats` n x n products."""
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best
+
+
+def pretrain_batches(vocab: int, batch: int, seq: int, n: int):
+    """Random ids with document boundaries every ~seq/3 tokens: (tokens, targets, doc_ids, input_pos)."""
+    import numpy as np
+    import torch
+
+    from llamaherd.train.pretrain import positions
+
+    rng = np.random.default_rng(0)
+    out = []
+    for _ in range(n):
+        ids = rng.integers(0, vocab, (batch, seq + 1))
+        starts = rng.random((batch, seq)) < 3 / seq
+        starts[:, 0] = True
+        doc_ids = np.cumsum(starts, axis=1) - 1
+        targets = ids[:, 1:].copy()
+        targets[:, :-1][starts[:, 1:]] = -100  # no target across a boundary
+        out.append({"tokens": torch.from_numpy(ids[:, :-1]), "targets": torch.from_numpy(targets),
+                    "doc_ids": torch.from_numpy(doc_ids), "input_pos": torch.from_numpy(positions(doc_ids))})
+    return out
+
+
+def run_pretrain_row(row: str, preset: str, vocab: int, steps: int, batch: int, seq: int, threads: int) -> dict:
+    import torch
+
+    from llamaherd.train.presets import flops_per_token, preset_args
+
+    torch.set_num_threads(threads)
+    args = preset_args(preset, vocab)
+    data = pretrain_batches(vocab, batch, seq, steps + 1)
+    if row == "herd pretrain":
+        from llamaherd.train.finetune import CausalLMLoss
+        from llamaherd.train.pretrain import build_from_preset
+
+        model = build_from_preset(preset, vocab, "cpu", seed=0)
+        model.train()
+        wrapper = CausalLMLoss(model, 8192)
+
+        def step_loss(b):
+            return wrapper(**b) / (b["targets"] != -100).sum()
+    else:
+        import transformers
+
+        from llamaherd.export.hf import hf_config
+
+        torch.manual_seed(0)
+        config = transformers.LlamaConfig(**{k: v for k, v in hf_config(args).items()
+                                             if k not in ("architectures", "model_type", "torch_dtype")})
+        model = transformers.LlamaForCausalLM(config)
+        model.train()
+
+        def step_loss(b):
+            return model(input_ids=b["tokens"], labels=b["tokens"]).loss  # HF shifts the labels
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    times = []
+    for b in data:
+        t0 = time.perf_counter()
+        step_loss(b).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t0)
+    tokens_per_s = batch * seq * steps / sum(times[1:])
+    peak = peak_flops()
+    return {"row": row, "tokens_per_s": tokens_per_s,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "trainable": sum(p.numel() for p in params),
+            "mfu": flops_per_token(args, seq) * tokens_per_s / peak, "peak_gflops": peak / 1e9}
 
 
 def batches(vocab: int, batch: int, seq: int, n: int):
@@ -95,21 +195,28 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--rows", default=",".join(ROWS), help="comma-separated subset of: " + ", ".join(ROWS))
+    p.add_argument("--rows", default=",".join(ROWS), help="comma-separated subset of: " + ", ".join(ROWS + PRETRAIN_ROWS))
+    p.add_argument("--preset", default="20m", help="pre-training rows: herd's preset [20m]")
+    p.add_argument("--vocab", type=int, default=128256, help="pre-training rows: vocabulary size [Llama 3's]")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one row in this process
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args()
-    if args.model is None:
+    if args.model is None and any(r not in PRETRAIN_ROWS for r in (args.one or args.rows).split(",")):
         from llamaherd.fetch import smollm2_gguf
 
         args.model = str(smollm2_gguf())
+    if args.one in PRETRAIN_ROWS:
+        print(json.dumps(run_pretrain_row(args.one, args.preset, args.vocab, args.steps, args.batch, args.seq,
+                                          args.threads)))
+        return
     if args.one:
         print(json.dumps(run_row(args.one, args.model, args.steps, args.batch, args.seq, args.threads)))
         return
     results = {}
     for row in args.rows.split(","):
-        cmd = [sys.executable, __file__, "--one", row, "--model", args.model, "--steps", str(args.steps),
-               "--batch", str(args.batch), "--seq", str(args.seq), "--threads", str(args.threads)]
+        cmd = [sys.executable, __file__, "--one", row, "--model", str(args.model), "--steps", str(args.steps),
+               "--batch", str(args.batch), "--seq", str(args.seq), "--threads", str(args.threads),
+               "--preset", args.preset, "--vocab", str(args.vocab)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             print(f"{row}: failed\n{proc.stderr[-1500:]}", file=sys.stderr)
@@ -121,13 +228,15 @@ def main() -> None:
     print(f"\nbatch {args.batch} x {args.seq} tokens, {args.steps} timed steps, {args.threads} threads")
     print("| run | tokens/s | peak RSS (MB) | vs transformers (speed / memory) |")
     print("|---|---|---|---|")
-    peers = {"herd full": "hf full", "herd lora": "hf+peft lora", "herd qlora": "hf+peft lora"}
+    peers = {"herd full": "hf full", "herd lora": "hf+peft lora", "herd qlora": "hf+peft lora",
+             "herd pretrain": "hf pretrain"}
     for row, r in results.items():
         ratio = ""
         if row in peers and peers[row] in results:
             q = results[peers[row]]
             ratio = f"{r['tokens_per_s'] / q['tokens_per_s']:.2f}x / {q['peak_rss_mb'] / r['peak_rss_mb']:.2f}x"
-        print(f"| {row} | {r['tokens_per_s']:.0f} | {r['peak_rss_mb']:.0f} | {ratio} |")
+        mfu = f" (MFU {r['mfu']:.1%} of {r['peak_gflops']:.0f} GFLOP/s)" if "mfu" in r else ""
+        print(f"| {row}{mfu} | {r['tokens_per_s']:.0f} | {r['peak_rss_mb']:.0f} | {ratio} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

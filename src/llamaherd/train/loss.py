@@ -5,6 +5,11 @@ autograd would keep them for the backward. `chunked_cross_entropy` walks the voc
 instead: the forward keeps a running log-sum-exp and the target's logit (never more than one
 (tokens x chunk) block), and the backward recomputes each block's softmax to form the gradients.
 Peak memory is O(tokens x chunk); the result equals `F.cross_entropy` on the full logits.
+
+When a gradient is wanted (training), `_FusedCE` instead walks blocks of tokens, each over the
+whole vocabulary, and forms the gradients in the forward (the loss is a sum: they are final up to
+the upstream scalar): the output's three matmuls, as with full logits, without the recomputation
+and without the (tokens x V) tensors (Liger-Kernel's fused linear cross-entropy does the same).
 """
 
 from __future__ import annotations
@@ -56,6 +61,46 @@ class _ChunkedCE(torch.autograd.Function):
                 grad_w.to(weight.dtype) if grad_w is not None else None, None, None)
 
 
+class _FusedCE(torch.autograd.Function):
+    """The summed loss and its gradients in one pass over blocks of `rows` tokens (each block's
+    logits over the whole vocabulary, (rows, V), then dropped). The loss is a scalar sum, so its
+    gradients are known in the forward up to the upstream factor: the backward only scales them.
+    Three matmuls per block (logits, grad_h, grad_w), as for the full logits, and no (N, V) tensor."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, rows, need_h, need_w):
+        # h (N, D), weight (V, D), targets (N,) with IGNORE.
+        valid = targets != IGNORE
+        safe = targets.clamp(min=0)
+        w = weight.to(h.dtype)
+        loss = torch.zeros((), device=h.device)
+        grad_h = torch.empty(h.shape, dtype=torch.float32, device=h.device) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if need_w else None
+        for start in range(0, h.shape[0], rows):
+            hc, tc, vc = h[start:start + rows], safe[start:start + rows], valid[start:start + rows]
+            logits = (hc @ w.T).float()  # (R, V)
+            lse = torch.logsumexp(logits, dim=-1)
+            loss += ((lse - logits.gather(1, tc[:, None])[:, 0]) * vc).sum()
+            d = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+            d[torch.arange(len(tc), device=h.device), tc] -= 1.0
+            d *= vc[:, None]
+            if need_h:
+                grad_h[start:start + rows] = d @ w.float() if w.dtype != torch.float32 else d @ w
+            if need_w:
+                grad_w.addmm_(d.T, hc.float())
+        ctx.save_for_backward(*(g for g in (grad_h, grad_w) if g is not None))
+        ctx.need = (need_h, need_w)
+        ctx.dtypes = (h.dtype, weight.dtype)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad):
+        saved = iter(ctx.saved_tensors)
+        grad_h = (next(saved) * grad).to(ctx.dtypes[0]) if ctx.need[0] else None
+        grad_w = (next(saved) * grad).to(ctx.dtypes[1]) if ctx.need[1] else None
+        return grad_h, grad_w, None, None, None, None
+
+
 def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                           chunk: int = 8192) -> torch.Tensor:
     """The summed cross-entropy of `h @ weight.T` against `targets`, in vocabulary chunks.
@@ -69,7 +114,11 @@ def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.
         The sum (not the mean) of the per-token losses, float32: divide by the number of
         targets of the whole (global) batch, so accumulation and processes weigh every token alike.
     """
-    return _ChunkedCE.apply(h.reshape(-1, h.shape[-1]), weight, targets.reshape(-1), chunk)
+    h, targets = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
+    need_h, need_w = torch.is_grad_enabled() and h.requires_grad, torch.is_grad_enabled() and weight.requires_grad
+    if need_h or need_w:  # training: gradients in the same pass, blocks of tokens of ~chunk x 2048 logits
+        return _FusedCE.apply(h, weight, targets, max(1, chunk * 2048 // weight.shape[0]), need_h, need_w)
+    return _ChunkedCE.apply(h, weight, targets, chunk)
 
 
 def cross_entropy_sum(h: torch.Tensor, output: torch.nn.Module, targets: torch.Tensor,
