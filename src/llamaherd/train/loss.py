@@ -75,19 +75,23 @@ class _FusedCE(torch.autograd.Function):
         w = weight.to(h.dtype)
         loss = torch.zeros((), device=h.device)
         grad_h = torch.empty(h.shape, dtype=torch.float32, device=h.device) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if need_w else None
+        grad_w = None  # (V, D) float32, from the first block on
         for start in range(0, h.shape[0], rows):
             hc, tc, vc = h[start:start + rows], safe[start:start + rows], valid[start:start + rows]
-            logits = (hc @ w.T).float()  # (R, V)
-            lse = torch.logsumexp(logits, dim=-1)
-            loss += ((lse - logits.gather(1, tc[:, None])[:, 0]) * vc).sum()
-            d = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+            logp = torch.log_softmax((hc @ w.T).float(), dim=-1)  # (R, V)
+            picked = logp.gather(1, tc[:, None])[:, 0]
+            loss -= (picked * vc).sum()
+            d = logp.exp_()  # softmax, in place
             d[torch.arange(len(tc), device=h.device), tc] -= 1.0
-            d *= vc[:, None]
+            d[(~vc).nonzero()[:, 0]] = 0.0  # ignored positions: no gradient
             if need_h:
-                grad_h[start:start + rows] = d @ w.float() if w.dtype != torch.float32 else d @ w
-            if need_w:
+                grad_h[start:start + rows] = d @ w.float()
+            if need_w and grad_w is None:
+                grad_w = d.T @ hc.float()
+            elif need_w:
                 grad_w.addmm_(d.T, hc.float())
+        if need_w and grad_w is None:  # no tokens at all
+            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device)
         ctx.save_for_backward(*(g for g in (grad_h, grad_w) if g is not None))
         ctx.need = (need_h, need_w)
         ctx.dtypes = (h.dtype, weight.dtype)
@@ -109,15 +113,17 @@ def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.
         h: (..., D) final hidden states.
         weight: (V, D) output projection (may be tied to the embedding; its gradient is returned).
         targets: (...) token ids, IGNORE (-100) where no loss is taken.
-        chunk: vocabulary rows per block.
+        chunk: vocabulary rows per block (with a gradient: blocks of chunk x 8192 logits).
     Returns:
         The sum (not the mean) of the per-token losses, float32: divide by the number of
         targets of the whole (global) batch, so accumulation and processes weigh every token alike.
     """
     h, targets = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
     need_h, need_w = torch.is_grad_enabled() and h.requires_grad, torch.is_grad_enabled() and weight.requires_grad
-    if need_h or need_w:  # training: gradients in the same pass, blocks of tokens of ~chunk x 2048 logits
-        return _FusedCE.apply(h, weight, targets, max(1, chunk * 2048 // weight.shape[0]), need_h, need_w)
+    # Training: gradients in the same pass, over blocks of ~chunk x 8192 logits (few blocks, as each
+    # block adds its share to the whole (V, D) gradient of the weight).
+    if need_h or need_w:
+        return _FusedCE.apply(h, weight, targets, max(1, chunk * 8192 // weight.shape[0]), need_h, need_w)
     return _ChunkedCE.apply(h, weight, targets, chunk)
 
 
