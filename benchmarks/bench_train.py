@@ -32,6 +32,7 @@ ROWS = ["herd full", "hf full", "herd lora", "hf+peft lora", "herd qlora"]
 # -- pre-training: a Llama 3 shape from random weights, herd's recipe step vs a plain transformers loop --
 #
 #   python benchmarks/bench_train.py --rows "herd pretrain,hf pretrain" [--preset 20m] [--vocab 128256]
+#   python benchmarks/bench_train.py --paired ...     # both in one process, steps alternating (speed only)
 #
 # The same shape (herd's preset; `LlamaConfig` with the same sizes), the same random token batches, AdamW
 # (0.9/0.95, weight decay 0.1), clipping at 1.0, fp32 on the CPU. herd trains as `herd train pretrain`
@@ -77,14 +78,13 @@ def pretrain_batches(vocab: int, batch: int, seq: int, n: int):
     return out
 
 
-def run_pretrain_row(row: str, preset: str, vocab: int, steps: int, batch: int, seq: int, threads: int) -> dict:
+def pretrain_step(row: str, preset: str, vocab: int):
+    """(a function that runs one training step on a batch, the trainable parameters) for a row."""
     import torch
 
-    from llamaherd.train.presets import flops_per_token, preset_args
+    from llamaherd.train.presets import preset_args
 
-    torch.set_num_threads(threads)
     args = preset_args(preset, vocab)
-    data = pretrain_batches(vocab, batch, seq, steps + 1)
     if row == "herd pretrain":
         from llamaherd.train.finetune import CausalLMLoss
         from llamaherd.train.pretrain import build_from_preset
@@ -111,20 +111,62 @@ def run_pretrain_row(row: str, preset: str, vocab: int, steps: int, batch: int, 
 
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1)
-    times = []
-    for b in data:
+
+    def step(b) -> float:
         t0 = time.perf_counter()
         step_loss(b).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - t0)
+        return time.perf_counter() - t0
+
+    return step, params
+
+
+def run_pretrain_row(row: str, preset: str, vocab: int, steps: int, batch: int, seq: int, threads: int) -> dict:
+    import torch
+
+    from llamaherd.train.presets import flops_per_token, preset_args
+
+    torch.set_num_threads(threads)
+    step, params = pretrain_step(row, preset, vocab)
+    times = [step(b) for b in pretrain_batches(vocab, batch, seq, steps + 1)]
     tokens_per_s = batch * seq * steps / sum(times[1:])
     peak = peak_flops()
     return {"row": row, "tokens_per_s": tokens_per_s,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "trainable": sum(p.numel() for p in params),
-            "mfu": flops_per_token(args, seq) * tokens_per_s / peak, "peak_gflops": peak / 1e9}
+            "mfu": flops_per_token(preset_args(preset, vocab), seq) * tokens_per_s / peak, "peak_gflops": peak / 1e9}
+
+
+def run_pretrain_paired(preset: str, vocab: int, steps: int, batch: int, seq: int, threads: int) -> dict:
+    """Both rows in one process, their steps alternating (herd, hf, herd, hf, ...) with a peak-FLOPs
+    probe between pairs: on a shared machine whose load moves, both see the same conditions.
+    Returns per row the median step's tokens/s and MFU against the median probe."""
+    import statistics
+
+    import torch
+
+    from llamaherd.train.presets import flops_per_token, preset_args
+
+    torch.set_num_threads(threads)
+    rows = {row: pretrain_step(row, preset, vocab)[0] for row in PRETRAIN_ROWS}
+    times: dict[str, list[float]] = {row: [] for row in rows}
+    peaks = []
+    for i, b in enumerate(pretrain_batches(vocab, batch, seq, steps + 1)):
+        for row, step in rows.items():
+            t = step(b)
+            if i:  # the first step of each is a warm-up
+                times[row].append(t)
+        peaks.append(peak_flops(repeats=3))
+    peak = statistics.median(peaks)
+    flops = flops_per_token(preset_args(preset, vocab), seq)
+    out = {}
+    for row, ts in times.items():
+        tps = batch * seq / statistics.median(ts)
+        out[row] = {"row": row, "tokens_per_s": tps, "mfu": flops * tps / peak, "peak_gflops": peak / 1e9,
+                    "step_seconds": ts}
+    return out
 
 
 def batches(vocab: int, batch: int, seq: int, n: int):
@@ -198,13 +240,28 @@ def main() -> None:
     p.add_argument("--rows", default=",".join(ROWS), help="comma-separated subset of: " + ", ".join(ROWS + PRETRAIN_ROWS))
     p.add_argument("--preset", default="20m", help="pre-training rows: herd's preset [20m]")
     p.add_argument("--vocab", type=int, default=128256, help="pre-training rows: vocabulary size [Llama 3's]")
+    p.add_argument("--paired", action="store_true", help="pre-training rows in one process, steps alternating "
+                                                           "(speed only; for a machine whose load moves)")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one row in this process
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args()
-    if args.model is None and any(r not in PRETRAIN_ROWS for r in (args.one or args.rows).split(",")):
+    if args.model is None and not args.paired and any(r not in PRETRAIN_ROWS for r in (args.one or args.rows).split(",")):
         from llamaherd.fetch import smollm2_gguf
 
         args.model = str(smollm2_gguf())
+    if args.paired:
+        results = run_pretrain_paired(args.preset, args.vocab, args.steps, args.batch, args.seq, args.threads)
+        herd, hf = results["herd pretrain"], results["hf pretrain"]
+        print(f"{args.preset} (vocabulary {args.vocab}), batch {args.batch} x {args.seq}, {args.steps} timed steps "
+              f"each, alternating, {args.threads} threads, median probe {herd['peak_gflops']:.0f} GFLOP/s")
+        for r in (herd, hf):
+            print(f"{r['row']:<14} {r['tokens_per_s']:8.1f} tokens/s   MFU {r['mfu']:.1%}   "
+                  f"steps {', '.join(f'{t:.2f}' for t in r['step_seconds'])} s")
+        print(f"herd / transformers: {herd['tokens_per_s'] / hf['tokens_per_s']:.2f}x")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=2)
+        return
     if args.one in PRETRAIN_ROWS:
         print(json.dumps(run_pretrain_row(args.one, args.preset, args.vocab, args.steps, args.batch, args.seq,
                                           args.threads)))
