@@ -85,12 +85,12 @@ def tiny_run(corpus, tmp_path_factory):
 
 
 def test_tiny_preset_learns_the_text_and_writes_a_model_herd_loads(tiny_run, corpus):
-    """60 steps of 8 x 64 tokens: the held-out loss falls from above ln(vocabulary) to below 2.0 nats."""
+    """60 steps of 8 x 64 tokens: the held-out loss falls from above ln(vocabulary) to below 1.5 nats."""
     import llamaherd
     out, s = tiny_run
     assert s["val_loss_before"] > 5.5
     assert [v["step"] for v in s["validation"]] == [30, 60]
-    assert s["val_loss"] < 2.0, s["validation"]
+    assert s["val_loss"] < 1.5, s["validation"]  # 1.07 here (1.35 at step 30)
     assert s["val_perplexity"] == pytest.approx(np.exp(s["val_loss"]))
     vocab = json.loads((corpus[0] / "report.json").read_text())["tokenizer"]["vocab_size"]
     assert s["steps"] == 60 and s["tokens"] == 60 * 8 * 64 and s["parameters"] == 98624 + vocab * 64  # tied

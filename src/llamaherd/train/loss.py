@@ -5,6 +5,11 @@ autograd would keep them for the backward. `chunked_cross_entropy` walks the voc
 instead: the forward keeps a running log-sum-exp and the target's logit (never more than one
 (tokens x chunk) block), and the backward recomputes each block's softmax to form the gradients.
 Peak memory is O(tokens x chunk); the result equals `F.cross_entropy` on the full logits.
+
+When a gradient is wanted (training), `_FusedCE` instead walks blocks of tokens, each over the
+whole vocabulary, and forms the gradients in the forward (the loss is a sum: they are final up to
+the upstream scalar): the output's three matmuls, as with full logits, without the recomputation
+and without the (tokens x V) tensors (Liger-Kernel's fused linear cross-entropy does the same).
 """
 
 from __future__ import annotations
@@ -56,6 +61,50 @@ class _ChunkedCE(torch.autograd.Function):
                 grad_w.to(weight.dtype) if grad_w is not None else None, None, None)
 
 
+class _FusedCE(torch.autograd.Function):
+    """The summed loss and its gradients in one pass over blocks of `rows` tokens (each block's
+    logits over the whole vocabulary, (rows, V), then dropped). The loss is a scalar sum, so its
+    gradients are known in the forward up to the upstream factor: the backward only scales them.
+    Three matmuls per block (logits, grad_h, grad_w), as for the full logits, and no (N, V) tensor."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, rows, need_h, need_w):
+        # h (N, D), weight (V, D), targets (N,) with IGNORE.
+        valid = targets != IGNORE
+        safe = targets.clamp(min=0)
+        w = weight.to(h.dtype)
+        loss = torch.zeros((), device=h.device)
+        grad_h = torch.empty(h.shape, dtype=torch.float32, device=h.device) if need_h else None
+        grad_w = None  # (V, D) float32, from the first block on
+        for start in range(0, h.shape[0], rows):
+            hc, tc, vc = h[start:start + rows], safe[start:start + rows], valid[start:start + rows]
+            logp = torch.log_softmax((hc @ w.T).float(), dim=-1)  # (R, V)
+            picked = logp.gather(1, tc[:, None])[:, 0]
+            loss -= (picked * vc).sum()
+            d = logp.exp_()  # softmax, in place
+            d[torch.arange(len(tc), device=h.device), tc] -= 1.0
+            d[(~vc).nonzero()[:, 0]] = 0.0  # ignored positions: no gradient
+            if need_h:
+                grad_h[start:start + rows] = d @ w.float()
+            if need_w and grad_w is None:
+                grad_w = d.T @ hc.float()
+            elif need_w:
+                grad_w.addmm_(d.T, hc.float())
+        if need_w and grad_w is None:  # no tokens at all
+            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device)
+        ctx.save_for_backward(*(g for g in (grad_h, grad_w) if g is not None))
+        ctx.need = (need_h, need_w)
+        ctx.dtypes = (h.dtype, weight.dtype)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad):
+        saved = iter(ctx.saved_tensors)
+        grad_h = (next(saved) * grad).to(ctx.dtypes[0]) if ctx.need[0] else None
+        grad_w = (next(saved) * grad).to(ctx.dtypes[1]) if ctx.need[1] else None
+        return grad_h, grad_w, None, None, None, None
+
+
 def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                           chunk: int = 8192) -> torch.Tensor:
     """The summed cross-entropy of `h @ weight.T` against `targets`, in vocabulary chunks.
@@ -64,19 +113,25 @@ def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.
         h: (..., D) final hidden states.
         weight: (V, D) output projection (may be tied to the embedding; its gradient is returned).
         targets: (...) token ids, IGNORE (-100) where no loss is taken.
-        chunk: vocabulary rows per block.
+        chunk: vocabulary rows per block (with a gradient: blocks of chunk x 8192 logits).
     Returns:
         The sum (not the mean) of the per-token losses, float32: divide by the number of
         targets of the whole (global) batch, so accumulation and processes weigh every token alike.
     """
+    flat_h, flat_t = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
+    need_h, need_w = torch.is_grad_enabled() and h.requires_grad, torch.is_grad_enabled() and weight.requires_grad
+    # Training: gradients in the same pass, over blocks of ~chunk x 8192 logits (few blocks, as each
+    # block adds its share to the whole (V, D) gradient of the weight).
+    if need_h or need_w:
+        return _FusedCE.apply(flat_h, weight, flat_t, max(1, chunk * 8192 // weight.shape[0]), need_h, need_w)
     return chunked_token_losses(h, weight, targets, chunk).sum()
 
 
 def chunked_token_losses(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                          chunk: int = 8192) -> torch.Tensor:
     """Per-token cross-entropy (the negative log-probability of each target), (N,) flattened,
-    0 where the target is IGNORE; computed in vocabulary chunks as `chunked_cross_entropy`.
-    Preference losses (DPO) sum these per sequence."""
+    0 where the target is IGNORE; computed in vocabulary chunks (memory O(N x chunk), the softmax
+    recomputed in the backward). Preference losses (DPO) sum these per sequence."""
     return _ChunkedCE.apply(h.reshape(-1, h.shape[-1]), weight, targets.reshape(-1), chunk)
 
 
