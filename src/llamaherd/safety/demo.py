@@ -3,7 +3,7 @@
 model on the held-out split.
 
     python -m llamaherd.safety.demo build examples/guard-demo
-    python -m llamaherd.safety.demo evaluate MODEL examples/guard-demo/labelled.jsonl [unsafe|score]
+    python -m llamaherd.safety.demo evaluate MODEL examples/guard-demo/labelled.jsonl
 
 The prompt is the "chat" protocol of `llama_guard` (the Llama Guard 3 text as a user message in the
 model's own template), which is what `GuardClassifier` sends to a model that is not a Llama Guard;
@@ -78,12 +78,13 @@ def metrics(truth: list[bool], predicted: list[bool]) -> dict[str, float]:
     return {"precision": precision, "recall": recall, "f1": f1, "n": len(truth)}
 
 
-def evaluate(model: str, test_file: str | Path, on_malformed: str = "unsafe") -> dict[str, float]:
+def evaluate(model: str, test_file: str | Path, threshold: float = 0.5) -> dict[str, Any]:
     """Classify the held-out rows (labelled.jsonl rows with split test, or a built test.jsonl).
 
     Returns:
-        precision, recall and F1 of the unsafe class, n, and how many answers were outside the
-        protocol (`malformed`: flagged under on_malformed="unsafe", decided by the score under "score").
+        `fail_closed`: precision, recall and F1 of the unsafe class with an answer outside the
+        protocol counted as unsafe (the server's default); `by_score`: the same decided by the unsafe
+        score alone (on_malformed="score"); `malformed`: how many answers were outside the protocol.
     """
     import asyncio
 
@@ -93,9 +94,14 @@ def evaluate(model: str, test_file: str | Path, on_malformed: str = "unsafe") ->
     if not rows:
         raise HerdError(f"{test_file}: no rows with split test")
     # Each conversation is assessed for its last message: the user's prompt, or the agent's reply.
-    verdicts = asyncio.run(guard_async(model, [conversation(r) for r in rows], on_malformed=on_malformed))
-    result = metrics([r["label"] == "unsafe" for r in rows], [v.flagged for v in verdicts])
-    return {**result, "malformed": sum(v.malformed for v in verdicts), "on_malformed": on_malformed}
+    verdicts = asyncio.run(guard_async(model, [conversation(r) for r in rows], threshold=threshold,
+                                       on_malformed="unsafe"))
+    truth = [r["label"] == "unsafe" for r in rows]
+    return {"fail_closed": metrics(truth, [v.flagged for v in verdicts]),
+            "by_score": metrics(truth, [v.score >= threshold for v in verdicts]),
+            "malformed": sum(v.malformed for v in verdicts),
+            "answers": [{"id": r["id"], "label": r["label"], "flagged": v.flagged, "score": round(v.score, 4),
+                         "categories": v.categories, "malformed": v.malformed} for r, v in zip(rows, verdicts)]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -103,11 +109,10 @@ def main(argv: list[str] | None = None) -> int:
     if len(argv) == 2 and argv[0] == "build":
         print(json.dumps(build(argv[1])))
         return 0
-    if len(argv) in (3, 4) and argv[0] == "evaluate":
-        print(json.dumps(evaluate(*argv[1:])))
+    if len(argv) == 3 and argv[0] == "evaluate":
+        print(json.dumps(evaluate(argv[1], argv[2]), ensure_ascii=False))
         return 0
-    print("usage: python -m llamaherd.safety.demo build FOLDER | evaluate MODEL LABELLED.jsonl [unsafe|score]",
-          file=sys.stderr)
+    print("usage: python -m llamaherd.safety.demo build FOLDER | evaluate MODEL LABELLED.jsonl", file=sys.stderr)
     return 2
 
 
