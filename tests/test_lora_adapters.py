@@ -151,7 +151,8 @@ def test_herd_serve_applies_adapters(run_dir, gguf_lora, tmp_path):
     with TestClient(app, base_url="http://localhost:11434") as client:
         for name in ("plain", "tuned", "tuned-gguf"):
             r = client.post("/api/generate", json={"model": name, "prompt": "The cat", "raw": True, "stream": False,
-                                                   "options": {"temperature": 0, "num_predict": 6}})
+                                                   "options": {"temperature": 0, "num_predict": 6,
+                                                               "repeat_penalty": 1.0}})  # plain greedy
             assert r.status_code == 200, r.text
             replies[name] = r.json()
     hf = transformers.LlamaForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
