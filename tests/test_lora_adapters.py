@@ -113,20 +113,23 @@ def test_gguf_lora_adapter_merges_as_peft_does(run_dir, gguf_lora):
 
 
 def test_gguf_lora_bad_input(run_dir, tmp_path, capsys):
+    import gguf
+
     from llamaherd.cli import main
+    from llamaherd.errors import HerdError
     from llamaherd.export import load_with_adapters
 
     assert main(["export", str(run_dir), "--format", "gguf-lora", "--quant", "q4_0", "-o", str(tmp_path / "x")]) == 1
     assert "f32 or f16" in capsys.readouterr().err
     assert main(["export", str(tmp_path), "--format", "gguf-lora", "-o", str(tmp_path / "x.gguf")]) == 1
     assert "neither a LoRA training output nor a PEFT" in capsys.readouterr().err
-    from llamaherd.errors import HerdError
-
     model_gguf = tmp_path / "model.gguf"  # a GGUF that is a model, not an adapter
-    import gguf
     w = gguf.GGUFWriter(str(model_gguf), "llama")
     w.add_tensor("token_embd.weight", np.zeros((4, 4), np.float32))
-    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
     with pytest.raises(HerdError, match="not a GGUF LoRA adapter"):
         load_with_adapters(run_dir.parent / "base", [model_gguf])
 
