@@ -66,6 +66,7 @@ class ModelRef:
     template: str | None = None
     messages: list[dict[str, Any]] = field(default_factory=list)  # conversation every chat starts with
     details: dict[str, Any] = field(default_factory=dict)
+    adapters: list[Path] = field(default_factory=list)  # LoRA adapters (Modelfile ADAPTER), merged at load
 
 
 @dataclass
@@ -239,8 +240,12 @@ class Engine:
     def _load(self, ref: ModelRef) -> Any:
         if self._loader is not None:
             return self._loader(ref.path)
-        from ..llm import Llama
+        from ..llm import Llama, default_device
 
+        if ref.adapters:  # merged into float weights, as `herd run` does (no quantized fast path)
+            from ..export import load_with_adapters
+
+            return load_with_adapters(ref.path, ref.adapters, self.config.device or default_device())
         return Llama.load(ref.path, device=self.config.device)
 
     async def _resolve(self, name: Any) -> ModelRef:
@@ -624,9 +629,7 @@ def store_resolver(store) -> Callable[[str], ModelRef]:
             m = store.resolve(name)
         except StoreNotFound:
             raise ModelNotFound(name) from None
-        if m.adapters:
-            raise Unsupported(f"model '{name}' has LoRA adapters, which the server cannot apply yet")
         return ModelRef(m.name, Path(m.path), m.digest, dict(m.params), m.system, m.template,
-                        list(m.messages), dict(m.details))
+                        list(m.messages), dict(m.details), [Path(a) for a in m.adapters])
 
     return resolve

@@ -1,9 +1,10 @@
 """Export a training output (or any model herd loads) as a merged GGUF file or a Hugging Face
-directory; LoRA adapters also as a PEFT adapter directory.
+directory; LoRA adapters also as a PEFT adapter directory or a GGUF LoRA adapter (llama.cpp's `--lora`).
 
     herd export runs/mine --format gguf --quant q8_0 -o mine.gguf
     herd export runs/mine --format hf -o mine-hf/
     herd export runs/mine --format peft -o mine-adapter/      # LoRA runs only
+    herd export runs/mine --format gguf-lora -o mine-lora.gguf  # LoRA runs (or a PEFT directory)
 
 A training output is a directory with `train.json` (see `train/finetune.py`): a full fine-tune's
 `model/`, or a LoRA run's `adapter/` over the base model named in train.json, merged here into
@@ -22,7 +23,7 @@ import torch
 
 from ..errors import HerdError
 
-FORMATS = ("gguf", "hf", "peft")
+FORMATS = ("gguf", "hf", "peft", "gguf-lora")
 
 
 @dataclass
@@ -56,19 +57,21 @@ def load_merged(source: str | Path) -> Merged:
 
 
 def merge_adapters(model, adapters: list[str | Path]):
-    """Merge PEFT LoRA adapter directories into a float model, one after the other (in place).
+    """Merge LoRA adapters (PEFT directories or GGUF LoRA files) into a float model, one after the
+    other (in place).
 
     Raises:
-        HerdError: not a PEFT LoRA directory, or an adapter whose shapes do not fit the model.
+        HerdError: not a LoRA adapter, or an adapter whose shapes do not fit the model.
     """
     from ..train.lora import lora_llama3, merge_lora
+    from .gguf_lora import load_gguf_lora
     from .hf import load_peft
 
     for adapter in map(Path, adapters):
-        if not adapter.is_dir():
-            raise HerdError(f"ADAPTER {adapter.name}: only PEFT LoRA adapter directories can be applied")
+        config, tensors = load_gguf_lora(adapter) if adapter.is_file() else (None, None)
         try:
-            config, tensors = load_peft(adapter, model.args)
+            if config is None:
+                config, tensors = load_peft(adapter, model.args)
             targets = [t.removesuffix("_proj") for t in config["target_modules"]]
             lora_llama3(model, targets, config["r"], config["lora_alpha"])
             missing, unexpected = model.load_state_dict(tensors, strict=False)
@@ -91,15 +94,20 @@ def _peft_config(adapter: Path) -> dict:
 
 
 def load_with_adapters(path: str | Path, adapters: list[str | Path], device: str = "cpu"):
-    """A `Llama` of the model at `path` with LoRA adapters merged into its float weights (the
-    quantized fast path does not apply: the merged weights are float32)."""
+    """A `Llama` of the model at `path` with LoRA adapters (PEFT directories or GGUF LoRA files)
+    merged into its float weights (the quantized fast path does not apply: the merged weights are
+    float32)."""
     from ..llm import Llama
     from ..weights import build_model, load_checkpoint
+    from .gguf_lora import load_gguf_lora
 
     for adapter in map(Path, adapters):  # fail on a bad adapter before loading the base
-        if not adapter.is_dir():
-            raise HerdError(f"ADAPTER {adapter.name}: only PEFT LoRA adapter directories can be applied")
-        _peft_config(adapter)
+        if adapter.is_file():
+            load_gguf_lora(adapter)
+        elif adapter.is_dir():
+            _peft_config(adapter)
+        else:
+            raise HerdError(f"ADAPTER {adapter.name}: no such file or directory")
     ckpt = load_checkpoint(path)
     model = merge_adapters(build_model(ckpt.args, ckpt.state_dict), adapters).to(device).eval()
     return Llama(model, ckpt.tokenizer, path=ckpt.path, format=ckpt.format, metadata=ckpt.metadata)
@@ -109,8 +117,9 @@ def _gguf_meta(ckpt) -> dict[str, Any]:
     return dict(ckpt.metadata) if ckpt.format == "gguf" else {}
 
 
-def export(source: str | Path, format: str, out: str | Path, quant: str = "f16") -> Path:
-    """Write `source` (a training output or a model path) as `format` to `out`; returns `out`."""
+def export(source: str | Path, format: str, out: str | Path, quant: str | None = None) -> Path:
+    """Write `source` (a training output or a model path) as `format` to `out`; returns `out`.
+    `quant`: gguf f32 | f16 | q8_0 | q4_0 (default f16); gguf-lora f32 | f16 (default f32)."""
     from .gguf import QUANTS, save_gguf
     from .hf import save_hf
 
@@ -125,6 +134,9 @@ def export(source: str | Path, format: str, out: str | Path, quant: str = "f16")
             raise HerdError(f"{source} is not a LoRA training output (no adapter/)")
         shutil.copytree(adapter, out, dirs_exist_ok=True)
         return out
+    if format == "gguf-lora":
+        return _export_gguf_lora(source, out, quant or "f32")
+    quant = quant or "f16"
     if format == "gguf" and quant not in QUANTS:
         raise HerdError(f"unknown quantization {quant!r}; valid: {', '.join(QUANTS)}")
     merged = load_merged(source)
@@ -132,3 +144,28 @@ def export(source: str | Path, format: str, out: str | Path, quant: str = "f16")
         return save_gguf(merged.state_dict, merged.args, merged.tokenizer, out, quant, merged.name,
                          merged.base_metadata)
     return save_hf(merged.state_dict, merged.args, merged.tokenizer, out)
+
+
+def _export_gguf_lora(source: Path, out: Path, dtype: str) -> Path:
+    """A LoRA training output's adapter (or a PEFT adapter directory whose base model is on this
+    disk) as a GGUF LoRA adapter file."""
+    from ..weights import load_checkpoint
+    from .gguf_lora import DTYPES, save_gguf_lora
+    from .hf import load_peft
+
+    if dtype not in DTYPES:
+        raise HerdError(f"a GGUF LoRA adapter is written as {' or '.join(DTYPES)}, not {dtype!r}")
+    adapter = source / "adapter" if (source / "train.json").exists() else source
+    config = _peft_config(adapter) if (adapter / "adapter_config.json").exists() else None
+    if config is None:
+        raise HerdError(f"{source} is neither a LoRA training output nor a PEFT LoRA adapter directory")
+    if (source / "train.json").exists():
+        base = json.loads((source / "train.json").read_text())["model_path"]
+    else:
+        base = config.get("base_model_name_or_path") or ""
+        if not Path(base).exists():
+            raise HerdError(f"{source}: its base model {base!r} is not on this disk (export the training output "
+                            "directory instead)")
+    args = load_checkpoint(base).args  # the heads, to put q/k rows back into GGUF's layout
+    _, tensors = load_peft(adapter, args)
+    return save_gguf_lora(tensors, config["lora_alpha"], out, dtype, name=f"{source.name} (LoRA)")

@@ -78,8 +78,14 @@ def metrics(truth: list[bool], predicted: list[bool]) -> dict[str, float]:
     return {"precision": precision, "recall": recall, "f1": f1, "n": len(truth)}
 
 
-def evaluate(model: str, test_file: str | Path) -> dict[str, float]:
-    """Classify the held-out rows (labelled.jsonl rows with split test, or a built test.jsonl)."""
+def evaluate(model: str, test_file: str | Path, threshold: float = 0.5) -> dict[str, Any]:
+    """Classify the held-out rows (labelled.jsonl rows with split test, or a built test.jsonl).
+
+    Returns:
+        `fail_closed`: precision, recall and F1 of the unsafe class with an answer outside the
+        protocol counted as unsafe (the server's default); `by_score`: the same decided by the unsafe
+        score alone (on_malformed="score"); `malformed`: how many answers were outside the protocol.
+    """
     import asyncio
 
     from .classify import guard_async
@@ -88,8 +94,14 @@ def evaluate(model: str, test_file: str | Path) -> dict[str, float]:
     if not rows:
         raise HerdError(f"{test_file}: no rows with split test")
     # Each conversation is assessed for its last message: the user's prompt, or the agent's reply.
-    verdicts = asyncio.run(guard_async(model, [conversation(r) for r in rows], on_malformed="unsafe"))
-    return metrics([r["label"] == "unsafe" for r in rows], [v.flagged for v in verdicts])
+    verdicts = asyncio.run(guard_async(model, [conversation(r) for r in rows], threshold=threshold,
+                                       on_malformed="unsafe"))
+    truth = [r["label"] == "unsafe" for r in rows]
+    return {"fail_closed": metrics(truth, [v.flagged for v in verdicts]),
+            "by_score": metrics(truth, [v.score >= threshold for v in verdicts]),
+            "malformed": sum(v.malformed for v in verdicts),
+            "answers": [{"id": r["id"], "label": r["label"], "flagged": v.flagged, "score": round(v.score, 4),
+                         "categories": v.categories, "malformed": v.malformed} for r, v in zip(rows, verdicts)]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -98,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(build(argv[1])))
         return 0
     if len(argv) == 3 and argv[0] == "evaluate":
-        print(json.dumps(evaluate(argv[1], argv[2])))
+        print(json.dumps(evaluate(argv[1], argv[2]), ensure_ascii=False))
         return 0
     print("usage: python -m llamaherd.safety.demo build FOLDER | evaluate MODEL LABELLED.jsonl", file=sys.stderr)
     return 2
