@@ -16,7 +16,8 @@ __all__ = ["load", "load_tokenizer", "HerdError", "__version__"]
 from .errors import HerdError
 
 
-def load(model: str | Path, device: str | None = None, dtype=None, quantized: bool | None = None):
+def load(model: str | Path, device: str | None = None, dtype=None, quantized: bool | None = None,
+         kv_cache_type: str | None = None):
     """Load a model; returns a `llamaherd.llm.Llama` (see `Llama.load` for the other arguments).
 
     Args:
@@ -26,7 +27,8 @@ def load(model: str | Path, device: str | None = None, dtype=None, quantized: bo
     from .llm import Llama
     from .resolve import resolve_model
 
-    return Llama.load(resolve_model(model).path, device=device, dtype=dtype, quantized=quantized)
+    return Llama.load(resolve_model(model).path, device=device, dtype=dtype, quantized=quantized,
+                      kv_cache_type=kv_cache_type)
 
 
 def load_tokenizer(spec: str | Path = "llama3"):
