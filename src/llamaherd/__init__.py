@@ -13,7 +13,14 @@ __version__ = "0.1.0"
 
 __all__ = ["load", "load_tokenizer", "HerdError", "__version__"]
 
+import os as _os
+
+from . import settings as _settings
 from .errors import HerdError
+
+# Before anything imports torch, whose OpenMP runtime reads these once: see settings.openmp_env.
+# (A program that imported torch first keeps the runtime's defaults.)
+_os.environ.update(_settings.openmp_env())
 
 
 def load(model: str | Path, device: str | None = None, dtype=None, quantized: bool | None = None,
