@@ -58,6 +58,7 @@ VARS: tuple[Var, ...] = (
     Var("HERD_SEMGREP", "semgrep on PATH", "the semgrep program the code shield runs, where installed"),
     Var("HERD_DEBUG", "0", "1: log more (each request's client and size; uvicorn's and the engine's debug lines)"),
     Var("HERD_LOCAL", "0", "1: CLI commands work in their own process even when a server answers"),
+    Var("HERD_COMPILE", "0", "1: float models decode one sequence with a torch.compile'd step (CUDA graphs on a GPU); compiling takes a while"),
     Var("HERD_NATIVE", "1", "0: do not compile and use the native CPU kernels (torch's kernels instead)"),
     Var("HERD_CACHE", "~/.cache/llamaherd", "downloads and compiled kernels"),
 )
@@ -261,6 +262,10 @@ def debug(env: Mapping[str, str] | None = None) -> bool:
 
 def local(env: Mapping[str, str] | None = None) -> bool:
     return _flag("HERD_LOCAL", env, False)
+
+
+def compile(env: Mapping[str, str] | None = None) -> bool:
+    return _flag("HERD_COMPILE", env, False)
 
 
 def native(env: Mapping[str, str] | None = None) -> bool:

@@ -183,9 +183,18 @@ class TorchRunner(Runner):
     """The torch modules, on a CPU or a GPU. Prompts run in pieces that end on multiples of
     `reuse_unit`, so a prompt resumed after a kept prefix is computed exactly as from scratch."""
 
-    def __init__(self, model, kv_cache_type: str | None = None):
+    def __init__(self, model, kv_cache_type: str | None = None, compile: bool | None = None):
+        """Args:
+            compile: decode a lone sequence (one KV-cache row: `herd run`, `llamaherd.load`) with a
+                `torch.compile`d step over the static cache (`compiled_step`); default HERD_COMPILE.
+        """
+        from .. import settings
+
         super().__init__(model, kv_cache_type)
         self.reuse_unit = PREFILL_CHUNK if self.device.type == "cuda" else CPU_PREFILL_CHUNK
+        self.compile = settings.compile() if compile is None else compile
+        self.compile_backend = "inductor"  # tests choose "aot_eager": the same capture, no C++ to build
+        self._step = None
 
     @torch.inference_mode()
     def prefill(self, prompts):
@@ -203,7 +212,23 @@ class TorchRunner(Runner):
         return torch.stack(out).float()
 
     def decode(self, tokens, positions, rows):
+        if self.compile and len(tokens) == 1 and self.n_rows == 1:
+            return self.compiled_step(tokens[0], positions[0])[None]
         return decode_step(self.model, tokens, positions, rows).float().cpu()
+
+    @torch.inference_mode()
+    def compiled_step(self, token: int, position: int) -> torch.Tensor:
+        """The float32 logits (V,) of `token` fed at `position` of the cache's only row, by the
+        model's own forward compiled once (fullgraph: no Python between its ops; on CUDA, replayed
+        as a CUDA graph, mode "reduce-overhead"). Its shapes are static — one token, attention over
+        the whole cache with a mask of the positions written — so it compiles again only when the
+        cache grows. Equal to the eager step within float tolerance (tests/test_compiled.py)."""
+        if self._step is None:
+            mode = "reduce-overhead" if self.device.type == "cuda" else None
+            self._step = torch.compile(self.model, fullgraph=True, dynamic=False, mode=mode, backend=self.compile_backend)
+        x = torch.tensor([[token]], device=self.device)
+        pos = torch.tensor([[position]], device=self.device)
+        return self._step(x, pos)[0, -1].float().cpu()
 
 
 def native_applies(model) -> bool:
