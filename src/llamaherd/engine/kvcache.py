@@ -48,9 +48,14 @@ def position_width(head_dim: int, kv_type: str) -> int:
     return head_dim // 32 * 34 if kv_type == "q8_0" else head_dim
 
 
-def bytes_per_position(model, kv_type: str = "f32") -> int:
-    """KV-cache bytes of one position of one row, keys and values of every layer."""
+def bytes_per_position(model, kv_type: str | None = None) -> int:
+    """KV-cache bytes of one position of one row, keys and values of every layer, for a `kv_type`
+    cache (default: the model's cache as it is, else f32)."""
     args = model.args
+    cache = model.layers[0].attention.cache
+    if kv_type is None and cache is not None:
+        return args.n_layers * 2 * args.n_kv_heads * cache.k.shape[-1] * cache.k.element_size()
+    kv_type = kv_type or "f32"
     size = torch.empty((), dtype=cache_dtype(model, kv_type)).element_size()
     return args.n_layers * 2 * args.n_kv_heads * position_width(args.head_dim, kv_type) * size
 
