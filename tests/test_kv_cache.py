@@ -88,6 +88,11 @@ def test_q8_0_blocks_are_ggmls(model, smollm2):
     assert (want.reshape(-1) == keys.numpy().reshape(-1)).all()
 
 
+def test_gguf_block_models_default_to_f16(model, monkeypatch):
+    monkeypatch.delenv("HERD_KV_CACHE_TYPE", raising=False)
+    assert make_runner(model).kv_cache_type == "f16"
+
+
 def test_the_cache_costs_what_its_type_says(model):
     n_layers, K, Dh = model.args.n_layers, model.args.n_kv_heads, model.args.head_dim
     sizes = {kv: make_runner(model, kv).bytes_per_position for kv in ("f32", "f16", "q8_0")}
@@ -156,7 +161,9 @@ def test_the_setting(monkeypatch, tiny):
     assert settings.kv_cache_type({}) == "f16" and settings.kv_cache_type({"HERD_KV_CACHE_TYPE": "Q8_0"}) == "q8_0"
     with pytest.raises(HerdError, match="HERD_KV_CACHE_TYPE must be one of f32, f16, q8_0"):
         settings.kv_cache_type({"HERD_KV_CACHE_TYPE": "q4"})
-    monkeypatch.setenv("HERD_KV_CACHE_TYPE", "f32")
-    assert make_runner(tiny).kv_cache_type == "f32"
+    monkeypatch.delenv("HERD_KV_CACHE_TYPE", raising=False)
+    assert make_runner(tiny).kv_cache_type == "f32"  # a float32 model: the reference path keeps f32
+    monkeypatch.setenv("HERD_KV_CACHE_TYPE", "f16")
+    assert make_runner(tiny).kv_cache_type == "f16"
     with pytest.raises(ValueError, match="kv_cache_type must be one of"):
         make_runner(tiny, "bf16")

@@ -51,13 +51,15 @@ class Runner:
         self.model = model
         self.device = model.device
         self.args = model.args
-        kv_type = kv_cache_type or settings.kv_cache_type()
+        kv_type = kv_cache_type or settings.kv_cache_type(default=self.default_kv_cache_type)
         if kv_type not in kvcache.KV_CACHE_TYPES:
             raise ValueError(f"kv_cache_type must be one of {', '.join(kvcache.KV_CACHE_TYPES)}, got {kv_type!r}")
         if kv_type not in self.kv_cache_types:
             log.warning("a %s KV cache needs the native CPU kernels; using f16", kv_type)
             kv_type = "f16"
         self.kv_cache_type = kv_type
+
+    default_kv_cache_type = "f16"  # when neither the caller nor HERD_KV_CACHE_TYPE names one
 
     # -- the KV cache -----------------------------------------------------------------------
 
@@ -182,6 +184,12 @@ class NativeRunner(Runner):
 class TorchRunner(Runner):
     """The torch modules, on a CPU or a GPU. Prompts run in pieces that end on multiples of
     `reuse_unit`, so a prompt resumed after a kept prefix is computed exactly as from scratch."""
+
+    @property
+    def default_kv_cache_type(self) -> str:
+        """A float32 model keeps an f32 cache unless one is asked for: it is the reference path,
+        compared with transformers token for token. A 16-bit model's "f16" cache is its own dtype."""
+        return "f16" if self.model.norm.weight.element_size() == 2 else "f32"
 
     def __init__(self, model, kv_cache_type: str | None = None, compile: bool | None = None):
         """Args:
