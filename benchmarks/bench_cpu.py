@@ -14,7 +14,15 @@ Each runtime runs in a fresh process of its own, in turn (so peak RSS and cold s
   load       seconds to load the model, imports excluded
   peak_rss   MB, the process's peak resident memory
 Ratios are to llama.cpp's figure (for the times and memory, llama.cpp's divided by ours: > 1 is
-better). llama-cpp-python is optional (`pip install llama-cpp-python`, it compiles llama.cpp, ~10
+better).
+
+Two more row sets, each asked for by its flag (herd and llama.cpp; transformers is left out):
+  --busy     decode tokens/s idle, then under two busy loops (`while :; do :; done`, one per core
+             here), and the second as a fraction of the first: how much a competing load slows it
+  --long     decode tokens/s after 4,096 and 16,384 tokens of context (f16 KV cache both). llama.cpp
+             prefills real text repeated; herd prefills 512 tokens of it and fills the rest of its
+             cache with copies of their keys and values (what decoding reads is the same amount;
+             a 16k prefill would take minutes here). SmolLM2's RoPE table is extended past 8,192. llama-cpp-python is optional (`pip install llama-cpp-python`, it compiles llama.cpp, ~10
 minutes); rows of runtimes that are not installed are left out.
 """
 
@@ -145,7 +153,127 @@ def run_transformers(model: str, threads: int, ids: list[int]) -> dict:
     return dict(load=load, ttft_epoch=ttft_epoch, prefill=len(ids) / prefill_s, decode=(N_DECODE - 1) / decode_s)
 
 
-WORKERS = {"llamaherd": run_llamaherd, "llama.cpp": run_llamacpp, "transformers": run_transformers}
+# -- busy machine and long context (--busy, --long) -------------------------------------------------
+
+N_BUSY = 64  # decode tokens per measurement (idle, then busy)
+N_LONG = 32  # decode tokens after a long context
+LONG_CONTEXTS = (4096, 16384)
+
+
+class BusyLoops:
+    """n shell loops that each keep a core busy, for the duration of a `with` block."""
+
+    def __init__(self, n: int = 2):
+        self.n = n
+
+    def __enter__(self):
+        self.procs = [subprocess.Popen(["sh", "-c", "while :; do :; done"]) for _ in range(self.n)]
+        time.sleep(0.5)  # let the scheduler see them
+
+    def __exit__(self, *exc):
+        for p in self.procs:
+            p.kill()
+            p.wait()
+
+
+def long_ids(model: str, n: int) -> list[int]:
+    from llamaherd.tokenizer import load_tokenizer
+
+    text = (Path(__file__).resolve().parents[1] / "tests" / "data" / "heldout.txt").read_text()
+    ids = load_tokenizer(model).encode(text * 4)
+    return (ids * (n // len(ids) + 1))[:n]
+
+
+def herd_decode_rate(runner, start: int, n: int, token: int = 1) -> float:
+    """tokens/s of n decode steps of row 0 from position `start` (greedy, fed back)."""
+    t0 = time.perf_counter()
+    for i in range(n):
+        token = int(runner.decode([token], [start + i], [0])[0].argmax())
+    return n / (time.perf_counter() - t0)
+
+
+def busy_llamaherd(model: str, threads: int, ids: list[int]) -> dict:
+    import threading
+
+    import llamaherd
+
+    out = {}
+
+    def measure():  # all on one thread of its own, as `herd run`'s batch loop loads, prefills and decodes
+        runner = llamaherd.load(model).runner
+        runner.allocate(1, 1024)
+        runner.prefill([(ids[:16], 0, 0)])
+        herd_decode_rate(runner, 16, 8)  # warm-up
+        out["idle"] = herd_decode_rate(runner, 24, N_BUSY)
+        with BusyLoops(2):
+            out["busy"] = herd_decode_rate(runner, 24 + N_BUSY, N_BUSY)
+
+    thread = threading.Thread(target=measure)
+    thread.start()
+    thread.join()
+    return out
+
+
+def busy_llamacpp(model: str, threads: int, ids: list[int]) -> dict:
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=model, n_threads=threads, n_threads_batch=threads, n_ctx=1024, verbose=False)
+
+    def rate(n):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            llm.eval([llm.sample(temp=0.0)])
+        return n / (time.perf_counter() - t0)
+
+    llm.eval(ids[:16])
+    rate(8)
+    idle = rate(N_BUSY)
+    with BusyLoops(2):
+        busy = rate(N_BUSY)
+    return dict(idle=idle, busy=busy)
+
+
+def long_llamaherd(model: str, threads: int, ids: list[int]) -> dict:
+    import llamaherd
+    from llamaherd.engine.runner import make_runner
+
+    model_ = llamaherd.load(model).model
+    prompt, out = long_ids(model, 512), {}
+    for kv in ("f16", "f32"):  # f32: what the f16 cache is compared with (kept in the JSON)
+        runner = make_runner(model_, kv)
+        for ctx in (512, *LONG_CONTEXTS):
+            runner.release()
+            runner.allocate(1, ctx + N_LONG + 8)
+            runner.prefill([(prompt, 0, 0)])
+            for layer in model_.layers:  # positions 512..ctx-1: copies of the prompt's keys and values
+                for t in (layer.attention.cache.k, layer.attention.cache.v):
+                    t[0, :, 512:ctx] = t[0, :, :512].repeat(1, ctx // 512 - 1, 1)
+            herd_decode_rate(runner, ctx, 4)  # warm-up
+            out[f"decode@{ctx}" + ("" if kv == "f16" else " f32")] = herd_decode_rate(runner, ctx + 4, N_LONG)
+    return out
+
+
+def long_llamacpp(model: str, threads: int, ids: list[int]) -> dict:
+    from llama_cpp import Llama
+
+    out = {}
+    for ctx in LONG_CONTEXTS:
+        llm = Llama(model_path=model, n_threads=threads, n_threads_batch=threads, n_ctx=ctx + N_LONG + 8,
+                    n_batch=512, verbose=False)  # f16 K and V cache: llama.cpp's default
+        llm.eval(long_ids(model, ctx))
+        for _ in range(4):
+            llm.eval([llm.sample(temp=0.0)])
+        t0 = time.perf_counter()
+        for _ in range(N_LONG):
+            llm.eval([llm.sample(temp=0.0)])
+        out[f"decode@{ctx}"] = N_LONG / (time.perf_counter() - t0)
+        del llm
+    return out
+
+
+WORKERS = {"llamaherd": run_llamaherd, "llama.cpp": run_llamacpp, "transformers": run_transformers,
+           "busy:llamaherd": busy_llamaherd, "busy:llama.cpp": busy_llamacpp,
+           "long:llamaherd": long_llamaherd, "long:llama.cpp": long_llamacpp}
 REQUIRES = {"llamaherd": "llamaherd", "llama.cpp": "llama_cpp", "transformers": "transformers"}
 
 
@@ -156,12 +284,63 @@ def worker(name: str, model: str, threads: int, ids_file: str) -> None:
     print(json.dumps(result))
 
 
+def run_worker(name: str, model: str, args, ids_file: Path) -> dict | None:
+    """`name`'s worker in a fresh process (OMP_NUM_THREADS = --threads); its result, or None when
+    its runtime is not installed or it failed (said on stderr)."""
+    import importlib.util
+
+    runtime = name.split(":")[-1]
+    if importlib.util.find_spec(REQUIRES[runtime]) is None:
+        print(f"[{runtime}: not installed, skipped]", file=sys.stderr)
+        return None
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    proc = subprocess.run([sys.executable, __file__, "--worker", name, "--model", model,
+                           "--threads", str(args.threads), "--ids", str(ids_file)],
+                          capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        print(f"[{name} failed]\n{proc.stderr[-2000:]}", file=sys.stderr)
+        return None
+    print(f"[{name}: done]", file=sys.stderr)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def extra_rows(model: str, args, ids_file: Path) -> dict:
+    """The --busy and --long row sets, printed; their results."""
+    results = {}
+    if args.busy:
+        print("\nbusy machine: decode tokens/s idle, under two busy loops, and the fraction kept")
+        for runtime in ("llamaherd", "llama.cpp"):
+            r = run_worker(f"busy:{runtime}", model, args, ids_file)
+            if r:
+                r["fraction"] = r["busy"] / r["idle"]
+                results[f"busy:{runtime}"] = r
+                print(f"{runtime:<14}{r['idle']:>12.1f}{r['busy']:>12.1f}{r['fraction']:>12.2f}")
+    if args.long:
+        print("\nlong context (f16 KV cache): decode tokens/s after " + ", ".join(map(str, LONG_CONTEXTS)) + " tokens")
+        base = None
+        for runtime in ("llama.cpp", "llamaherd"):
+            r = run_worker(f"long:{runtime}", model, args, ids_file)
+            if r:
+                results[f"long:{runtime}"] = r
+                base = base or (r if runtime == "llama.cpp" else None)
+                cells = []
+                for ctx in LONG_CONTEXTS:
+                    cell = f"{r[f'decode@{ctx}']:.1f}"
+                    if base and runtime != "llama.cpp":
+                        cell += f" ({r[f'decode@{ctx}'] / base[f'decode@{ctx}']:.2f}x)"
+                    cells.append(f"{cell:>18}")
+                print(f"{runtime:<14}" + "".join(cells))
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", nargs="*", default=["q4_1", "q4_k_m"],
                         help="GGUF files, or q4_1 / q4_k_m: SmolLM2-135M-Instruct in that quantization")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--only", nargs="*", choices=list(WORKERS), default=list(WORKERS))
+    parser.add_argument("--only", nargs="*", choices=list(REQUIRES), default=list(REQUIRES))
+    parser.add_argument("--busy", action="store_true", help="add the busy-machine rows")
+    parser.add_argument("--long", action="store_true", help="add the long-context rows (4k and 16k)")
     parser.add_argument("--json", default="benchmarks/results/bench_cpu.json")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--ids", help=argparse.SUPPRESS)
@@ -200,25 +379,13 @@ def bench(model: str, args) -> dict:
     """One table: every runtime of `args.only` on `model`, each in a process of its own."""
     ids_file = Path("/tmp") / f"bench_ids_{os.getpid()}.json"
     ids_file.write_text(json.dumps(prompt_ids(model)))
-    import importlib.util
-
     results = {}
     for name in args.only:
-        if importlib.util.find_spec(REQUIRES[name]) is None:
-            print(f"[{name}: not installed, skipped]", file=sys.stderr)
-            continue
-        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
         start = time.time()
-        proc = subprocess.run([sys.executable, __file__, "--worker", name, "--model", model,
-                               "--threads", str(args.threads), "--ids", str(ids_file)],
-                              capture_output=True, text=True, env=env)
-        if proc.returncode != 0:
-            print(f"[{name} failed]\n{proc.stderr[-2000:]}", file=sys.stderr)
-            continue
-        r = json.loads(proc.stdout.strip().splitlines()[-1])
-        r["ttft"] = r.pop("ttft_epoch") - start
-        results[name] = r
-        print(f"[{name}: done]", file=sys.stderr)
+        r = run_worker(name, model, args, ids_file)
+        if r:
+            r["ttft"] = r.pop("ttft_epoch") - start
+            results[name] = r
 
     base = results.get("llama.cpp")
     cols = [("decode", "decode tok/s", True), ("prefill", "prefill tok/s", True), ("ttft", "TTFT s", False),
@@ -236,6 +403,7 @@ def bench(model: str, args) -> dict:
                 r[f"{key}_vs_llama.cpp"] = ratio
             cells.append(f"{cell:>22}")
         print(f"{name:<14}" + "".join(cells))
+    results.update(extra_rows(model, args, ids_file))
     return results
 
 

@@ -13,11 +13,18 @@ __version__ = "0.1.0"
 
 __all__ = ["load", "load_tokenizer", "HerdError", "__version__"]
 
+import os as _os
+
+from . import settings as _settings
 from .errors import HerdError
+
+# Before anything imports torch, whose OpenMP runtime reads these once: see settings.openmp_env.
+# (A program that imported torch first keeps the runtime's defaults.)
+_os.environ.update(_settings.openmp_env())
 
 
 def load(model: str | Path, device: str | None = None, dtype=None, quantized: bool | None = None,
-         quantize: str | None = None):
+         quantize: str | None = None, kv_cache_type: str | None = None):
     """Load a model; returns a `llamaherd.llm.Llama` (see `Llama.load` for the other arguments).
 
     Args:
@@ -32,7 +39,8 @@ def load(model: str | Path, device: str | None = None, dtype=None, quantized: bo
         from .quantize.blocks import check_scheme
 
         check_scheme(quantize)  # before a pull
-    return Llama.load(resolve_model(model).path, device=device, dtype=dtype, quantized=quantized, quantize=quantize)
+    return Llama.load(resolve_model(model).path, device=device, dtype=dtype, quantized=quantized,
+                      quantize=quantize, kv_cache_type=kv_cache_type)
 
 
 def load_tokenizer(spec: str | Path = "llama3"):

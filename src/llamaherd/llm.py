@@ -54,7 +54,7 @@ def default_device() -> str:
 
 class Llama:
     def __init__(self, model, tokenizer, *, path: Path | None = None, format: str = "",
-                 metadata: dict | None = None, load_duration: float = 0.0):
+                 metadata: dict | None = None, load_duration: float = 0.0, kv_cache_type: str | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.args = model.args
@@ -62,13 +62,14 @@ class Llama:
         self.format = format
         self.metadata = metadata or {}
         self.load_duration = load_duration  # seconds
-        self.runner = make_runner(model)  # the backend, chosen once
+        self.runner = make_runner(model, kv_cache_type)  # the backend, chosen once
         self._scheduler: Scheduler | None = None  # made on first use (`scheduler`)
         self._lltok = None  # llguidance's view of the tokenizer, made on first `format`
 
     @classmethod
     def load(cls, path: str | Path, device: str | None = None, dtype: torch.dtype | None = None,
-             quantized: bool | None = None, quantize: str | None = None) -> "Llama":
+             quantized: bool | None = None, quantize: str | None = None,
+             kv_cache_type: str | None = None) -> "Llama":
         """Load a `.gguf` file, a Hugging Face directory or a Meta checkpoint directory.
 
         Args:
@@ -78,6 +79,10 @@ class Llama:
                 on for CPU. Off gives the reference path: weights dequantized to `dtype`.
             quantize: "q8_0", "q4_0" or "q4_k" (llama.cpp's Q4_K_M mix): quantize any checkpoint
                 (a Hugging Face directory...) at load into GGUF blocks for the native CPU kernels.
+            kv_cache_type: the KV cache's element type, "f32", "f16" or "q8_0" (llama.cpp's
+                --cache-type-k/v); default HERD_KV_CACHE_TYPE, else f16 (a float32 model on torch's
+                modules, the reference path: f32). q8_0 needs the native CPU kernels (a GGUF block
+                model); elsewhere it becomes f16.
         """
         from .weights import build_model, load_checkpoint
 
@@ -91,7 +96,7 @@ class Llama:
         ckpt = load_checkpoint(path, dtype, quantized=quantized, quantize=quantize)
         model = build_model(ckpt.args, ckpt.state_dict, device, ckpt.quantized)
         return cls(model, ckpt.tokenizer, path=ckpt.path, format=ckpt.format, metadata=ckpt.metadata,
-                   load_duration=time.perf_counter() - start)
+                   load_duration=time.perf_counter() - start, kv_cache_type=kv_cache_type)
 
     @property
     def device(self) -> torch.device:

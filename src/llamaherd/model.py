@@ -118,9 +118,9 @@ class KVCache(nn.Module):
         r = (torch.arange(B, device=k.device) if at.rows is None else at.rows)[:, None]  # (B, 1)
         self.k[r, :, at.input_pos] = k.transpose(1, 2).to(self.k.dtype)  # indexed view: (B, T, K, Dh)
         self.v[r, :, at.input_pos] = v.transpose(1, 2).to(self.v.dtype)
-        if at.rows is None:  # a slice, not a copy
-            return self.k[:B, :, :at.n_keys], self.v[:B, :, :at.n_keys]
-        return self.k[at.rows, :, :at.n_keys], self.v[at.rows, :, :at.n_keys]
+        if at.rows is None:  # a slice, not a copy (unless the cache holds another dtype: f16)
+            return self.k[:B, :, :at.n_keys].to(k.dtype), self.v[:B, :, :at.n_keys].to(v.dtype)
+        return self.k[at.rows, :, :at.n_keys].to(k.dtype), self.v[at.rows, :, :at.n_keys].to(v.dtype)
 
 
 def document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: torch.Tensor) -> torch.Tensor:

@@ -46,7 +46,8 @@ VARS: tuple[Var, ...] = (
     Var("HERD_ALLOW_REQUEST_TEMPLATES", "0", "1: accept `template` in requests (vLLM's --trust-request-chat-template)"),
     Var("HERD_MAX_CONNECTIONS", "1024", "open connections before new ones are refused (slowloris)"),
     Var("HERD_HEADER_TIMEOUT", "10", "seconds a client has to send its request line and headers"),
-    Var("HERD_NUM_THREADS", "torch's default", "CPU threads for the server's matmuls"),
+    Var("HERD_NUM_THREADS", "torch's default", "CPU threads for the matmuls (server and local runs)"),
+    Var("HERD_KV_CACHE_TYPE", "f16", "KV-cache element type: f32 | f16 | q8_0 (as Ollama's OLLAMA_KV_CACHE_TYPE; float32 models: f32)"),
     Var("HERD_GUARD", "none", "a guard model (e.g. llama-guard3:1b) that moderates prompts and replies"),
     Var("HERD_GUARD_MODE", "both", "what the guard checks: input | output | both"),
     Var("HERD_GUARD_THRESHOLD", "0.5", "the guard's unsafe-score threshold"),
@@ -57,6 +58,7 @@ VARS: tuple[Var, ...] = (
     Var("HERD_SEMGREP", "semgrep on PATH", "the semgrep program the code shield runs, where installed"),
     Var("HERD_DEBUG", "0", "1: log more (each request's client and size; uvicorn's and the engine's debug lines)"),
     Var("HERD_LOCAL", "0", "1: CLI commands work in their own process even when a server answers"),
+    Var("HERD_COMPILE", "0", "1: float models decode one sequence with a torch.compile'd step (CUDA graphs on a GPU); compiling takes a while"),
     Var("HERD_NATIVE", "1", "0: do not compile and use the native CPU kernels (torch's kernels instead)"),
     Var("HERD_CACHE", "~/.cache/llamaherd", "downloads and compiled kernels"),
 )
@@ -214,12 +216,56 @@ def num_threads(env: Mapping[str, str] | None = None) -> int | None:
     return _int("HERD_NUM_THREADS", env, 0) if _get("HERD_NUM_THREADS", env) else None
 
 
+KV_CACHE_TYPES = ("f32", "f16", "q8_0")
+
+
+def kv_cache_type(env: Mapping[str, str] | None = None, default: str = "f16") -> str:
+    value = _get("HERD_KV_CACHE_TYPE", env).lower() or default
+    if value not in KV_CACHE_TYPES:
+        raise HerdError(f"HERD_KV_CACHE_TYPE must be one of {', '.join(KV_CACHE_TYPES)}, got {value!r}")
+    return value
+
+
+# How long (in libgomp's spins, ~10 ns each) an OpenMP thread that waits at a barrier, or for the
+# next parallel region, spins before it sleeps. libgomp's default is 300,000 (~3 ms) — unless the
+# process runs more OpenMP threads than there are cores, when it is 100. A decode step forks and
+# joins a few hundred times; when another program competes for the cores, a thread spinning for 3
+# ms waits on a partner that the kernel has descheduled, and the step crawls: a local `herd run`
+# fell to 4-7 tokens/s under two busy loops, while `herd serve` (whose scheduler thread made the
+# process count more threads than cores, so it spun 100) kept ~125. Idle, the short spin costs
+# nothing measurable (bench_cpu's decode rows were measured with it). So it is chosen, not left to
+# that accident: a user's GOMP_SPINCOUNT or OMP_WAIT_POLICY is kept.
+OMP_SPINCOUNT = "100"
+
+
+def openmp_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The OpenMP variables llamaherd sets before torch loads its OpenMP runtime (which reads them
+    once, when loaded): the threads' wait policy (GOMP_SPINCOUNT, unless the user set it or
+    OMP_WAIT_POLICY) and HERD_NUM_THREADS as OMP_NUM_THREADS (a bad value is left for the server's
+    check to report)."""
+    env = os.environ if env is None else env
+    out = {}
+    if not (env.get("GOMP_SPINCOUNT") or env.get("OMP_WAIT_POLICY")):
+        out["GOMP_SPINCOUNT"] = OMP_SPINCOUNT
+    try:
+        threads = num_threads(env)
+    except HerdError:
+        threads = None
+    if threads:
+        out["OMP_NUM_THREADS"] = str(threads)
+    return out
+
+
 def debug(env: Mapping[str, str] | None = None) -> bool:
     return _flag("HERD_DEBUG", env, False)
 
 
 def local(env: Mapping[str, str] | None = None) -> bool:
     return _flag("HERD_LOCAL", env, False)
+
+
+def compile(env: Mapping[str, str] | None = None) -> bool:
+    return _flag("HERD_COMPILE", env, False)
 
 
 def native(env: Mapping[str, str] | None = None) -> bool:

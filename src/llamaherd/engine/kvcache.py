@@ -14,6 +14,11 @@ row), so the lazily zero pages are never a correctness matter, only a memory one
 
 `bytes_per_position` is what one position of one row costs over all layers: the unit of the
 engine's memory accounting (`Engine`'s admission against HERD_MAX_MEMORY).
+
+Element types (`kv_cache_type`, llama.cpp's --cache-type-k/v, Ollama's OLLAMA_KV_CACHE_TYPE):
+"f32"; "f16" (half the memory and the bandwidth a long context's attention reads; a 16-bit float
+model keeps its own dtype); "q8_0", ggml's Q8_0 blocks (34 bytes per 32 values, a uint8 tensor
+(rows, K, capacity, Dh / 32 * 34)), which only kernels/decode.c reads and writes.
 """
 
 from __future__ import annotations
@@ -26,10 +31,33 @@ import torch
 PAGE = mmap.PAGESIZE
 
 
-def bytes_per_position(model) -> int:
-    """KV-cache bytes of one position of one row, keys and values of every layer."""
+KV_CACHE_TYPES = ("f32", "f16", "q8_0")
+
+
+def cache_dtype(model, kv_type: str) -> torch.dtype:
+    """The tensor dtype of a `kv_type` cache for `model`."""
+    if kv_type == "q8_0":
+        return torch.uint8
+    if kv_type == "f16":
+        return model.norm.weight.dtype if model.norm.weight.element_size() == 2 else torch.float16
+    return torch.float32
+
+
+def position_width(head_dim: int, kv_type: str) -> int:
+    """Elements of one position of one KV head: head_dim, or its Q8_0 blocks' bytes."""
+    return head_dim // 32 * 34 if kv_type == "q8_0" else head_dim
+
+
+def bytes_per_position(model, kv_type: str | None = None) -> int:
+    """KV-cache bytes of one position of one row, keys and values of every layer, for a `kv_type`
+    cache (default: the model's cache as it is, else f32)."""
     args = model.args
-    return args.n_layers * 2 * args.n_kv_heads * args.head_dim * model.norm.weight.element_size()
+    cache = model.layers[0].attention.cache
+    if kv_type is None and cache is not None:
+        return args.n_layers * 2 * args.n_kv_heads * cache.k.shape[-1] * cache.k.element_size()
+    kv_type = kv_type or "f32"
+    size = torch.empty((), dtype=cache_dtype(model, kv_type)).element_size()
+    return args.n_layers * 2 * args.n_kv_heads * position_width(args.head_dim, kv_type) * size
 
 
 def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, mmap.mmap]:
@@ -40,13 +68,13 @@ def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor
     return torch.frombuffer(buf, dtype=dtype, count=math.prod(shape)).view(shape), buf
 
 
-def setup_lazy_cache(model, n_rows: int, capacity: int) -> None:
-    """`model.setup_cache(n_rows, capacity)` on lazily committed memory (CPU only)."""
+def setup_lazy_cache(model, n_rows: int, capacity: int, kv_type: str = "f32") -> None:
+    """`model.setup_cache(n_rows, capacity)` on lazily committed memory (CPU only), of `kv_type`."""
     from ..model import KVCache
 
     args = model.args
-    dtype = model.norm.weight.dtype
-    shape = (n_rows, args.n_kv_heads, capacity, args.head_dim)
+    dtype = cache_dtype(model, kv_type)
+    shape = (n_rows, args.n_kv_heads, capacity, position_width(args.head_dim, kv_type))
     for layer in model.layers:
         cache = KVCache(0, 0, args.n_kv_heads, args.head_dim, dtype, model.norm.weight.device)
         cache.k, kbuf = lazy_zeros(shape, dtype)  # assigning a registered buffer's name replaces it
@@ -68,8 +96,8 @@ def release(model, row: int, keep: int) -> None:
     if not is_lazy(model):
         return
     cache = model.layers[0].attention.cache
-    _, n_heads, capacity, head_dim = cache.k.shape
-    size = cache.k.element_size() * head_dim  # bytes per position of one head
+    _, n_heads, capacity, width = cache.k.shape
+    size = cache.k.element_size() * width  # bytes per position of one head
     for layer in model.layers:
         for buf in layer.attention.cache.mappings:
             for head in range(n_heads):

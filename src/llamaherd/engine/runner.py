@@ -21,11 +21,15 @@ Two backends:
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from ..quantize import native
 from . import kvcache
 from .decode import decode_step
+
+log = logging.getLogger("llamaherd.engine")
 
 PREFILL_CHUNK = 512  # prompt tokens per call of the scheduler's prefill (and per forward on a GPU)
 CPU_PREFILL_CHUNK = 64  # per forward on a CPU: a chat's earlier turns are reused in units this small
@@ -36,11 +40,27 @@ class Runner:
 
     reuse_unit: int
     speculates: bool = False
+    kv_cache_types = ("f32", "f16")  # the KV-cache element types this runner reads (see kvcache)
 
-    def __init__(self, model):
+    def __init__(self, model, kv_cache_type: str | None = None):
+        """Args:
+            kv_cache_type: "f32", "f16" or "q8_0" (default HERD_KV_CACHE_TYPE); one this runner
+                cannot read becomes "f16", with a warning (as Ollama does).
+        """
+        from .. import settings
+
         self.model = model
         self.device = model.device
         self.args = model.args
+        kv_type = kv_cache_type or settings.kv_cache_type(default=self.default_kv_cache_type)
+        if kv_type not in kvcache.KV_CACHE_TYPES:
+            raise ValueError(f"kv_cache_type must be one of {', '.join(kvcache.KV_CACHE_TYPES)}, got {kv_type!r}")
+        if kv_type not in self.kv_cache_types:
+            log.warning("a %s KV cache needs the native CPU kernels; using f16", kv_type)
+            kv_type = "f16"
+        self.kv_cache_type = kv_type
+
+    default_kv_cache_type = "f16"  # when neither the caller nor HERD_KV_CACHE_TYPE names one
 
     # -- the KV cache -----------------------------------------------------------------------
 
@@ -59,14 +79,16 @@ class Runner:
         of rows (or no cache yet) starts empty. Returns whether it starts empty (then no row holds
         anyone's keys). On the CPU the cache is lazily committed memory (`kvcache`): a row costs
         memory for the positions it has written, not the capacity."""
-        if self.n_rows == n_rows and self.capacity >= capacity:
+        cache = self.model.layers[0].attention.cache
+        same = cache is not None and self.n_rows == n_rows \
+            and cache.k.dtype == kvcache.cache_dtype(self.model, self.kv_cache_type)
+        if same and self.capacity >= capacity:
             return False
-        old = [(layer.attention.cache.k, layer.attention.cache.v) for layer in self.model.layers] \
-            if self.n_rows == n_rows else None
+        old = [(layer.attention.cache.k, layer.attention.cache.v) for layer in self.model.layers] if same else None
         if self.device.type == "cpu":
-            kvcache.setup_lazy_cache(self.model, n_rows, capacity)
+            kvcache.setup_lazy_cache(self.model, n_rows, capacity, self.kv_cache_type)
         else:
-            self.model.setup_cache(n_rows, capacity)
+            self.model.setup_cache(n_rows, capacity, dtype=kvcache.cache_dtype(self.model, self.kv_cache_type))
         if old is None:
             return True
         for layer, (k, v) in zip(self.model.layers, old):
@@ -98,7 +120,7 @@ class Runner:
     @property
     def bytes_per_position(self) -> int:
         """KV-cache bytes of one position of one row (every layer's keys and values)."""
-        return kvcache.bytes_per_position(self.model)
+        return kvcache.bytes_per_position(self.model, self.kv_cache_type)
 
     def kv_bytes(self, lengths: list[int] | None = None) -> int:
         """Bytes the KV cache holds: the positions rows hold (`lengths`) where it is lazily
@@ -158,6 +180,11 @@ class NativeRunner(Runner):
     reuse_unit = native.DENSE_ROWS  # where the float32 prompt blocks end
     speculates = True  # rows of one step are computed as if alone, so a checked guess is exact
 
+    def __init__(self, model, kv_cache_type: str | None = None):
+        # Q8_0 stores a head's values in blocks of 32
+        self.kv_cache_types = ("f32", "f16", "q8_0") if model.args.head_dim % 32 == 0 else ("f32", "f16")
+        super().__init__(model, kv_cache_type)
+
     def prefill(self, prompts):
         return native.prefill_many(self.model, prompts).float()
 
@@ -169,9 +196,24 @@ class TorchRunner(Runner):
     """The torch modules, on a CPU or a GPU. Prompts run in pieces that end on multiples of
     `reuse_unit`, so a prompt resumed after a kept prefix is computed exactly as from scratch."""
 
-    def __init__(self, model):
-        super().__init__(model)
+    @property
+    def default_kv_cache_type(self) -> str:
+        """A float32 model keeps an f32 cache unless one is asked for: it is the reference path,
+        compared with transformers token for token. A 16-bit model's "f16" cache is its own dtype."""
+        return "f16" if self.model.norm.weight.element_size() == 2 else "f32"
+
+    def __init__(self, model, kv_cache_type: str | None = None, compile: bool | None = None):
+        """Args:
+            compile: decode a lone sequence (one KV-cache row: `herd run`, `llamaherd.load`) with a
+                `torch.compile`d step over the static cache (`compiled_step`); default HERD_COMPILE.
+        """
+        from .. import settings
+
+        super().__init__(model, kv_cache_type)
         self.reuse_unit = PREFILL_CHUNK if self.device.type == "cuda" else CPU_PREFILL_CHUNK
+        self.compile = settings.compile() if compile is None else compile
+        self.compile_backend = "inductor"  # tests choose "aot_eager": the same capture, no C++ to build
+        self._step = None
 
     @torch.inference_mode()
     def prefill(self, prompts):
@@ -189,7 +231,23 @@ class TorchRunner(Runner):
         return torch.stack(out).float()
 
     def decode(self, tokens, positions, rows):
+        if self.compile and len(tokens) == 1 and self.n_rows == 1:
+            return self.compiled_step(tokens[0], positions[0])[None]
         return decode_step(self.model, tokens, positions, rows).float().cpu()
+
+    @torch.inference_mode()
+    def compiled_step(self, token: int, position: int) -> torch.Tensor:
+        """The float32 logits (V,) of `token` fed at `position` of the cache's only row, by the
+        model's own forward compiled once (fullgraph: no Python between its ops; on CUDA, replayed
+        as a CUDA graph, mode "reduce-overhead"). Its shapes are static — one token, attention over
+        the whole cache with a mask of the positions written — so it compiles again only when the
+        cache grows. Equal to the eager step within float tolerance (tests/test_compiled.py)."""
+        if self._step is None:
+            mode = "reduce-overhead" if self.device.type == "cuda" else None
+            self._step = torch.compile(self.model, fullgraph=True, dynamic=False, mode=mode, backend=self.compile_backend)
+        x = torch.tensor([[token]], device=self.device)
+        pos = torch.tensor([[position]], device=self.device)
+        return self._step(x, pos)[0, -1].float().cpu()
 
 
 def native_applies(model) -> bool:
@@ -208,7 +266,7 @@ def native_applies(model) -> bool:
             and native.available())  # asked last: a float model must not build the library
 
 
-def make_runner(model) -> Runner:
+def make_runner(model, kv_cache_type: str | None = None) -> Runner:
     """The runner for `model`, chosen once: native where it applies (`native_applies`), else the
-    torch modules."""
-    return NativeRunner(model) if native_applies(model) else TorchRunner(model)
+    torch modules. kv_cache_type: see `Runner`."""
+    return (NativeRunner if native_applies(model) else TorchRunner)(model, kv_cache_type)

@@ -230,7 +230,18 @@ class _Layer(ctypes.Structure):
 class _Model(ctypes.Structure):
     _fields_ = [("n_layers", ctypes.c_int64), ("dim", ctypes.c_int64), ("n_heads", ctypes.c_int64),
                 ("n_kv_heads", ctypes.c_int64), ("head_dim", ctypes.c_int64), ("hidden", ctypes.c_int64),
-                ("max_seq", ctypes.c_int64), ("eps", ctypes.c_float), ("layers", ctypes.POINTER(_Layer))]
+                ("max_seq", ctypes.c_int64), ("eps", ctypes.c_float), ("kv_type", ctypes.c_int32),
+                ("layers", ctypes.POINTER(_Layer))]
+
+
+# The KV cache's element types kernels/decode.c stores and reads (llama.cpp's --cache-type-k/v), by
+# ggml's type ids; q8_0 is a uint8 tensor of ggml Q8_0 blocks, head_dim / 32 * 34 bytes a position.
+KV_TYPES = {"f32": 0, "f16": 1, "q8_0": 8}
+
+
+def kv_cache_type(cache) -> str:
+    """The element type of a KV cache made by `engine.kvcache` (see KV_TYPES)."""
+    return {torch.float32: "f32", torch.float16: "f16", torch.uint8: "q8_0"}[cache.k.dtype]
 
 
 # One description of the model's blocks per KV cache: a new cache (`setup_cache`) gets a new one.
@@ -242,20 +253,23 @@ _decoders: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def _describe(model) -> _Model:
     """The ctypes description of `model`'s blocks for kernels/decode.c. The caller has checked that
     it applies (`engine.runner.make_runner`): every matmul of every block a fused layer of GGUF
-    blocks (`linear.BlockLinear`: `.raw`, `.kernel_type`), the norms and KV cache float32 on the CPU."""
+    blocks (`linear.BlockLinear`: `.raw`, `.kernel_type`), the norms float32 on the CPU, the KV cache
+    one of KV_TYPES there."""
     args = model.args
     layers = (_Layer * args.n_layers)()
     for out, layer in zip(layers, model.layers):
         attn, ffn = layer.attention, layer.feed_forward
         mats = [attn.wqkv, attn.wo, ffn.w13, ffn.w2]
-        floats = [layer.attention_norm.weight, layer.ffn_norm.weight, attn.cache.k, attn.cache.v]
-        if any(t.dtype != torch.float32 or not t.is_contiguous() or t.device.type != "cpu" for t in floats):
-            raise ValueError("the native decoder needs float32 norms and KV cache on the CPU")
-        out.attention_norm, out.ffn_norm, out.k, out.v = (t.data_ptr() for t in floats)
+        norms, kv = [layer.attention_norm.weight, layer.ffn_norm.weight], [attn.cache.k, attn.cache.v]
+        if any(t.dtype != torch.float32 for t in norms) or any(t.dtype not in (torch.float32, torch.float16, torch.uint8)
+                                                                for t in kv) \
+                or any(not t.is_contiguous() or t.device.type != "cpu" for t in norms + kv):
+            raise ValueError("the native decoder needs float32 norms and an f32, f16 or q8_0 KV cache on the CPU")
+        out.attention_norm, out.ffn_norm, out.k, out.v = (t.data_ptr() for t in norms + kv)
         out.wqkv, out.wo, out.w13, out.w2 = (w.raw.data_ptr() for w in mats)
         out.wqkv_type, out.wo_type, out.w13_type, out.w2_type = (w.kernel_type for w in mats)
     desc = _Model(args.n_layers, args.dim, args.n_heads, args.n_kv_heads, args.head_dim, args.hidden_dim,
-                  model.cache_len, args.norm_eps, layers)
+                  model.cache_len, args.norm_eps, KV_TYPES[kv_cache_type(model.layers[0].attention.cache)], layers)
     desc._layers = layers  # keep the array alive with the description
     return desc
 

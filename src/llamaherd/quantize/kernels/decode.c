@@ -34,23 +34,44 @@ typedef struct {
     const float *attention_norm, *ffn_norm; /* (dim) */
     const uint8_t *wqkv, *wo, *w13, *w2;    /* GGUF blocks: wq, wk, wv stacked; w1, w3 stacked */
     int32_t wqkv_type, wo_type, w13_type, w2_type;
-    float *k, *v; /* KV cache (max_batch, n_kv_heads, max_seq, head_dim) */
+    uint8_t *k, *v; /* KV cache (max_batch, n_kv_heads, max_seq, head_dim) of kv_type elements */
 } herd_layer;
 
 typedef struct {
     int64_t n_layers, dim, n_heads, n_kv_heads, head_dim, hidden, max_seq;
     float eps;
+    int32_t kv_type; /* the KV cache's element type, by ggml's ids: KV_F32, KV_F16 or KV_Q8_0 */
     const herd_layer *layers;
 } herd_model;
 
+/* The KV cache's element types (llama.cpp's --cache-type-k/v): float32, float16 (F16C), or ggml's
+ * Q8_0 blocks {f16 d; i8 qs[32]} (x = d * q), which store a head's Dh values in Dh / 32 * 34 bytes. */
+enum { KV_F32 = 0, KV_F16 = 1, KV_Q8_0 = 8 };
+
+/* Attention reads the cache a tile of KV_TILE positions at a time (converted to float32 once, then
+ * used by every query head of the group: GQA), with an online softmax (running max and sum, as
+ * flash attention), so that no query needs a row of scores as long as the context. Keys are also
+ * split into spans of KV_SPAN positions, each span a task of its own whose partial result is merged
+ * at the end (flash-decoding): a long context keeps every thread busy even at batch 1. Both sizes
+ * are fixed, so a query's numbers depend only on its own position, not on the batch. */
+#define KV_TILE 64
+#define KV_SPAN 512
+#define RUN_ROWS 16 /* at most this many consecutive rows of one cache row (a prompt) share a task */
+
 static inline int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
+static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+/* Bytes of one position of one KV head. */
+static inline int64_t kv_bytes(int type, int64_t Dh) { return type == KV_F32 ? 4 * Dh : type == KV_F16 ? 2 * Dh : Dh / 32 * 34; }
 
 /* Bytes of scratch `herd_decode` needs for B rows whose largest position is max_pos. */
 int64_t herd_decode_scratch(const herd_model *m, int64_t B, int64_t max_pos) {
     const int64_t qkv = (m->n_heads + 2 * m->n_kv_heads) * m->head_dim, kin = max64(m->dim, m->hidden);
-    const int64_t floats = B * (m->dim + qkv + m->n_heads * m->head_dim + m->dim + 2 * m->hidden + m->hidden) +
-                           omp_get_max_threads() * (max_pos + 1); /* one row of attention scores a thread */
-    return 4 * floats + 2 * B * kin + 8 * B * (kin / 32) + 64;
+    const int64_t spans = max_pos / KV_SPAN + 1, Dh = m->head_dim;
+    const int64_t floats = B * (m->dim + qkv + m->n_heads * Dh + m->dim + 2 * m->hidden + m->hidden) +
+                           B * m->n_heads * spans * (Dh + 2) +            /* partial results of each span */
+                           omp_get_max_threads() * (2 * KV_TILE * Dh + KV_TILE); /* a thread's tile and scores */
+    return 4 * floats + 8 * (B + 1) + 2 * B * kin + 8 * B * (kin / 32) + 64;
 }
 
 #if HERD_SIMD
@@ -80,12 +101,51 @@ static inline __m256 exp8(__m256 x) {
     return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
 }
 
-/* softmax(q . keys[j] * scale over j < n) . values, for one query head: out (Dh floats), s (n floats
- * of scratch). Four keys at a time and all Dh outputs at once, so that no loop waits on the
- * latency of a single chain of multiply-adds. */
-static void attend(const float *q, const float *keys, const float *values, int64_t n, int64_t Dh, float scale,
-                   float *s, float *out) {
-    float top = -INFINITY, sum;
+/* Store Dh floats as one position of one KV head, in the cache's type. Q8_0 rounds as ggml's
+ * quantize_row_q8_0_ref: d = max|x| / 127, q = round(x / d). */
+static void kv_store(uint8_t *dst, const float *x, int64_t Dh, int type) {
+    if (type == KV_F32) {
+        memcpy(dst, x, Dh * sizeof(float));
+    } else if (type == KV_F16) {
+        for (int64_t i = 0; i < Dh; i += 8)
+            _mm_storeu_si128((__m128i *)(dst + 2 * i), _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
+    } else {
+        for (int64_t i = 0; i < Dh; i += 32, dst += 34) {
+            float amax = 0.f;
+            for (int j = 0; j < 32; j++) amax = fabsf(x[i + j]) > amax ? fabsf(x[i + j]) : amax;
+            const float d = amax / 127.f, id = d ? 1.f / d : 0.f;
+            const uint16_t h = _cvtss_sh(d, _MM_FROUND_TO_NEAREST_INT);
+            memcpy(dst, &h, 2);
+            for (int j = 0; j < 32; j++) dst[2 + j] = (uint8_t)(int8_t)roundf(x[i + j] * id);
+        }
+    }
+}
+
+/* n positions of one KV head from the cache as float32 (out: n * Dh floats). */
+static void kv_load(float *out, const uint8_t *src, int64_t n, int64_t Dh, int type) {
+    if (type == KV_F16) {
+        for (int64_t i = 0; i < n * Dh; i += 8)
+            _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + 2 * i))));
+    } else { /* Q8_0 */
+        for (int64_t b = 0; b < n * Dh / 32; b++, src += 34, out += 32) {
+            uint16_t h;
+            memcpy(&h, src, 2);
+            const __m256 d = _mm256_set1_ps(_cvtsh_ss(h));
+            for (int j = 0; j < 32; j += 8) {
+                const __m256i q = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(src + 2 + j)));
+                _mm256_storeu_ps(out + j, _mm256_mul_ps(d, _mm256_cvtepi32_ps(q)));
+            }
+        }
+    }
+}
+
+/* One query head against n keys of a tile (n <= KV_TILE), folded into its running state: the max m,
+ * the sum l of e^(score - m), and acc (Dh floats) = sum of e^(score - m) * value. s: KV_TILE floats
+ * of scratch. Four keys at a time and 64 outputs at once, so that no loop waits on the latency of a
+ * single chain of multiply-adds. */
+static void attend_tile(const float *q, const float *keys, const float *values, int64_t n, int64_t Dh,
+                        float scale, float *s, float *m, float *l, float *acc) {
+    float top = *m, sum = 0.f;
     int64_t j = 0;
     for (; j + 4 <= n; j += 4) {
         const float *k0 = keys + j * Dh;
@@ -112,18 +172,86 @@ static void attend(const float *q, const float *keys, const float *values, int64
         s[j] = expf(s[j] - top);
         sum += s[j];
     }
+    const float fix = expf(*m - top); /* rescales what came before to the new max (0 the first time) */
+    *l = *l * fix + sum;
+    *m = top;
     for (int64_t i0 = 0; i0 < Dh; i0 += 64) { /* 8 accumulators: 64 outputs a pass */
         const int64_t w = Dh - i0 < 64 ? Dh - i0 : 64;
-        __m256 acc[8];
-        for (int c = 0; c < 8; c++) acc[c] = _mm256_setzero_ps();
+        __m256 a[8];
+        for (int c = 0; c < 8; c++)
+            a[c] = 8 * c < w ? _mm256_mul_ps(_mm256_loadu_ps(acc + i0 + 8 * c), _mm256_set1_ps(fix)) : _mm256_setzero_ps();
         for (j = 0; j < n; j++) {
             const __m256 p = _mm256_set1_ps(s[j]);
             const float *v = values + j * Dh + i0;
             for (int c = 0; c < 8; c++)
-                if (8 * c < w) acc[c] = _mm256_fmadd_ps(p, _mm256_loadu_ps(v + 8 * c), acc[c]);
+                if (8 * c < w) a[c] = _mm256_fmadd_ps(p, _mm256_loadu_ps(v + 8 * c), a[c]);
         }
         for (int c = 0; c < 8; c++)
-            if (8 * c < w) _mm256_storeu_ps(out + i0 + 8 * c, _mm256_mul_ps(acc[c], _mm256_set1_ps(1.f / sum)));
+            if (8 * c < w) _mm256_storeu_ps(acc + i0 + 8 * c, a[c]);
+    }
+}
+
+/* Attention of every query head of rows b0..b1-1 (one cache row; consecutive tokens of a prompt, or
+ * one decoding row) that reads KV head kh, over the key span [lo, lo + KV_SPAN) clipped to each
+ * query's position. Each query's (m, l, acc) for this span goes to part + (query * n_spans + span)
+ * * (Dh + 2). tile: 2 * KV_TILE * Dh + KV_TILE floats of scratch. */
+static void attend_span(const herd_model *m, const herd_layer *L, const float *qkv, const int64_t *rows,
+                        const int64_t *pos, int64_t b0, int64_t b1, int64_t kh, int64_t span, int64_t n_spans,
+                        float *part, float *tile) {
+    const int64_t H = m->n_heads, K = m->n_kv_heads, Dh = m->head_dim, group = H / K;
+    const int64_t qkv_n = (H + 2 * K) * Dh, row_bytes = kv_bytes(m->kv_type, Dh);
+    const float scale = 1.f / sqrtf((float)Dh);
+    const int64_t lo = span * KV_SPAN;
+    int64_t hi = 0; /* one past the last key any of these queries sees */
+    for (int64_t b = b0; b < b1; b++) hi = max64(hi, pos[b] + 1);
+    hi = min64(hi, lo + KV_SPAN);
+    for (int64_t b = b0; b < b1; b++)
+        for (int64_t g = 0; g < group; g++) {
+            float *st = part + ((b * H + kh * group + g) * n_spans + span) * (Dh + 2);
+            st[0] = -INFINITY, st[1] = 0.f;
+            memset(st + 2, 0, Dh * sizeof(float));
+        }
+    const uint8_t *kbase = L->k + (rows[b0] * K + kh) * m->max_seq * row_bytes;
+    const uint8_t *vbase = L->v + (rows[b0] * K + kh) * m->max_seq * row_bytes;
+    float *kt = tile, *vt = tile + KV_TILE * Dh, *s = vt + KV_TILE * Dh;
+    for (int64_t t = lo; t < hi; t += KV_TILE) {
+        const int64_t n = min64(KV_TILE, hi - t);
+        const float *keys = (const float *)(kbase + t * row_bytes), *values = (const float *)(vbase + t * row_bytes);
+        if (m->kv_type != KV_F32) { /* converted once for all the queries of the group */
+            kv_load(kt, kbase + t * row_bytes, n, Dh, m->kv_type);
+            kv_load(vt, vbase + t * row_bytes, n, Dh, m->kv_type);
+            keys = kt, values = vt;
+        }
+        for (int64_t b = b0; b < b1; b++) {
+            const int64_t seen = min64(n, pos[b] + 1 - t); /* keys of this tile at or before its position */
+            if (seen <= 0) continue;
+            for (int64_t g = 0; g < group; g++) {
+                const int64_t hd = kh * group + g;
+                float *st = part + ((b * H + hd) * n_spans + span) * (Dh + 2);
+                attend_tile(qkv + b * qkv_n + hd * Dh, keys, values, seen, Dh, scale, s, st, st + 1, st + 2);
+            }
+        }
+    }
+}
+
+/* Every query's attention output from its spans' partial results: y = sum_s e^(m_s - M) acc_s /
+ * sum_s e^(m_s - M) l_s, spans in order. */
+static void merge_spans(const float *part, int64_t n_queries, int64_t n_spans, int64_t Dh, float *y) {
+#pragma omp parallel for schedule(static) if (n_queries * n_spans * Dh >= 32 * 1024)
+    for (int64_t qi = 0; qi < n_queries; qi++) {
+        const float *p = part + qi * n_spans * (Dh + 2);
+        float top = -INFINITY, l = 0.f;
+        for (int64_t sp = 0; sp < n_spans; sp++) top = p[sp * (Dh + 2)] > top ? p[sp * (Dh + 2)] : top;
+        float *out = y + qi * Dh;
+        memset(out, 0, Dh * sizeof(float));
+        for (int64_t sp = 0; sp < n_spans; sp++) {
+            const float *st = p + sp * (Dh + 2);
+            if (st[1] == 0.f) continue; /* a span past this query's position */
+            const float w = expf(st[0] - top);
+            l += w * st[1];
+            for (int64_t i = 0; i < Dh; i++) out[i] += w * st[2 + i];
+        }
+        for (int64_t i = 0; i < Dh; i++) out[i] /= l;
     }
 }
 
@@ -166,13 +294,20 @@ static void matmul(const float *x, const uint8_t *w, void *scratch, float *y, in
 void herd_decode(const herd_model *m, float *x, int64_t B, const int64_t *rows, const int64_t *pos,
                  const float *rope_table, void *scratch, int dense) {
     const int64_t D = m->dim, H = m->n_heads, K = m->n_kv_heads, Dh = m->head_dim, F = m->hidden, S = m->max_seq;
-    const int64_t qkv_n = (H + 2 * K) * Dh, group = H / K;
+    const int64_t qkv_n = (H + 2 * K) * Dh, row_bytes = kv_bytes(m->kv_type, Dh);
     int64_t max_pos = 0;
     for (int64_t b = 0; b < B; b++) max_pos = max64(max_pos, pos[b]);
+    const int64_t n_spans = max_pos / KV_SPAN + 1;
     float *h = (float *)scratch, *qkv = h + B * D, *y = qkv + B * qkv_n, *o = y + B * H * Dh, *g = o + B * D,
-          *a = g + B * 2 * F, *scores = a + B * F;
-    void *mm_scratch = scores + omp_get_max_threads() * (max_pos + 1);
-    const float inv_sqrt = 1.f / sqrtf((float)Dh);
+          *a = g + B * 2 * F, *part = a + B * F, *tiles = part + B * H * n_spans * (Dh + 2);
+    int64_t *runs = (int64_t *)(tiles + omp_get_max_threads() * (2 * KV_TILE * Dh + KV_TILE));
+    void *mm_scratch = runs + B + 1;
+
+    /* Runs: consecutive rows of one cache row (a prompt's tokens), at most RUN_ROWS, read the cache together. */
+    int64_t n_runs = 0;
+    for (int64_t b = 0; b < B; b++)
+        if (b == 0 || rows[b] != rows[b - 1] || b - runs[n_runs - 1] >= RUN_ROWS) runs[n_runs++] = b;
+    runs[n_runs] = B;
 
     for (int64_t l = 0; l < m->n_layers; l++) {
         const herd_layer *L = m->layers + l;
@@ -183,21 +318,20 @@ void herd_decode(const herd_model *m, float *x, int64_t B, const int64_t *rows, 
             float *q = qkv + b * qkv_n, *k = q + H * Dh, *v = k + K * Dh;
             rope(q, H + K, Dh, rope_table, pos[b]); /* q and k are adjacent */
             for (int64_t kh = 0; kh < K; kh++) {
-                const int64_t at = ((rows[b] * K + kh) * S + pos[b]) * Dh;
-                memcpy(L->k + at, k + kh * Dh, Dh * sizeof(float));
-                memcpy(L->v + at, v + kh * Dh, Dh * sizeof(float));
+                const int64_t at = ((rows[b] * K + kh) * S + pos[b]) * row_bytes;
+                kv_store(L->k + at, k + kh * Dh, Dh, m->kv_type);
+                kv_store(L->v + at, v + kh * Dh, Dh, m->kv_type);
             }
         }
-        /* Attention, one (row, head) at a time: scores, softmax, weighted sum of values. */
-#pragma omp parallel for schedule(static) if (B * H * (max_pos + 1) >= 512)
-        for (int64_t bh = 0; bh < B * H; bh++) {
-            const int64_t b = bh / H, hd = bh % H, n = pos[b] + 1;
-            const float *q = qkv + b * qkv_n + hd * Dh;
-            const float *keys = L->k + (rows[b] * K + hd / group) * S * Dh;
-            const float *values = L->v + (rows[b] * K + hd / group) * S * Dh;
-            attend(q, keys, values, n, Dh, inv_sqrt, scores + omp_get_thread_num() * (max_pos + 1),
-                   y + b * H * Dh + hd * Dh);
+        /* Attention, one (run of rows, KV head, span of keys) a task: see KV_TILE. */
+        const int64_t tasks = n_runs * K * n_spans;
+#pragma omp parallel for schedule(dynamic, 1) if (B * H * (max_pos + 1) >= 512)
+        for (int64_t t = 0; t < tasks; t++) {
+            const int64_t r = t / (K * n_spans), kh = t / n_spans % K, span = t % n_spans;
+            attend_span(m, L, qkv, rows, pos, runs[r], runs[r + 1], kh, span, n_spans, part,
+                        tiles + omp_get_thread_num() * (2 * KV_TILE * Dh + KV_TILE));
         }
+        merge_spans(part, B * H, n_spans, Dh, y);
         matmul(y, L->wo, mm_scratch, o, B, D, H * Dh, L->wo_type, dense);
         add(x, o, B * D);
 
