@@ -53,6 +53,7 @@ VARS: tuple[Var, ...] = (
     Var("HERD_GUARD_THRESHOLD", "0.5", "the guard's unsafe-score threshold"),
     Var("HERD_GUARD_MALFORMED", "unsafe", "a guard answer outside the protocol counts as: unsafe | score"),
     Var("HERD_GUARD_EVERY", "64", "streamed replies are checked at sentence ends and at least every this many tokens"),
+    Var("HERD_MODERATION_OVERRIDE", "stricter", "what a request's X-Herd-Moderation header may change: stricter | any"),
     Var("HERD_GUARD_REFUSAL", "I can't help with that.", "the reply to a flagged prompt"),
     Var("HERD_CODE_SHIELD", "off", "warn | block: scan the code in replies for insecure patterns"),
     Var("HERD_SEMGREP", "semgrep on PATH", "the semgrep program the code shield runs, where installed"),
