@@ -567,7 +567,8 @@ class FakeLlama:
     load_duration = 0.0
 
     @classmethod
-    def load(cls, path):
+    def load(cls, path, quantize=None):
+        assert quantize is None
         cls.calls.append(("load", Path(path)))
         return cls()
 
