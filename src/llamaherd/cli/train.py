@@ -1,11 +1,15 @@
-"""`herd train`: fine-tuning.
+"""`herd train`: fine-tuning, post-training and pre-training, one verb per recipe.
 
     herd train sft --model smollm2:135m --data chat.jsonl --out runs/mine [--method full|lora|qlora] ...
-    herd train dpo --config dpo-smollm2 --data prefs.jsonl --out runs/dpo [--beta 0.1 --nll-coef 0.2]
     herd train sft --config lora-smollm2 --data chat.jsonl --out runs/mine   # a shipped recipe or a YAML file
     herd train sft ... --nproc 2                                             # torchrun, FSDP2
+    herd train reward --config reward-smollm2 --data prefs.jsonl --out runs/rm          (cli/reward.py)
+    herd train sample --policy MODEL --reward RM --data prompts.jsonl -k 8 --out best.jsonl
+    herd train dpo --config dpo-smollm2 --data prefs.jsonl --out runs/dpo [--beta 0.1 --nll-coef 0.2]
+    herd train loop --config loop-smollm2 --out runs/round1                             (cli/reward.py)
+    herd train pretrain --preset tiny --data shards/ --out runs/pt                      (cli/pretrain.py)
+    herd train scaling --data shards/ --out runs/scaling                                (cli/pretrain.py)
     herd train --list | --show NAME
-    herd train sample --policy MODEL --reward RM --data prompts.jsonl -k 8 --out best.jsonl   # rejection sampling
 """
 
 from __future__ import annotations
@@ -53,8 +57,8 @@ BOOLS = [
 
 
 def register(sub, local) -> None:
-    p = sub.add_parser("train", help="fine-tune a model (herd train sft ...)",
-                       description="Fine-tune a model. `herd train sft --help` lists the settings.")
+    p = sub.add_parser("train", help="fine-tune, post-train or pre-train a model (herd train sft ...)",
+                       description="Train a model. `herd train VERB --help` lists a recipe's settings.")
     p.add_argument("--list", action="store_true", help="list the shipped recipes")
     p.add_argument("--show", metavar="NAME", help="print a shipped recipe (a YAML to start from)")
     p.set_defaults(func=cmd_train, parser=p)
@@ -69,12 +73,11 @@ def register(sub, local) -> None:
                                      "an NLL term on the chosen responses, formatting tokens masked.")
     add_sft_arguments(d, DPO_FLAGS, DPO_BOOLS)
     d.set_defaults(func=cmd_dpo)
-    from .reward import register_train_verbs  # herd train reward, herd train loop
+    # Verbs whose modules build on this one's flags (imported here: they import this module).
+    from . import pretrain, reward
 
-    register_train_verbs(verbs)
-    from .pretrain import register_verbs  # herd train pretrain / scaling
-
-    register_verbs(verbs)
+    reward.register_train_verbs(verbs)  # reward, loop
+    pretrain.register_verbs(verbs)  # pretrain, scaling
 
 
 def add_sft_arguments(s: argparse.ArgumentParser, flags=FLAGS, bools=BOOLS) -> None:
