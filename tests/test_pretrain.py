@@ -285,3 +285,29 @@ def test_llama3_tiktoken_converts_to_the_same_bpe():
     for text in texts:
         assert hf.encode(text) == small.encode(text)
         assert hf.decode(hf.encode(text)) == text
+
+
+def test_training_cross_entropy_gradients_equal_full_logits_also_under_bf16_autocast():
+    """The training path of `chunked_cross_entropy` (gradients formed in the forward, blocks of
+    tokens): loss and gradients of F.cross_entropy on full logits; under bf16 autocast (what CUDA
+    training runs) with many blocks, the same to bf16 precision and float32 gradients."""
+    import torch.nn.functional as F
+    from llamaherd.train.loss import chunked_cross_entropy
+    torch.manual_seed(0)
+    h = torch.randn(300, 64, requires_grad=True)
+    w = torch.randn(5000, 64, requires_grad=True)
+    t = torch.randint(0, 5000, (300,))
+    t[::7] = -100
+    ref = F.cross_entropy(h @ w.T, t, ignore_index=-100, reduction="sum")
+    gh, gw = torch.autograd.grad(2 * ref, (h, w))
+    loss = chunked_cross_entropy(h, w, t, chunk=10)  # 16 tokens per block: 19 blocks
+    (2 * loss).backward()
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
+    assert torch.allclose(h.grad, gh, atol=1e-4) and torch.allclose(w.grad, gw, atol=1e-4)
+    h.grad = w.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = chunked_cross_entropy(h, w, t, chunk=10)
+    (2 * loss).backward()
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-3)
+    assert w.grad.dtype == h.grad.dtype == torch.float32
+    assert ((h.grad - gh).norm() / gh.norm()) < 0.03 and ((w.grad - gw).norm() / gw.norm()) < 0.03

@@ -84,12 +84,13 @@ class _FusedCE(torch.autograd.Function):
             d = logp.exp_()  # softmax, in place
             d[torch.arange(len(tc), device=h.device), tc] -= 1.0
             d[(~vc).nonzero()[:, 0]] = 0.0  # ignored positions: no gradient
+            # Matmuls in h's dtype (bf16 under CUDA autocast, as the logits' own), sums in float32.
+            d = d.to(h.dtype)
             if need_h:
-                grad_h[start:start + rows] = d @ w.float()
-            if need_w and grad_w is None:
-                grad_w = d.T @ hc.float()
-            elif need_w:
-                grad_w.addmm_(d.T, hc.float())
+                grad_h[start:start + rows] = d @ w
+            if need_w:
+                part = d.T @ hc  # (V, D)
+                grad_w = part.float() if grad_w is None else grad_w.add_(part)
         if need_w and grad_w is None:  # no tokens at all
             grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device)
         ctx.save_for_backward(*(g for g in (grad_h, grad_w) if g is not None))
