@@ -15,7 +15,7 @@ from llamaherd.quantize import native
 pytestmark = [pytest.mark.integration, pytest.mark.slow,
               pytest.mark.skipif(not native.available(), reason="needs the native kernels")]
 
-PROMPTS = ["The history of the Roman Empire", "def quicksort(arr):\n"]
+PROMPTS = ["The history of the Roman Empire"]
 CHAT_PROMPTS = ["Explain how a bicycle works, step by step."]
 
 
@@ -73,7 +73,7 @@ def test_accuracy_against_the_files_own_float32_reference(q4_k_m):
 def test_greedy_equals_the_reference(q4_k_m, prompt):
     _, ref, fast = q4_k_m
     ids = fast.encode(prompt) if prompt in PROMPTS else fast.encode_chat([{"role": "user", "content": prompt}])
-    opts = dict(temperature=0, repeat_penalty=1.0, num_predict=40)
+    opts = dict(temperature=0, repeat_penalty=1.0, num_predict=32)
 
     def tokens(llm):
         return [t for c in llm.stream(ids, llm.options(**opts)) for t in c.tokens]
