@@ -77,9 +77,9 @@ class Llama:
             quantized: keep GGUF weights 4/8-bit (fast CPU kernels, bf16 matmul inputs); default
                 on for CPU. Off gives the reference path: weights dequantized to `dtype`.
             kv_cache_type: the KV cache's element type, "f32", "f16" or "q8_0" (llama.cpp's
-                --cache-type-k/v); default HERD_KV_CACHE_TYPE, else f16 (a float32 model on torch's
-                modules, the reference path: f32). q8_0 needs the native CPU kernels (a GGUF block
-                model); elsewhere it becomes f16.
+                --cache-type-k/v); default HERD_KV_CACHE_TYPE, else f32 (a 16-bit model: its own
+                dtype). q8_0 needs the native CPU kernels (a GGUF block model); elsewhere it
+                becomes f16.
         """
         from .weights import build_model, load_checkpoint
 
