@@ -38,6 +38,7 @@ import sys
 import time
 from pathlib import Path
 
+ORIGINAL_ENV = set(os.environ)  # before anything imports llamaherd (which sets OpenMP variables)
 N_DECODE = 256
 N_PREFILL = 600
 PREFILL_RUNS = 3
@@ -284,6 +285,20 @@ def worker(name: str, model: str, threads: int, ids_file: str) -> None:
     print(json.dumps(result))
 
 
+def worker_env(runtime: str, threads: int) -> dict[str, str]:
+    """A worker's environment: OMP_NUM_THREADS, and for the peers none of the OpenMP settings that
+    importing llamaherd here put into this process's environment (`settings.openmp_env`): each
+    runtime runs as its users run it."""
+    from llamaherd import settings
+
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    if runtime != "llamaherd":
+        for key, value in settings.openmp_env({}).items():
+            if env.get(key) == value and key not in ORIGINAL_ENV:
+                del env[key]
+    return env
+
+
 def run_worker(name: str, model: str, args, ids_file: Path) -> dict | None:
     """`name`'s worker in a fresh process (OMP_NUM_THREADS = --threads); its result, or None when
     its runtime is not installed or it failed (said on stderr)."""
@@ -293,7 +308,7 @@ def run_worker(name: str, model: str, args, ids_file: Path) -> dict | None:
     if importlib.util.find_spec(REQUIRES[runtime]) is None:
         print(f"[{runtime}: not installed, skipped]", file=sys.stderr)
         return None
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    env = worker_env(runtime, args.threads)
     proc = subprocess.run([sys.executable, __file__, "--worker", name, "--model", model,
                            "--threads", str(args.threads), "--ids", str(ids_file)],
                           capture_output=True, text=True, env=env)
@@ -381,6 +396,13 @@ def bench(model: str, args) -> dict:
     ids_file.write_text(json.dumps(prompt_ids(model)))
     results = {}
     for name in args.only:
+<<<<<<< HEAD
+=======
+        if importlib.util.find_spec(REQUIRES[name]) is None:
+            print(f"[{name}: not installed, skipped]", file=sys.stderr)
+            continue
+        env = worker_env(name, args.threads)
+>>>>>>> i20b
         start = time.time()
         r = run_worker(name, model, args, ids_file)
         if r:

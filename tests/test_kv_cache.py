@@ -88,9 +88,11 @@ def test_q8_0_blocks_are_ggmls(model, smollm2):
     assert (want.reshape(-1) == keys.numpy().reshape(-1)).all()
 
 
-def test_gguf_block_models_default_to_f16(model, monkeypatch):
+def test_the_default_is_f32(model, monkeypatch):
+    """Not f16 (yet): with it the native path left the f32 reference's greedy tokens at one of
+    test_generate's prompts."""
     monkeypatch.delenv("HERD_KV_CACHE_TYPE", raising=False)
-    assert make_runner(model).kv_cache_type == "f16"
+    assert make_runner(model).kv_cache_type == "f32"
 
 
 def test_the_cache_costs_what_its_type_says(model):
@@ -158,11 +160,13 @@ def test_float_models_keep_a_16_bit_cache_and_refuse_q8_0(tiny, caplog):
 
 
 def test_the_setting(monkeypatch, tiny):
-    assert settings.kv_cache_type({}) == "f16" and settings.kv_cache_type({"HERD_KV_CACHE_TYPE": "Q8_0"}) == "q8_0"
+    assert settings.kv_cache_type({}) == "f32" and settings.kv_cache_type({"HERD_KV_CACHE_TYPE": "Q8_0"}) == "q8_0"
     with pytest.raises(HerdError, match="HERD_KV_CACHE_TYPE must be one of f32, f16, q8_0"):
         settings.kv_cache_type({"HERD_KV_CACHE_TYPE": "q4"})
     monkeypatch.delenv("HERD_KV_CACHE_TYPE", raising=False)
-    assert make_runner(tiny).kv_cache_type == "f32"  # a float32 model: the reference path keeps f32
+    assert make_runner(tiny).kv_cache_type == "f32"
+    assert make_runner(tiny.to(torch.bfloat16)).kv_cache_type == "f16"  # a 16-bit model: its own dtype, as before
+    tiny.float()
     monkeypatch.setenv("HERD_KV_CACHE_TYPE", "f16")
     assert make_runner(tiny).kv_cache_type == "f16"
     with pytest.raises(ValueError, match="kv_cache_type must be one of"):

@@ -80,9 +80,9 @@ class Llama:
             quantize: "q8_0", "q4_0" or "q4_k" (llama.cpp's Q4_K_M mix): quantize any checkpoint
                 (a Hugging Face directory...) at load into GGUF blocks for the native CPU kernels.
             kv_cache_type: the KV cache's element type, "f32", "f16" or "q8_0" (llama.cpp's
-                --cache-type-k/v); default HERD_KV_CACHE_TYPE, else f16 (a float32 model on torch's
-                modules, the reference path: f32). q8_0 needs the native CPU kernels (a GGUF block
-                model); elsewhere it becomes f16.
+                --cache-type-k/v); default HERD_KV_CACHE_TYPE, else f32 (a 16-bit model: its own
+                dtype). q8_0 needs the native CPU kernels (a GGUF block model); elsewhere it
+                becomes f16.
         """
         from .weights import build_model, load_checkpoint
 

@@ -47,7 +47,7 @@ VARS: tuple[Var, ...] = (
     Var("HERD_MAX_CONNECTIONS", "1024", "open connections before new ones are refused (slowloris)"),
     Var("HERD_HEADER_TIMEOUT", "10", "seconds a client has to send its request line and headers"),
     Var("HERD_NUM_THREADS", "torch's default", "CPU threads for the matmuls (server and local runs)"),
-    Var("HERD_KV_CACHE_TYPE", "f16", "KV-cache element type: f32 | f16 | q8_0 (as Ollama's OLLAMA_KV_CACHE_TYPE; float32 models: f32)"),
+    Var("HERD_KV_CACHE_TYPE", "f32", "KV-cache element type: f32 | f16 | q8_0 (as Ollama's OLLAMA_KV_CACHE_TYPE; a 16-bit model's default: its own dtype)"),
     Var("HERD_GUARD", "none", "a guard model (e.g. llama-guard3:1b) that moderates prompts and replies"),
     Var("HERD_GUARD_MODE", "both", "what the guard checks: input | output | both"),
     Var("HERD_GUARD_THRESHOLD", "0.5", "the guard's unsafe-score threshold"),
@@ -220,7 +220,7 @@ def num_threads(env: Mapping[str, str] | None = None) -> int | None:
 KV_CACHE_TYPES = ("f32", "f16", "q8_0")
 
 
-def kv_cache_type(env: Mapping[str, str] | None = None, default: str = "f16") -> str:
+def kv_cache_type(env: Mapping[str, str] | None = None, default: str = "f32") -> str:
     value = _get("HERD_KV_CACHE_TYPE", env).lower() or default
     if value not in KV_CACHE_TYPES:
         raise HerdError(f"HERD_KV_CACHE_TYPE must be one of {', '.join(KV_CACHE_TYPES)}, got {value!r}")
