@@ -396,13 +396,6 @@ def bench(model: str, args) -> dict:
     ids_file.write_text(json.dumps(prompt_ids(model)))
     results = {}
     for name in args.only:
-<<<<<<< HEAD
-=======
-        if importlib.util.find_spec(REQUIRES[name]) is None:
-            print(f"[{name}: not installed, skipped]", file=sys.stderr)
-            continue
-        env = worker_env(name, args.threads)
->>>>>>> i20b
         start = time.time()
         r = run_worker(name, model, args, ids_file)
         if r:
