@@ -299,7 +299,7 @@ def run_dpo_row(row: str, model_path: str, steps: int, batch: int, threads: int)
         model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
         # The GGUF is dequantized to float32 at load, but transformers keeps a GGUF "quantizer" mark that
         # makes Trainer refuse to train (peft's LoRA over it is fine): drop the mark.
-        model.hf_quantizer = None
+        model.hf_quantizer, model.is_quantized = None, False
 
         class Timer(transformers.TrainerCallback):
             def on_step_begin(self, args, state, control, **kw):
