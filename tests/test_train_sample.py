@@ -252,7 +252,8 @@ def test_bad_inputs_are_one_line_and_exit_1(tiny_dir, tmp_path, fake_reward, cap
     if case == "missing":
         data = tmp_path / "nope.jsonl"
     argv = ["train", "sample", "--policy", str(tiny_dir), "--reward", "rm", "--data", str(data),
-            "--out", str(tmp_path / "o.jsonl"), "-k", "0" if case == "k0" else "2", "--top-p", "2" if case == "top_p" else "1"]
+            "--out", str(tmp_path / "o.jsonl"), "-k", "0" if case == "k0" else "2",
+            "--top-p", "2" if case == "top_p" else "1"]
     assert main(argv) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("Error: ") and message in err and "\n" not in err, err

@@ -171,7 +171,8 @@ class Scheduler:
         if any(f.prompt != job.prompt for f in forks):
             raise ValueError("forks must have the job's prompt")
         if len(forks) >= self.n_rows:
-            raise ValueError(f"{len(forks) + 1} jobs sharing a prompt need as many rows; the scheduler has {self.n_rows}")
+            raise ValueError(f"{len(forks) + 1} jobs sharing a prompt need as many rows; "
+                             f"the scheduler has {self.n_rows}")
         job.forks = list(forks)
         with self._cond:
             if self._closed:

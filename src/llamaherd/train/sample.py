@@ -104,7 +104,9 @@ def read_prompts(path: str | Path) -> list[Messages]:
 
 
 def _as_messages(prompt: str | Sequence[dict[str, Any]]) -> Messages:
-    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt_messages({"messages": list(prompt)})
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    return prompt_messages({"messages": list(prompt)})
 
 
 # -- sampling -----------------------------------------------------------------------------------
