@@ -340,7 +340,7 @@ def test_pair_forms_and_rating_filter():
     ({"prompt": "a", "chosen": [{"role": "user", "content": "b"}], "rejected": "c"},
      "'chosen' must hold assistant messages only"),
     ({"prompt": "a", "chosen": "b", "rejected": "c", "rating": "awesome"}, "unknown rating 'awesome'"),
-    ({"prompt": [], "chosen": "b", "rejected": "c"}, "'prompt' must be a string or a non-empty list"),
+    ({"prompt": [], "chosen": "b", "rejected": "c"}, "'prompt' must be a string, a message or a non-empty list"),
 ])
 def test_bad_pairs_are_one_line_naming_file_and_line(tmp_path, record, message):
     path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "x", "chosen": "y", "rejected": "z"}, record])

@@ -94,39 +94,26 @@ def print_reward_summary(s: dict) -> None:
 
 def _conversation(record) -> list[dict]:
     """A record to score: {"messages": [...]} or {"prompt": text | messages, "response": text}."""
-    from ..train.reward import _messages
+    from ..train.data import field_messages
 
     if not isinstance(record, dict):
         raise HerdError(f"expected a JSON object, got {type(record).__name__}")
     if "messages" in record:
-        return _messages(record["messages"], "messages", "user")
+        return field_messages(record["messages"], "messages", "user")
     reply = record.get("response", record.get("completion"))
     if "prompt" not in record or reply is None:
         raise HerdError("expected a 'messages' list or a 'prompt' and a 'response' "
                         f"(keys found: {', '.join(sorted(record)) or 'none'})")
-    return _messages(record["prompt"], "prompt", "user") + _messages(reply, "response", "assistant")
+    return field_messages(record["prompt"], "prompt", "user") + field_messages(reply, "response", "assistant")
 
 
 def cmd_reward(args) -> int:
     from ..train.reward import load_reward_model
 
-    path = Path(args.data)
-    if not path.is_file():
-        raise HerdError(f"data file {path} does not exist")
-    records, conversations = [], []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            conversations.append(_conversation(record))
-        except json.JSONDecodeError as e:
-            raise HerdError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-        except HerdError as e:
-            raise HerdError(f"{path}:{lineno}: {e}") from None
-        records.append(record)
-    if not records:
-        raise HerdError(f"{path} holds nothing to score")
+    from ..train.data import read_records
+
+    rows = read_records(args.data, lambda record: (record, _conversation(record)), "replies to score")
+    records, conversations = [r for r, _ in rows], [c for _, c in rows]
     if args.batch_size < 1:
         raise HerdError(f"--batch-size must be at least 1, got {args.batch_size}")
     scores = load_reward_model(args.model).score(conversations, batch_size=args.batch_size)

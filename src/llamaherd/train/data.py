@@ -26,7 +26,8 @@ restart at 0 for every example, so an example's logits do not depend on its neig
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+import random
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -94,23 +95,74 @@ def read_jsonl(path: str | Path) -> list[list[dict[str, str]]]:
     Raises:
         HerdError: the file is missing or empty, or a line is malformed (named as FILE:LINE).
     """
+    return read_records(path, _messages_of, "examples")
+
+
+def read_records(path: str | Path, parse: Callable[[Any], Any], what: str, kind: str = "data file") -> list:
+    """`parse(record)` for each record of a JSONL file (blank lines skipped): the reader of every
+    recipe's data (conversations, prompts, preference pairs).
+
+    Args:
+        parse: a record (the line's JSON value) to an item; raises HerdError for a bad one.
+        what: the items' name for the empty-file error ("examples", "pairs"...).
+        kind: the file's name for the missing-file error.
+    Raises:
+        HerdError: the file is missing or empty, or a line is malformed (named as FILE:LINE).
+    """
     path = Path(path)
     if not path.is_file():
-        raise HerdError(f"data file {path} does not exist")
-    conversations = []
+        raise HerdError(f"{kind} {path} does not exist")
+    items = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                conversations.append(_messages_of(json.loads(line)))
+                items.append(parse(json.loads(line)))
             except json.JSONDecodeError as e:
                 raise HerdError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
             except HerdError as e:
                 raise HerdError(f"{path}:{lineno}: {e}") from None
-    if not conversations:
-        raise HerdError(f"{path} holds no examples")
-    return conversations
+    if not items:
+        raise HerdError(f"{path} holds no {what}")
+    return items
+
+
+def split(items: list, fraction: float, seed: int) -> tuple[list, list]:
+    """(training, held-out): `fraction` of the items held out, drawn by `seed`, order kept."""
+    if fraction <= 0:
+        return items, []
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    n_val = max(1, int(round(len(items) * fraction)))
+    if n_val >= len(items):
+        raise HerdError(f"val_split {fraction} leaves no training examples")
+    held = set(order[:n_val])
+    return [c for i, c in enumerate(items) if i not in held], [c for i, c in enumerate(items) if i in held]
+
+
+def read_split(read: Callable[[str], list], cfg: Any) -> tuple[list, list]:
+    """A recipe's data and held-out data: `read(cfg.data)` and `read(cfg.val_data)`, or
+    `cfg.val_split` of the data held out."""
+    items = read(cfg.data)
+    if cfg.val_data:
+        return items, read(cfg.val_data)
+    return split(items, cfg.val_split, cfg.seed)
+
+
+def field_messages(value: Any, key: str, default_role: str) -> list[dict[str, str]]:
+    """A record's field as a message list: a string is one message of `default_role`, a message
+    a list of one (preference data writes `"chosen": "..."` or a whole conversation)."""
+    if isinstance(value, str):
+        value = [{"role": default_role, "content": value}]
+    elif isinstance(value, dict):
+        value = [value]
+    if not isinstance(value, list) or not value:
+        raise HerdError(f"{key!r} must be a string, a message or a non-empty list of messages")
+    for i, m in enumerate(value):
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise HerdError(f"{key}[{i}] must be a message: {{\"role\": one of {', '.join(ROLES)}, \"content\": a string}}")
+    return [{"role": m["role"], "content": m["content"]} for m in value]
 
 
 # -- tokenizing and masking -------------------------------------------------------------------

@@ -52,7 +52,6 @@ chosen_nll, chosen_reward, rejected_reward (each a mean over the step's pairs), 
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -62,9 +61,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import HerdError
-from .config import SFTConfig, make_config
-from .data import IGNORE, ROLES
-from .loop import fit, rank_world
+from .config import SFTConfig
+from .data import IGNORE, field_messages, read_records, read_split
+from .loop import begin, fit
 from .loss import token_losses
 
 RATINGS = ("significantly better", "better", "slightly better", "marginally better")  # strongest first
@@ -107,22 +106,6 @@ class Pair:
     rating: str | None = None
 
 
-def _messages(value: Any, key: str, default_role: str) -> list[dict[str, str]]:
-    """A field as a list of messages: a string is one message of `default_role`."""
-    if isinstance(value, str):
-        return [{"role": default_role, "content": value}]
-    if isinstance(value, dict):
-        value = [value]
-    if not isinstance(value, list) or not value:
-        raise HerdError(f"{key!r} must be a string or a non-empty list of messages")
-    out = []
-    for i, m in enumerate(value):
-        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-            raise HerdError(f"{key}[{i}] must be a message: {{\"role\": one of {', '.join(ROLES)}, "
-                            "\"content\": a string}")
-        out.append({"role": m["role"], "content": m["content"]})
-    return out
-
 
 def pair_of(record: Any) -> Pair:
     """The preference pair a JSONL record stands for; HerdError (without a location) if malformed."""
@@ -132,9 +115,9 @@ def pair_of(record: Any) -> Pair:
     if missing:
         raise HerdError(f"missing {' and '.join(repr(k) for k in missing)} (a pair needs 'prompt', 'chosen' "
                         f"and 'rejected'; keys found: {', '.join(sorted(record)) or 'none'})")
-    prompt = _messages(record["prompt"], "prompt", "user")
-    chosen = _messages(record["chosen"], "chosen", "assistant")
-    rejected = _messages(record["rejected"], "rejected", "assistant")
+    prompt = field_messages(record["prompt"], "prompt", "user")
+    chosen = field_messages(record["chosen"], "chosen", "assistant")
+    rejected = field_messages(record["rejected"], "rejected", "assistant")
     for key, response in (("chosen", chosen), ("rejected", rejected)):
         if any(m["role"] != "assistant" for m in response):
             raise HerdError(f"{key!r} must hold assistant messages only")
@@ -154,23 +137,7 @@ def read_pairs(path: str | Path) -> list[Pair]:
     Raises:
         HerdError: the file is missing or empty, or a line is malformed (named as FILE:LINE).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise HerdError(f"data file {path} does not exist")
-    pairs = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                pairs.append(pair_of(json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise HerdError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            except HerdError as e:
-                raise HerdError(f"{path}:{lineno}: {e}") from None
-    if not pairs:
-        raise HerdError(f"{path} holds no pairs")
-    return pairs
+    return read_records(path, pair_of, "pairs")
 
 
 def keep_rated(pairs: Sequence[Pair], min_rating: str | None) -> list[Pair]:
@@ -485,31 +452,17 @@ def dpo(config: DPOConfig | dict | None = None, *, on_step: Callable[[dict], Non
     Raises:
         HerdError: a bad setting, model or data file.
     """
-    from .finetune import _check_resume, _checkpoint_blocks, _save_outputs, _split, load_for_training, \
-        resolve_model_path
+    from .finetune import _checkpoint_blocks, _save_outputs, load_for_training, resolve_model_path
     from .lora import lora_llama3
     from .metrics import plot_loss
 
-    values = config.to_dict() if isinstance(config, DPOConfig) else dict(config or {})
-    cfg = make_config({**values, **kwargs}, cls=DPOConfig)
-    for key in ("model", "data", "out"):
-        if not getattr(cfg, key):
-            raise HerdError(f"{key} is required")
-    if cfg.resume:
-        _check_resume(cfg)
-    rank, world = rank_world()
+    cfg, rank, world, device, out = begin(config, kwargs, DPOConfig)
     if world > 1:
         raise HerdError("DPO runs in one process for now (no --nproc)")
-    device = cfg.device or (f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
-    out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)
 
     # Data: pairs, rated strongly enough, tokenized with the model's template.
-    pairs = read_pairs(cfg.data)
-    val_pairs = read_pairs(cfg.val_data) if cfg.val_data else []
-    if not cfg.val_data:
-        pairs, val_pairs = _split(pairs, cfg.val_split, cfg.seed)
+    pairs, val_pairs = read_split(read_pairs, cfg)
     kept = keep_rated(pairs, cfg.min_rating)
     if not kept:
         raise HerdError(f"no pair of {cfg.data} is rated at least {cfg.min_rating!r} (min_rating)")

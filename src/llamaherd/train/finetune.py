@@ -18,8 +18,6 @@ gloo on the CPU, NCCL on GPUs). The outputs in OUT/:
 from __future__ import annotations
 
 import json
-import os
-import random
 from pathlib import Path
 from typing import Any, Callable
 
@@ -27,11 +25,11 @@ import torch
 from torch import nn
 
 from ..errors import HerdError
-from .config import SFTConfig, make_config
-from .data import Batches, pack, read_jsonl, tokenize
+from .config import SFTConfig
+from .data import Batches, pack, read_jsonl, read_split, tokenize
 from .lora import lora_llama3, parse_targets
 from .loss import cross_entropy_sum
-from .loop import fit, rank_world
+from .loop import begin, fit
 from .metrics import plot_loss
 
 
@@ -109,19 +107,6 @@ def _float_tensors(path: Path, names: tuple[str, ...], dtype) -> dict[str, torch
     return out
 
 
-def _split(conversations: list, fraction: float, seed: int) -> tuple[list, list]:
-    if fraction <= 0:
-        return conversations, []
-    order = list(range(len(conversations)))
-    random.Random(seed).shuffle(order)
-    n_val = max(1, int(round(len(conversations) * fraction)))
-    if n_val >= len(conversations):
-        raise HerdError(f"val_split {fraction} leaves no training examples")
-    held = set(order[:n_val])
-    return ([c for i, c in enumerate(conversations) if i not in held],
-            [c for i, c in enumerate(conversations) if i in held])
-
-
 def _distribute(model: nn.Module, wrapper: nn.Module, activation_checkpointing: bool) -> nn.Module:
     """FSDP2: each block its own shard group, the rest (embedding, norm, output) the root's."""
     from torch.distributed.fsdp import fully_shard
@@ -155,25 +140,12 @@ def sft(config: SFTConfig | dict | None = None, *, on_step: Callable[[dict], Non
     Raises:
         HerdError: a bad setting, model or data file.
     """
-    values = config.to_dict() if isinstance(config, SFTConfig) else dict(config or {})
-    cfg = make_config({**values, **kwargs})
-    for key in ("model", "data", "out"):
-        if not getattr(cfg, key):
-            raise HerdError(f"{key} is required")
-    if cfg.resume:
-        _check_resume(cfg)
-    rank, world = rank_world()
-    device = cfg.device or (f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
-    out = Path(cfg.out)
+    cfg, rank, world, device, out = begin(config, kwargs, SFTConfig)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)
 
     # Data: everything deterministic from the seed, so every process builds the same sequences.
-    conversations = read_jsonl(cfg.data)
-    val_conversations = read_jsonl(cfg.val_data) if cfg.val_data else []
-    if not cfg.val_data:
-        conversations, val_conversations = _split(conversations, cfg.val_split, cfg.seed)
+    conversations, val_conversations = read_split(read_jsonl, cfg)
 
     model_path = resolve_model_path(cfg.model)
     model, ckpt = load_for_training(model_path, cfg.method, device)
@@ -227,21 +199,6 @@ def sft(config: SFTConfig | dict | None = None, *, on_step: Callable[[dict], Non
         summary["outputs"]["metrics"] = str(out / "metrics.jsonl")
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
-
-
-# Settings that may change on --resume (they do not change the trajectory of the run).
-RESUME_FREE = {"resume", "progress", "save_every", "val_every", "device", "out"}
-
-
-def _check_resume(cfg: SFTConfig) -> None:
-    """--resume continues the same run: any setting that shapes its losses must be the same."""
-    run_file = Path(cfg.out) / "train.json"
-    if not run_file.exists():
-        raise HerdError(f"nothing to resume: no checkpoint in {Path(cfg.out) / 'checkpoint'}")
-    before = json.loads(run_file.read_text())
-    for key, value in cfg.to_dict().items():
-        if key not in RESUME_FREE and key in before and before[key] != value:
-            raise HerdError(f"--resume continues the same run, but {key} was {before[key]!r} and is now {value!r}")
 
 
 def _full_state(wrapper: nn.Module, world: int) -> dict[str, torch.Tensor]:

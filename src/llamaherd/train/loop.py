@@ -15,16 +15,20 @@ progress bar. It returns where it stopped; the recipe saves its own outputs.
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import resource
 import time
 from contextlib import nullcontext
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..errors import HerdError
 from . import checkpoint
 from .data import IGNORE
 from .metrics import Metrics
@@ -49,6 +53,49 @@ def rank_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+# Settings that may change on --resume (they do not change the trajectory of the run).
+RESUME_FREE = {"resume", "progress", "save_every", "val_every", "device", "out"}
+
+
+def begin(config: Any, overrides: dict[str, Any], cls: type, required: tuple[str, ...] = ("model", "data", "out")
+          ) -> tuple[Any, int, int, str, Path]:
+    """A recipe's start: its settings, this process's place, its device and the seed.
+
+    Args:
+        config: a `cls` (the recipe's dataclass) or a dict of its keys; `overrides` on top.
+        required: the keys that must be set.
+    Returns:
+        (settings, rank, world size, device, output directory). The directory is not made here.
+    Raises:
+        HerdError: an unknown key, a bad value, a missing required key, or a --resume that does
+            not continue the run in OUT.
+    """
+    from .config import make_config
+
+    values = config.to_dict() if isinstance(config, cls) else dict(config or {})
+    cfg = make_config({**values, **overrides}, cls)
+    for key in required:
+        if not getattr(cfg, key):
+            raise HerdError(f"{key} is required")
+    if cfg.resume:
+        check_resume(cfg)
+    rank, world = rank_world()
+    device = cfg.device or (f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(cfg.seed)
+    return cfg, rank, world, device, Path(cfg.out)
+
+
+def check_resume(cfg: Any) -> None:
+    """--resume continues the same run: any setting that shapes its losses must be the same."""
+    run_file = Path(cfg.out) / "train.json"
+    if not run_file.exists():
+        raise HerdError(f"nothing to resume: no checkpoint in {Path(cfg.out) / 'checkpoint'}")
+    before = json.loads(run_file.read_text())
+    for key, value in cfg.to_dict().items():
+        if key not in RESUME_FREE and key in before and before[key] != value:
+            raise HerdError(f"--resume continues the same run, but {key} was {before[key]!r} and is now {value!r}")
 
 
 def peak_memory(device: str) -> int:

@@ -181,7 +181,7 @@ def average_reward_models(sources: list[str | Path], out: str | Path) -> Path:
 
 def read_prompts(path: str | Path) -> list[list[dict[str, str]]]:
     """Prompts to sample: JSONL lines {"messages": [...]} (no assistant reply needed) or {"prompt": "text"}."""
-    from .reward import _messages
+    from .data import field_messages
 
     path, prompts = Path(path), []
     if not path.is_file():
@@ -193,7 +193,7 @@ def read_prompts(path: str | Path) -> list[list[dict[str, str]]]:
             record = json.loads(line)
             if not isinstance(record, dict) or ("messages" not in record and "prompt" not in record):
                 raise HerdError("expected a 'messages' list or a 'prompt'")
-            prompt = _messages(record.get("messages", record.get("prompt")), "messages", "user")
+            prompt = field_messages(record.get("messages", record.get("prompt")), "messages", "user")
         except json.JSONDecodeError as e:
             raise HerdError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
         except HerdError as e:

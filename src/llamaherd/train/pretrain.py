@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -27,10 +26,9 @@ import torch
 from torch import nn
 
 from ..errors import HerdError
-from .config import make_config
-from .finetune import (CausalLMLoss, _check_resume, _checkpoint_blocks, _distribute, _full_state,
+from .finetune import (CausalLMLoss, _checkpoint_blocks, _distribute, _full_state,
                        load_for_training, resolve_model_path)
-from .loop import fit, rank_world
+from .loop import begin, fit
 from .metrics import plot_loss
 from .presets import flops_per_token, non_embedding_params, preset_args
 
@@ -240,16 +238,7 @@ def pretrain(config: PretrainConfig | dict | None = None, *, on_step: Callable[[
     Raises:
         HerdError: a bad setting, preset, model, tokenizer or data folder.
     """
-    values = config.to_dict() if isinstance(config, PretrainConfig) else dict(config or {})
-    cfg = make_config({**values, **kwargs}, PretrainConfig)
-    for key in ("data", "out"):
-        if not getattr(cfg, key):
-            raise HerdError(f"{key} is required")
-    if cfg.resume:
-        _check_resume(cfg)
-    rank, world = rank_world()
-    device = cfg.device or (f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
-    out = Path(cfg.out)
+    cfg, rank, world, device, out = begin(config, kwargs, PretrainConfig, required=("data", "out"))
     report = read_report(cfg.data)
 
     # Model and tokenizer: a preset from random weights, or an existing model's float weights.
@@ -272,7 +261,7 @@ def pretrain(config: PretrainConfig | dict | None = None, *, on_step: Callable[[
     steps = math.ceil(cfg.tokens / tokens_per_step) if cfg.tokens else cfg.max_steps
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # the same RNG state whichever way the model was made
 
     if cfg.activation_checkpointing:
         _checkpoint_blocks(model)

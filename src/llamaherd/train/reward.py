@@ -33,7 +33,6 @@ plus metrics.jsonl, summary.json, train.json and checkpoint/ as SFT writes them.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -43,8 +42,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import HerdError
-from .config import SFTConfig, make_config
-from .data import ROLES, Batches, encode_conversation
+from .config import SFTConfig
+from .data import Batches, encode_conversation, field_messages, read_records, read_split
 
 
 @dataclass
@@ -72,19 +71,6 @@ class Preference:
     replies: list[list[dict[str, str]]]  # each: the assistant message(s) that follow the prompt
 
 
-def _messages(value: Any, key: str, default_role: str) -> list[dict[str, str]]:
-    """A field as a message list: a string is one message of `default_role`."""
-    if isinstance(value, str):
-        value = [{"role": default_role, "content": value}]
-    elif isinstance(value, dict):
-        value = [value]
-    if not isinstance(value, list) or not value:
-        raise HerdError(f"{key!r} must be a string, a message or a non-empty list of messages")
-    for i, m in enumerate(value):
-        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-            raise HerdError(f"{key}[{i}] must be a message: {{\"role\": one of {', '.join(ROLES)}, \"content\": a string}}")
-    return [{"role": m["role"], "content": m["content"]} for m in value]
-
 
 def preference_of(record: Any) -> Preference:
     """The ranked replies a JSONL record stands for (see the module doc).
@@ -98,11 +84,11 @@ def preference_of(record: Any) -> Preference:
     missing = [k for k in ("prompt", "chosen", "rejected") if k not in record]
     if missing:
         raise HerdError(f"missing field {missing[0]!r} (a preference row needs prompt, chosen and rejected)")
-    prompt = _messages(record["prompt"], "prompt", "user")
+    prompt = field_messages(record["prompt"], "prompt", "user")
     names = (["edited"] if record.get("edited") is not None else []) + ["chosen", "rejected"]
     replies = []
     for name in names:
-        reply = _messages(record[name], name, "assistant")
+        reply = field_messages(record[name], name, "assistant")
         if reply[-1]["role"] != "assistant":
             raise HerdError(f"{name!r} must end with an assistant message")
         for other, earlier in zip(names, replies):
@@ -118,23 +104,7 @@ def read_preferences(path: str | Path) -> list[Preference]:
     Raises:
         HerdError: the file is missing or empty, or a line is malformed (named as FILE:LINE).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise HerdError(f"data file {path} does not exist")
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(preference_of(json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise HerdError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            except HerdError as e:
-                raise HerdError(f"{path}:{lineno}: {e}") from None
-    if not rows:
-        raise HerdError(f"{path} holds no preference rows")
-    return rows
+    return read_records(path, preference_of, "preference rows")
 
 
 def encode_scored(tokenizer, messages: list[dict[str, str]]) -> list[int]:
@@ -454,28 +424,15 @@ def train_reward(config: RewardConfig | dict | None = None, *, on_step: Callable
     Raises:
         HerdError: a bad setting, model or data file.
     """
-    from .finetune import _check_resume, _distribute, _full_state, _split, load_for_training, resolve_model_path
+    from .finetune import _distribute, _full_state, load_for_training, resolve_model_path
     from .lora import lora_llama3
-    from .loop import fit, rank_world
+    from .loop import begin, fit
 
-    values = config.to_dict() if isinstance(config, RewardConfig) else dict(config or {})
-    cfg = make_config({**values, **kwargs}, RewardConfig)
-    for key in ("model", "data", "out"):
-        if not getattr(cfg, key):
-            raise HerdError(f"{key} is required")
-    if cfg.resume:
-        _check_resume(cfg)
-    rank, world = rank_world()
-    device = cfg.device or (f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
-    out = Path(cfg.out)
+    cfg, rank, world, device, out = begin(config, kwargs, RewardConfig)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)
 
-    rows = read_preferences(cfg.data)
-    val_rows = read_preferences(cfg.val_data) if cfg.val_data else []
-    if not cfg.val_data:
-        rows, val_rows = _split(rows, cfg.val_split, cfg.seed)
+    rows, val_rows = read_split(read_preferences, cfg)
     model_path = resolve_model_path(cfg.model)
     model, ckpt = load_for_training(model_path, cfg.method, device)
     if cfg.max_seq_len > ckpt.args.max_seq_len:

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import HerdError
+from .data import read_records
 
 KEEPS = ("best", "top_quartile")
 Messages = list[dict[str, Any]]
@@ -84,23 +85,7 @@ def read_prompts(path: str | Path) -> list[Messages]:
     Raises:
         HerdError: the file is missing or holds no prompt, or a line is malformed (FILE:LINE).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise HerdError(f"prompts file {path} does not exist")
-    prompts = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                prompts.append(prompt_messages(json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise HerdError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            except HerdError as e:
-                raise HerdError(f"{path}:{lineno}: {e}") from None
-    if not prompts:
-        raise HerdError(f"{path} holds no prompts")
-    return prompts
+    return read_records(path, prompt_messages, "prompts", kind="prompts file")
 
 
 def _as_messages(prompt: str | Sequence[dict[str, Any]]) -> Messages:
