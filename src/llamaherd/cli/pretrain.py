@@ -8,12 +8,8 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 from .train import FLAGS as SFT_FLAGS
-from .train import add_sft_arguments, config_values
+from .train import add_sft_arguments, config_values, launch
 
 _SFT_HELP = dict((key, (kind, text)) for key, kind, text in SFT_FLAGS)
 
@@ -87,20 +83,6 @@ def cmd_pretrain(args) -> int:
     if summary.get("outputs"):
         print_summary(summary)
     return 0
-
-
-def launch(nproc: int, verb: str, values: dict) -> int:
-    """Run `verb` with these settings under torchrun (`python -m llamaherd.train VERB ...`)."""
-    argv = [verb]
-    for key, value in values.items():
-        flag = "--" + key.replace("_", "-")
-        if isinstance(value, bool):
-            argv.append(flag if value else "--no-" + key.replace("_", "-"))
-        elif value is not None:
-            argv += [flag, str(value)]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "llamaherd.train", *argv]
-    return subprocess.call(cmd, env=os.environ.copy())
 
 
 def print_summary(s: dict) -> None:

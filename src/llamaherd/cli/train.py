@@ -131,7 +131,7 @@ def cmd_sft(args) -> int:
     values = config_values(args)
     make_config(values)  # a bad key or value fails here, before anything is loaded or launched
     if args.nproc > 1:
-        return launch(args.nproc, values)
+        return launch(args.nproc, "sft", values)
     from ..train.finetune import sft
 
     try:
@@ -195,9 +195,9 @@ def print_dpo_summary(s: dict) -> None:
         print(f"{name}: {path}")
 
 
-def launch(nproc: int, values: dict) -> int:
-    """Run the same settings under torchrun with `nproc` processes (`python -m llamaherd.train sft ...`)."""
-    argv = ["sft"]
+def launch(nproc: int, verb: str, values: dict) -> int:
+    """Run `verb` with these settings under torchrun, `nproc` processes (`python -m llamaherd.train VERB ...`)."""
+    argv = [verb]
     for key, value in values.items():
         flag = "--" + key.replace("_", "-")
         if isinstance(value, bool):
