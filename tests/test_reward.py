@@ -401,7 +401,8 @@ def test_one_round_reward_sample_sft_dpo_with_averaging(tiny_dir, tmp_path, monk
 @pytest.mark.slow
 def test_one_round_with_the_real_sampler_and_dpo(tiny_dir, tmp_path):
     """The whole round with `train.sample` and `train.dpo` themselves (once they are merged: they come
-    from the sampler's and DPO's branches of issue 16): full fine-tunes, two runs a stage."""
+    from the sampler's and DPO's branches of issue 16): full fine-tunes, one run a stage (the averaging of
+    several runs is the test above's)."""
     pytest.importorskip("llamaherd.train.sample")
     pytest.importorskip("llamaherd.train.dpo")
     from llamaherd.train.posttrain import run_round
@@ -410,7 +411,7 @@ def test_one_round_with_the_real_sampler_and_dpo(tiny_dir, tmp_path):
                                                        {"messages": [{"role": "user", "content": "Hi!"}]}])
     out = tmp_path / "round"
     s = run_round({"model": str(tiny_dir), "data": str(DEMO / "heldout.jsonl"), "prompts": str(prompts),
-                   "out": str(out), "method": "full", "runs": 2, "k": 2, "max_tokens": 8, "reward_steps": 2,
+                   "out": str(out), "method": "full", "runs": 1, "k": 2, "max_tokens": 8, "reward_steps": 2,
                    "sft_steps": 1, "dpo_steps": 1, "max_seq_len": 256, "batch_size": 1, "progress": False})
     assert s["stages"]["sample"]["kept"] == 2 and s["policy"] == str(out / "dpo" / "model")
     rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]

@@ -77,12 +77,15 @@ def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None = 
 def precompute_rope(args: ModelArgs, max_seq_len: int) -> torch.Tensor:
     """(cos, sin) of position * frequency for every position: float32 (max_seq_len, Dh/2, 2).
 
-    Real, not complex: the same numbers as `torch.polar`, in the layout kernels/decode.c reads, and
-    cheap to build on the meta device.
+    Real, not complex: the same numbers as `torch.polar`, in the layout kernels/decode.c reads. Computed
+    on the CPU and moved to the default device: on the meta device (weights/expected_shapes builds a
+    model there for its shapes) cos, sin and division would import torch._dynamo, seconds per load.
     """
-    freqs = rope_frequencies(args.head_dim, args.rope_theta, args.rope_scaling)
-    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), freqs)
-    return torch.stack([angles.cos(), angles.sin()], dim=-1)
+    with torch.device("cpu"):
+        freqs = rope_frequencies(args.head_dim, args.rope_theta, args.rope_scaling)
+        angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), freqs)
+        table = torch.stack([angles.cos(), angles.sin()], dim=-1)
+    return table.to(torch.get_default_device())
 
 
 def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
