@@ -4,6 +4,7 @@ the eager row-exact step on a tiny random model: rows at different positions, an
 it was, rows in any order."""
 
 import pytest
+import llamaherd  # noqa: F401 — before torch: the OpenMP wait policy (settings.py)
 import torch
 
 from llamaherd.config import ModelArgs

@@ -3,6 +3,7 @@ tested here through the kernel's CPU twin with the same codes, scales and zeros.
 
 import numpy as np
 import pytest
+import llamaherd  # noqa: F401 — before torch: the OpenMP wait policy (settings.py)
 import torch
 from gguf import GGMLQuantizationType as Q
 
