@@ -6,6 +6,10 @@ random weights on Llama 3 shapes, in one run.
                                    [--rows ...] [--json FILE]
     python benchmarks/bench_gpu.py --device cpu --tiny     # smoke run on a CPU (tests/test_bench_gpu.py)
 
+On a lent GPU each shape compiles five decode graphs (herd batch 1, herd int4, herd N rows,
+transformers batch 1 and N): about a minute each for the 8B shape, so give each shape its own call
+when a call is limited to 10 minutes (`--shapes llama3.2-1b`, then `--shapes llama3.1-8b --json ...`).
+
 Rows (`--rows`, default all), each model on its own:
   herd eager           `TorchRunner.decode`, the row-exact eager step, batch 1
   herd compiled        the compiled static step (`engine/static.py`; on CUDA mode "reduce-overhead":
@@ -212,7 +216,8 @@ def hf_rates(args, dtype, device, tokens: int, streams: int, rows: set[str]) -> 
                          num_key_value_heads=args.n_kv_heads, intermediate_size=args.hidden_dim,
                          vocab_size=args.vocab_size, tie_word_embeddings=args.tie_embeddings,
                          max_position_embeddings=args.max_seq_len)
-    hf = LlamaForCausalLM(config).to(device=device, dtype=dtype).eval()
+    with torch.device(device):  # random init on the device: minutes on a CPU for the 8B shape
+        hf = LlamaForCausalLM(config).to(dtype).eval()
     out = {}
     for row, batch in (("transformers", 1), ("transformers streams", streams)):
         if row not in rows:
