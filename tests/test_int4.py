@@ -85,6 +85,25 @@ def test_gpu_kinds_and_tile_choice():
     assert [inner_k_tiles(k) for k in (2048, 576, 1536, 14336, 96)] == [8, 4, 8, 8, 2]
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (tinygemm)")
+def test_cuda_kernel_equals_its_cpu_twin():
+    """The same buffers packed on CUDA (tinygemm's layout) give the CPU twin's weights (each the
+    bf16 rounding of (q - 8) * scale + zero; the CPU rounds a float32 sum first: 1 ulp at most)
+    and its products (float32 accumulation in other orders)."""
+    raw = blocks(Q.Q4_K, 64, 512)
+    cpu = int4_layer(raw, Q.Q4_K, (64, 512))
+    _, buffers = pack_gguf_tensor(raw, Q.Q4_K, (64, 512), gpu=True)
+    cuda = Int4Linear(512, 64)
+    for name, tensor in buffers.items():
+        setattr(cuda, name, tensor.cuda())
+    cuda.pack()
+    assert cuda.weight.dtype == torch.int32 and cuda.weight.dim() == 4  # tinygemm's layout
+    w_cpu, w_cuda = dequantized_weight(cpu), dequantized_weight(cuda).cpu()
+    torch.testing.assert_close(w_cuda, w_cpu, rtol=2 ** -8, atol=0)
+    x = torch.randn(5, 512, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(cuda(x.cuda()).cpu(), cpu(x), rtol=0.01, atol=0.01)
+
+
 @pytest.fixture(scope="module")
 def tiny_q4_k_m(tmp_path_factory):
     """A tiny Q4_K_M file (Q4_K projections, Q6_K in some, Q6_K tied output/embedding)."""
