@@ -132,4 +132,9 @@ def test_a_q4_k_m_file_on_the_gpu_path(tiny_q4_k_m):
         got, want = model(tokens)[0].float(), ref(tokens)[0]
     assert (got - want).abs().max() < 0.05 * want.abs().max()
     assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.9
-    assert isinstance(make_runner(model), TorchRunner)
+    runner = make_runner(model)  # the server's path: prompt, then row-exact decode steps
+    assert isinstance(runner, TorchRunner)
+    runner.allocate(1, 64)
+    steps = [runner.prefill([(tokens[0, :28].tolist(), 0, 0)])[0]]
+    steps += [runner.decode([int(tokens[0, i])], [i], [0])[0] for i in range(28, 31)]
+    torch.testing.assert_close(torch.stack(steps), got[27:31], rtol=0.02, atol=0.02 * got.abs().max().item())
