@@ -22,10 +22,10 @@ Rows (`--rows`, default all), each model on its own:
   transformers         `generate` with cache_implementation="static" (which compiles its forward),
                        batch 1, and N identical prompts at once (aggregate)
 Rates difference two runs, (n - 1) tokens / (time for n - time for 1), each the best of two, so
-that prompt processing and compilation are left out (as MEASURED.md's GPU table). The bound: the bytes one step must read
-(every weight once, int4 codes with their scales; an untied input embedding is only gathered) over
-the bandwidth measured here by a device-to-device copy. Float dtype: bf16 on CUDA, float32 on a
-CPU. Goals (issue 20, from an H100): batch 1 >= 85% of the bound; int4 8B >= 265 tokens/s
+that prompt processing and compilation are left out (as MEASURED.md's GPU table). The bound: the
+bytes one step must read (every weight once, int4 codes with their scales; an untied input
+embedding is only gathered) over the bandwidth measured here by a device-to-device copy. Float
+dtype: bf16 on CUDA, float32 on a CPU. Goals (issue 20, from an H100): batch 1 >= 85% of the bound; int4 8B >= 265 tokens/s
 (torchao's published 241 x 1.1); N streams >= 1.5x transformers'.
 """
 

@@ -70,7 +70,8 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, quantized: b
                     module in QUANTIZABLE or (gpu and module == "output")):
                 add_block_weight(module, t.data, t.tensor_type, shape, state_dict, kinds, parts, gpu, dtype)
                 continue
-            if quantized and not gpu and t.tensor_type.name not in FLOAT_TYPES and module in ("tok_embeddings", "output"):
+            if quantized and not gpu and t.tensor_type.name not in FLOAT_TYPES \
+                    and module in ("tok_embeddings", "output"):
                 add_embedding_or_output(module, t.data, t.tensor_type, shape, args.tie_embeddings, state_dict, kinds)
                 continue
             tensor = dequantize(t.data, t.tensor_type, shape, dtype=dtype)
