@@ -1,12 +1,18 @@
-"""The compiled static-cache decode step of float models (`TorchRunner.compiled_step`, HERD_COMPILE)
-equals the eager step, on a tiny random model."""
+"""The static-shape decode step over every row of the KV cache (`static.StaticStep`), which the
+torch runner compiles (`TorchRunner(compile=True)`, HERD_COMPILE; a CUDA graph on CUDA), equals
+the eager row-exact step on a tiny random model: rows at different positions, an idle row left as
+it was, rows in any order."""
 
 import pytest
+import llamaherd  # noqa: F401 — before torch: the OpenMP wait policy (settings.py)
 import torch
 
 from llamaherd.config import ModelArgs
 from llamaherd.engine.runner import TorchRunner
+from llamaherd.engine.static import StaticStep, step_inputs
 from llamaherd.model import Transformer
+
+PROMPTS = [[3, 14, 15, 92, 65, 35], [2, 71, 82], [8, 1, 8, 2, 8, 4, 5, 9, 0]]
 
 
 @pytest.fixture(scope="module")
@@ -18,26 +24,56 @@ def tiny():
     return m.eval()
 
 
-def greedy(runner, ids: list[int], n: int) -> tuple[list[int], torch.Tensor]:
-    runner.allocate(1, 64)
-    logits = runner.prefill([(ids, 0, 0)])[0]
-    tokens, seen = [], []
-    for i in range(n):
-        seen.append(logits)
-        tokens.append(int(logits.argmax()))
-        logits = runner.decode([tokens[-1]], [len(ids) + i], [0])[0]
-    return tokens, torch.stack(seen)
+def serve(runner, decode) -> tuple[list[list[int]], torch.Tensor]:
+    """Three rows prefilled; rows 0 and 2 decode 4 greedy steps while row 1 waits, then rows 1
+    and 0 (in that order) decode 2 more. Returns each row's tokens and every step's logits."""
+    runner.release()
+    runner.allocate(3, 64)
+    logits = runner.prefill([(p, 0, row) for row, p in enumerate(PROMPTS)])
+    history = [list(p) + [int(logits[row].argmax())] for row, p in enumerate(PROMPTS)]
+    seen = []
+    for rows in [[0, 2]] * 4 + [[1, 0]] * 2:
+        out = decode([history[r][-1] for r in rows], [len(history[r]) - 1 for r in rows], rows)
+        seen.append(out)
+        for r, row_logits in zip(rows, out):
+            history[r].append(int(row_logits.argmax()))
+    return history, torch.cat(seen)
 
 
-def test_compiled_equals_eager(tiny):
-    """Greedy tokens and logits (measured: 2e-6 apart with inductor and with aot_eager). The test
-    compiles with aot_eager — the same fullgraph capture of the model's forward and of its in-place
-    cache writes, without inductor's C++ build (a minute on two cores)."""
-    ids = [3, 14, 15, 92, 65, 35]
-    want_tokens, want = greedy(TorchRunner(tiny, "f32", compile=False), ids, 8)
-    runner = TorchRunner(tiny, "f32", compile=True)
-    runner.compile_backend = "aot_eager"
-    got_tokens, got = greedy(runner, ids, 8)
-    assert runner._step is not None  # the steps above went through it
+def test_static_step_equals_the_row_exact_step(tiny):
+    runner = TorchRunner(tiny, "f32", compile=False)
+    want_tokens, want = serve(runner, runner.decode)
+    step = StaticStep(tiny)
+
+    @torch.inference_mode()
+    def static(tokens, positions, rows):
+        return step(*step_inputs(3, tokens, positions, rows, "cpu"))[torch.tensor(rows)].float()
+
+    got_tokens, got = serve(runner, static)
     assert got_tokens == want_tokens
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_compiled_equals_eager(tiny, device):
+    """The runner's compiled step (measured on the CPU: 2e-6 from eager with inductor and with
+    aot_eager). On the CPU it compiles with aot_eager — the same fullgraph capture of the step and
+    of its in-place cache writes, without inductor's C++ build (a minute on two cores); on CUDA
+    with inductor and CUDA graphs (mode "reduce-overhead"), as the server runs it."""
+    model = tiny.to(device)
+    try:
+        eager = TorchRunner(model, "f32", compile=False)
+        want_tokens, want = serve(eager, eager.decode)
+        runner = TorchRunner(model, "f32", compile=True)
+        if device == "cpu":
+            runner.compile_backend = "aot_eager"
+        got_tokens, got = serve(runner, runner.decode)
+    finally:
+        tiny.to("cpu")
+    assert runner._step is not None  # the steps above went through it
+    assert got_tokens == want_tokens
+    torch.testing.assert_close(got.cpu(), want.cpu(), rtol=1e-4, atol=1e-4)

@@ -59,7 +59,7 @@ VARS: tuple[Var, ...] = (
     Var("HERD_SEMGREP", "semgrep on PATH", "the semgrep program the code shield runs, where installed"),
     Var("HERD_DEBUG", "0", "1: log more (each request's client and size; uvicorn's and the engine's debug lines)"),
     Var("HERD_LOCAL", "0", "1: CLI commands work in their own process even when a server answers"),
-    Var("HERD_COMPILE", "0", "1: float models decode one sequence with a torch.compile'd step (CUDA graphs on a GPU); compiling takes a while"),
+    Var("HERD_COMPILE", "0", "1: the torch runner decodes every row of the KV cache with one torch.compile'd static step (CUDA graphs on a GPU); compiling takes a while"),
     Var("HERD_NATIVE", "1", "0: do not compile and use the native CPU kernels (torch's kernels instead)"),
     Var("HERD_CACHE", "~/.cache/llamaherd", "downloads and compiled kernels"),
 )

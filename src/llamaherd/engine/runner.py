@@ -16,7 +16,8 @@ Two backends:
 - `NativeRunner`: models whose block matmuls are all GGUF blocks on a CPU run kernels/decode.c
   (`quantize.native`): every row of a step computed exactly as if alone, prompts in float32 blocks;
 - `TorchRunner`: every other model (float weights, torch's int4/int8 kernels, CUDA) runs the torch
-  modules; its decode step is row-exact too (`decode.decode_step`).
+  modules; its decode step is row-exact too (`decode.decode_step`), or, compiled, one static-shape
+  step over all rows (`static.StaticStep`: a CUDA graph on CUDA).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import torch
 from ..quantize import native
 from . import kvcache
 from .decode import decode_step
+from .static import StaticStep, step_inputs
 
 log = logging.getLogger("llamaherd.engine")
 
@@ -205,8 +207,9 @@ class TorchRunner(Runner):
 
     def __init__(self, model, kv_cache_type: str | None = None, compile: bool | None = None):
         """Args:
-            compile: decode a lone sequence (one KV-cache row: `herd run`, `llamaherd.load`) with a
-                `torch.compile`d step over the static cache (`compiled_step`); default HERD_COMPILE.
+            compile: decode with a `torch.compile`d step of static shapes over every row of the
+                cache (`static_step`: the server's B slots, or `herd run`'s one row; on CUDA a CUDA
+                graph); default HERD_COMPILE.
         """
         from .. import settings
 
@@ -232,23 +235,23 @@ class TorchRunner(Runner):
         return torch.stack(out).float()
 
     def decode(self, tokens, positions, rows):
-        if self.compile and len(tokens) == 1 and self.n_rows == 1:
-            return self.compiled_step(tokens[0], positions[0])[None]
+        if self.compile and len(set(rows)) == len(rows):  # one token per row (not checked guesses)
+            return self.static_step(tokens, positions, rows)
         return decode_step(self.model, tokens, positions, rows).float().cpu()
 
     @torch.inference_mode()
-    def compiled_step(self, token: int, position: int) -> torch.Tensor:
-        """The float32 logits (V,) of `token` fed at `position` of the cache's only row, by the
-        model's own forward compiled once (fullgraph: no Python between its ops; on CUDA, replayed
-        as a CUDA graph, mode "reduce-overhead"). Its shapes are static — one token, attention over
-        the whole cache with a mask of the positions written — so it compiles again only when the
-        cache grows. Equal to the eager step within float tolerance (tests/test_compiled.py)."""
+    def static_step(self, tokens: list[int], positions: list[int], rows: list[int]) -> torch.Tensor:
+        """The float32 logits (len(rows), V) of tokens[i] fed at positions[i] of row rows[i] (rows
+        distinct), by `static.StaticStep` over all the cache's rows, compiled once (fullgraph: no
+        Python between its ops; on CUDA mode "reduce-overhead", a CUDA graph replayed per step).
+        Shapes are static — every row, the whole cache — so it compiles again only when the cache
+        grows. Equal to the eager step within float tolerance (tests/test_compiled.py)."""
         if self._step is None:
             mode = "reduce-overhead" if self.device.type == "cuda" else None
-            self._step = torch.compile(self.model, fullgraph=True, dynamic=False, mode=mode, backend=self.compile_backend)
-        x = torch.tensor([[token]], device=self.device)
-        pos = torch.tensor([[position]], device=self.device)
-        return self._step(x, pos)[0, -1].float().cpu()
+            self._step = torch.compile(StaticStep(self.model), fullgraph=True, dynamic=False, mode=mode,
+                                       backend=self.compile_backend)
+        logits = self._step(*step_inputs(self.n_rows, tokens, positions, rows, self.device))
+        return logits[torch.tensor(rows, device=self.device)].float().cpu()
 
 
 def native_applies(model) -> bool:

@@ -7,11 +7,13 @@ Weights stay 4- or 8-bit in memory. Two kernels multiply them:
   reordered eight rows at a time at load (`repack_rows8`) so one integer multiply-add serves eight
   output features — and multiplies them with int16-quantized activation blocks (llama.cpp's
   method, with 8 more bits); prompts take a float32 path over the same blocks (`block_mm_dense`);
-- torch's packed CPU kernels otherwise, with bf16 activations (their fp32 paths are reference
+- torch's weight-only kernels otherwise, with bf16 activations (their fp32 CPU paths are reference
   loops, several times slower): `Int4Linear` holds 4-bit codes in groups of 32 with a scale and a
-  zero per group, w = (q - 8) * scale + zero — GGUF Q4_0 and Q4_1 map onto it *exactly* (only the
-  scales are rounded to bf16); `Int8Linear` holds int8 with one scale per output row, for every
-  other GGUF type (Q8_0, Q5_x, K-quants): dequantized, then requantized per row (symmetric).
+  zero per group, w = (q - 8) * scale + zero — GGUF Q4_0, Q4_1 and Q4_K map onto it *exactly* (only
+  the scales and zeros are rounded to bf16); it is also the CUDA path (tinygemm, `gpu=True`), where
+  every other type is dequantized to the float dtype; `Int8Linear` holds int8 with one scale per
+  output row, for every other GGUF type on a CPU without the native kernels (Q8_0, Q5_x, Q6_K...):
+  dequantized, then requantized per row (symmetric).
 
 Also `GGMLEmbedding`, the token embedding kept in its GGUF blocks, rows dequantized on lookup
 (exact), and the output projection (`RefinedBlockLinear` / `RefinedInt8Linear`): approximate
@@ -41,18 +43,70 @@ def cpu_int4_supported() -> bool:
     return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
 
 
+def int4_shape_ok(out_features: int, in_features: int) -> bool:
+    """Whether torch's int4 kernels take a weight of this shape: whole groups of 64 inputs (two
+    32-input groups: the smallest K tile pair of tinygemm, and what the CPU kernel wants) and output
+    features in tiles of 8 (tinygemm's N tile)."""
+    return in_features % (2 * GROUP) == 0 and out_features % 8 == 0
+
+
+def inner_k_tiles(in_features: int) -> int:
+    """tinygemm's innerKTiles: the most 16-input tiles (8, 4 or 2) one load can hold for this K."""
+    return next(t for t in (8, 4, 2) if in_features % (16 * t) == 0)
+
+
 class Int4Linear(nn.Module):
+    """A linear layer of 4-bit codes q, w = (q - 8) * scale + zero, with one bf16 scale and zero per
+    GROUP inputs of a row: torch's weight-only int4 kernels (tinygemm on CUDA, its `_for_cpu` twin
+    on a CPU), bf16 activations, float32 accumulation.
+
+    The kernels want the codes in layouts of their own, which differ between CUDA and CPUs (and
+    between CPUs), so the module is loaded with device-neutral `codes` — (N, K/2) uint8, two codes a
+    byte, the even input in the high nibble (what `_convert_weight_to_int4pack` reads on CUDA) — and
+    `pack` turns them into the kernel's `weight` once the module is on its device (`build_model`
+    does, after moving the model). `scales_and_zeros` is (K/GROUP, N, 2) bf16 on every device.
+
+    On CUDA the kernel forms each weight as a bf16 fused multiply-add of (q - 8), scale and zero
+    (one rounding); the CPU kernel rounds the same float32 value to bf16, so `dequantized_weight`
+    gives the same numbers on both (tests/test_int4.py checks the CPU).
+    """
+
     def __init__(self, in_features: int, out_features: int, device=None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.register_buffer("weight", torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device))
+        self.register_buffer("codes", torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device))
         self.register_buffer("scales_and_zeros", torch.empty(in_features // GROUP, out_features, 2,
                                                              dtype=torch.bfloat16, device=device))
+        self.register_buffer("weight", None)  # the kernel's layout, made by `pack`
+
+    @torch.no_grad()
+    def pack(self) -> None:
+        """Replace `codes` by the layout of the kernel of the device they are on (once)."""
+        if self.weight is not None:
+            return
+        codes = self.codes.contiguous()
+        if codes.is_cuda:
+            weight = torch.ops.aten._convert_weight_to_int4pack(codes, inner_k_tiles(self.in_features))
+        else:  # the CPU twin reads one int32 code per weight
+            unpacked = torch.stack([codes >> 4, codes & 0x0F], dim=-1).view(self.out_features, self.in_features)
+            weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpacked.to(torch.int32), 1)
+        del self.codes
+        self.weight = weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-            x.reshape(-1, self.in_features).to(torch.bfloat16), self.weight, GROUP, self.scales_and_zeros)
+        if self.weight is None:
+            self.pack()
+        mm = torch.ops.aten._weight_int4pack_mm if self.weight.is_cuda else torch.ops.aten._weight_int4pack_mm_for_cpu
+        y = mm(x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous(), self.weight, GROUP,
+               self.scales_and_zeros)
         return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+
+
+def pack_int4_layers(model: nn.Module) -> None:
+    """`Int4Linear.pack` every int4 layer of `model`, on the device it is on now."""
+    for module in model.modules():
+        if isinstance(module, Int4Linear):
+            module.pack()
 
 
 class Int8Linear(nn.Module):
@@ -220,79 +274,116 @@ def quantize_int8_rows(w: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"weight": q, "scales": scales}
 
 
-def _q4_codes(blocks: torch.Tensor, qtype: Q) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Codes (n_blocks, 32) and each block's scale and zero (n_blocks,) for w = (q - 8) * s + z."""
+INT4_TYPES = (Q.Q4_0, Q.Q4_1, Q.Q4_K)  # GGUF types whose values `Int4Linear` holds exactly
+
+
+def int4_codes(blocks: torch.Tensor, qtype: Q) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The 4-bit codes of GGUF blocks (n_blocks, type_size) of a type in INT4_TYPES, one row per
+    32-value group (n_groups, 32) in the file's value order, and each group's scale and zero
+    (n_groups,) float32 for w = (q - 8) * scale + zero:
+
+        Q4_0  x = d * (q - 8)                  scale d, zero 0
+        Q4_1  x = d * q + m                    scale d, zero m + 8d
+        Q4_K  x = (d * sc) * q - dmin * mn     per 32-value sub-block: scale d * sc, zero 8 * d * sc - dmin * mn
+
+    The scales are those `ggml.dequantize` forms (the same float32 products), so only the bf16
+    rounding of scale and zero separates the kernel's weights from the file's.
+    """
+    from .ggml import _f16, _scale_min_k4, _unpack
+
     n = blocks.shape[0]
-    d = blocks[:, :2].contiguous().view(torch.float16).float().squeeze(1)
-    if qtype == Q.Q4_0:  # x = d * (q - 8)
+    if qtype == Q.Q4_K:
+        d, dmin, packed_scales, qs = blocks.split([2, 2, 12, 128], dim=-1)
+        sc, mn = _scale_min_k4(packed_scales)
+        scale = (_f16(d) * sc.float()).reshape(-1)  # (n * 8,)
+        zero = 8 * scale - (_f16(dmin) * mn.float()).reshape(-1)
+        codes = _unpack(qs.reshape(n, 4, 32), 4).reshape(n * 8, GROUP)  # each 32 bytes: two sub-blocks
+        return codes, scale, zero
+    d = _f16(blocks[:, :2]).squeeze(1)
+    if qtype == Q.Q4_0:
         zero, qs = torch.zeros_like(d), blocks[:, 2:]
-    else:  # Q4_1: x = d * q + m = (q - 8) * d + (m + 8d)
-        m = blocks[:, 2:4].contiguous().view(torch.float16).float().squeeze(1)
-        zero, qs = m + 8 * d, blocks[:, 4:]
+    else:  # Q4_1
+        zero, qs = _f16(blocks[:, 2:4]).squeeze(1) + 8 * d, blocks[:, 4:]
     codes = torch.stack([qs & 0x0F, qs >> 4], dim=1).reshape(n, GROUP)  # low nibbles first, as ggml
     return codes, d, zero
 
 
 def pack_int4(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> dict[str, torch.Tensor]:
-    """codes (N, K) in 0..15, scales/zeros (N, K/32) -> the packed buffers of an `Int4Linear`."""
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
+    """codes (N, K) in 0..15, scales/zeros (N, K/32) -> the buffers of an `Int4Linear`, before `pack`."""
+    codes = codes.to(torch.uint8)
+    nibbles = (codes[:, 0::2] << 4) | codes[:, 1::2]  # (N, K/2): the even input in the high nibble
     sz = torch.stack([scales, zeros], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)  # (K/32, N, 2)
-    return {"weight": packed, "scales_and_zeros": sz}
+    return {"codes": nibbles.contiguous(), "scales_and_zeros": sz}
 
 
-def _pack_kind(qtype: Q, in_features: int, int4: bool, native_ok: bool | None) -> str:
-    """The kind `pack_gguf_tensor` gives a weight of this type: "block", "int4" or "int8"."""
+def int4_from_gguf(data, qtype: Q, shape: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """The `Int4Linear` buffers of a GGUF weight (type in INT4_TYPES) of torch shape (out, in)."""
+    out_features, in_features = shape
+    raw = torch.from_numpy(np.ascontiguousarray(data)).reshape(-1, GGML_QUANT_SIZES[qtype][1])
+    codes, scale, zero = int4_codes(raw, qtype)
+    n_groups = in_features // GROUP
+    return pack_int4(codes.reshape(out_features, in_features), scale.view(out_features, n_groups),
+                     zero.view(out_features, n_groups))
+
+
+def _pack_kind(qtype: Q, shape: tuple[int, int], int4: bool, native_ok: bool | None, gpu: bool = False) -> str:
+    """The kind `pack_gguf_tensor` gives a weight of this type and shape: "block", "int4", "int8"
+    or (gpu) "float"."""
+    int4_ok = int4 and qtype in INT4_TYPES and int4_shape_ok(*shape)
+    if gpu:
+        return "int4" if int4_ok else "float"
     if qtype in NATIVE_TYPES and (native.available() if native_ok is None else native_ok):
         return "block"
-    if int4 and qtype in (Q.Q4_0, Q.Q4_1) and cpu_int4_supported() and in_features % (2 * GROUP) == 0:
+    if int4_ok and cpu_int4_supported():
         return "int4"
     return "int8"
 
 
-def pack_gguf_tensor(data, qtype: Q, shape: tuple[int, int], int4: bool = True, native_ok: bool | None = None
-                     ) -> tuple[str, dict[str, torch.Tensor]]:
+def pack_gguf_tensor(data, qtype: Q, shape: tuple[int, int], int4: bool = True, native_ok: bool | None = None,
+                     gpu: bool = False, dtype: torch.dtype = torch.bfloat16) -> tuple[str, dict[str, torch.Tensor]]:
     """Quantized buffers for a 2-D GGUF weight of torch shape (out, in): (kind, buffers).
 
     Kinds: "block:<TYPE>" (the file's blocks, for the native kernel, when it is available and
-    `native_ok` is not False), "int4" (torch's packed int4 kernel), "int8" (requantized per row).
+    `native_ok` is not False), "int4" (torch's int4 kernels: Q4_0, Q4_1, Q4_K), "int8" (requantized
+    per row). With `gpu` (the CUDA path): "int4" where the type maps onto it, else "float" — the
+    weight dequantized to `dtype` ({"weight": tensor}, a plain `nn.Linear`'s).
     """
-    out_features, in_features = shape
-    kind = _pack_kind(qtype, in_features, int4, native_ok)
+    kind = _pack_kind(qtype, shape, int4, native_ok, gpu)
     if kind == "block":
-        raw = torch.from_numpy(np.array(data)).view(out_features, -1)  # a copy of the file's bytes
+        raw = torch.from_numpy(np.array(data)).view(shape[0], -1)  # a copy of the file's bytes
         return f"block:{qtype.name}", {"raw": raw}
     if kind == "int4":
-        raw = torch.from_numpy(data.reshape(-1, data.shape[-1]) if hasattr(data, "reshape") else data)
-        blocks = raw.reshape(-1, 18 if qtype == Q.Q4_0 else 20)
-        codes, d, zero = _q4_codes(blocks, qtype)
-        n_groups = in_features // GROUP
-        return "int4", pack_int4(codes.reshape(out_features, in_features), d.view(out_features, n_groups),
-                                 zero.view(out_features, n_groups))
+        return "int4", int4_from_gguf(data, qtype, shape)
+    if kind == "float":
+        return "float", {"weight": dequantize(data, qtype, shape, dtype=dtype)}
     return "int8", quantize_int8_rows(dequantize(data, qtype, shape))
 
 
-def pack_gguf_tensors(parts: list[tuple], int4: bool = True, native_ok: bool | None = None
+def pack_gguf_tensors(parts: list[tuple], int4: bool = True, native_ok: bool | None = None, gpu: bool = False
                       ) -> tuple[str, dict[str, torch.Tensor]] | None:
     """The buffers of one quantized layer computing the GGUF weights `parts` — each (data, qtype,
     (out, in)) — side by side (outputs concatenated): wq, wk, wv as wqkv. None when they would not
-    all get one kind of layer (then pack them one by one).
+    all get one kind of quantized layer (then pack them one by one).
 
     The weights are stacked before they are packed: packed layouts are the kernel's own (torch's
-    int4 layout interleaves rows differently on AVX2 and AVX-512), so packed buffers are never cut
-    or glued. Every kind computes each output feature from its own row, so the fused layer's
-    outputs equal the parts' to the bit.
+    int4 layout interleaves rows differently on AVX2 and AVX-512, and on CUDA), so packed buffers
+    are never cut or glued (`Int4Linear`'s codes are packed only on their device). Every kind
+    computes each output feature from its own row, so the fused layer's outputs equal the parts'
+    to the bit.
     """
     qtypes = {Q(qtype) for _, qtype, _ in parts}
     in_features = {shape[1] for _, _, shape in parts}
-    kinds = {_pack_kind(qtype, shape[1], int4, native_ok) for _, qtype, shape in parts}
-    if len(in_features) != 1 or len(kinds) != 1:
+    kinds = {_pack_kind(qtype, shape, int4, native_ok, gpu) for _, qtype, shape in parts}
+    if len(in_features) != 1 or len(kinds) != 1 or kinds == {"float"}:
         return None
     kind, (K,), N = kinds.pop(), in_features, sum(shape[0] for _, _, shape in parts)
     if kind == "int8":  # per-row scales: requantizing the stacked rows is requantizing each
         weight = torch.cat([dequantize(data, qtype, shape) for data, qtype, shape in parts])
         return "int8", quantize_int8_rows(weight)
-    if len(qtypes) != 1 and kind != "block":
-        return None
+    if kind == "int4":  # per-row codes, scales and zeros (of any of INT4_TYPES), stacked
+        buffers = [int4_from_gguf(data, Q(qtype), shape) for data, qtype, shape in parts]
+        return "int4", {"codes": torch.cat([b["codes"] for b in buffers]),
+                        "scales_and_zeros": torch.cat([b["scales_and_zeros"] for b in buffers], dim=1)}
     if len(qtypes) != 1:  # blocks of several types (Q4_K_M: wv Q6_K beside Q4_K): each part's bytes after the last's
         raw = torch.from_numpy(np.concatenate([np.asarray(data).reshape(-1) for data, _, _ in parts]))
         return "block:" + "+".join(Q(qtype).name for _, qtype, _ in parts), {"raw": raw}
@@ -344,9 +435,10 @@ def dequantized_weight(module: nn.Module) -> torch.Tensor:
         return module.weight.float() * module.scales.float().unsqueeze(1)
     if isinstance(module, GGMLEmbedding):
         return module.rows(torch.arange(module.n_rows))
-    eye = torch.eye(module.in_features, dtype=torch.bfloat16)
+    device = next(module.buffers()).device
+    eye = torch.eye(module.in_features, dtype=torch.bfloat16, device=device)
     return module(eye).float().T
 
 
-__all__ = ["Int4Linear", "Int8Linear", "GGMLEmbedding", "RefinedInt8Linear", "BlockLinear", "RefinedBlockLinear", "pack_gguf_tensor", "pack_gguf_tensors", "swap_quantized_modules",
+__all__ = ["Int4Linear", "pack_int4_layers", "int4_codes", "int4_from_gguf", "INT4_TYPES", "Int8Linear", "GGMLEmbedding", "RefinedInt8Linear", "BlockLinear", "RefinedBlockLinear", "pack_gguf_tensor", "pack_gguf_tensors", "swap_quantized_modules",
            "quantize_int8_rows", "pack_int4", "dequantized_weight", "repack_rows8", "repack_block_layers"]

@@ -52,11 +52,12 @@ def detect_format(path: Path) -> str:
 
 
 def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32, quantized: bool = False,
-                    quantize: str | None = None) -> Checkpoint:
+                    quantize: str | None = None, gpu: bool = False) -> Checkpoint:
     """Read weights, config and tokenizer from any supported format, and check them.
 
-    `quantized`: keep a GGUF file's quantized weights quantized (CPU inference); other formats and
-    float GGUF tensors are unaffected.
+    `quantized`: keep a GGUF file's quantized weights quantized (CPU inference; with `gpu`, its
+    4-bit weights in torch's int4 layers and the rest in `dtype`: see `load_gguf`); other formats
+    and float GGUF tensors are unaffected.
     `quantize`: q8_0 | q4_0 | q4_k: quantize the weights at load, whatever the format, into the GGUF
     blocks of that scheme (`weights.quantized`), for the native CPU kernels.
     """
@@ -76,7 +77,7 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32, quanti
 
         if path.is_dir():
             path = sorted(path.glob("*.gguf"))[0]
-        args, sd, meta, kinds = load_gguf(path, dtype, quantized)
+        args, sd, meta, kinds = load_gguf(path, dtype, quantized, gpu)
         tokenizer = tokenizer_from_gguf(meta)
     elif kind == "hf":
         from .hf import load_hf
@@ -145,9 +146,10 @@ def build_model(args: ModelArgs, state_dict: dict[str, torch.Tensor], device: st
     """A `Transformer` holding `state_dict` (assigned, not copied), in eval mode.
 
     `quantized` names the modules whose buffers in `state_dict` are quantized (see `load_gguf`).
+    Int4 layers are packed into their kernel's layout on `device` (`Int4Linear.pack`).
     """
     from ..model import Transformer
-    from ..quantize.linear import repack_block_layers, swap_quantized_modules
+    from ..quantize.linear import pack_int4_layers, repack_block_layers, swap_quantized_modules
 
     with torch.device("meta"):
         model = Transformer(args)
@@ -162,4 +164,7 @@ def build_model(args: ModelArgs, state_dict: dict[str, torch.Tensor], device: st
     if quantized:
         repack_block_layers(model)
     model.init_rope()  # built on the meta device with the rest
-    return model.to(device).eval()
+    model = model.to(device).eval()
+    if quantized:
+        pack_int4_layers(model)  # the layout is the device's own kernel's
+    return model

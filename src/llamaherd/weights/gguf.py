@@ -42,13 +42,18 @@ QUANTIZABLE = {f"layers.{i}.{m}" for i in range(1024) for m in (
     "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")}
 
 
-def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, quantized: bool = False):
+def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, quantized: bool = False, gpu: bool = False):
     """Read a GGUF file: returns (args, state_dict in Meta names, metadata, quantized kinds).
 
     With `quantized`, weights of quantized types stay quantized (see `quantize/linear.py`): their
     state-dict entries are the buffers of the modules of `quantize/linear.py`, and
     the returned dict names those modules and their kind. Otherwise everything is dequantized to
     `dtype` and the dict is empty.
+
+    `gpu` (with `quantized`): the CUDA path. The 4-bit projections (Q4_0, Q4_1, Q4_K; the output
+    projection too, when not tied) become torch's int4 layers (`Int4Linear`: the file's codes, bf16
+    scales), not bf16 copies; every other tensor (Q6_K, Q8_0..., the embedding) is dequantized to
+    `dtype`.
     """
     reader = GGUFFile(path)
     meta = reader.metadata
@@ -61,10 +66,12 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, quantized: b
         shape = t.shape
         try:
             module = key.rpartition(".")[0] if key else None
-            if quantized and t.tensor_type.name not in FLOAT_TYPES and module in QUANTIZABLE:
-                add_block_weight(module, t.data, t.tensor_type, shape, state_dict, kinds, parts)
+            if quantized and t.tensor_type.name not in FLOAT_TYPES and (
+                    module in QUANTIZABLE or (gpu and module == "output")):
+                add_block_weight(module, t.data, t.tensor_type, shape, state_dict, kinds, parts, gpu, dtype)
                 continue
-            if quantized and t.tensor_type.name not in FLOAT_TYPES and module in ("tok_embeddings", "output"):
+            if quantized and not gpu and t.tensor_type.name not in FLOAT_TYPES \
+                    and module in ("tok_embeddings", "output"):
                 add_embedding_or_output(module, t.data, t.tensor_type, shape, args.tie_embeddings, state_dict, kinds)
                 continue
             tensor = dequantize(t.data, t.tensor_type, shape, dtype=dtype)
@@ -74,24 +81,33 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, quantized: b
             args = replace(args, rope_scaling=_rope_scaling_from_tensor(tensor.float(), args))
         elif key is not None:
             state_dict[key] = tensor
-    finish_parts(parts, state_dict, kinds)
+    finish_parts(parts, state_dict, kinds, gpu, dtype)
     return args, state_dict, meta, kinds
 
 
 def add_block_weight(module: str, data, qtype, shape: tuple[int, int], state_dict: dict, kinds: dict,
-                     parts: dict[str, dict[str, tuple]]) -> None:
+                     parts: dict[str, dict[str, tuple]], gpu: bool = False, dtype=torch.bfloat16) -> None:
     """Put the quantized buffers of block projection `module` (GGUF blocks `data`) in `state_dict`
-    and its kind in `kinds`; a part of a fused projection waits in `parts` for its siblings."""
-    from ..quantize.linear import pack_gguf_tensor
-
+    and its kind in `kinds`; a part of a fused projection waits in `parts` for its siblings.
+    `gpu`, `dtype`: see `load_gguf`."""
     fused = _fused_name(module)
     if fused is None:
-        kinds[module], buffers = pack_gguf_tensor(data, qtype, shape)
-        state_dict.update({f"{module}.{name}": b for name, b in buffers.items()})
+        _pack_one(module, data, qtype, shape, state_dict, kinds, gpu, dtype)
     else:  # packed when all its parts are read (see `_pack_fused`)
         parts.setdefault(fused, {})[module] = (data, qtype, shape)
         if len(parts[fused]) == len(FUSED_PROJECTIONS[fused.rpartition(".")[2]]):
-            _pack_fused(fused, parts.pop(fused), state_dict, kinds)
+            _pack_fused(fused, parts.pop(fused), state_dict, kinds, gpu, dtype)
+
+
+def _pack_one(module: str, data, qtype, shape, state_dict: dict, kinds: dict, gpu: bool, dtype) -> None:
+    """One projection's buffers into `state_dict`: quantized (its kind into `kinds`), or, on the
+    GPU path, a plain float weight."""
+    from ..quantize.linear import pack_gguf_tensor
+
+    kind, buffers = pack_gguf_tensor(data, qtype, shape, gpu=gpu, dtype=dtype)
+    if kind != "float":
+        kinds[module] = kind
+    state_dict.update({f"{module}.{name}": b for name, b in buffers.items()})
 
 
 def add_embedding_or_output(module: str, data, qtype, shape: tuple[int, int], tied: bool, state_dict: dict,
@@ -115,10 +131,11 @@ def add_embedding_or_output(module: str, data, qtype, shape: tuple[int, int], ti
             state_dict["output.exact.raw"] = raw
 
 
-def finish_parts(parts: dict[str, dict[str, tuple]], state_dict: dict, kinds: dict) -> None:
+def finish_parts(parts: dict[str, dict[str, tuple]], state_dict: dict, kinds: dict, gpu: bool = False,
+                 dtype=torch.bfloat16) -> None:
     """Pack what is left in `parts`: a part without its siblings (the checks name what is missing)."""
     for fused, found in parts.items():
-        _pack_fused(fused, found, state_dict, kinds)
+        _pack_fused(fused, found, state_dict, kinds, gpu, dtype)
 
 
 def _fused_name(module: str) -> str | None:
@@ -131,19 +148,19 @@ def _fused_name(module: str) -> str | None:
     return None
 
 
-def _pack_fused(fused: str, found: dict[str, tuple], state_dict: dict, kinds: dict) -> None:
+def _pack_fused(fused: str, found: dict[str, tuple], state_dict: dict, kinds: dict, gpu: bool = False,
+                dtype=torch.bfloat16) -> None:
     """Pack the parts of one fused projection as one layer when they share a kind of layer and all
     are there (`linear.pack_gguf_tensors`), else each alone."""
-    from ..quantize.linear import pack_gguf_tensor, pack_gguf_tensors
+    from ..quantize.linear import pack_gguf_tensors
 
     parent, _, name = fused.rpartition(".")
     order = [f"{parent}.{m}" for m in FUSED_PROJECTIONS[name]]
-    packed = pack_gguf_tensors([found[m] for m in order]) if set(found) == set(order) else None
+    packed = pack_gguf_tensors([found[m] for m in order], gpu=gpu) if set(found) == set(order) else None
     if packed is not None:
         kinds[fused], buffers = packed
         state_dict.update({f"{fused}.{n}": b for n, b in buffers.items()})
         return
     for module, (data, qtype, shape) in found.items():
-        kinds[module], buffers = pack_gguf_tensor(data, qtype, shape)
-        state_dict.update({f"{module}.{n}": b for n, b in buffers.items()})
+        _pack_one(module, data, qtype, shape, state_dict, kinds, gpu, dtype)
 
