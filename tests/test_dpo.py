@@ -157,12 +157,12 @@ def trl_loss(trainer, smollm2, pairs, loss_type, weights=None):
         return float(trainer._compute_loss(trainer.model, inputs, return_outputs=False))
 
 
-def herd_loss(tiny_dirs, smollm2, pairs, loss_type="sigmoid", nll_coef=0.0, mask=False, packing=True):
+def herd_loss(tiny_dirs, smollm2, pairs, loss_type="sigmoid", nll_coef=0.0, mask=False, packing=True, share=True):
     """Our loss (mean over pairs) with the seed-1 model's log-probs as the precomputed reference."""
     examples = examples_of(smollm2, pairs, mask)
     precompute_reference(herd_model(tiny_dirs[1]), examples, 2, 512, True, "cpu")
     wrapper = DPOLoss(herd_model(tiny_dirs[0]), beta=0.1, nll_coef=nll_coef, loss_type=loss_type, loss_chunk=5000)
-    batch = collate_pairs(examples, packing, 1024)
+    batch = collate_pairs(examples, packing, 1024, share_prompt=share)
     loss, metrics = wrapper(**batch)
     return loss / len(pairs), {k: float(v) / len(pairs) for k, v in metrics.items()}, wrapper
 
@@ -217,19 +217,32 @@ def test_masked_log_probs_equal_a_hand_sum_over_the_content_tokens(tiny_dirs, sm
 
 
 def test_packed_equals_unpacked_loss_and_gradients(tiny_dirs, smollm2):
+    """Unpacked (one padded row per side), packed (chosen and rejected as two documents) and packed
+    with the prompt shared (one document per pair, the replies as two branches of it) agree."""
     grads, losses = [], []
-    for packing in (True, False):
-        loss, metrics, wrapper = herd_loss(tiny_dirs, smollm2, PAIRS, nll_coef=0.2, mask=True, packing=packing)
+    for packing, share in ((False, False), (True, False), (True, True)):
+        loss, metrics, wrapper = herd_loss(tiny_dirs, smollm2, PAIRS, nll_coef=0.2, mask=True, packing=packing,
+                                           share=share)
         loss.backward()
         losses.append((float(loss), metrics))
         grads.append(torch.cat([p.grad.flatten() for p in wrapper.model.parameters()]))
-    assert abs(losses[0][0] - losses[1][0]) <= 1e-5
-    assert all(abs(losses[0][1][k] - losses[1][1][k]) <= 1e-5 for k in losses[0][1])
-    assert (grads[0] - grads[1]).abs().max() <= 1e-5 * grads[1].abs().max()
+    for (loss, metrics), grad in zip(losses[1:], grads[1:]):
+        assert abs(loss - losses[0][0]) <= 1e-5
+        assert all(abs(metrics[k] - losses[0][1][k]) <= 1e-5 for k in metrics)
+        assert (grad - grads[0]).abs().max() <= 1e-5 * grads[0].abs().max()
     # packed: all three pairs in one row, chosen and rejected as neighbouring documents
-    batch = collate_pairs(examples_of(smollm2, PAIRS), True, 1024)
+    examples = examples_of(smollm2, PAIRS)
+    batch = collate_pairs(examples, True, 1024)
     assert batch["tokens"].shape[0] == 1 and batch["doc_ids"].max() == 5
-    assert collate_pairs(examples_of(smollm2, PAIRS), False, 1024)["tokens"].shape[0] == 6
+    assert collate_pairs(examples, False, 1024)["tokens"].shape[0] == 6
+    # shared: three documents, each prompt once (less its last token, which opens both branches)
+    shared = collate_pairs(examples, True, 1024, share_prompt=True)
+    doc, branch = shared["doc_ids"][0].unbind(-1)
+    assert doc.max() == 2 and set(branch.tolist()) == {0, 1, 2}
+    prompts = sum(int((branch[doc == d] == 0).sum()) for d in range(3))
+    assert shared["tokens"].shape[1] == batch["tokens"].shape[1] - prompts
+    assert all(e.chosen.inputs[:n] == e.rejected.inputs[:n] and e.chosen.targets[n] != IGNORE
+               for e, n in ((e, int(((branch == 0) & (doc == d)).sum())) for d, e in enumerate(examples)))
 
 
 def test_lora_reference_is_the_base_with_adapters_off(tiny_dirs, smollm2):
