@@ -393,3 +393,100 @@ def test_cli_help_and_shipped_recipe(capsys):
     assert main(["train", "--show", "dpo-smollm2"]) == 0
     cfg = make_config(yaml.safe_load(capsys.readouterr().out), cls=DPOConfig)
     assert (cfg.beta, cfg.lr, cfg.nll_coef, cfg.mask_format_tokens) == (0.1, 1e-5, 0.2, True)
+
+
+# -- several processes, resume, QLoRA --------------------------------------------------------------
+
+def two_processes_equal_one(verb, argv, out):
+    """`python -m llamaherd.train VERB` in this process with --batch-size 2, then under torchrun with 2
+    gloo processes and --batch-size 1 each: the same global batches, so the same per-step losses.
+    Returns both runs' metrics records."""
+    import os
+    import subprocess
+    import sys
+    from llamaherd.train.__main__ import main as train_main
+    argv = [verb, *map(str, argv), "--no-progress"]
+    assert train_main([*argv, "--batch-size", "2", "--out", str(out / "one")]) == 0
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", "llamaherd.train", *argv, "--batch-size", "1", "--out", str(out / "two")],
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr[-3000:]
+    runs = [[json.loads(line) for line in (out / run / "metrics.jsonl").read_text().splitlines()]
+            for run in ("one", "two")]
+    assert len(runs[0]) == len(runs[1]) and runs[0][0]["loss"] != runs[0][-1]["loss"]
+    assert [r["loss"] for r in runs[1]] == pytest.approx([r["loss"] for r in runs[0]], rel=1e-5)
+    return runs
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_dpo_two_gloo_processes_equal_one_process(tiny_dirs, tmp_path):
+    """LoRA DPO under FSDP2 (the reference: the sharded model with its adapters off), validation
+    split over the processes: the losses and held-out metrics of one process."""
+    train = write_jsonl(tmp_path / "t.jsonl", polite_pairs(THINGS[:8]))
+    val = write_jsonl(tmp_path / "v.jsonl", polite_pairs(THINGS[14:18]))
+    one, two = two_processes_equal_one("dpo", ["--model", tiny_dirs[0], "--data", train, "--val-data", val,
+                                               "--method", "lora", "--lr", "5e-3", "--max-steps", 3,
+                                               "--warmup-steps", 1, "--lora-rank", 4, "--val-every", 3], tmp_path)
+    assert two[-1]["val_reward_margin"] == pytest.approx(one[-1]["val_reward_margin"], rel=1e-4, abs=1e-6)
+    assert (tmp_path / "two" / "adapter" / "adapter_config.json").exists()
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["pairs_seen"] == 6
+
+
+@pytest.mark.slow
+def test_dpo_resume_equals_an_uninterrupted_run(tiny_dirs, tmp_path):
+    """Ctrl-C after step 2 keeps a checkpoint; --resume gives exactly the losses and metrics of a run
+    never stopped (pair order, adapters, optimizer restored)."""
+    from llamaherd.train.dpo import dpo
+    train = write_jsonl(tmp_path / "t.jsonl", polite_pairs(THINGS[:6]))
+    kw = dict(model=str(tiny_dirs[0]), data=str(train), method="lora", lr=5e-3, max_steps=4, batch_size=2,
+              warmup_steps=1, lora_rank=4, progress=False, seed=5)
+    dpo(out=str(tmp_path / "a"), **kw)
+
+    def interrupt(record):
+        if record["step"] == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        dpo(out=str(tmp_path / "b"), on_step=interrupt, **kw)
+    dpo(out=str(tmp_path / "b"), resume=True, **kw)
+    a, b = ([json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+            for run in ("a", "b"))
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    for key in ("loss", "reward_margin", "chosen_nll"):
+        assert [r[key] for r in b] == [r[key] for r in a], key
+    assert len({r["loss"] for r in a}) == 4  # it did train
+
+
+@pytest.fixture(scope="module")
+def tiny_q8_gguf(tiny_dirs, smollm2, smollm2_path, tmp_path_factory):
+    """The tiny policy as a Q8_0 GGUF with SmolLM2's tokenizer fields."""
+    import gguf
+    from llamaherd.export.gguf import save_gguf
+    from llamaherd.tokenizer.bpe import gguf_metadata
+    args, sd = _weights(tiny_dirs[0])
+    return save_gguf(dict(sd), args, smollm2, tmp_path_factory.mktemp("q8") / "tiny-q8_0.gguf", quant="q8_0",
+                     base_metadata=gguf_metadata(gguf.GGUFReader(smollm2_path)))
+
+
+@pytest.mark.slow
+def test_qlora_dpo_trains_adapters_over_the_quantized_blocks(tiny_q8_gguf, tmp_path):
+    """QLoRA DPO: adapters over the file's Q8_0 blocks, the reference = those blocks with the adapters
+    off. Its losses are LoRA's over the same file dequantized to float32 (the same numbers, other kernels)."""
+    from llamaherd.train.dpo import dpo
+    from llamaherd.train.finetune import load_for_training
+    train = write_jsonl(tmp_path / "t.jsonl", polite_pairs(THINGS[:4]))
+    runs = {}
+    for method in ("qlora", "lora"):
+        dpo(model=str(tiny_q8_gguf), data=str(train), out=str(tmp_path / method), method=method, lr=5e-3,
+            max_steps=3, batch_size=2, warmup_steps=0, lora_rank=4, progress=False)
+        runs[method] = [json.loads(line) for line in (tmp_path / method / "metrics.jsonl").read_text().splitlines()]
+    q, f = runs["qlora"], runs["lora"]
+    assert q[0]["reward_margin"] == pytest.approx(0, abs=1e-6) and q[-1]["reward_margin"] > 0
+    assert [r["loss"] for r in q] == pytest.approx([r["loss"] for r in f], rel=1e-3)
+    assert (tmp_path / "qlora" / "adapter" / "adapter_config.json").exists()
+    from llamaherd.quantize.linear import BlockLinear, Int4Linear, Int8Linear
+    model, _ = load_for_training(tiny_q8_gguf, "qlora", "cpu")  # what qlora trains over: the file's blocks
+    wq = model.layers[0].attention.wq
+    assert isinstance(getattr(wq, "fused", wq), (BlockLinear, Int4Linear, Int8Linear))

@@ -6,7 +6,6 @@ filtering, then temperature, then a draw. Temperature 0 is greedy (argmax), what
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields

@@ -158,19 +158,19 @@ DPO_BOOLS = BOOLS + [("mask_format_tokens", "leave the template's header and end
 
 
 def cmd_dpo(args) -> int:
-    from ..errors import HerdError
     from ..train.config import make_config
     from ..train.dpo import DPOConfig, dpo
 
     values = config_values(args, DPO_FLAGS, DPO_BOOLS)
     make_config(values, cls=DPOConfig)  # a bad key or value fails here, before anything is loaded
     if args.nproc > 1:
-        raise HerdError("herd train dpo runs in one process for now (no --nproc)")
+        return launch(args.nproc, "dpo", values)
     try:
         summary = dpo(values)
     except KeyboardInterrupt:
         return 130
-    print_dpo_summary(summary)
+    if summary:  # only the first process has one
+        print_dpo_summary(summary)
     return 0
 
 

@@ -489,14 +489,13 @@ def dpo(config: DPOConfig | dict | None = None, *, on_step: Callable[[dict], Non
     Raises:
         HerdError: a bad setting, model or data file.
     """
-    from .finetune import _checkpoint_blocks, _save_outputs, load_for_training, resolve_model_path
+    from .finetune import _checkpoint_blocks, _distribute, _save_outputs, load_for_training, resolve_model_path
     from .lora import lora_llama3
     from .metrics import plot_loss
 
     cfg, rank, world, device, out = begin(config, kwargs, DPOConfig)
-    if world > 1:
-        raise HerdError("DPO runs in one process for now (no --nproc)")
-    out.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
 
     # Data: pairs, rated strongly enough, tokenized with the model's template.
     pairs, val_pairs = read_split(read_pairs, cfg)
@@ -515,30 +514,40 @@ def dpo(config: DPOConfig | dict | None = None, *, on_step: Callable[[dict], Non
                                      cfg.mask_format_tokens)
 
     # Model and reference: LoRA's is the model with its adapters off; a full fine-tune's is
-    # precomputed here, from the starting weights.
+    # precomputed here, from the starting weights (by every process, before sharding).
     if cfg.method == "full":
         precompute_reference(model, examples + val_examples, cfg.batch_size, cfg.max_seq_len, cfg.packing, device,
                              cfg.loss_chunk, cfg.share_prompt)
     else:
         lora_llama3(model, cfg.lora_targets, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
-    batches = PairBatches(examples, cfg.batch_size, cfg.max_seq_len, cfg.packing, cfg.seed,
+    batches = PairBatches(examples, cfg.batch_size, cfg.max_seq_len, cfg.packing, cfg.seed, rank=rank, world=world,
                           share_prompt=cfg.share_prompt)
-    val_batches = (PairBatches(val_examples, cfg.batch_size, cfg.max_seq_len, cfg.packing, shuffle=False,
-                               drop_last=False, share_prompt=cfg.share_prompt) if val_examples else None)
+    # Validation: every pair in one process; with several, one pair per process per batch (every
+    # process must run the same number of forwards), the last len % world pairs left out.
+    val_batches = None
+    if len(val_examples) >= world:
+        val_batches = PairBatches(val_examples, cfg.batch_size if world == 1 else 1, cfg.max_seq_len, cfg.packing,
+                                  shuffle=False, drop_last=world > 1, rank=rank, world=world,
+                                  share_prompt=cfg.share_prompt)
     if cfg.activation_checkpointing:
         _checkpoint_blocks(model)
     model.train()
     wrapper = DPOLoss(model, cfg.beta, cfg.nll_coef, cfg.loss_type, cfg.loss_chunk)
-    run = {**cfg.to_dict(), "model_path": str(model_path), "resume": False, "recipe": "dpo"}
-    (out / "train.json").write_text(json.dumps(run, indent=2))
+    if world > 1:
+        wrapper = _distribute(model, wrapper, cfg.activation_checkpointing)
+    if rank == 0:
+        run = {**cfg.to_dict(), "model_path": str(model_path), "resume": False, "recipe": "dpo"}
+        (out / "train.json").write_text(json.dumps(run, indent=2))
     result = fit(cfg, wrapper, batches, out=out, device=device, val_batches=val_batches, weight=n_pairs,
                  on_step=on_step)
     position = result["position"]
 
     outputs = _save_outputs(cfg, wrapper, model, ckpt, model_path, out, rank, world)
+    if rank != 0:
+        return {}
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     last = records[-1] if records else {}
-    pairs_seen = position["step"] * cfg.batch_size * cfg.grad_accum
+    pairs_seen = position["step"] * cfg.batch_size * cfg.grad_accum * world
     summary = {
         "method": cfg.method, "steps": position["step"], "epochs": position["epoch"] + 1,
         "pairs_seen": pairs_seen, "tokens": position["tokens"], "seconds": round(position["seconds"], 2),
