@@ -369,7 +369,6 @@ def test_bad_pairs_are_one_line_naming_file_and_line(tmp_path, record, message):
     (["--beta", "0"], None, "beta must be positive"),
     (["--loss-type", "kto"], None, "unknown loss_type 'kto'; valid: sigmoid, hinge, ipo"),
     (["--min-rating", "great"], None, "unknown min_rating 'great'"),
-    (["--nproc", "2"], None, "one process"),
 ])
 def test_cli_bad_inputs_are_one_line_and_exit_1(tiny_dirs, tmp_path, capsys, extra, data, message):
     from llamaherd.cli import main

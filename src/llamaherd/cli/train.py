@@ -154,7 +154,8 @@ DPO_FLAGS = [(k, t, {"data": "preference JSONL: {\"prompt\", \"chosen\", \"rejec
                         "marginally better, or any [better]"),
 ]
 DPO_BOOLS = BOOLS + [("mask_format_tokens", "leave the template's header and end-of-turn tokens out of the "
-                                            "log-probability sums [on]")]
+                                            "log-probability sums [on]"),
+                     ("share_prompt", "packed: a pair's prompt computed once for both replies [on]")]
 
 
 def cmd_dpo(args) -> int:
