@@ -10,7 +10,8 @@ Rows:
   herd lora        LoRA r16 on all seven projections, base frozen
   hf+peft lora     peft's LoRA with the same settings
   herd qlora       herd's LoRA over the GGUF's own quantized blocks (no float copy of the blocks)
-  herd dpo lora    `herd train dpo`'s step (see run_dpo_row): LoRA r16, reference = adapters off, packed pairs
+  herd dpo lora    `herd train dpo`'s step (see run_dpo_row): LoRA r16, reference = adapters off, packed pairs,
+                   each pair's prompt computed once (`noshare`: chosen and rejected as two documents)
   trl dpo lora     TRL's DPOTrainer with a peft LoRA of the same settings, the same pairs and batch
   herd pretrain    pre-training a Llama 3 shape from random weights (`--preset`, `--vocab`; see below)
   hf pretrain      a plain transformers LlamaForCausalLM loop of the same shape
@@ -31,6 +32,7 @@ import sys
 import time
 
 ROWS = ["herd full", "hf full", "herd lora", "hf+peft lora", "herd qlora", "herd dpo lora", "trl dpo lora"]
+EXTRA_ROWS = ["herd dpo lora noshare"]  # on request (--rows): what sharing each pair's prompt saves
 
 
 # -- pre-training: a Llama 3 shape from random weights, herd's recipe step vs a plain transformers loop --
@@ -279,7 +281,7 @@ def run_dpo_row(row: str, model_path: str, steps: int, batch: int, threads: int)
         wrapper = DPOLoss(model, beta=0.1, nll_coef=0.2)
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=1e-5)
-        for b in PairBatches(examples, batch, 512, shuffle=False).epoch(0):
+        for b in PairBatches(examples, batch, 512, shuffle=False, share_prompt="noshare" not in row).epoch(0):
             t0 = time.perf_counter()
             loss, _ = wrapper(**b)
             (loss / batch).backward()
@@ -339,7 +341,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--rows", default=",".join(ROWS), help="comma-separated subset of: " + ", ".join(ROWS + PRETRAIN_ROWS))
+    p.add_argument("--rows", default=",".join(ROWS),
+                   help="comma-separated subset of: " + ", ".join(ROWS + EXTRA_ROWS + PRETRAIN_ROWS))
     p.add_argument("--preset", default="20m", help="pre-training rows: herd's preset [20m]")
     p.add_argument("--vocab", type=int, default=128256, help="pre-training rows: vocabulary size [Llama 3's]")
     p.add_argument("--paired", action="store_true", help="pre-training rows in one process, steps alternating "
@@ -390,7 +393,7 @@ def main() -> None:
     print("| run | tokens/s | peak RSS (MB) | vs transformers (speed / memory) |")
     print("|---|---|---|---|")
     peers = {"herd full": "hf full", "herd lora": "hf+peft lora", "herd qlora": "hf+peft lora",
-             "herd dpo lora": "trl dpo lora", "herd pretrain": "hf pretrain"}
+             "herd dpo lora": "trl dpo lora", "herd dpo lora noshare": "trl dpo lora", "herd pretrain": "hf pretrain"}
     for row, r in results.items():
         ratio = ""
         if row in peers and peers[row] in results:
