@@ -459,14 +459,11 @@ def test_dpo_resume_equals_an_uninterrupted_run(tiny_dirs, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def tiny_q8_gguf(tiny_dirs, smollm2, smollm2_path, tmp_path_factory):
-    """The tiny policy as a Q8_0 GGUF with SmolLM2's tokenizer fields."""
-    import gguf
+def tiny_q8_gguf(tiny_dirs, smollm2, tmp_path_factory):
+    """The tiny policy as a Q8_0 GGUF with SmolLM2's tokenizer."""
     from llamaherd.export.gguf import save_gguf
-    from llamaherd.tokenizer.bpe import gguf_metadata
     args, sd = _weights(tiny_dirs[0])
-    return save_gguf(dict(sd), args, smollm2, tmp_path_factory.mktemp("q8") / "tiny-q8_0.gguf", quant="q8_0",
-                     base_metadata=gguf_metadata(gguf.GGUFReader(smollm2_path)))
+    return save_gguf(dict(sd), args, smollm2, tmp_path_factory.mktemp("q8") / "tiny-q8_0.gguf", quant="q8_0")
 
 
 @pytest.mark.slow
