@@ -486,3 +486,24 @@ def test_qlora_dpo_trains_adapters_over_the_quantized_blocks(tiny_q8_gguf, tmp_p
     model, _ = load_for_training(tiny_q8_gguf, "qlora", "cpu")  # what qlora trains over: the file's blocks
     wq = model.layers[0].attention.wq
     assert isinstance(getattr(wq, "fused", wq), (BlockLinear, Int4Linear, Int8Linear))
+
+
+def test_response_losses_of_a_frozen_output_equal_the_chunked_ones():
+    """The fused path (gradients formed in the forward, scaled in the backward) gives the chunked
+    cross-entropy's per-token losses and, under any upstream weights, its gradients."""
+    from llamaherd.train.dpo import response_losses
+    from llamaherd.train.loss import chunked_token_losses
+    g = torch.Generator().manual_seed(0)
+    output = torch.nn.Linear(16, 300, bias=False)
+    output.weight.requires_grad_(False)
+    targets = torch.randint(0, 300, (37,), generator=g)
+    upstream = torch.randn(37, generator=g)
+    results = []
+    for fused in (True, False):
+        h = torch.randn(37, 16, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        losses = (response_losses(h, output, targets, chunk=1) if fused  # blocks of 27 tokens
+                  else chunked_token_losses(h, output.weight, targets, chunk=64))
+        (losses * upstream).sum().backward()
+        results.append((losses.detach(), h.grad))
+    assert torch.allclose(results[0][0], results[1][0], atol=1e-5)
+    assert torch.allclose(results[0][1], results[1][1], atol=1e-6)

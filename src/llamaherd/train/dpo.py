@@ -395,6 +395,45 @@ def dpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, ref_chose
     return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
 
 
+class _ResponseLosses(torch.autograd.Function):
+    """Per-token losses (N,) of `h @ weight.T` against targets, for a frozen output layer (LoRA,
+    QLoRA): each token's gradient with respect to its hidden state, (softmax - onehot) @ weight,
+    does not depend on the rest of the loss but for one scalar factor, so it is formed in the
+    forward over blocks of tokens (each block's logits over the whole vocabulary, then dropped) and
+    the backward only scales it: two matmuls, where the vocabulary-chunked path recomputes the
+    logits in the backward (three)."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, rows):
+        w = weight.to(h.dtype)
+        losses = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
+        grad_h = torch.empty(h.shape, dtype=torch.float32, device=h.device)
+        for start in range(0, h.shape[0], rows):
+            hc, tc = h[start:start + rows], targets[start:start + rows]
+            logp = torch.log_softmax((hc @ w.T).float(), dim=-1)  # (R, V)
+            losses[start:start + rows] = -logp.gather(1, tc[:, None])[:, 0]
+            d = logp.exp_()
+            d[torch.arange(len(tc), device=h.device), tc] -= 1.0
+            grad_h[start:start + rows] = d.to(h.dtype) @ w
+        ctx.save_for_backward(grad_h)
+        ctx.dtype = h.dtype
+        return losses
+
+    @staticmethod
+    def backward(ctx, grad):
+        (grad_h,) = ctx.saved_tensors
+        return (grad_h * grad[:, None]).to(ctx.dtype), None, None, None
+
+
+def response_losses(h: torch.Tensor, output: nn.Module, targets: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
+    """−log p of each target (N,) from hidden states h (N, D) of response positions only."""
+    weight = getattr(output, "weight", None)
+    if (isinstance(output, nn.Linear) and not weight.requires_grad and torch.is_grad_enabled()
+            and h.requires_grad):
+        return _ResponseLosses.apply(h, weight, targets, max(1, chunk * 8192 // weight.shape[0]))
+    return token_losses(h, output, targets, chunk)
+
+
 def sequence_logps(model: nn.Module, batch: dict, chunk: int = 8192) -> dict[str, torch.Tensor]:
     """Per segment (pair × side) of a `collate_pairs` batch, each (P, 2) [chosen, rejected]:
     logps (summed over the scored targets), nll (summed −log p over all response targets),
@@ -402,7 +441,7 @@ def sequence_logps(model: nn.Module, batch: dict, chunk: int = 8192) -> dict[str
     P = int(batch["n_pairs"])
     h = model.hidden_states(batch["tokens"], input_pos=batch["input_pos"], doc_ids=batch["doc_ids"])
     sel = batch["targets"] != IGNORE  # only the responses' positions reach the output layer
-    nll = token_losses(h[sel], model.output, batch["targets"][sel], chunk)  # (N,)
+    nll = response_losses(h[sel], model.output, batch["targets"][sel], chunk)  # (N,)
     seg, scored = batch["seg"][sel], batch["scored"][sel]
 
     def per_segment(values):
