@@ -10,7 +10,8 @@ Rows:
   herd lora        LoRA r16 on all seven projections, base frozen
   hf+peft lora     peft's LoRA with the same settings
   herd qlora       herd's LoRA over the GGUF's own quantized blocks (no float copy of the blocks)
-  herd dpo lora    `herd train dpo`'s step (see run_dpo_row): LoRA r16, reference = adapters off, packed pairs
+  herd dpo lora    `herd train dpo`'s step (see run_dpo_row): LoRA r16, reference = adapters off, packed pairs,
+                   each pair's prompt computed once (`noshare`: chosen and rejected as two documents)
   trl dpo lora     TRL's DPOTrainer with a peft LoRA of the same settings, the same pairs and batch
   herd pretrain    pre-training a Llama 3 shape from random weights (`--preset`, `--vocab`; see below)
   hf pretrain      a plain transformers LlamaForCausalLM loop of the same shape
@@ -31,6 +32,7 @@ import sys
 import time
 
 ROWS = ["herd full", "hf full", "herd lora", "hf+peft lora", "herd qlora", "herd dpo lora", "trl dpo lora"]
+EXTRA_ROWS = ["herd dpo lora noshare"]  # on request (--rows): what sharing each pair's prompt saves
 
 
 # -- pre-training: a Llama 3 shape from random weights, herd's recipe step vs a plain transformers loop --
@@ -279,7 +281,7 @@ def run_dpo_row(row: str, model_path: str, steps: int, batch: int, threads: int)
         wrapper = DPOLoss(model, beta=0.1, nll_coef=0.2)
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=1e-5)
-        for b in PairBatches(examples, batch, 512, shuffle=False).epoch(0):
+        for b in PairBatches(examples, batch, 512, shuffle=False, share_prompt="noshare" not in row).epoch(0):
             t0 = time.perf_counter()
             loss, _ = wrapper(**b)
             (loss / batch).backward()
@@ -339,7 +341,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--rows", default=",".join(ROWS), help="comma-separated subset of: " + ", ".join(ROWS + PRETRAIN_ROWS))
+    p.add_argument("--rows", default=",".join(ROWS),
+                   help="comma-separated subset of: " + ", ".join(ROWS + EXTRA_ROWS + PRETRAIN_ROWS))
     p.add_argument("--preset", default="20m", help="pre-training rows: herd's preset [20m]")
     p.add_argument("--vocab", type=int, default=128256, help="pre-training rows: vocabulary size [Llama 3's]")
     p.add_argument("--paired", action="store_true", help="pre-training rows in one process, steps alternating "
@@ -390,7 +393,7 @@ def main() -> None:
     print("| run | tokens/s | peak RSS (MB) | vs transformers (speed / memory) |")
     print("|---|---|---|---|")
     peers = {"herd full": "hf full", "herd lora": "hf+peft lora", "herd qlora": "hf+peft lora",
-             "herd dpo lora": "trl dpo lora", "herd pretrain": "hf pretrain"}
+             "herd dpo lora": "trl dpo lora", "herd dpo lora noshare": "trl dpo lora", "herd pretrain": "hf pretrain"}
     for row, r in results.items():
         ratio = ""
         if row in peers and peers[row] in results:
@@ -447,10 +450,10 @@ def run_sampling_row(row: str, model_path: str, n_prompts: int, k: int, max_toke
         policy = Llama.load(model_path, device="cpu", quantized="q4_1" in row)
         options = {"temperature": 1.0, "top_p": 0.9, "top_k": 0, "repeat_penalty": 1.0, "num_predict": max_tokens}
         list(generate_samples(policy, prompts[:1], 2, {**options, "num_predict": 4}))  # warm-up
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         done = list(generate_samples(policy, prompts, k, options, seed=0, parallel=parallel,
                                      share_prefill="noshare" not in row))
-        seconds = time.perf_counter() - t0
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
         new_tokens = sum(len(s.tokens) for _, samples in done for s in samples)
         prompt_tokens = sum(len(policy.encode_chat(p)) for p in prompts)
     else:
@@ -471,16 +474,18 @@ def run_sampling_row(row: str, model_path: str, n_prompts: int, k: int, max_toke
         with torch.inference_mode():
             model.generate(**tok(texts[:1], return_tensors="pt"), max_new_tokens=4, **kw)  # warm-up
             torch.manual_seed(0)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             out = model.generate(**batch, max_new_tokens=max_tokens, **kw)
-            seconds = time.perf_counter() - t0
+            seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
         new = out[:, batch["input_ids"].shape[1]:]
         ended = torch.isin(new, torch.tensor(eos))  # the tokens up to the first end, as herd counts them
         lengths = torch.where(ended.any(1), ended.int().argmax(1), torch.full((new.shape[0],), new.shape[1]))
         new_tokens = int(lengths.sum())
         prompt_tokens = int(batch["attention_mask"].sum())
+    # CPU time too: with one thread, on a machine others load, samples per CPU second is the
+    # steadier figure (time spent waiting for a core left out).
     return {"row": row, "samples_per_s": n_prompts * k / seconds, "new_tokens_per_s": new_tokens / seconds,
-            "seconds": seconds, "samples": n_prompts * k, "new_tokens": new_tokens, "prompt_tokens": prompt_tokens,
+            "seconds": seconds, "cpu_seconds": cpu, "samples_per_cpu_s": n_prompts * k / cpu, "samples": n_prompts * k, "new_tokens": new_tokens, "prompt_tokens": prompt_tokens,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
@@ -496,15 +501,19 @@ def bench_sampling(args) -> None:
             continue
         r = results[row] = json.loads(proc.stdout.strip().splitlines()[-1])
         print(f"{row:<18} {r['samples_per_s']:7.2f} samples/s  {r['new_tokens_per_s']:7.1f} new tokens/s  "
-              f"({r['samples']} samples, {r['new_tokens']} new tokens in {r['seconds']:.1f} s)  "
+              f"({r['samples']} samples, {r['new_tokens']} new tokens in {r['seconds']:.1f} s, "
+              f"{r['cpu_seconds']:.1f} s CPU)  "
               f"peak RSS {r['peak_rss_mb']:.0f} MB", flush=True)
     print(f"\n{args.prompts} prompts x K={args.k}, up to {args.max_tokens} new tokens, temperature 1, top-p 0.9, "
           f"{args.threads} threads, herd --parallel {args.parallel}")
-    print("| run | samples/s | new tokens/s | vs hf f32 (samples/s) |")
-    print("|---|---|---|---|")
+    print("| run | samples/s | new tokens/s | vs hf f32 (samples/s) | samples per CPU s | vs hf f32 |")
+    print("|---|---|---|---|---|---|")
     for row, r in results.items():
-        ratio = f"{r['samples_per_s'] / results['hf f32']['samples_per_s']:.2f}x" if "hf f32" in results else ""
-        print(f"| {row} | {r['samples_per_s']:.2f} | {r['new_tokens_per_s']:.1f} | {ratio} |")
+        hf = results.get("hf f32")
+        ratio = f"{r['samples_per_s'] / hf['samples_per_s']:.2f}x" if hf else ""
+        cpu_ratio = f"{r['samples_per_cpu_s'] / hf['samples_per_cpu_s']:.2f}x" if hf else ""
+        print(f"| {row} | {r['samples_per_s']:.2f} | {r['new_tokens_per_s']:.1f} | {ratio} | "
+              f"{r['samples_per_cpu_s']:.2f} | {cpu_ratio} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

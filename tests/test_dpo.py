@@ -157,12 +157,12 @@ def trl_loss(trainer, smollm2, pairs, loss_type, weights=None):
         return float(trainer._compute_loss(trainer.model, inputs, return_outputs=False))
 
 
-def herd_loss(tiny_dirs, smollm2, pairs, loss_type="sigmoid", nll_coef=0.0, mask=False, packing=True):
+def herd_loss(tiny_dirs, smollm2, pairs, loss_type="sigmoid", nll_coef=0.0, mask=False, packing=True, share=True):
     """Our loss (mean over pairs) with the seed-1 model's log-probs as the precomputed reference."""
     examples = examples_of(smollm2, pairs, mask)
     precompute_reference(herd_model(tiny_dirs[1]), examples, 2, 512, True, "cpu")
     wrapper = DPOLoss(herd_model(tiny_dirs[0]), beta=0.1, nll_coef=nll_coef, loss_type=loss_type, loss_chunk=5000)
-    batch = collate_pairs(examples, packing, 1024)
+    batch = collate_pairs(examples, packing, 1024, share_prompt=share)
     loss, metrics = wrapper(**batch)
     return loss / len(pairs), {k: float(v) / len(pairs) for k, v in metrics.items()}, wrapper
 
@@ -217,19 +217,32 @@ def test_masked_log_probs_equal_a_hand_sum_over_the_content_tokens(tiny_dirs, sm
 
 
 def test_packed_equals_unpacked_loss_and_gradients(tiny_dirs, smollm2):
+    """Unpacked (one padded row per side), packed (chosen and rejected as two documents) and packed
+    with the prompt shared (one document per pair, the replies as two branches of it) agree."""
     grads, losses = [], []
-    for packing in (True, False):
-        loss, metrics, wrapper = herd_loss(tiny_dirs, smollm2, PAIRS, nll_coef=0.2, mask=True, packing=packing)
+    for packing, share in ((False, False), (True, False), (True, True)):
+        loss, metrics, wrapper = herd_loss(tiny_dirs, smollm2, PAIRS, nll_coef=0.2, mask=True, packing=packing,
+                                           share=share)
         loss.backward()
         losses.append((float(loss), metrics))
         grads.append(torch.cat([p.grad.flatten() for p in wrapper.model.parameters()]))
-    assert abs(losses[0][0] - losses[1][0]) <= 1e-5
-    assert all(abs(losses[0][1][k] - losses[1][1][k]) <= 1e-5 for k in losses[0][1])
-    assert (grads[0] - grads[1]).abs().max() <= 1e-5 * grads[1].abs().max()
+    for (loss, metrics), grad in zip(losses[1:], grads[1:]):
+        assert abs(loss - losses[0][0]) <= 1e-5
+        assert all(abs(metrics[k] - losses[0][1][k]) <= 1e-5 for k in metrics)
+        assert (grad - grads[0]).abs().max() <= 1e-5 * grads[0].abs().max()
     # packed: all three pairs in one row, chosen and rejected as neighbouring documents
-    batch = collate_pairs(examples_of(smollm2, PAIRS), True, 1024)
+    examples = examples_of(smollm2, PAIRS)
+    batch = collate_pairs(examples, True, 1024)
     assert batch["tokens"].shape[0] == 1 and batch["doc_ids"].max() == 5
-    assert collate_pairs(examples_of(smollm2, PAIRS), False, 1024)["tokens"].shape[0] == 6
+    assert collate_pairs(examples, False, 1024)["tokens"].shape[0] == 6
+    # shared: three documents, each prompt once (less its last token, which opens both branches)
+    shared = collate_pairs(examples, True, 1024, share_prompt=True)
+    doc, branch = shared["doc_ids"][0].unbind(-1)
+    assert doc.max() == 2 and set(branch.tolist()) == {0, 1, 2}
+    prompts = sum(int((branch[doc == d] == 0).sum()) for d in range(3))
+    assert shared["tokens"].shape[1] == batch["tokens"].shape[1] - prompts
+    assert all(e.chosen.inputs[:n] == e.rejected.inputs[:n] and e.chosen.targets[n] != IGNORE
+               for e, n in ((e, int(((branch == 0) & (doc == d)).sum())) for d, e in enumerate(examples)))
 
 
 def test_lora_reference_is_the_base_with_adapters_off(tiny_dirs, smollm2):
@@ -356,7 +369,6 @@ def test_bad_pairs_are_one_line_naming_file_and_line(tmp_path, record, message):
     (["--beta", "0"], None, "beta must be positive"),
     (["--loss-type", "kto"], None, "unknown loss_type 'kto'; valid: sigmoid, hinge, ipo"),
     (["--min-rating", "great"], None, "unknown min_rating 'great'"),
-    (["--nproc", "2"], None, "one process"),
 ])
 def test_cli_bad_inputs_are_one_line_and_exit_1(tiny_dirs, tmp_path, capsys, extra, data, message):
     from llamaherd.cli import main
@@ -380,3 +392,118 @@ def test_cli_help_and_shipped_recipe(capsys):
     assert main(["train", "--show", "dpo-smollm2"]) == 0
     cfg = make_config(yaml.safe_load(capsys.readouterr().out), cls=DPOConfig)
     assert (cfg.beta, cfg.lr, cfg.nll_coef, cfg.mask_format_tokens) == (0.1, 1e-5, 0.2, True)
+
+
+# -- several processes, resume, QLoRA --------------------------------------------------------------
+
+def two_processes_equal_one(verb, argv, out):
+    """`python -m llamaherd.train VERB` in this process with --batch-size 2, then under torchrun with 2
+    gloo processes and --batch-size 1 each: the same global batches, so the same per-step losses.
+    Returns both runs' metrics records."""
+    import os
+    import subprocess
+    import sys
+    from llamaherd.train.__main__ import main as train_main
+    argv = [verb, *map(str, argv), "--no-progress"]
+    assert train_main([*argv, "--batch-size", "2", "--out", str(out / "one")]) == 0
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", "llamaherd.train", *argv, "--batch-size", "1", "--out", str(out / "two")],
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr[-3000:]
+    runs = [[json.loads(line) for line in (out / run / "metrics.jsonl").read_text().splitlines()]
+            for run in ("one", "two")]
+    assert len(runs[0]) == len(runs[1]) and runs[0][0]["loss"] != runs[0][-1]["loss"]
+    assert [r["loss"] for r in runs[1]] == pytest.approx([r["loss"] for r in runs[0]], rel=1e-5)
+    return runs
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_dpo_two_gloo_processes_equal_one_process(tiny_dirs, tmp_path):
+    """LoRA DPO under FSDP2 (the reference: the sharded model with its adapters off), validation
+    split over the processes: the losses and held-out metrics of one process."""
+    train = write_jsonl(tmp_path / "t.jsonl", polite_pairs(THINGS[:8]))
+    val = write_jsonl(tmp_path / "v.jsonl", polite_pairs(THINGS[14:18]))
+    one, two = two_processes_equal_one("dpo", ["--model", tiny_dirs[0], "--data", train, "--val-data", val,
+                                               "--method", "lora", "--lr", "5e-3", "--max-steps", 3,
+                                               "--warmup-steps", 1, "--lora-rank", 4, "--val-every", 3], tmp_path)
+    assert two[-1]["val_reward_margin"] == pytest.approx(one[-1]["val_reward_margin"], rel=1e-4, abs=1e-6)
+    assert (tmp_path / "two" / "adapter" / "adapter_config.json").exists()
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["pairs_seen"] == 6
+
+
+@pytest.mark.slow
+def test_dpo_resume_equals_an_uninterrupted_run(tiny_dirs, tmp_path):
+    """Ctrl-C after step 2 keeps a checkpoint; --resume gives exactly the losses and metrics of a run
+    never stopped (pair order, adapters, optimizer restored)."""
+    from llamaherd.train.dpo import dpo
+    train = write_jsonl(tmp_path / "t.jsonl", polite_pairs(THINGS[:6]))
+    kw = dict(model=str(tiny_dirs[0]), data=str(train), method="lora", lr=5e-3, max_steps=4, batch_size=2,
+              warmup_steps=1, lora_rank=4, progress=False, seed=5)
+    dpo(out=str(tmp_path / "a"), **kw)
+
+    def interrupt(record):
+        if record["step"] == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        dpo(out=str(tmp_path / "b"), on_step=interrupt, **kw)
+    dpo(out=str(tmp_path / "b"), resume=True, **kw)
+    a, b = ([json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+            for run in ("a", "b"))
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    for key in ("loss", "reward_margin", "chosen_nll"):
+        assert [r[key] for r in b] == [r[key] for r in a], key
+    assert len({r["loss"] for r in a}) == 4  # it did train
+
+
+@pytest.fixture(scope="module")
+def tiny_q8_gguf(tiny_dirs, smollm2, tmp_path_factory):
+    """The tiny policy as a Q8_0 GGUF with SmolLM2's tokenizer."""
+    from llamaherd.export.gguf import save_gguf
+    args, sd = _weights(tiny_dirs[0])
+    return save_gguf(dict(sd), args, smollm2, tmp_path_factory.mktemp("q8") / "tiny-q8_0.gguf", quant="q8_0")
+
+
+@pytest.mark.slow
+def test_qlora_dpo_trains_adapters_over_the_quantized_blocks(tiny_q8_gguf, tmp_path):
+    """QLoRA DPO: adapters over the file's Q8_0 blocks, the reference = those blocks with the adapters
+    off. Its losses are LoRA's over the same file dequantized to float32 (the same numbers, other kernels)."""
+    from llamaherd.train.dpo import dpo
+    from llamaherd.train.finetune import load_for_training
+    train = write_jsonl(tmp_path / "t.jsonl", polite_pairs(THINGS[:4]))
+    runs = {}
+    for method in ("qlora", "lora"):
+        dpo(model=str(tiny_q8_gguf), data=str(train), out=str(tmp_path / method), method=method, lr=5e-3,
+            max_steps=3, batch_size=2, warmup_steps=0, lora_rank=4, progress=False)
+        runs[method] = [json.loads(line) for line in (tmp_path / method / "metrics.jsonl").read_text().splitlines()]
+    q, f = runs["qlora"], runs["lora"]
+    assert q[0]["reward_margin"] == pytest.approx(0, abs=1e-6) and q[-1]["reward_margin"] > 0
+    assert [r["loss"] for r in q] == pytest.approx([r["loss"] for r in f], rel=1e-3)
+    assert (tmp_path / "qlora" / "adapter" / "adapter_config.json").exists()
+    from llamaherd.quantize.linear import BlockLinear, Int4Linear, Int8Linear
+    model, _ = load_for_training(tiny_q8_gguf, "qlora", "cpu")  # what qlora trains over: the file's blocks
+    wq = model.layers[0].attention.wq
+    assert isinstance(getattr(wq, "fused", wq), (BlockLinear, Int4Linear, Int8Linear))
+
+
+def test_response_losses_of_a_frozen_output_equal_the_chunked_ones():
+    """The fused path (gradients formed in the forward, scaled in the backward) gives the chunked
+    cross-entropy's per-token losses and, under any upstream weights, its gradients."""
+    from llamaherd.train.dpo import response_losses
+    from llamaherd.train.loss import chunked_token_losses
+    g = torch.Generator().manual_seed(0)
+    output = torch.nn.Linear(16, 300, bias=False)
+    output.weight.requires_grad_(False)
+    targets = torch.randint(0, 300, (37,), generator=g)
+    upstream = torch.randn(37, generator=g)
+    results = []
+    for fused in (True, False):
+        h = torch.randn(37, 16, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        losses = (response_losses(h, output, targets, chunk=1) if fused  # blocks of 27 tokens
+                  else chunked_token_losses(h, output.weight, targets, chunk=64))
+        (losses * upstream).sum().backward()
+        results.append((losses.detach(), h.grad))
+    assert torch.allclose(results[0][0], results[1][0], atol=1e-5)
+    assert torch.allclose(results[0][1], results[1][1], atol=1e-6)

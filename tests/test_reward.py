@@ -431,3 +431,20 @@ def test_loop_bad_settings_are_one_line(tiny_dir, tmp_path, capsys):
         assert herd_main(argv) == 1
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and message in err, err
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_reward_two_gloo_processes_equal_one_process(tiny_dir, tmp_path):
+    """`herd train reward --nproc 2` (FSDP2, gloo): the per-step losses and the held-out accuracy of
+    one process with the same global batches. (Unpacked, the 14 held-out rows are 14 sequences, 7 per
+    process; with several processes validation leaves out the last len % processes sequences.)"""
+    from test_dpo import two_processes_equal_one
+    one, two = two_processes_equal_one("reward", ["--model", tiny_dir, "--data", DEMO / "train.jsonl",
+                                                  "--val-data", DEMO / "heldout.jsonl", "--method", "lora",
+                                                  "--lr", "5e-3", "--max-steps", 3, "--warmup-steps", 1,
+                                                  "--lora-rank", 4, "--max-seq-len", 256, "--val-every", 3,
+                                                  "--no-packing"], tmp_path)
+    assert two[-1]["val_accuracy"] == pytest.approx(one[-1]["val_accuracy"])
+    assert two[-1]["val_loss"] == pytest.approx(one[-1]["val_loss"], rel=1e-4)
+    assert (tmp_path / "two" / "model" / "config.json").exists()

@@ -129,19 +129,26 @@ class KVCache(nn.Module):
 def document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: torch.Tensor) -> torch.Tensor:
     """Causal attention within documents: q (B, H, T, Dh), k and v (B, K, T, Dh), doc_ids (B, T).
 
+    doc_ids may also be (B, T, 2): each token's document and branch. A document is then a shared
+    prefix (branch 0) followed by branches 1, 2, ... that each see the prefix and themselves, not
+    each other: a preference pair as one prompt, its chosen reply, then its rejected reply.
+
     The block-causal mask is made for DOC_CHUNK queries at a time, each over the keys up to its last
     query, so memory grows as T * DOC_CHUNK, not T * T. (flex_attention would skip the empty blocks,
     but on CPU it has no backward.)
     """
     T = q.shape[2]
+    doc, branch = doc_ids.unbind(-1) if doc_ids.dim() == 3 else (doc_ids, None)
     out = []
     for start in range(0, T, DOC_CHUNK):
         stop = min(T, start + DOC_CHUNK)
         q_pos = torch.arange(start, stop, device=q.device)
         causal = q_pos[:, None] >= torch.arange(stop, device=q.device)  # (c, stop)
-        same_doc = doc_ids[:, start:stop, None] == doc_ids[:, None, :stop]  # (B, c, stop)
+        seen = doc[:, start:stop, None] == doc[:, None, :stop]  # (B, c, stop)
+        if branch is not None:  # the key is in the shared prefix or in the query's own branch
+            seen &= (branch[:, None, :stop] == 0) | (branch[:, start:stop, None] == branch[:, None, :stop])
         out.append(F.scaled_dot_product_attention(q[:, :, start:stop], k[:, :, :stop], v[:, :, :stop],
-                                                  attn_mask=(causal & same_doc)[:, None], enable_gqa=True))
+                                                  attn_mask=(causal & seen)[:, None], enable_gqa=True))
     return torch.cat(out, dim=2)
 
 
@@ -322,7 +329,8 @@ class Transformer(nn.Module):
             input_pos: (B, T) absolute positions; default 0..T-1 in every row. Required with a cache.
             rows: (B,) KV-cache rows the batch rows use; default 0..B-1 (then the cache is sliced, not gathered).
             doc_ids: (B, T) document id of every token of packed training sequences; tokens attend
-                only to earlier tokens of the same document. Not used with a cache.
+                only to earlier tokens of the same document. Or (B, T, 2): document and branch
+                (see `document_attention`). Not used with a cache.
             n_keys: with a cache, attend to cache positions 0..n_keys-1 (more than the largest
                 position; for a single token, exactly its position + 1); default: the whole cache.
         """

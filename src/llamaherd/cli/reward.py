@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from ..errors import HerdError
-from .train import BOOLS, FLAGS, add_sft_arguments, config_values
+from .train import BOOLS, FLAGS, add_sft_arguments, config_values, launch
 
 _NOT_FOR_REWARD = {"loss_chunk"}
 REWARD_FLAGS = [
@@ -66,15 +66,16 @@ def cmd_train_reward(args) -> int:
     from ..train.config import make_config
     from ..train.reward import RewardConfig, train_reward
 
-    if args.nproc > 1:
-        raise HerdError("herd train reward runs in one process (--nproc 1)")
     values = config_values(args, REWARD_FLAGS, REWARD_BOOLS)
     make_config(values, RewardConfig)  # a bad key or value fails before anything is loaded
+    if args.nproc > 1:
+        return launch(args.nproc, "reward", values)
     try:
         s = train_reward(values)
     except KeyboardInterrupt:
         return 130
-    print_reward_summary(s)
+    if s:  # only the first process has one
+        print_reward_summary(s)
     return 0
 
 

@@ -154,23 +154,24 @@ DPO_FLAGS = [(k, t, {"data": "preference JSONL: {\"prompt\", \"chosen\", \"rejec
                         "marginally better, or any [better]"),
 ]
 DPO_BOOLS = BOOLS + [("mask_format_tokens", "leave the template's header and end-of-turn tokens out of the "
-                                            "log-probability sums [on]")]
+                                            "log-probability sums [on]"),
+                     ("share_prompt", "packed: a pair's prompt computed once for both replies [on]")]
 
 
 def cmd_dpo(args) -> int:
-    from ..errors import HerdError
     from ..train.config import make_config
     from ..train.dpo import DPOConfig, dpo
 
     values = config_values(args, DPO_FLAGS, DPO_BOOLS)
     make_config(values, cls=DPOConfig)  # a bad key or value fails here, before anything is loaded
     if args.nproc > 1:
-        raise HerdError("herd train dpo runs in one process for now (no --nproc)")
+        return launch(args.nproc, "dpo", values)
     try:
         summary = dpo(values)
     except KeyboardInterrupt:
         return 130
-    print_dpo_summary(summary)
+    if summary:  # only the first process has one
+        print_dpo_summary(summary)
     return 0
 
 

@@ -1,4 +1,5 @@
-"""`torchrun --nproc_per_node N -m llamaherd.train sft|pretrain ...`: the arguments of `herd train sft|pretrain`.
+"""`torchrun --nproc_per_node N -m llamaherd.train sft|dpo|reward|pretrain ...`: the arguments of
+`herd train sft|dpo|reward|pretrain`.
 
 Each process joins the group (gloo on the CPU, NCCL on GPUs); the recipe shards the model with
 FSDP2 and gives each process its share of every global batch. Only rank 0 prints and writes.
@@ -14,7 +15,8 @@ import torch
 import torch.distributed as dist
 
 from ..cli.pretrain import register_verbs
-from ..cli.train import add_sft_arguments, cmd_sft
+from ..cli.reward import REWARD_BOOLS, REWARD_FLAGS, cmd_train_reward
+from ..cli.train import DPO_BOOLS, DPO_FLAGS, add_sft_arguments, cmd_dpo, cmd_sft
 from ..errors import HerdError
 
 
@@ -24,6 +26,11 @@ def main(argv: list[str] | None = None) -> int:
     sft = verbs.add_parser("sft")
     add_sft_arguments(sft)
     sft.set_defaults(func=cmd_sft)
+    for verb, flags, bools, func in (("dpo", DPO_FLAGS, DPO_BOOLS, cmd_dpo),
+                                     ("reward", REWARD_FLAGS, REWARD_BOOLS, cmd_train_reward)):
+        p = verbs.add_parser(verb)
+        add_sft_arguments(p, flags, bools)
+        p.set_defaults(func=func)
     register_verbs(verbs)  # pretrain (scaling too, though it runs one process)
     args = parser.parse_args(argv)
     args.nproc = 1  # already launched

@@ -38,10 +38,13 @@ switched off (`lora.adapters_off`: no second copy); for a full fine-tune, the re
 are computed once before training (one no-grad pass) and carried in the batches, so the frozen
 copy never has to sit in memory.
 
-A micro-batch holds `batch_size` pairs. With `packing` (on), a pair's chosen and rejected sequences
-are two documents of one row (document masks, positions restarting at 0) and pairs are packed
-greedily into rows of up to 2 × `max_seq_len` positions, so one forward computes both sides with no
-padding between them. Without it, rows are [chosen_1..chosen_B, rejected_1..rejected_B], padded.
+A micro-batch holds `batch_size` pairs. With `packing` (on), pairs are packed greedily into rows of
+up to 2 × `max_seq_len` positions, so one forward computes both sides with no padding between them.
+With `share_prompt` (on) a pair is one document: its prompt once, then the chosen reply, then the
+rejected one, which sees the prompt but not the chosen reply (a branch in the document mask: see
+`model.document_attention`), so the prompt is computed once, not twice. Without it, chosen and
+rejected are two documents (positions restarting at 0). Without packing, rows are
+[chosen_1..chosen_B, rejected_1..rejected_B], padded.
 A pair whose prompt + response exceeds `max_seq_len + 1` tokens is dropped (and counted).
 
 Outputs in OUT/ are SFT's (see `finetune`); metrics.jsonl has, per step: loss, dpo_loss,
@@ -83,6 +86,7 @@ class DPOConfig(SFTConfig):
     mask_format_tokens: bool = True  # leave the template's tokens out of the log-prob sums
     loss_type: str = "sigmoid"  # sigmoid (DPO) | hinge (SLiC) | ipo
     min_rating: str | None = "better"  # keep pairs rated at least this (RATINGS); "any": all
+    share_prompt: bool = True  # packed: a pair's prompt computed once for both replies
 
     def check(self) -> None:
         super().check()
@@ -241,44 +245,74 @@ def tokenize_pairs(tokenizer, pairs: Sequence[Pair], max_seq_len: int, mask_form
 
 # -- batching -------------------------------------------------------------------------------------
 
-def collate_pairs(pairs: Sequence[PairExample], packing: bool, row_len: int, pad_id: int = 0
-                  ) -> dict[str, torch.Tensor]:
+def shared_prefix(pair: PairExample) -> int:
+    """How many input positions chosen and rejected share: their common tokens before either side's
+    first target (the prompt, less its last token, which predicts each side's first reply token)."""
+    c, r = pair.chosen, pair.rejected
+    n = min(c.targets.index(next(t for t in c.targets if t != IGNORE)),
+            r.targets.index(next(t for t in r.targets if t != IGNORE)))
+    return next((i for i in range(n) if c.inputs[i] != r.inputs[i]), n)
+
+
+def pair_pieces(pair: PairExample, p: int, share_prompt: bool) -> list[tuple[Side, int, int, int]]:
+    """The parts of pair `p` in a packed row, in order: (part, its first position, branch, segment).
+    Shared: the prompt (branch 0), then chosen (1) and rejected (2) from the prompt's last token on,
+    each seeing the prompt but not the other. Else chosen and rejected whole, as two documents."""
+    if not share_prompt:
+        return [(pair.chosen, 0, 0, 2 * p), (pair.rejected, 0, 0, 2 * p + 1)]
+    n = shared_prefix(pair)
+    prompt = Side(pair.chosen.inputs[:n], [IGNORE] * n, [False] * n)
+    tail = [Side(s.inputs[n:], s.targets[n:], s.scored[n:]) for s in (pair.chosen, pair.rejected)]
+    return [(prompt, 0, 0, -1), (tail[0], n, 1, 2 * p), (tail[1], n, 2, 2 * p + 1)]
+
+
+def collate_pairs(pairs: Sequence[PairExample], packing: bool, row_len: int, pad_id: int = 0,
+                  share_prompt: bool = False) -> dict[str, torch.Tensor]:
     """A micro-batch of pairs as tensors.
 
-    Every position has a segment id `seg` = 2 * (pair index) + (0 chosen | 1 rejected), -1 on padding.
-    With `packing`, pairs go greedily into rows of at most `row_len` positions, chosen then rejected
-    as two documents; without it, one sequence per row, all chosen rows then all rejected rows.
+    Every position has a segment id `seg` = 2 * (pair index) + (0 chosen | 1 rejected), -1 on padding
+    (and on a shared prompt). With `packing`, pairs go greedily into rows of at most `row_len`
+    positions, each pair one document (`share_prompt`: its prompt once, then both replies as two
+    branches; doc_ids (B, T, 2) document and branch, see `model.document_attention`) or two (chosen,
+    then rejected); without it, one sequence per row, all chosen rows then all rejected rows.
     Returns tokens, targets, doc_ids, input_pos, seg (B, T), scored (B, T) bool, n_pairs (),
     and ref_logps (P, 2) when the reference log-probs were precomputed.
     """
-    rows: list[list[tuple[Side, int]]] = []
+    share_prompt = share_prompt and packing
+    rows: list[list[tuple[Side, int, int, int]]] = []
     if packing:
         used = row_len  # start a new row at once
         for p, pair in enumerate(pairs):
-            n = len(pair.chosen) + len(pair.rejected)
+            pieces = pair_pieces(pair, p, share_prompt)
+            n = sum(len(part) for part, *_ in pieces)
             if used + n > row_len:
                 rows.append([])
                 used = 0
-            rows[-1] += [(pair.chosen, 2 * p), (pair.rejected, 2 * p + 1)]
+            rows[-1] += pieces
             used += n
     else:
-        rows = [[(pair.chosen, 2 * p)] for p, pair in enumerate(pairs)]
-        rows += [[(pair.rejected, 2 * p + 1)] for p, pair in enumerate(pairs)]
-    T = max(sum(len(s) for s, _ in row) for row in rows)
+        rows = [[(pair.chosen, 0, 0, 2 * p)] for p, pair in enumerate(pairs)]
+        rows += [[(pair.rejected, 0, 0, 2 * p + 1)] for p, pair in enumerate(pairs)]
+    T = max(sum(len(part) for part, *_ in row) for row in rows)
     out = {"tokens": torch.full((len(rows), T), pad_id), "targets": torch.full((len(rows), T), IGNORE),
            "doc_ids": torch.full((len(rows), T), -1), "input_pos": torch.zeros(len(rows), T, dtype=torch.long),
            "seg": torch.full((len(rows), T), -1), "scored": torch.zeros(len(rows), T, dtype=torch.bool)}
+    branch = torch.zeros(len(rows), T, dtype=torch.long)
     for b, row in enumerate(rows):
-        at = 0
-        for d, (side, seg) in enumerate(row):
-            span = slice(at, at + len(side))
-            out["tokens"][b, span] = torch.tensor(side.inputs)
-            out["targets"][b, span] = torch.tensor(side.targets)
-            out["scored"][b, span] = torch.tensor(side.scored)
-            out["doc_ids"][b, span] = d
-            out["input_pos"][b, span] = torch.arange(len(side))
+        at, doc = 0, -1
+        for part, first, part_branch, seg in row:
+            doc += part_branch == 0  # a new document, unless this part is a branch of the last one
+            span = slice(at, at + len(part))
+            out["tokens"][b, span] = torch.tensor(part.inputs)
+            out["targets"][b, span] = torch.tensor(part.targets)
+            out["scored"][b, span] = torch.tensor(part.scored, dtype=torch.bool)
+            out["doc_ids"][b, span] = doc
+            out["input_pos"][b, span] = torch.arange(first, first + len(part))
             out["seg"][b, span] = seg
-            at += len(side)
+            branch[b, span] = part_branch
+            at += len(part)
+    if share_prompt:
+        out["doc_ids"] = torch.stack([out["doc_ids"], branch], dim=-1)
     out["n_pairs"] = torch.tensor(len(pairs))
     if all(p.ref is not None for p in pairs):
         out["ref_logps"] = torch.tensor([p.ref for p in pairs], dtype=torch.float32)
@@ -295,8 +329,9 @@ class PairBatches:
     """
 
     def __init__(self, pairs: Sequence[PairExample], batch_size: int, max_seq_len: int, packing: bool = True,
-                 seed: int = 0, shuffle: bool = True, drop_last: bool = True, rank: int = 0, world: int = 1):
-        self.pairs, self.batch_size, self.packing = list(pairs), batch_size, packing
+                 seed: int = 0, shuffle: bool = True, drop_last: bool = True, rank: int = 0, world: int = 1,
+                 share_prompt: bool = True):
+        self.pairs, self.batch_size, self.packing, self.share_prompt = list(pairs), batch_size, packing, share_prompt
         self.row_len, self.seed, self.shuffle, self.drop_last = 2 * max_seq_len, seed, shuffle, drop_last
         self.rank, self.world = rank, world
         if len(self.pairs) < batch_size * world:
@@ -318,7 +353,8 @@ class PairBatches:
         for b in range(start, len(self)):
             chunk = order[b * step:(b + 1) * step][self.rank::self.world]
             if chunk:
-                yield collate_pairs([self.pairs[i] for i in chunk], self.packing, self.row_len)
+                yield collate_pairs([self.pairs[i] for i in chunk], self.packing, self.row_len,
+                                    share_prompt=self.share_prompt)
 
 
 def n_pairs(batch: dict) -> torch.Tensor:
@@ -359,6 +395,45 @@ def dpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, ref_chose
     return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
 
 
+class _ResponseLosses(torch.autograd.Function):
+    """Per-token losses (N,) of `h @ weight.T` against targets, for a frozen output layer (LoRA,
+    QLoRA): each token's gradient with respect to its hidden state, (softmax - onehot) @ weight,
+    does not depend on the rest of the loss but for one scalar factor, so it is formed in the
+    forward over blocks of tokens (each block's logits over the whole vocabulary, then dropped) and
+    the backward only scales it: two matmuls, where the vocabulary-chunked path recomputes the
+    logits in the backward (three)."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, rows):
+        w = weight.to(h.dtype)
+        losses = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
+        grad_h = torch.empty(h.shape, dtype=torch.float32, device=h.device)
+        for start in range(0, h.shape[0], rows):
+            hc, tc = h[start:start + rows], targets[start:start + rows]
+            logp = torch.log_softmax((hc @ w.T).float(), dim=-1)  # (R, V)
+            losses[start:start + rows] = -logp.gather(1, tc[:, None])[:, 0]
+            d = logp.exp_()
+            d[torch.arange(len(tc), device=h.device), tc] -= 1.0
+            grad_h[start:start + rows] = d.to(h.dtype) @ w
+        ctx.save_for_backward(grad_h)
+        ctx.dtype = h.dtype
+        return losses
+
+    @staticmethod
+    def backward(ctx, grad):
+        (grad_h,) = ctx.saved_tensors
+        return (grad_h * grad[:, None]).to(ctx.dtype), None, None, None
+
+
+def response_losses(h: torch.Tensor, output: nn.Module, targets: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
+    """−log p of each target (N,) from hidden states h (N, D) of response positions only."""
+    weight = getattr(output, "weight", None)
+    if (isinstance(output, nn.Linear) and not weight.requires_grad and torch.is_grad_enabled()
+            and h.requires_grad):
+        return _ResponseLosses.apply(h, weight, targets, max(1, chunk * 8192 // weight.shape[0]))
+    return token_losses(h, output, targets, chunk)
+
+
 def sequence_logps(model: nn.Module, batch: dict, chunk: int = 8192) -> dict[str, torch.Tensor]:
     """Per segment (pair × side) of a `collate_pairs` batch, each (P, 2) [chosen, rejected]:
     logps (summed over the scored targets), nll (summed −log p over all response targets),
@@ -366,7 +441,7 @@ def sequence_logps(model: nn.Module, batch: dict, chunk: int = 8192) -> dict[str
     P = int(batch["n_pairs"])
     h = model.hidden_states(batch["tokens"], input_pos=batch["input_pos"], doc_ids=batch["doc_ids"])
     sel = batch["targets"] != IGNORE  # only the responses' positions reach the output layer
-    nll = token_losses(h[sel], model.output, batch["targets"][sel], chunk)  # (N,)
+    nll = response_losses(h[sel], model.output, batch["targets"][sel], chunk)  # (N,)
     seg, scored = batch["seg"][sel], batch["scored"][sel]
 
     def per_segment(values):
@@ -418,7 +493,7 @@ class DPOLoss(nn.Module):
 
 @torch.no_grad()
 def precompute_reference(model: nn.Module, examples: list[PairExample], batch_size: int, max_seq_len: int,
-                         packing: bool, device: str, chunk: int = 8192) -> None:
+                         packing: bool, device: str, chunk: int = 8192, share_prompt: bool = True) -> None:
     """Store the model's (chosen, rejected) log-probs in every example (`ref`): the reference of a
     full fine-tune, computed before the first step (so no frozen copy of the weights is kept)."""
     from contextlib import nullcontext
@@ -431,7 +506,8 @@ def precompute_reference(model: nn.Module, examples: list[PairExample], batch_si
             chunk_pairs = examples[i:i + batch_size]
             for p in chunk_pairs:
                 p.ref = None
-            batch = {k: v.to(device) for k, v in collate_pairs(chunk_pairs, packing, 2 * max_seq_len).items()}
+            batch = {k: v.to(device) for k, v in collate_pairs(chunk_pairs, packing, 2 * max_seq_len,
+                                                                  share_prompt=share_prompt).items()}
             logps = sequence_logps(model, batch, chunk)["logps"].float().cpu()
             for p, row in zip(chunk_pairs, logps.tolist()):
                 p.ref = (row[0], row[1])
@@ -452,14 +528,13 @@ def dpo(config: DPOConfig | dict | None = None, *, on_step: Callable[[dict], Non
     Raises:
         HerdError: a bad setting, model or data file.
     """
-    from .finetune import _checkpoint_blocks, _save_outputs, load_for_training, resolve_model_path
+    from .finetune import _checkpoint_blocks, _distribute, _save_outputs, load_for_training, resolve_model_path
     from .lora import lora_llama3
     from .metrics import plot_loss
 
     cfg, rank, world, device, out = begin(config, kwargs, DPOConfig)
-    if world > 1:
-        raise HerdError("DPO runs in one process for now (no --nproc)")
-    out.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
 
     # Data: pairs, rated strongly enough, tokenized with the model's template.
     pairs, val_pairs = read_split(read_pairs, cfg)
@@ -478,29 +553,40 @@ def dpo(config: DPOConfig | dict | None = None, *, on_step: Callable[[dict], Non
                                      cfg.mask_format_tokens)
 
     # Model and reference: LoRA's is the model with its adapters off; a full fine-tune's is
-    # precomputed here, from the starting weights.
+    # precomputed here, from the starting weights (by every process, before sharding).
     if cfg.method == "full":
         precompute_reference(model, examples + val_examples, cfg.batch_size, cfg.max_seq_len, cfg.packing, device,
-                             cfg.loss_chunk)
+                             cfg.loss_chunk, cfg.share_prompt)
     else:
         lora_llama3(model, cfg.lora_targets, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
-    batches = PairBatches(examples, cfg.batch_size, cfg.max_seq_len, cfg.packing, cfg.seed)
-    val_batches = (PairBatches(val_examples, cfg.batch_size, cfg.max_seq_len, cfg.packing, shuffle=False,
-                               drop_last=False) if val_examples else None)
+    batches = PairBatches(examples, cfg.batch_size, cfg.max_seq_len, cfg.packing, cfg.seed, rank=rank, world=world,
+                          share_prompt=cfg.share_prompt)
+    # Validation: every pair in one process; with several, one pair per process per batch (every
+    # process must run the same number of forwards), the last len % world pairs left out.
+    val_batches = None
+    if len(val_examples) >= world:
+        val_batches = PairBatches(val_examples, cfg.batch_size if world == 1 else 1, cfg.max_seq_len, cfg.packing,
+                                  shuffle=False, drop_last=world > 1, rank=rank, world=world,
+                                  share_prompt=cfg.share_prompt)
     if cfg.activation_checkpointing:
         _checkpoint_blocks(model)
     model.train()
     wrapper = DPOLoss(model, cfg.beta, cfg.nll_coef, cfg.loss_type, cfg.loss_chunk)
-    run = {**cfg.to_dict(), "model_path": str(model_path), "resume": False, "recipe": "dpo"}
-    (out / "train.json").write_text(json.dumps(run, indent=2))
+    if world > 1:
+        wrapper = _distribute(model, wrapper, cfg.activation_checkpointing)
+    if rank == 0:
+        run = {**cfg.to_dict(), "model_path": str(model_path), "resume": False, "recipe": "dpo"}
+        (out / "train.json").write_text(json.dumps(run, indent=2))
     result = fit(cfg, wrapper, batches, out=out, device=device, val_batches=val_batches, weight=n_pairs,
                  on_step=on_step)
     position = result["position"]
 
     outputs = _save_outputs(cfg, wrapper, model, ckpt, model_path, out, rank, world)
+    if rank != 0:
+        return {}
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     last = records[-1] if records else {}
-    pairs_seen = position["step"] * cfg.batch_size * cfg.grad_accum
+    pairs_seen = position["step"] * cfg.batch_size * cfg.grad_accum * world
     summary = {
         "method": cfg.method, "steps": position["step"], "epochs": position["epoch"] + 1,
         "pairs_seen": pairs_seen, "tokens": position["tokens"], "seconds": round(position["seconds"], 2),
