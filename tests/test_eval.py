@@ -298,6 +298,30 @@ def test_sandbox_runs_a_program_in_its_own_writable_dir(sandbox):
     assert r.stdout == "/tmp/work True ['main.py', 'out.txt']\n"
 
 
+def test_sandbox_runs_a_python_whose_venv_the_jail_hides(sandbox):
+    """A virtual environment under /tmp, with $HOME there too: the jail covers both (a clone
+    under /tmp could not start its Python), and mounts the venv back read-only."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    import llamaherd
+
+    home = Path(tempfile.mkdtemp(prefix="herd-venv-", dir="/tmp"))
+    try:
+        venv = home / "venv"
+        subprocess.run([sys.executable, "-m", "venv", "--without-pip", "--system-site-packages", str(venv)], check=True)
+        code = ("from llamaherd.eval import sandbox\n"
+                "r = sandbox.run_program('import os, sys\\nprint(sys.prefix)\\nopen(os.path.join(sys.prefix, \"x\"), \"w\")\\n')\n"
+                "print(r.isolated, r.status, r.stdout.strip(), 'Read-only file system' in r.stderr)\n")
+        env = {**os.environ, "HOME": str(home), "PYTHONPATH": str(Path(llamaherd.__file__).parents[1])}
+        run = subprocess.run([str(venv / "bin" / "python"), "-c", code], env=env, capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr
+        assert run.stdout.split() == ["True", "failed", str(venv), "True"], run.stderr
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+
 def test_sandbox_cannot_delete_files_outside_its_dir(sandbox, canary):
     r = sandbox.run_program(f"import shutil\nshutil.rmtree({str(canary)!r})\n")
     assert r.status == "failed" and ("Read-only file system" in r.stderr or "Permission denied" in r.stderr)
