@@ -518,6 +518,30 @@ def test_requests_sharing_a_prefix_score_as_alone(smollm2_ref):
 
 
 @pytest.mark.integration
+def test_engine_path_prefills_a_question_once_and_scores_each_choice_as_alone(smollm2_fast, smollm2_ref,
+                                                                               monkeypatch):
+    """The fast path scores with the engine's kernels: a question's context is prefilled once for
+    all its choices, each choice's numbers are those it gets alone, and they agree with the float
+    reference path within the 4-bit weights' error."""
+    from llamaherd.engine.runner import NativeRunner
+    from llamaherd.eval.scoring import loglikelihoods
+
+    assert isinstance(smollm2_fast.runner, NativeRunner)
+    tok = smollm2_fast.tokenizer
+    ctx = tok.encode("Question: which animal says moo? Answer:")
+    reqs = [(ctx, tok.encode(" a cow")), (ctx, tok.encode(" a dog barking")), (ctx, tok.encode(" B")),
+            (ctx, tok.encode(" a cow in a field")), (tok.encode("Hello"), tok.encode(" world, how are you"))]
+    prefilled = []
+    prefill = smollm2_fast.runner.prefill
+    monkeypatch.setattr(smollm2_fast.runner, "prefill", lambda prompts: prefilled.append(prompts) or prefill(prompts))
+    together = loglikelihoods(smollm2_fast, reqs)
+    assert sorted(p[0] for batch in prefilled for p in batch) == sorted([ctx, tok.encode("Hello")])
+    assert together == [loglikelihoods(smollm2_fast, [r])[0] for r in reqs]
+    reference = loglikelihoods(smollm2_ref, reqs)
+    assert max(abs(a - b) for (a, _), (b, _) in zip(together, reference)) <= 3e-3
+
+
+@pytest.mark.integration
 def test_safety_kinds_through_the_safety_interface(smollm2_fast, tmp_path, monkeypatch):
     """guard and insecure_code tasks call llamaherd.safety's guard / scan_code / worst only: here
     a stand-in with that interface (the real guard and code shield are tested with the safety
