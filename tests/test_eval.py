@@ -172,11 +172,14 @@ metric_list:
 
 def _lm_eval(lm, task_dir) -> tuple[list[list[float]], dict]:
     """Per-choice log-likelihoods of every item, and acc/acc_norm, from lm-eval's own evaluator."""
-    import lm_eval
-    from lm_eval.tasks import TaskManager
+    from lm_eval.evaluator import evaluate
+    from lm_eval.tasks import TaskManager, get_task_dict
 
+    # lm-eval's evaluator itself (simple_evaluate's core, without its report of the machine's
+    # environment, which runs pip and nvidia-smi: seconds per call).
     tm = TaskManager(include_path=str(task_dir), include_defaults=False)
-    r = lm_eval.simple_evaluate(model=lm, tasks=["herd_tiny"], task_manager=tm, log_samples=True, batch_size=8)
+    tasks = tm.load(["herd_tiny"]) if hasattr(tm, "load") else get_task_dict(["herd_tiny"], tm)  # lm-eval < 0.4.13
+    r = evaluate(lm, tasks, log_samples=True, bootstrap_iters=0)
     samples = sorted(r["samples"]["herd_tiny"], key=lambda s: s["doc_id"])
     lls = [[resp[0] for resp in s["filtered_resps"]] for s in samples]
     res = r["results"]["herd_tiny"]
@@ -205,6 +208,30 @@ def test_lm_eval_backend_matches_hf_backend(smollm2_ref, smollm2_fast, tiny_task
     lls, got = _lm_eval(HerdLM(llm=smollm2_fast), tiny_task)  # 4-bit weights, bf16 matmul inputs
     assert got == want
     assert max(abs(a - b) for r, s in zip(lls, want_lls) for a, b in zip(r, s)) <= 3e-3
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_herd_lm_eval_command_finds_the_backend_through_its_entry_point(smollm2_path, smollm2_fast, tiny_task,
+                                                                        tmp_path, monkeypatch, capsys):
+    """`herd-lm-eval --model herd`: lm-eval's own command line, the backend found through the
+    `lm_eval.models` entry point the package declares (lm-eval 0.4.13 itself loads no plugins)."""
+    from importlib.metadata import entry_points
+
+    from llamaherd.eval import harness
+
+    assert entry_points(group="lm_eval.models")["herd"].load() is harness.HerdLM
+    monkeypatch.setattr(sys, "argv", ["herd-lm-eval", "--model", "herd", "--model_args", f"model={smollm2_path}",
+                                      "--tasks", "herd_tiny", "--include_path", str(tiny_task),
+                                      "--output_path", str(tmp_path / "out")])
+    harness.main()
+    results = json.loads(next((tmp_path / "out").rglob("results*.json")).read_text(encoding="utf-8"))
+    from llamaherd.eval import run
+
+    want = run([smollm2_fast], str(tiny_task / "tiny.jsonl"), names=["m"], progress=False)["results"]["m"]["metrics"]
+    assert results["results"]["herd_tiny"]["acc,none"] == want["acc"]
+    assert results["results"]["herd_tiny"]["acc_norm,none"] == want["acc_norm"]
+    assert "herd_tiny" in capsys.readouterr().out  # lm-eval's table
 
 
 @pytest.mark.integration
