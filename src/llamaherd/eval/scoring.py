@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from ..errors import HerdError
 
 Request = tuple[Sequence[int], Sequence[int]]
+ENGINE_MAX_CONTINUATION = 64  # the engine's path: the longest continuation fed as steps after its context
+STEP_TOKENS = 256  # the engine's path: tokens per step call
 
 
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
@@ -103,10 +105,6 @@ def _engine_scores(llm, seqs) -> bool:
 
     runner = getattr(llm, "runner", None)
     return isinstance(runner, NativeRunner) and all(len(t) <= ENGINE_MAX_CONTINUATION for _, t in seqs)
-
-
-ENGINE_MAX_CONTINUATION = 64  # tokens of a continuation fed as steps after its context
-STEP_TOKENS = 256  # tokens per step call
 
 
 @torch.inference_mode()
