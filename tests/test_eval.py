@@ -349,6 +349,29 @@ def test_sandbox_runs_a_python_whose_venv_the_jail_hides(sandbox):
         shutil.rmtree(home, ignore_errors=True)
 
 
+def test_sandbox_isolates_programs_of_a_non_root_user(sandbox):
+    """The path a non-root user takes (a user namespace of its own, then the uid 65534 inside a
+    nested one): run here as uid 65534 in a user namespace (`unshare --map-user`)."""
+    import subprocess
+
+    import llamaherd
+
+    code = ("import os\nfrom llamaherd.eval import sandbox\nassert os.geteuid() == 65534\n"
+            "r = sandbox.run_program('import os, socket\\nopen(\"mine.txt\", \"w\")\\nprint(os.getuid(), os.getcwd())\\n"
+            "try:\\n    socket.create_connection((\"127.0.0.1\", 9), timeout=2)\\nexcept OSError as e:\\n"
+            "    print(e.errno)\\nopen(\"/var/tmp/x\", \"w\")\\n')\n"
+            "print(r.isolated, r.status, r.stdout.split(), 'Read-only file system' in r.stderr)\n"
+            "r = sandbox.run_program('import os\\nwhile True:\\n    try:\\n        os.fork()\\n    except OSError:\\n"
+            "        pass\\n', sandbox.Limits(timeout=3, cpu=2, nproc=16))\nprint(r.status)\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(llamaherd.__file__).parents[1])}
+    run = subprocess.run(["unshare", "--user", "--map-user=65534", "--map-group=65534", sys.executable, "-c", code],
+                         env=env, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    first, bomb = run.stdout.splitlines()
+    assert first.split() == ["True", "failed", "['65534',", "'/tmp/work',", "'101']", "True"]  # ENETUNREACH
+    assert bomb in ("timeout", "cpu_limit")
+
+
 def test_sandbox_cannot_delete_files_outside_its_dir(sandbox, canary):
     r = sandbox.run_program(f"import shutil\nshutil.rmtree({str(canary)!r})\n")
     assert r.status == "failed" and ("Read-only file system" in r.stderr or "Permission denied" in r.stderr)
