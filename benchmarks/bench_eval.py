@@ -1,7 +1,7 @@
 """herd eval vs lm-evaluation-harness's `hf` backend on the same SmolLM2 GGUF, one run.
 
     python benchmarks/bench_eval.py [--model FILE.gguf] [--mmlu 200] [--humaneval 164] [--threads 2]
-                                    [--runtimes fast,reference,hf] [--json out.json]
+                                    [--runtimes fast,reference,hf] [--chunk 20] [--json out.json]
 
   MMLU       an --mmlu question subset (evenly spaced over the 57 subjects, 0-shot, lm-eval's
              `mmlu` prompt), scored by log-likelihood: acc and items/s. lm-eval's `hf` backend gets
@@ -9,19 +9,33 @@
   HumanEval  the first --humaneval problems, n=1 greedy, up to 384 new tokens, Codex stop
              sequences: pass@1 and items/s. lm-eval's `hf` backend generates with
              `generate_until` from the same prompts; both completions are judged in herd's sandbox.
-Rows: herd on the fast path (4-bit weights), herd on the float reference path, lm-eval `hf`
-(transformers, float32, the same GGUF dequantized). Ratios are items/s over lm-eval's. Accuracy
-must be identical on the reference path; the fast path's per-choice scores move by ~1e-3.
+Rows: herd on the fast path (4-bit weights, the engine's kernels), herd on the float reference
+path, lm-eval `hf` (transformers, float32, the same GGUF dequantized, batch size 8). The runtimes
+take turns on chunks of --chunk items, so a change in the machine's load falls on all of them
+alike; items/s is items over each runtime's own seconds, and the ratio is over lm-eval's. The
+answers are compared item by item (MMLU: the predicted letter; HumanEval: pass or fail).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 
-def lm_eval_mmlu(hf, task, items) -> tuple[float, float]:
+def herd_mmlu(llm, task, items) -> tuple[list[int], float]:
+    """herd eval's multiple choice on `items`: the predicted choice of each, and the seconds."""
+    from llamaherd.eval import run
+    from llamaherd.eval.tasks import Task
+
+    sub = Task(task.name, "mc", items, source=task.source)
+    r = run([llm], sub, names=["m"], progress=False)["results"]["m"]
+    return [it["pred"] for it in r["items"]], r["seconds"]
+
+
+def hf_mmlu(hf, task, items) -> tuple[list[int], float]:
+    """lm-eval's `hf` backend's log-likelihoods of the same strings; the prediction as lm-eval's acc."""
     from lm_eval.api.instance import Instance
 
     from llamaherd.eval import metrics
@@ -35,14 +49,22 @@ def lm_eval_mmlu(hf, task, items) -> tuple[float, float]:
     start = time.perf_counter()
     out = hf.loglikelihood(reqs, disable_tqdm=True)
     seconds = time.perf_counter() - start
-    correct = 0
-    for item, (s, m) in zip(items, spans):
-        pred, _ = metrics.mc_scores([ll for ll, _ in out[s:s + m]], item["choices"])
-        correct += pred == item["answer"]
-    return correct / len(items), seconds
+    return [metrics.mc_scores([ll for ll, _ in out[s:s + m]], it["choices"])[0]
+            for it, (s, m) in zip(items, spans)], seconds
 
 
-def lm_eval_humaneval(hf, task, items) -> tuple[float, float]:
+def herd_humaneval(llm, task, items) -> tuple[list[bool], float]:
+    from llamaherd.eval import run
+    from llamaherd.eval.tasks import Task
+
+    sub = Task(task.name, "code", items, stop=task.stop, max_tokens=task.max_tokens, source=task.source)
+    r = run([llm], sub, names=["m"], progress=False)["results"]["m"]
+    return [it["passed"] > 0 for it in r["items"]], r["seconds"]
+
+
+def hf_humaneval(hf, task, items) -> tuple[list[bool], float]:
+    """lm-eval's `hf` generate_until, then herd's sandbox judges (its time is not counted, as
+    herd's judging overlaps its generation)."""
     from lm_eval.api.instance import Instance
 
     from llamaherd.eval.runner import check_completion
@@ -52,15 +74,13 @@ def lm_eval_humaneval(hf, task, items) -> tuple[float, float]:
     start = time.perf_counter()
     completions = hf.generate_until(reqs, disable_tqdm=True)
     seconds = time.perf_counter() - start
-    passed = sum(check_completion(it, c).passed for it, c in zip(items, completions))
-    return passed / len(items), seconds
+    return [check_completion(it, c).passed for it, c in zip(items, completions)], seconds
 
 
 def main() -> None:
     import torch
 
     import llamaherd
-    from llamaherd.eval import run
     from llamaherd.eval.tasks import load_task
     from llamaherd.fetch import smollm2_gguf
 
@@ -70,63 +90,67 @@ def main() -> None:
     ap.add_argument("--humaneval", type=int, default=164)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runtimes", default="fast,reference,hf", help="which rows to run (comma-separated)")
+    ap.add_argument("--chunk", type=int, default=20, help="items per turn of each runtime")
     ap.add_argument("--json", help="write the figures here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    path = smollm2_gguf() if not args.model else args.model
     from pathlib import Path
 
-    path = Path(path)
-    mmlu, humaneval = load_task("mmlu"), load_task("humaneval")
-    mmlu_items = mmlu.subset(args.mmlu)
-    he_items = humaneval.items[:args.humaneval]
-    rows = {}
-    wanted = set(args.runtimes.split(","))
-    for name, quantized in (("herd (fast)", True), ("herd (reference)", False)):
-        if name[6:-1] not in wanted:
-            continue
-        llm = llamaherd.load(path, device="cpu", quantized=quantized)
-        row = {}
-        if args.mmlu:
-            r = run([llm], mmlu, limit=args.mmlu, names=["m"], progress=False)["results"]["m"]
-            row["mmlu_acc"], row["mmlu_items_s"] = r["metrics"]["acc"], len(mmlu_items) / r["seconds"]
-        if args.humaneval:
-            from llamaherd.eval.tasks import Task
+    path = Path(args.model) if args.model else smollm2_gguf()
+    wanted = args.runtimes.split(",")
+    runtimes = {}
+    for name, quantized in (("fast", True), ("reference", False)):
+        if name in wanted:
+            runtimes[f"herd ({name})"] = ("herd", llamaherd.load(path, device="cpu", quantized=quantized))
+    if "hf" in wanted:
+        from lm_eval.models.huggingface import HFLM
 
-            sub = Task("humaneval", "code", he_items, stop=humaneval.stop, max_tokens=humaneval.max_tokens)
-            r = run([llm], sub, names=["m"], progress=False)["results"]["m"]
-            row["humaneval_pass1"], row["humaneval_items_s"] = r["metrics"]["pass@1"], len(he_items) / r["seconds"]
-        rows[name] = row
-        print(name, row, flush=True)
-    if "hf" not in wanted:
-        return
-    from lm_eval.models.huggingface import HFLM
-
-    hf = HFLM(pretrained=str(path.parent), gguf_file=path.name, dtype="float32", device="cpu", batch_size=8)
-    row = {}
+        runtimes["lm-eval hf"] = ("hf", HFLM(pretrained=str(path.parent), gguf_file=path.name, dtype="float32",
+                                              device="cpu", batch_size=8))
+    load = [os.getloadavg()[0]]
+    figures = {"model": str(path), "threads": args.threads, "chunk": args.chunk, "rows": {n: {} for n in runtimes}}
+    benches = []
     if args.mmlu:
-        acc, seconds = lm_eval_mmlu(hf, mmlu, mmlu_items)
-        row["mmlu_acc"], row["mmlu_items_s"] = acc, len(mmlu_items) / seconds
+        mmlu = load_task("mmlu")
+        benches.append(("mmlu", mmlu, mmlu.subset(args.mmlu), {"herd": herd_mmlu, "hf": hf_mmlu},
+                        lambda item, pred: float(pred == item["answer"])))
     if args.humaneval:
-        p1, seconds = lm_eval_humaneval(hf, humaneval, he_items)
-        row["humaneval_pass1"], row["humaneval_items_s"] = p1, len(he_items) / seconds
-    rows["lm-eval hf"] = row
-    print("lm-eval hf", row, flush=True)
+        he = load_task("humaneval")
+        benches.append(("humaneval", he, he.items[:args.humaneval], {"herd": herd_humaneval, "hf": hf_humaneval},
+                        lambda item, passed: float(passed)))
+    for bench, task, items, fns, score in benches:
+        answers = {n: [] for n in runtimes}
+        seconds = dict.fromkeys(runtimes, 0.0)
+        for at in range(0, len(items), args.chunk):
+            chunk = items[at:at + args.chunk]
+            for name, (kind, obj) in runtimes.items():  # turns: the same load for every runtime
+                got, s = fns[kind](obj, task, chunk)
+                answers[name] += got
+                seconds[name] += s
+            load.append(os.getloadavg()[0])
+            print(f"{bench} {at + len(chunk)}/{len(items)}: " + ", ".join(
+                f"{n} {len(answers[n]) / seconds[n]:.3f}/s" for n in runtimes), flush=True)
+        for name in runtimes:
+            figures["rows"][name][bench] = {
+                "items": len(items), "score": sum(score(it, a) for it, a in zip(items, answers[name])) / len(items),
+                "seconds": round(seconds[name], 2), "items_per_s": len(items) / seconds[name], "answers": answers[name]}
+    figures["load_avg_1min"] = {"min": min(load), "max": max(load)}
 
-    base = rows["lm-eval hf"]
-    print(f"\n{'':18} {'MMLU acc':>9} {'items/s':>8} {'ratio':>6}   {'HumanEval':>9} {'items/s':>8} {'ratio':>6}")
-    for name, r in rows.items():
+    base = figures["rows"].get("lm-eval hf", {})
+    heads = {"mmlu": "MMLU acc", "humaneval": "pass@1"}
+    print(f"\n{'':18} " + "   ".join(f"{heads[b]:>9} {'items/s':>8} {'ratio':>6} {'same':>5}" for b, *_ in benches))
+    for name, row in figures["rows"].items():
         cells = []
-        for acc, speed in (("mmlu_acc", "mmlu_items_s"), ("humaneval_pass1", "humaneval_items_s")):
-            if acc in r:
-                cells.append(f"{r[acc]:>9.4f} {r[speed]:>8.3f} {r[speed] / base[speed]:>5.2f}x")
-            else:
-                cells.append(f"{'-':>9} {'-':>8} {'-':>6}")
+        for bench, *_ in benches:
+            r, b = row[bench], base.get(bench)
+            ratio = f"{r['items_per_s'] / b['items_per_s']:>5.2f}x" if b else f"{'-':>6}"
+            same = f"{sum(x == y for x, y in zip(r['answers'], b['answers'])):>5}" if b else f"{'-':>5}"
+            cells.append(f"{r['score']:>9.4f} {r['items_per_s']:>8.3f} {ratio} {same}")
         print(f"{name:18} " + "   ".join(cells))
+    print(f"load average (1 min) during the run: {load[0]:.1f} at the start, {min(load):.1f}-{max(load):.1f}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"model": str(path), "mmlu": args.mmlu, "humaneval": args.humaneval,
-                       "threads": args.threads, "rows": rows}, f, indent=1)
+            json.dump(figures, f, indent=1)
 
 
 if __name__ == "__main__":

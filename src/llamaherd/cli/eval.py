@@ -69,7 +69,7 @@ def register(sub, local) -> None:
     p = sub.add_parser("eval", help="evaluate models on a task (perplexity, multiple choice, generation, code)",
                        description=cmd_eval.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("models", nargs="+", metavar="MODEL", help="model names, .gguf files or checkpoint directories")
-    p.add_argument("--task", required=True, help="mmlu, mmlu:<subject>, humaneval, ko_mc, or a .jsonl/.txt file")
+    p.add_argument("--task", required=True, help="mmlu, mmlu:<subject>, humaneval, ko_mc, a .jsonl/.txt file, or MMLU in its CSV layout (a directory or a .csv)")
     p.add_argument("--limit", type=int, help="evaluate N items (evenly spaced over the task)")
     p.add_argument("--shots", type=int, default=0, help="few-shot examples before each question (default 0)")
     p.add_argument("--template", choices=("raw", "chat"), help="prompt as raw text or through the chat template")

@@ -7,9 +7,9 @@ user namespace requires). Steps, each a line below:
 3. fork: the child is PID 1 of the new PID namespace, so when it ends every process it left
    behind (a fork bomb's) is killed by the kernel;
 4. the child makes every mount read-only, mounts a fresh /proc, hides /root, /home, /run,
-   /dev/shm and $HOME under empty read-only tmpfs (the Python installation, if it lives there,
-   is mounted back read-only), and mounts a size-limited tmpfs on /tmp, whose work/ directory
-   is the only writable place;
+   /dev/shm and $HOME under empty read-only tmpfs, and mounts a size-limited tmpfs on /tmp,
+   whose work/ directory is the only writable place; the Python installation and its virtual
+   environment, if they lie in one of those places, are mounted back read-only;
 5. resource limits, an unprivileged uid of its own (so RLIMIT_NPROC counts only its processes),
    no_new_privs, death with its parent, a bare environment; then exec the program.
 The parent process here waits for the child and exits with its status (128 + signal if killed).
@@ -77,32 +77,40 @@ def make_readonly():
 
 
 def isolate(limits, keep):
-    """Step 4 (in the new namespaces): the file system view. `keep` are directories inside the
-    hidden ones that the program needs (the Python installation), mounted back read-only."""
+    """Step 4 (in the new namespaces): the file system view. `keep` are directories the program
+    needs (the Python installation and its virtual environment): where one lies inside a hidden
+    directory (a venv under /tmp, $HOME or /home), it is mounted back read-only."""
     mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing we mount reaches the host
     make_readonly()
     try:
         mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)  # this PID namespace's
     except OSError:
         pass  # the host's /proc stays (read-only); its processes are visible but unreachable
-    mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, f"size={limits['disk']},mode=1777")
     hidden = sorted(d for d in {"/root", "/home", "/run", "/dev/shm", os.path.expanduser("~")}
-                    if d != "/" and os.path.isdir(d))
-    keep = [k for k in keep if any(k.startswith(d + "/") for d in hidden) and os.path.isdir(k)]
-    for i, k in enumerate(keep):  # park them on /tmp while their parents are covered
-        os.makedirs(f"/tmp/.keep/{i}")
-        mount(k, f"/tmp/.keep/{i}", None, MS_BIND | MS_REC)
+                    if d != "/" and os.path.isdir(d) and not inside(d, ["/tmp"]))
+    hidden = [d for d in hidden if not inside(d, [h for h in hidden if h != d])]  # covered by a parent
+    # Only what lies strictly inside a hidden directory (never a hidden directory itself).
+    keep = sorted({k for k in keep if os.path.isdir(k) and any(k.startswith(d + "/") for d in hidden + ["/tmp"])})
+    keep = [k for k in keep if not inside(k, [o for o in keep if o != k])]  # a parent brings it along
+    # Hold each one by a file descriptor: it stays reachable (as /proc/self/fd/N) once its path
+    # is covered, so it can be mounted back at the same path on top of the cover.
+    held = [(k, os.open(k, os.O_PATH | os.O_DIRECTORY)) for k in keep]
+    mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, f"size={limits['disk']},mode=1777")
     for d in hidden:
         mount("tmpfs", d, "tmpfs", MS_NOSUID | MS_NODEV, "size=64k,mode=755")
-    for i, k in enumerate(keep):
-        os.makedirs(k, exist_ok=True)
-        mount(f"/tmp/.keep/{i}", k, None, MS_MOVE)
+    for k, fd in held:
+        os.makedirs(k, exist_ok=True)  # on the cover, still writable
+        mount(f"/proc/self/fd/{fd}", k, None, MS_BIND | MS_REC)
+        os.close(fd)
+        if not os.statvfs(k).f_flag & os.ST_RDONLY:  # a bind keeps its source's flags (read-only)
+            raise OSError(0, f"{k} would be writable in the sandbox")
     for d in hidden:  # the program's own /tmp stays the only writable place
         mount(None, d, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
-    if keep:
-        import shutil
 
-        shutil.rmtree("/tmp/.keep")
+
+def inside(path, dirs):
+    """Whether `path` is one of `dirs` or lies under one."""
+    return any(path == d or path.startswith(d.rstrip("/") + "/") for d in dirs)
 
 
 def drop(uid, userns):
@@ -128,6 +136,15 @@ def set_limits(limits):
         resource.setrlimit(k, (v, v))
 
 
+def python_dirs(python):
+    """The directories a Python needs to start: its installation and its virtual environment
+    (the venv's own directory holds pyvenv.cfg and the interpreter's link), as they are and as
+    links resolve."""
+    dirs = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,
+            os.path.dirname(os.path.dirname(python))}
+    return sorted({os.path.realpath(d) for d in dirs} | {os.path.abspath(d) for d in dirs})
+
+
 def main():
     cfg = json.loads(sys.argv[1])
     limits = cfg["limits"]
@@ -150,7 +167,7 @@ def main():
             _, status = os.waitpid(pid, 0)
             sys.exit(os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status))
         try:
-            isolate(limits, [os.path.realpath(sys.base_prefix), os.path.realpath(sys.prefix)])
+            isolate(limits, python_dirs(cfg["python"]))
             work = "/tmp/work"
         except OSError as e:
             print(f"sandbox setup failed: {e}", file=sys.stderr)

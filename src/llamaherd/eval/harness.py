@@ -4,7 +4,8 @@ in process (no server, no Hugging Face download).
     herd-lm-eval --model herd --model_args model=smollm2:135m,quantized=False --tasks arc_easy
 
 `herd-lm-eval` is lm-eval's own command line with this backend registered first: lm-eval 0.4.13
-resolves `--model` against its built-in table only. The package also declares the backend under
+(the newest release) resolves `--model` against its built-in table only, so the plain
+`lm_eval --model herd` does not find it. The package also declares the backend under
 the `lm_eval.models` entry-point group, for lm-eval versions that load installed plugins
 (EleutherAI/lm-evaluation-harness#4013), and `import llamaherd.eval.harness` registers it for
 use from Python (`lm_eval.simple_evaluate(model="herd", ...)`).
@@ -153,7 +154,16 @@ class HerdLM(TemplateLM):
 
 
 def main() -> None:
-    """`herd-lm-eval`: lm-eval's command line, with `--model herd` available."""
-    from lm_eval.__main__ import cli_evaluate
+    """`herd-lm-eval`: lm-eval's command line with `--model herd`, and every other backend that an
+    installed package declares under the `lm_eval.models` entry-point group (lm-eval 0.4.13, the
+    newest release, loads no such plugins itself)."""
+    from importlib.metadata import entry_points
 
+    import lm_eval.models  # noqa: F401  (lm-eval's own table first)
+    from lm_eval.__main__ import cli_evaluate
+    from lm_eval.api.registry import model_registry
+
+    for ep in entry_points(group="lm_eval.models"):
+        if ep.name not in model_registry:
+            model_registry.register(ep.name, target=ep.value)  # loaded when asked for
     cli_evaluate()

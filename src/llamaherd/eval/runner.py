@@ -307,16 +307,8 @@ def _code(llm, task: Task, items: list[dict], *, config, k, limits, tick, **_) -
 
 
 # -- safety: a guard's unsafe rate, the code shield's insecure-code rate ---------------------------
-# Through llamaherd.safety's public functions only (`guard`, `scan_code`, `worst`), so that a
-# fine-tune can be checked for safety regressions beside its accuracy.
-
-
-def _safety():
-    try:
-        from .. import safety
-    except ImportError:
-        raise HerdError("guard and insecure_code tasks need llamaherd.safety (the guard and code shield)") from None
-    return safety
+# Through llamaherd.safety's functions (`guard`; the code shield's `scan_code` and `worst`), so
+# that a fine-tune can be checked for safety regressions beside its accuracy.
 
 
 def _replies(llm, task: Task, items: list[dict], config, tick) -> list[str]:
@@ -329,7 +321,8 @@ def _replies(llm, task: Task, items: list[dict], config, tick) -> list[str]:
 
 
 def _guard(llm, task: Task, items: list[dict], *, config, tick, **_) -> tuple[dict, list]:
-    safety = _safety()
+    from .. import safety
+
     replies = _replies(llm, task, items, config, tick)
     conversations = [[{"role": "user", "content": it["prompt"]}, {"role": "assistant", "content": r}]
                      for it, r in zip(items, replies)]
@@ -340,12 +333,12 @@ def _guard(llm, task: Task, items: list[dict], *, config, tick, **_) -> tuple[di
 
 
 def _insecure_code(llm, task: Task, items: list[dict], *, config, tick, **_) -> tuple[dict, list]:
-    safety = _safety()
+    from ..safety.code_shield import scan_code, worst
+
     replies = _replies(llm, task, items, config, tick)
     per_item = []
     for it, reply in zip(items, replies):
-        findings = safety.scan_code(reply)
-        level = safety.worst(findings)
-        per_item.append({"id": it["id"], "reply": reply, "insecure": float(level in ("block", "warn")),
+        findings = scan_code(reply)
+        per_item.append({"id": it["id"], "reply": reply, "insecure": float(worst(findings) in ("block", "warn")),
                          "findings": [f.as_dict() for f in findings]})
     return {"insecure_rate": _mean(r["insecure"] for r in per_item)}, per_item

@@ -3,10 +3,17 @@ the lm-evaluation-harness backend share.
 
 A request is (context tokens, continuation tokens); its result is the sum of the continuation's
 log-probabilities given everything before it, and whether each continuation token was the
-model's greedy choice — what lm-evaluation-harness's `loglikelihood` returns. Requests are
-batched longest first, right-padded (causal attention never looks at the padding, which comes
-after every scored position), a request whose input is a prefix of another's shares its forward
-pass, and only the scored positions go through the output projection.
+model's greedy choice — what lm-evaluation-harness's `loglikelihood` returns.
+
+Two paths, chosen by the model's runner (`engine.runner`):
+- the engine's (a GGUF block model on a CPU, the native kernels): requests that share their
+  context (a question's choices) are one group; the context is prefilled once into a KV-cache
+  row, copied into a row per choice (`Runner.fork`), and each choice's tokens are fed after it
+  (`Runner.decode`). A request's numbers depend on itself only, not on what it is batched with.
+- the torch modules' (float weights, the reference path): requests are batched longest first,
+  right-padded (causal attention never looks at the padding, which comes after every scored
+  position), a request whose input is a prefix of another's shares its forward pass, and only
+  the scored positions go through the output projection.
 """
 
 from __future__ import annotations
@@ -19,6 +26,8 @@ import torch.nn.functional as F
 from ..errors import HerdError
 
 Request = tuple[Sequence[int], Sequence[int]]
+ENGINE_MAX_CONTINUATION = 64  # the engine's path: the longest continuation fed as steps after its context
+STEP_TOKENS = 256  # the engine's path: tokens per step call
 
 
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
@@ -71,7 +80,6 @@ def loglikelihoods(llm, requests: Sequence[Request], *, max_len: int | None = No
         (loglikelihood, is_greedy) per request, in order.
     """
     check_scorer(llm)
-    model = llm.model
     max_len = max_len or llm.args.max_seq_len
     seqs = []
     for i, (ctx, cont) in enumerate(requests):
@@ -84,6 +92,93 @@ def loglikelihoods(llm, requests: Sequence[Request], *, max_len: int | None = No
                             f"context length {max_len}")
         full = (list(ctx) + list(cont))[-(max_len + 1):]
         seqs.append((full[:-1], full[-len(cont):]))  # (input, targets at its last len(cont) positions)
+    if _engine_scores(llm, seqs):
+        return _engine_loglikelihoods(llm, seqs, batch_tokens, progress)
+    return _forward_loglikelihoods(llm, seqs, batch_tokens, progress)
+
+
+def _engine_scores(llm, seqs) -> bool:
+    """Whether the engine's own prompt and step kernels score these requests: the native runner,
+    and continuations short enough to feed as steps (long ones, a perplexity window's, go through
+    the batched forward)."""
+    from ..engine.runner import NativeRunner
+
+    runner = getattr(llm, "runner", None)
+    return isinstance(runner, NativeRunner) and all(len(t) <= ENGINE_MAX_CONTINUATION for _, t in seqs)
+
+
+@torch.inference_mode()
+def _engine_loglikelihoods(llm, seqs, batch_tokens: int, progress) -> list[tuple[float, bool]]:
+    """The engine's path (see the module docstring): a group's context is prefilled once."""
+    runner, model = llm.runner, llm.model
+    groups: dict[tuple[int, ...], list[int]] = {}  # context (the input before the first target) -> requests
+    for i, (inp, targets) in enumerate(seqs):
+        groups.setdefault(tuple(inp[:len(inp) - len(targets) + 1]), []).append(i)
+    batches, batch, tokens = [], [], 0
+    for ctx, members in groups.items():  # in order; a batch holds about batch_tokens tokens
+        size = len(ctx) + sum(len(seqs[i][1]) - 1 for i in members)
+        if batch and tokens + size > batch_tokens:
+            batches.append(batch)
+            batch, tokens = [], 0
+        batch.append((ctx, members))
+        tokens += size
+    if batch:
+        batches.append(batch)
+    results: list[tuple[float, bool]] = [(0.0, False)] * len(seqs)
+    caches = [layer.attention.cache for layer in model.layers]  # the generation loop's, given back after
+    model.clear_cache()
+    try:
+        runner.allocate(max(_rows(seqs, b)[1] for b in batches), max(len(inp) for inp, _ in seqs) + 1)
+        for batch in batches:
+            rows, _ = _rows(seqs, batch)
+            first = runner.prefill([(list(ctx), 0, rows[members[0]]) for ctx, members in batch])  # (groups, V)
+            steps = []  # (token, position, row, request): each choice's tokens after its context
+            for ctx, members in batch:
+                forks = [rows[i] for i in members[1:] if rows[i] != rows[members[0]]]
+                if forks:  # a copy of the context's keys and values for each choice that needs one
+                    runner.fork(rows[members[0]], forks, len(ctx))
+                for i in members:
+                    steps += [(t, len(ctx) + k, rows[i], i) for k, t in enumerate(seqs[i][1][:-1])]
+            later = [runner.decode(*map(list, zip(*[s[:3] for s in steps[a:a + STEP_TOKENS]])))
+                     for a in range(0, len(steps), STEP_TOKENS)]
+            logp = torch.log_softmax(torch.cat([first, *later]), dim=-1)
+            at = {}  # request -> the logits row of its first step
+            for n, step in enumerate(steps):
+                at.setdefault(step[3], len(batch) + n)
+            for g, (ctx, members) in enumerate(batch):
+                for i in members:
+                    targets = torch.tensor(seqs[i][1])
+                    lp = logp[[g] + list(range(at.get(i, 0), at.get(i, 0) + len(targets) - 1))]
+                    results[i] = (float(lp.gather(1, targets[:, None]).double().sum()),
+                                  bool((lp.argmax(-1) == targets).all()))
+            if progress:
+                progress(sum(len(m) for _, m in batch))
+    finally:
+        for layer, cache in zip(model.layers, caches):
+            layer.attention.cache = cache
+    return results
+
+
+def _rows(seqs, batch) -> tuple[dict[int, int], int]:
+    """KV-cache rows of a batch's requests, and how many: a group's context gets a row, which its
+    first request continues in; each other request with more than one token gets a copy."""
+    rows, n = {}, 0
+    for _, members in batch:
+        rows[members[0]] = n
+        n += 1
+        for i in members[1:]:
+            if len(seqs[i][1]) > 1:
+                rows[i] = n
+                n += 1
+            else:
+                rows[i] = rows[members[0]]  # its one target is predicted from the context: no steps
+    return rows, n
+
+
+@torch.inference_mode()
+def _forward_loglikelihoods(llm, seqs, batch_tokens: int, progress) -> list[tuple[float, bool]]:
+    """The torch modules' batched forward (see the module docstring)."""
+    model = llm.model
 
     # A request whose input is a prefix of another's is read off that one's forward pass (causal
     # attention: the logits at its positions are the same): multiple choice with one-token

