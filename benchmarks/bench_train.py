@@ -10,6 +10,8 @@ Rows:
   herd lora        LoRA r16 on all seven projections, base frozen
   hf+peft lora     peft's LoRA with the same settings
   herd qlora       herd's LoRA over the GGUF's own quantized blocks (no float copy of the blocks)
+  herd qlora ac    the same with activation checkpointing (each block recomputed in the backward),
+                   (`--activation-checkpointing`): QLoRA is the memory-lean method
   herd dpo lora    `herd train dpo`'s step (see run_dpo_row): LoRA r16, reference = adapters off, packed pairs
   trl dpo lora     TRL's DPOTrainer with a peft LoRA of the same settings, the same pairs and batch
   herd pretrain    pre-training a Llama 3 shape from random weights (`--preset`, `--vocab`; see below)
@@ -30,7 +32,8 @@ import subprocess
 import sys
 import time
 
-ROWS = ["herd full", "hf full", "herd lora", "hf+peft lora", "herd qlora", "herd dpo lora", "trl dpo lora"]
+ROWS = ["herd full", "hf full", "herd lora", "hf+peft lora", "herd qlora", "herd qlora ac", "herd dpo lora",
+        "trl dpo lora"]
 
 
 # -- pre-training: a Llama 3 shape from random weights, herd's recipe step vs a plain transformers loop --
@@ -198,6 +201,10 @@ def sft_step(row: str, model_path: str):
         model, _ = load_for_training(model_path, method, "cpu")
         if method != "full":
             lora_llama3(model, "all", rank=16, alpha=32)
+        if row.endswith(" ac"):  # activation checkpointing, as `herd train sft --activation-checkpointing`
+            from llamaherd.train.finetune import _checkpoint_blocks
+
+            _checkpoint_blocks(model)
         model.train()
         loss_module = CausalLMLoss(model, 8192)
         vocab = model.args.vocab_size
@@ -440,7 +447,7 @@ def main() -> None:
     print("| run | tokens/s | peak RSS (MB) | vs transformers (speed / memory) |")
     print("|---|---|---|---|")
     peers = {"herd full": "hf full", "herd lora": "hf+peft lora", "herd qlora": "hf+peft lora",
-             "herd dpo lora": "trl dpo lora", "herd pretrain": "hf pretrain"}
+             "herd qlora ac": "hf+peft lora", "herd dpo lora": "trl dpo lora", "herd pretrain": "hf pretrain"}
     for row, r in results.items():
         ratio = ""
         if row in peers and peers[row] in results:
@@ -448,6 +455,9 @@ def main() -> None:
             ratio = f"{r['tokens_per_s'] / q['tokens_per_s']:.2f}x / {q['peak_rss_mb'] / r['peak_rss_mb']:.2f}x"
         mfu = f" (MFU {r['mfu']:.1%} of {r['peak_gflops']:.0f} GFLOP/s)" if "mfu" in r else ""
         print(f"| {row}{mfu} | {r['tokens_per_s']:.0f} | {r['peak_rss_mb']:.0f} | {ratio} |")
+    for row in ("herd qlora", "herd qlora ac"):
+        if row in results and "herd lora" in results:
+            print(f"{row} peak / herd lora peak: {results[row]['peak_rss_mb'] / results['herd lora']['peak_rss_mb']:.2f}x")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
