@@ -17,7 +17,9 @@ Rows:
   herd pretrain    pre-training a Llama 3 shape from random weights (`--preset`, `--vocab`; see below)
   hf pretrain      a plain transformers LlamaForCausalLM loop of the same shape
 Each row runs in a fresh process (peak RSS is its own): one warm-up step, then `--steps` timed
-steps. tokens/s = batch x seq x steps / time; ratios are herd / transformers (and, for memory,
+steps. On a shared machine whose load moves, `--paired --rows "herd lora,hf+peft lora"` runs the rows
+in one process instead, their steps alternating on the same batches (CPU time with `--threads 1`):
+speed ratios only, no memory. tokens/s = batch x seq x steps / time; ratios are herd / transformers (and, for memory,
 transformers' / herd's: > 1 is better).
 
 `--sampling` runs the rejection-sampling section instead (see `bench_sampling` below).
