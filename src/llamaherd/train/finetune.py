@@ -40,14 +40,6 @@ class CausalLMLoss(nn.Module):
     def __init__(self, model: nn.Module, loss_chunk: int):
         super().__init__()
         self.model, self.loss_chunk = model, loss_chunk
-        # A trained embedding tied to the output: its lookup's gradient as sparse rows, added into
-        # the dense (V, D) gradient the loss has already given the shared weight (the output comes
-        # last in the forward, so first in the backward) instead of a zero-filled (V, D) tensor
-        # and a pass adding it. One process only (FSDP shards have no sparse gradients).
-        emb = model.tok_embeddings
-        if (isinstance(emb, nn.Embedding) and model.output.weight is emb.weight and emb.weight.requires_grad
-                and not torch.distributed.is_initialized()):
-            emb.sparse = True
 
     def forward(self, tokens, targets, doc_ids, input_pos):
         h = self.model.hidden_states(tokens, input_pos=input_pos, doc_ids=doc_ids)
