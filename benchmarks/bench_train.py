@@ -10,13 +10,17 @@ Rows:
   herd lora        LoRA r16 on all seven projections, base frozen
   hf+peft lora     peft's LoRA with the same settings
   herd qlora       herd's LoRA over the GGUF's own quantized blocks (no float copy of the blocks)
+  herd qlora ac    the same with activation checkpointing (each block recomputed in the backward),
+                   (`--activation-checkpointing`): QLoRA is the memory-lean method
   herd dpo lora    `herd train dpo`'s step (see run_dpo_row): LoRA r16, reference = adapters off, packed pairs,
                    each pair's prompt computed once (`noshare`: chosen and rejected as two documents)
   trl dpo lora     TRL's DPOTrainer with a peft LoRA of the same settings, the same pairs and batch
   herd pretrain    pre-training a Llama 3 shape from random weights (`--preset`, `--vocab`; see below)
   hf pretrain      a plain transformers LlamaForCausalLM loop of the same shape
 Each row runs in a fresh process (peak RSS is its own): one warm-up step, then `--steps` timed
-steps. tokens/s = batch x seq x steps / time; ratios are herd / transformers (and, for memory,
+steps. On a shared machine whose load moves, `--paired --rows "herd lora,hf+peft lora"` runs the rows
+in one process instead, their steps alternating on the same batches (CPU time with `--threads 1`):
+speed ratios only, no memory. tokens/s = batch x seq x steps / time; ratios are herd / transformers (and, for memory,
 transformers' / herd's: > 1 is better).
 
 `--sampling` runs the rejection-sampling section instead (see `bench_sampling` below).
@@ -31,7 +35,8 @@ import subprocess
 import sys
 import time
 
-ROWS = ["herd full", "hf full", "herd lora", "hf+peft lora", "herd qlora", "herd dpo lora", "trl dpo lora"]
+ROWS = ["herd full", "hf full", "herd lora", "hf+peft lora", "herd qlora", "herd qlora ac", "herd dpo lora",
+        "trl dpo lora"]
 EXTRA_ROWS = ["herd dpo lora noshare"]  # on request (--rows): what sharing each pair's prompt saves
 
 
@@ -185,13 +190,13 @@ def batches(vocab: int, batch: int, seq: int, n: int):
     return [torch.randint(0, vocab, (batch, seq + 1), generator=g) for _ in range(n)]
 
 
-def run_row(row: str, model_path: str, steps: int, batch: int, seq: int, threads: int) -> dict:
+def sft_step(row: str, model_path: str):
+    """(a function that runs one training step on a (batch, seq + 1) block of ids, the trainable
+    parameters, the vocabulary size) for a fine-tuning row. Both sides use the fused AdamW: herd's
+    `train.loop.fit` makes it in one process, and it is transformers' Trainer default (torch >= 2.8)."""
     import torch
 
-    torch.set_num_threads(threads)
     torch.manual_seed(0)
-    if "dpo" in row:
-        return run_dpo_row(row, model_path, steps, batch, threads)
     if row.startswith("herd"):
         from llamaherd.train.finetune import CausalLMLoss, load_for_training
         from llamaherd.train.lora import lora_llama3
@@ -200,6 +205,10 @@ def run_row(row: str, model_path: str, steps: int, batch: int, seq: int, threads
         model, _ = load_for_training(model_path, method, "cpu")
         if method != "full":
             lora_llama3(model, "all", rank=16, alpha=32)
+        if row.endswith(" ac"):  # activation checkpointing, as `herd train sft --activation-checkpointing`
+            from llamaherd.train.finetune import _checkpoint_blocks
+
+            _checkpoint_blocks(model)
         model.train()
         loss_module = CausalLMLoss(model, 8192)
         vocab = model.args.vocab_size
@@ -226,19 +235,52 @@ def run_row(row: str, model_path: str, steps: int, batch: int, seq: int, threads
             return model(input_ids=b[:, :-1], labels=b[:, :-1].clone()).loss  # HF shifts the labels
 
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-5)
-    data = batches(vocab, batch, seq, steps + 1)
-    times = []
-    for b in data:
-        t0 = time.perf_counter()
+    opt = torch.optim.AdamW(params, lr=1e-5, fused=True)
+
+    def step(b, clock=time.perf_counter) -> float:
+        t0 = clock()
         step_loss(b).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - t0)
+        return clock() - t0
+
+    return step, params, vocab
+
+
+def run_row(row: str, model_path: str, steps: int, batch: int, seq: int, threads: int) -> dict:
+    import torch
+
+    torch.set_num_threads(threads)
+    if "dpo" in row:
+        return run_dpo_row(row, model_path, steps, batch, threads)
+    step, params, vocab = sft_step(row, model_path)
+    times = [step(b) for b in batches(vocab, batch, seq, steps + 1)]
     timed = sum(times[1:])
     return {"row": row, "tokens_per_s": batch * seq * steps / timed,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "trainable": sum(p.numel() for p in params)}
+
+
+def run_sft_paired(rows: list[str], model_path: str, steps: int, batch: int, seq: int, threads: int) -> dict:
+    """Fine-tuning rows in one process, their steps alternating on the same batches (as
+    `run_pretrain_paired`; with one thread, timed in CPU time). Speed only: peak memory needs
+    a process per row. Returns per row the median step's tokens/s and every step's seconds."""
+    import statistics
+
+    import torch
+
+    torch.set_num_threads(threads)
+    clock = time.process_time if threads == 1 else time.perf_counter
+    made = {row: sft_step(row, model_path) for row in rows}
+    vocab = next(iter(made.values()))[2]
+    times: dict[str, list[float]] = {row: [] for row in rows}
+    for i, b in enumerate(batches(vocab, batch, seq, steps + 1)):
+        for row, (step, _, _) in made.items():
+            t = step(b, clock)
+            if i:  # the first step of each is a warm-up
+                times[row].append(t)
+    return {row: {"row": row, "tokens_per_s": batch * seq / statistics.median(ts), "step_seconds": ts}
+            for row, ts in times.items()}
 
 
 # -- DPO: herd train dpo's step vs TRL's DPOTrainer (+ peft LoRA) ------------------------------------
@@ -341,19 +383,35 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--rows", default=",".join(ROWS),
-                   help="comma-separated subset of: " + ", ".join(ROWS + EXTRA_ROWS + PRETRAIN_ROWS))
+    p.add_argument("--rows", help="comma-separated subset of: " + ", ".join(ROWS + EXTRA_ROWS + PRETRAIN_ROWS)
+                   + " [all but the pre-training rows; with --paired: the pre-training rows]")
     p.add_argument("--preset", default="20m", help="pre-training rows: herd's preset [20m]")
     p.add_argument("--vocab", type=int, default=128256, help="pre-training rows: vocabulary size [Llama 3's]")
-    p.add_argument("--paired", action="store_true", help="pre-training rows in one process, steps alternating "
+    p.add_argument("--paired", action="store_true", help="the rows in one process, steps alternating "
                                                            "(speed only; for a machine whose load moves)")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one row in this process
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args()
-    if args.model is None and not args.paired and any(r not in PRETRAIN_ROWS for r in (args.one or args.rows).split(",")):
+    args.rows = args.rows or ",".join(PRETRAIN_ROWS if args.paired else ROWS)
+    if args.model is None and any(r not in PRETRAIN_ROWS for r in (args.one or args.rows).split(",")):
         from llamaherd.fetch import smollm2_gguf
 
         args.model = str(smollm2_gguf())
+    if args.paired and set(args.rows.split(",")) != set(PRETRAIN_ROWS):
+        rows = args.rows.split(",")
+        results = run_sft_paired(rows, args.model, args.steps, args.batch, args.seq, args.threads)
+        print(f"batch {args.batch} x {args.seq}, {args.steps} timed steps each, alternating, {args.threads} threads"
+              f"{' (CPU time)' if args.threads == 1 else ''}")
+        for r in results.values():
+            print(f"{r['row']:<14} {r['tokens_per_s']:8.1f} tokens/s   steps {', '.join(f'{t:.2f}' for t in r['step_seconds'])} s")
+        peers = {"herd full": "hf full", "herd lora": "hf+peft lora", "herd qlora": "hf+peft lora"}
+        for row, peer in peers.items():
+            if row in results and peer in results:
+                print(f"{row} / {peer}: {results[row]['tokens_per_s'] / results[peer]['tokens_per_s']:.2f}x")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=2)
+        return
     if args.paired:
         results = run_pretrain_paired(args.preset, args.vocab, args.steps, args.batch, args.seq, args.threads)
         herd, hf = results["herd pretrain"], results["hf pretrain"]
@@ -393,7 +451,8 @@ def main() -> None:
     print("| run | tokens/s | peak RSS (MB) | vs transformers (speed / memory) |")
     print("|---|---|---|---|")
     peers = {"herd full": "hf full", "herd lora": "hf+peft lora", "herd qlora": "hf+peft lora",
-             "herd dpo lora": "trl dpo lora", "herd dpo lora noshare": "trl dpo lora", "herd pretrain": "hf pretrain"}
+             "herd qlora ac": "hf+peft lora", "herd dpo lora": "trl dpo lora", "herd dpo lora noshare": "trl dpo lora",
+             "herd pretrain": "hf pretrain"}
     for row, r in results.items():
         ratio = ""
         if row in peers and peers[row] in results:
@@ -401,6 +460,9 @@ def main() -> None:
             ratio = f"{r['tokens_per_s'] / q['tokens_per_s']:.2f}x / {q['peak_rss_mb'] / r['peak_rss_mb']:.2f}x"
         mfu = f" (MFU {r['mfu']:.1%} of {r['peak_gflops']:.0f} GFLOP/s)" if "mfu" in r else ""
         print(f"| {row}{mfu} | {r['tokens_per_s']:.0f} | {r['peak_rss_mb']:.0f} | {ratio} |")
+    for row in ("herd qlora", "herd qlora ac"):
+        if row in results and "herd lora" in results:
+            print(f"{row} peak / herd lora peak: {results[row]['peak_rss_mb'] / results['herd lora']['peak_rss_mb']:.2f}x")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

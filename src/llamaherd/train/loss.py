@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 IGNORE = -100
+TINY = 1e-30  # below this a target probability's log is taken from log_softmax instead
 
 
 class _ChunkedCE(torch.autograd.Function):
@@ -78,10 +79,15 @@ class _FusedCE(torch.autograd.Function):
         grad_w = None  # (V, D) float32, from the first block on
         for start in range(0, h.shape[0], rows):
             hc, tc, vc = h[start:start + rows], safe[start:start + rows], valid[start:start + rows]
-            logp = torch.log_softmax((hc @ w.T).float(), dim=-1)  # (R, V)
-            picked = logp.gather(1, tc[:, None])[:, 0]
-            loss -= (picked * vc).sum()
-            d = logp.exp_()  # softmax, in place
+            # The softmax itself (one kernel: exp computed once), the loss as -log of the target's
+            # probability; a probability too small for that (< 1e-30) takes its row's log_softmax.
+            d = torch.softmax((hc @ w.T).float(), dim=-1)  # (R, V)
+            picked = d.gather(1, tc[:, None])[:, 0]
+            nll = -picked.clamp_min(TINY).log()
+            tiny = (picked < TINY).nonzero()[:, 0]
+            if len(tiny):
+                nll[tiny] = -torch.log_softmax((hc[tiny] @ w.T).float(), dim=-1).gather(1, tc[tiny, None])[:, 0]
+            loss += (nll * vc).sum()
             d[torch.arange(len(tc), device=h.device), tc] -= 1.0
             d[(~vc).nonzero()[:, 0]] = 0.0  # ignored positions: no gradient
             # Matmuls in h's dtype (bf16 under CUDA autocast, as the logits' own), sums in float32.
@@ -96,13 +102,19 @@ class _FusedCE(torch.autograd.Function):
         ctx.save_for_backward(*(g for g in (grad_h, grad_w) if g is not None))
         ctx.need = (need_h, need_w)
         ctx.dtypes = (h.dtype, weight.dtype)
+        ctx.spent = False
         return loss
 
     @staticmethod
     def backward(ctx, grad):
+        # Scaled in place: the saved gradients are this call's own (a (V, D) float32 one is 197 MB
+        # for Llama 3's vocabulary at dim 384; a fresh one each step costs its page faults too).
+        if ctx.spent:
+            raise RuntimeError("the fused cross-entropy's backward runs once (no retain_graph)")
+        ctx.spent = True
         saved = iter(ctx.saved_tensors)
-        grad_h = (next(saved) * grad).to(ctx.dtypes[0]) if ctx.need[0] else None
-        grad_w = (next(saved) * grad).to(ctx.dtypes[1]) if ctx.need[1] else None
+        grad_h = next(saved).mul_(grad).to(ctx.dtypes[0]) if ctx.need[0] else None
+        grad_w = next(saved).mul_(grad).to(ctx.dtypes[1]) if ctx.need[1] else None
         return grad_h, grad_w, None, None, None, None
 
 
