@@ -185,6 +185,11 @@ class Generation:
         finally:
             self.cancel()
 
+    def put(self, events: list[Any]) -> None:
+        """Hand events over from the scheduler's thread (through the event loop)."""
+        for event in events:
+            self.queue.put_nowait(event)
+
     def token_bytes(self, token: int) -> bytes:
         return self.loaded.llm.tokenizer.token_bytes(token)
 
@@ -384,8 +389,15 @@ class Engine:
                                 "retry later")
             loop = asyncio.get_running_loop()
 
-            def emit(event: Any) -> None:
-                loop.call_soon_threadsafe(gen.queue.put_nowait, event)
+            held: list[Delta] = []  # a whole reply's pieces until its end (req.stream False)
+
+            def emit(event: Any) -> None:  # on the scheduler's thread
+                if not req.stream and isinstance(event, Delta):
+                    held.append(event)
+                    return
+                events = [*held, event]
+                held.clear()
+                loop.call_soon_threadsafe(gen.put, events)
 
             job = await asyncio.to_thread(self._make_job, loaded, req, emit)
             gen.prompt, gen.num_ctx = job.prompt, job.opts.num_ctx
