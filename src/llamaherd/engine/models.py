@@ -84,7 +84,7 @@ class EngineConfig:
 @dataclass
 class Loaded:
     ref: ModelRef
-    llm: Any  # llamaherd.llm.Llama
+    llm: Any  # a `loader.LoadedModel`
     scheduler: Scheduler
     load_duration: int  # ns
     size: int  # bytes of weights
@@ -245,13 +245,13 @@ class Engine:
     def _load(self, ref: ModelRef) -> Any:
         if self._loader is not None:
             return self._loader(ref.path)
-        from ..llm import Llama, default_device
+        from .loader import LoadedModel, default_device
 
         if ref.adapters:  # merged into float weights, as `herd run` does (no quantized fast path)
             from ..export import load_with_adapters
 
-            return load_with_adapters(ref.path, ref.adapters, self.config.device or default_device())
-        return Llama.load(ref.path, device=self.config.device)
+            return load_with_adapters(ref.path, ref.adapters, self.config.device or default_device(), LoadedModel)
+        return LoadedModel.load(ref.path, device=self.config.device)
 
     async def _resolve(self, name: Any) -> ModelRef:
         if not isinstance(name, str) or not name:
