@@ -276,6 +276,38 @@ def test_keep_alive_and_lru_unloading(tiny_loader):
     asyncio.run(run())
 
 
+def test_a_reply_read_whole_wakes_the_event_loop_once(tiny_loader):
+    """stream=False: the pieces of the reply wait for its end on the scheduler's thread and come in
+    one hand-over (not one wake-up of the event loop a token), as the same events."""
+    async def run():
+        engine = tiny_engine(tiny_loader)
+        await engine.start()
+        loop = asyncio.get_running_loop()
+        handovers = []
+        real = loop.call_soon_threadsafe
+
+        def counted(fn, *args):
+            if getattr(fn, "__name__", "") == "put":  # Generation.put (not to_thread's own)
+                handovers.append(fn)
+            return real(fn, *args)
+
+        loop.call_soon_threadsafe = counted
+        try:
+            replies = {}
+            for stream in (True, False):
+                handovers.clear()
+                gen = await engine.generate(GenerateRequest(model="a", prompt="hi", stream=stream, options={
+                    "num_predict": 6, "temperature": 0}))
+                events = [e async for e in gen]
+                replies[stream] = ([(e.text, e.tokens) for e in events[:-1]], len(handovers))
+            assert replies[False][0] == replies[True][0] and len(replies[True][0]) == 6
+            assert (replies[True][1], replies[False][1]) == (7, 1)
+        finally:
+            await engine.close()
+
+    asyncio.run(run())
+
+
 def test_queue_limit_is_a_503(tiny_loader):
     async def run():
         engine = tiny_engine(tiny_loader, num_parallel=1, max_queue=1)

@@ -12,6 +12,7 @@ import sys
 
 from .. import __version__
 from ..errors import HerdError
+from .common import IntermixedParser
 from . import data, doctor, eval as evaluation, export, guard, models, reward, run, serve, train
 
 # The verb groups, in the order `herd --help` lists them. A new group is a module with
@@ -25,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="run, pull, list, show and rm go through a server running at HERD_HOST when one answers; "
                "--local or HERD_LOCAL=1 keeps them in this process.")
     parser.add_argument("-v", "--version", action="version", version=f"herd version {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=IntermixedParser)
     local = argparse.ArgumentParser(add_help=False)
     local.add_argument("--local", action="store_true",
                        help="work here even when a server answers at HERD_HOST (also: HERD_LOCAL=1)")

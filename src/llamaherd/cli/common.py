@@ -3,11 +3,31 @@ progress bars and Ollama-style tables."""
 
 from __future__ import annotations
 
+import argparse
 import re
 import sys
 
 from .. import settings
 from ..resolve import DEFAULT_MODEL  # noqa: F401  (the verbs import it from here)
+
+
+class IntermixedParser(argparse.ArgumentParser):
+    """A verb's parser whose positionals may come after its options, as Ollama's CLI allows:
+    `herd run MODEL --temperature 0 "prompt"` (argparse's `parse_intermixed_args`). A parser that
+    cannot be parsed so (one with verbs of its own, `herd train`) parses as usual."""
+
+    _inside = False  # parse_known_intermixed_args calls parse_known_args itself (Python < 3.12)
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self._inside:
+            return super().parse_known_args(args, namespace)
+        self._inside = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        except TypeError:  # subparsers or REMAINDER positionals: the ordinary parse
+            return super().parse_known_args(args, namespace)
+        finally:
+            self._inside = False
 
 
 def resolve_model(name: str, progress=None):

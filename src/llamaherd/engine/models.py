@@ -84,7 +84,7 @@ class EngineConfig:
 @dataclass
 class Loaded:
     ref: ModelRef
-    llm: Any  # llamaherd.llm.Llama
+    llm: Any  # a `loader.LoadedModel`
     scheduler: Scheduler
     load_duration: int  # ns
     size: int  # bytes of weights
@@ -185,6 +185,11 @@ class Generation:
         finally:
             self.cancel()
 
+    def put(self, events: list[Any]) -> None:
+        """Hand events over from the scheduler's thread (through the event loop)."""
+        for event in events:
+            self.queue.put_nowait(event)
+
     def token_bytes(self, token: int) -> bytes:
         return self.loaded.llm.tokenizer.token_bytes(token)
 
@@ -240,13 +245,13 @@ class Engine:
     def _load(self, ref: ModelRef) -> Any:
         if self._loader is not None:
             return self._loader(ref.path)
-        from ..llm import Llama, default_device
+        from .loader import LoadedModel, default_device
 
         if ref.adapters:  # merged into float weights, as `herd run` does (no quantized fast path)
             from ..export import load_with_adapters
 
-            return load_with_adapters(ref.path, ref.adapters, self.config.device or default_device())
-        return Llama.load(ref.path, device=self.config.device)
+            return load_with_adapters(ref.path, ref.adapters, self.config.device or default_device(), LoadedModel)
+        return LoadedModel.load(ref.path, device=self.config.device)
 
     async def _resolve(self, name: Any) -> ModelRef:
         if not isinstance(name, str) or not name:
@@ -384,8 +389,15 @@ class Engine:
                                 "retry later")
             loop = asyncio.get_running_loop()
 
-            def emit(event: Any) -> None:
-                loop.call_soon_threadsafe(gen.queue.put_nowait, event)
+            held: list[Delta] = []  # a whole reply's pieces until its end (req.stream False)
+
+            def emit(event: Any) -> None:  # on the scheduler's thread
+                if not req.stream and isinstance(event, Delta):
+                    held.append(event)
+                    return
+                events = [*held, event]
+                held.clear()
+                loop.call_soon_threadsafe(gen.put, events)
 
             job = await asyncio.to_thread(self._make_job, loaded, req, emit)
             gen.prompt, gen.num_ctx = job.prompt, job.opts.num_ctx

@@ -36,6 +36,10 @@ class GenerateRequest:
     format: str | dict[str, Any] | None = None  # "json" or a JSON schema: constrained decoding
     logprobs: int | None = None  # None: off; k >= 0: the chosen token's logprob and k alternatives
     keep_alive: float | None = None  # seconds to keep the model loaded after this request; None: default
+    # False: the caller reads the reply whole, so its pieces come with the end in one hand-over
+    # instead of waking the server's event loop for every token (a thread that competes with the
+    # decode step's threads for the CPU)
+    stream: bool = True
 
 
 @dataclass

@@ -93,11 +93,12 @@ def _peft_config(adapter: Path) -> dict:
     return config
 
 
-def load_with_adapters(path: str | Path, adapters: list[str | Path], device: str = "cpu"):
-    """A `Llama` of the model at `path` with LoRA adapters (PEFT directories or GGUF LoRA files)
-    merged into its float weights (the quantized fast path does not apply: the merged weights are
-    float32)."""
-    from ..llm import Llama
+def load_with_adapters(path: str | Path, adapters: list[str | Path], device: str = "cpu", cls=None):
+    """A `Llama` (or `cls`, e.g. the engine's `LoadedModel`) of the model at `path` with LoRA
+    adapters (PEFT directories or GGUF LoRA files) merged into its float weights (the quantized
+    fast path does not apply: the merged weights are float32)."""
+    if cls is None:
+        from ..llm import Llama as cls
     from ..weights import build_model, load_checkpoint
     from .gguf_lora import load_gguf_lora
 
@@ -110,7 +111,7 @@ def load_with_adapters(path: str | Path, adapters: list[str | Path], device: str
             raise HerdError(f"ADAPTER {adapter.name}: no such file or directory")
     ckpt = load_checkpoint(path)
     model = merge_adapters(build_model(ckpt.args, ckpt.state_dict), adapters).to(device).eval()
-    return Llama(model, ckpt.tokenizer, path=ckpt.path, format=ckpt.format, metadata=ckpt.metadata)
+    return cls(model, ckpt.tokenizer, path=ckpt.path, format=ckpt.format, metadata=ckpt.metadata)
 
 
 def _gguf_meta(ckpt) -> dict[str, Any]:

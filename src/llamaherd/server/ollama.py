@@ -148,7 +148,8 @@ def routes() -> APIRouter:
         reply = await h.generate(et.GenerateRequest(
             model=body.model, prompt=body.prompt, system=body.system, template=body.template, raw=body.raw,
             suffix=body.suffix, context=body.context, options=_options(body.options), format=body.format or None,
-            logprobs=_logprob_request(body.logprobs, body.top_logprobs), keep_alive=keep_alive),
+            logprobs=_logprob_request(body.logprobs, body.top_logprobs), keep_alive=keep_alive,
+            stream=body.stream),
             moderation=request.headers.get("x-herd-moderation"))
         model = reply.model
 
@@ -177,7 +178,8 @@ def routes() -> APIRouter:
         reply = await h.generate(et.GenerateRequest(
             model=body.model, messages=messages, tools=[t.model_dump() for t in body.tools] if body.tools else None,
             options=_options(body.options), format=body.format or None,
-            logprobs=_logprob_request(body.logprobs, body.top_logprobs), keep_alive=keep_alive),
+            logprobs=_logprob_request(body.logprobs, body.top_logprobs), keep_alive=keep_alive,
+            stream=body.stream),
             moderation=request.headers.get("x-herd-moderation"))
         model = reply.model
 

@@ -157,7 +157,7 @@ def routes() -> APIRouter:
         reply = await handler_of(request).generate(et.GenerateRequest(
             model=body.model, messages=_messages(body.messages), tools=tools, options=_options(body),
             format=format, keep_alive=parse_keep_alive(body.keep_alive),
-            logprobs=(body.top_logprobs or 0) if body.logprobs else None),
+            logprobs=(body.top_logprobs or 0) if body.logprobs else None, stream=body.stream),
             moderation=request.headers.get("x-herd-moderation"))
         cid, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), reply.model
         base = {"id": cid, "created": created, "model": model, "system_fingerprint": FINGERPRINT}
@@ -354,7 +354,7 @@ async def _completion(h: Handler, body: s.CompletionRequest, prompt: str | list[
     if not (body.echo and options.get("num_predict") == 0):
         reply = await h.generate(et.GenerateRequest(
             model=body.model, prompt=prompt, raw=True, suffix=body.suffix, options=options, keep_alive=keep_alive,
-            logprobs=body.logprobs), stop_logprob=True, moderation=moderation)
+            logprobs=body.logprobs, stream=False), stop_logprob=True, moderation=moderation)
         model = reply.model
         async for event in reply.events():
             if isinstance(event, Text):

@@ -235,7 +235,8 @@ def routes() -> APIRouter:
         h: Handler = request.app.state.handler
         reply = await h.generate(et.GenerateRequest(
             model=body.model, messages=messages, tools=chat_tools(body.tools, body.tool_choice),
-            options=_options(body), format=output_format(body.text), keep_alive=parse_keep_alive(body.keep_alive)),
+            options=_options(body), format=output_format(body.text), keep_alive=parse_keep_alive(body.keep_alive),
+            stream=body.stream),
             moderation=request.headers.get("x-herd-moderation"))
         draft = Draft(body, reply.model)
 
