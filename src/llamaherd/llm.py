@@ -76,7 +76,9 @@ class Llama:
             device: "cpu" or "cuda"; default CUDA when there is one.
             dtype: float dtype of unquantized weights; default bf16 on CUDA, float32 on CPU.
             quantized: keep GGUF weights 4/8-bit (fast CPU kernels, bf16 matmul inputs); default
-                on for CPU. Off gives the reference path: weights dequantized to `dtype`.
+                on for CPU, where it also keeps a 16-bit Hugging Face or Meta checkpoint's weights
+                as stored for the native kernels' float path when no dtype is given. Off gives the
+                reference path: weights dequantized to `dtype`.
             quantize: "q8_0", "q4_0" or "q4_k" (llama.cpp's Q4_K_M mix): quantize any checkpoint
                 (a Hugging Face directory...) at load into GGUF blocks for the native CPU kernels.
             kv_cache_type: the KV cache's element type, "f32", "f16" or "q8_0" (llama.cpp's
@@ -88,12 +90,15 @@ class Llama:
 
         start = time.perf_counter()
         device = device or default_device()
+        # A 16-bit Hugging Face / Meta checkpoint on the CPU, no dtype asked: its weights as stored,
+        # on the native kernels' float path (as llama.cpp runs an F16 GGUF); see load_checkpoint.
+        float_blocks = quantized is not False and device == "cpu" and dtype is None and quantize is None
         dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
         if quantized is None:
             quantized = device == "cpu"
         if quantize is not None and not device.startswith("cpu"):
             raise HerdError(f"quantize={quantize!r} is for the CPU (its kernels are CPU ones), not {device}")
-        ckpt = load_checkpoint(path, dtype, quantized=quantized, quantize=quantize)
+        ckpt = load_checkpoint(path, dtype, quantized=quantized, quantize=quantize, float_blocks=float_blocks)
         model = build_model(ckpt.args, ckpt.state_dict, device, ckpt.quantized)
         return cls(model, ckpt.tokenizer, path=ckpt.path, format=ckpt.format, metadata=ckpt.metadata,
                    load_duration=time.perf_counter() - start, kv_cache_type=kv_cache_type)
