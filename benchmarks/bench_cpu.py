@@ -336,7 +336,7 @@ def run_worker(name: str, model: str, args, ids_file: Path) -> dict | None:
         return None
     env = worker_env(runtime, args.threads)
     proc = subprocess.run([sys.executable, __file__, "--worker", name, "--model", model,
-                           "--threads", str(args.threads), "--ids", str(ids_file)],
+                           "--threads", str(args.threads), "--ids", str(ids_file), "--decode", str(args.decode)],
                           capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         print(f"[{name} failed]\n{proc.stderr[-2000:]}", file=sys.stderr)
@@ -386,10 +386,12 @@ def main() -> None:
                         "as stored and --quantize q4_k vs transformers (its dtype, and float32)")
     parser.add_argument("--gguf", metavar="FILE", help="with --float: llama.cpp's row, on this GGUF of the same "
                         "weights (a Q4_K_M made by llama-quantize)")
+    parser.add_argument("--decode", type=int, default=N_DECODE, help="decode tokens per measurement (default %(default)s)")
     parser.add_argument("--json", default="benchmarks/results/bench_cpu.json")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--ids", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    globals()["N_DECODE"] = args.decode  # the workers' too (passed on)
     if args.worker:
         return worker(args.worker, args.model[0], args.threads, args.ids)
     tables = {}
