@@ -16,6 +16,11 @@ Each runtime runs in a fresh process of its own, in turn (so peak RSS and cold s
 Ratios are to llama.cpp's figure (for the times and memory, llama.cpp's divided by ours: > 1 is
 better).
 
+--float DIR (with --gguf FILE): a float Hugging Face directory instead, `herd run DIR` as stored (16-bit
+weights on the native float path) and `--quantize q4_k`, against transformers on the same directory
+(its own dtype, and float32; ratios are to the former) and llama.cpp on FILE (a Q4_K_M of the same
+weights made by llama-quantize).
+
 Two more row sets, each asked for by its flag (herd and llama.cpp; transformers is left out):
   --busy     decode tokens/s idle, then under two busy loops (`while :; do :; done`, one per core
              here), and the second as a fraction of the first: how much a competing load slows it
@@ -130,14 +135,28 @@ def run_llamacpp(model: str, threads: int, ids: list[int]) -> dict:
     return dict(load=load, ttft_epoch=ttft_epoch, prefill=len(ids) / prefill_s, decode=N_DECODE / decode_s)
 
 
-def run_transformers(model: str, threads: int, ids: list[int]) -> dict:
+def run_llamaherd_q4_k(model: str, threads: int, ids: list[int]) -> dict:
+    """`herd run DIR --quantize q4_k`: a float checkpoint quantized at load (the Q4_K_M mix)."""
+    import llamaherd
+
+    load = llamaherd.load
+    llamaherd.load = lambda path: load(path, quantize="q4_k")
+    return run_llamaherd(model, threads, ids)
+
+
+def run_transformers(model: str, threads: int, ids: list[int], dtype=None) -> dict:
+    """A GGUF file dequantized to float32, or a Hugging Face directory in its own dtype (`dtype`:
+    another), as transformers' users load them."""
     import torch
     from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(threads)
     path = Path(model)
     t0 = time.perf_counter()
-    hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    if path.is_dir():
+        hf = AutoModelForCausalLM.from_pretrained(path, **({"dtype": dtype} if dtype else {})).eval()
+    else:
+        hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
     load = time.perf_counter() - t0
     short = torch.tensor([ids[:8]])
     with torch.no_grad():
@@ -272,7 +291,14 @@ def long_llamacpp(model: str, threads: int, ids: list[int]) -> dict:
     return out
 
 
+def run_transformers_f32(model: str, threads: int, ids: list[int]) -> dict:
+    import torch
+
+    return run_transformers(model, threads, ids, dtype=torch.float32)
+
+
 WORKERS = {"llamaherd": run_llamaherd, "llama.cpp": run_llamacpp, "transformers": run_transformers,
+           "q4_k:llamaherd": run_llamaherd_q4_k, "f32:transformers": run_transformers_f32,
            "busy:llamaherd": busy_llamaherd, "busy:llama.cpp": busy_llamacpp,
            "long:llamaherd": long_llamaherd, "long:llama.cpp": long_llamacpp}
 REQUIRES = {"llamaherd": "llamaherd", "llama.cpp": "llama_cpp", "transformers": "transformers"}
@@ -310,7 +336,7 @@ def run_worker(name: str, model: str, args, ids_file: Path) -> dict | None:
         return None
     env = worker_env(runtime, args.threads)
     proc = subprocess.run([sys.executable, __file__, "--worker", name, "--model", model,
-                           "--threads", str(args.threads), "--ids", str(ids_file)],
+                           "--threads", str(args.threads), "--ids", str(ids_file), "--decode", str(args.decode)],
                           capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         print(f"[{name} failed]\n{proc.stderr[-2000:]}", file=sys.stderr)
@@ -356,14 +382,22 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", choices=list(REQUIRES), default=list(REQUIRES))
     parser.add_argument("--busy", action="store_true", help="add the busy-machine rows")
     parser.add_argument("--long", action="store_true", help="add the long-context rows (4k and 16k)")
+    parser.add_argument("--float", metavar="DIR", help="instead: a float Hugging Face directory (safetensors), herd "
+                        "as stored and --quantize q4_k vs transformers (its dtype, and float32)")
+    parser.add_argument("--gguf", metavar="FILE", help="with --float: llama.cpp's row, on this GGUF of the same "
+                        "weights (a Q4_K_M made by llama-quantize)")
+    parser.add_argument("--decode", type=int, default=N_DECODE, help="decode tokens per measurement (default %(default)s)")
     parser.add_argument("--json", default="benchmarks/results/bench_cpu.json")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--ids", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    globals()["N_DECODE"] = args.decode  # the workers' too (passed on)
     if args.worker:
         return worker(args.worker, args.model[0], args.threads, args.ids)
     tables = {}
-    for model in args.model:
+    if args.float:
+        tables[Path(args.float).name] = bench_float(args)
+    for model in [] if args.float else args.model:
         model = smollm2_file(model)
         tables[Path(model).name] = bench(model, args)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -390,22 +424,31 @@ def smollm2_file(name: str) -> str:
     return str(out)
 
 
-def bench(model: str, args) -> dict:
-    """One table: every runtime of `args.only` on `model`, each in a process of its own."""
+def bench_float(args) -> dict:
+    """The float checkpoint's table (--float DIR): herd on the directory as stored and quantized at
+    load, transformers on it (its own dtype, and float32), llama.cpp on --gguf."""
+    runs = [("llamaherd", args.float), ("q4_k:llamaherd", args.float), ("transformers", args.float),
+            ("f32:transformers", args.float)] + ([("llama.cpp", args.gguf)] if args.gguf else [])
+    return bench(args.float, args, runs, base_name="transformers")
+
+
+def bench(model: str, args, runs: list[tuple[str, str]] | None = None, base_name: str = "llama.cpp") -> dict:
+    """One table: every runtime of `args.only` on `model` (or each (worker, model) of `runs`), each
+    in a process of its own; ratios to `base_name`'s row."""
     ids_file = Path("/tmp") / f"bench_ids_{os.getpid()}.json"
     ids_file.write_text(json.dumps(prompt_ids(model)))
     results = {}
-    for name in args.only:
+    for name, path in runs or [(name, model) for name in args.only]:
         start = time.time()
-        r = run_worker(name, model, args, ids_file)
+        r = run_worker(name, path, args, ids_file)
         if r:
             r["ttft"] = r.pop("ttft_epoch") - start
             results[name] = r
 
-    base = results.get("llama.cpp")
+    base = results.get(base_name)
     cols = [("decode", "decode tok/s", True), ("prefill", "prefill tok/s", True), ("ttft", "TTFT s", False),
             ("load", "load s", False), ("peak_rss", "peak RSS MB", False)]
-    header = f"{'runtime':<14}" + "".join(f"{title:>22}" for _, title, _ in cols)
+    header = f"{'runtime':<18}" + "".join(f"{title:>22}" for _, title, _ in cols)
     print(f"model: {Path(model).name}, threads: {args.threads}")
     print(header)
     for name, r in results.items():
@@ -415,10 +458,11 @@ def bench(model: str, args) -> dict:
             if base:
                 ratio = r[key] / base[key] if higher_better else base[key] / r[key]
                 cell += f" ({ratio:.2f}x)"
-                r[f"{key}_vs_llama.cpp"] = ratio
+                r[f"{key}_vs_{base_name}"] = ratio
             cells.append(f"{cell:>22}")
-        print(f"{name:<14}" + "".join(cells))
-    results.update(extra_rows(model, args, ids_file))
+        print(f"{name:<18}" + "".join(cells))
+    if runs is None:
+        results.update(extra_rows(model, args, ids_file))
     return results
 
 

@@ -47,9 +47,11 @@ class LoadedModel:
             device: "cpu" or "cuda"; default CUDA when there is one.
             dtype: float dtype of unquantized weights; default bf16 on CUDA, float32 on CPU.
             quantized: keep GGUF weights 4/8-bit (default): on a CPU, the native block kernels
-                (or torch's int4/int8 ones); on CUDA, Q4_0/Q4_1/Q4_K projections in torch's int4
-                layers (tinygemm) and the other types in `dtype`. Off gives the reference path:
-                weights dequantized to `dtype` (the default on other devices).
+                (or torch's int4/int8 ones), where it also keeps a 16-bit Hugging Face or Meta
+                checkpoint's weights as stored for the native kernels' float path when no dtype is
+                given; on CUDA, Q4_0/Q4_1/Q4_K projections in torch's int4 layers (tinygemm) and
+                the other types in `dtype`. Off gives the reference path: weights dequantized to
+                `dtype` (the default on other devices).
             quantize: "q8_0", "q4_0" or "q4_k" (llama.cpp's Q4_K_M mix): quantize any checkpoint
                 (a Hugging Face directory...) at load into GGUF blocks for the native CPU kernels.
             kv_cache_type: the KV cache's element type, "f32", "f16" or "q8_0" (llama.cpp's
@@ -61,13 +63,17 @@ class LoadedModel:
 
         start = time.perf_counter()
         device = device or default_device()
+        # A 16-bit Hugging Face / Meta checkpoint on the CPU, no dtype asked: its weights as stored,
+        # on the native kernels' float path (as llama.cpp runs an F16 GGUF); see load_checkpoint.
+        float_blocks = quantized is not False and device == "cpu" and dtype is None and quantize is None
         dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
         gpu = device.startswith("cuda")
         if quantized is None:
             quantized = device == "cpu" or gpu
         if quantize is not None and not device.startswith("cpu"):
             raise HerdError(f"quantize={quantize!r} is for the CPU (its kernels are CPU ones), not {device}")
-        ckpt = load_checkpoint(path, dtype, quantized=quantized, quantize=quantize, gpu=gpu)
+        ckpt = load_checkpoint(path, dtype, quantized=quantized, quantize=quantize, gpu=gpu,
+                               float_blocks=float_blocks)
         model = build_model(ckpt.args, ckpt.state_dict, device, ckpt.quantized)
         return cls(model, ckpt.tokenizer, path=ckpt.path, format=ckpt.format, metadata=ckpt.metadata,
                    load_duration=time.perf_counter() - start, kv_cache_type=kv_cache_type)

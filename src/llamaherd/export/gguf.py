@@ -12,6 +12,7 @@ norms always stay f32.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -133,7 +134,10 @@ def save_gguf(state_dict: dict[str, torch.Tensor], args: ModelArgs, tokenizer, o
         raise HerdError(f"unknown quantization {quant!r}; valid: {', '.join(QUANTS)}")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    writer = gguf.GGUFWriter(str(out), "llama")
+    # Written beside it, then renamed over it: a model loaded from `out` maps the old file's pages
+    # (quantize.linear.file_bytes), which must not change under it.
+    part = out.with_name(f"{out.name}.partial{os.getpid()}")
+    writer = gguf.GGUFWriter(str(part), "llama")
     writer.add_name(name)
     writer.add_context_length(args.max_seq_len)
     writer.add_embedding_length(args.dim)
@@ -179,6 +183,7 @@ def save_gguf(state_dict: dict[str, torch.Tensor], args: ModelArgs, tokenizer, o
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+    os.replace(part, out)
     return out
 
 

@@ -105,7 +105,9 @@ class GGUFFile:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         try:
-            self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
+            # copy-on-write: pages stay the file's (nothing is ever written), and tensors made from
+            # them without a copy (`quantize.linear`: a block model's weights) are writable arrays
+            self._map = np.memmap(self.path, dtype=np.uint8, mode="c")
         except FileNotFoundError:
             raise FormatError(f"{self.path} does not exist") from None
         except (ValueError, OSError) as e:  # e.g. an empty file cannot be mapped

@@ -126,14 +126,19 @@ class GGMLEmbedding(nn.Module):
 
     `parts` [(rows, qtype), ...] (a fused projection whose parts differ in type, e.g. wq, wk Q4_K and
     wv Q6_K): the parts' rows stacked, each part's bytes after the last's, in one flat buffer.
+    [(rows, qtype, offset), ...]: each part's bytes at `offset` in the buffer — a span of the GGUF
+    file's mapping that holds them all, where the file put them (`mapped_parts`): not copied.
     """
 
-    def __init__(self, num_embeddings: int, dim: int, qtype: Q, device=None, parts: list[tuple[int, Q]] | None = None):
+    def __init__(self, num_embeddings: int, dim: int, qtype: Q, device=None, parts: list[tuple] | None = None):
         super().__init__()
         self.dim, self.qtype, self.n_rows = dim, Q(qtype), num_embeddings
-        self.parts = [(int(n), Q(t)) for n, t in parts] if parts and len({t for _, t in parts}) > 1 else None
+        mapped = bool(parts) and len(parts[0]) > 2
+        self.parts = [(int(p[0]), Q(p[1]), *map(int, p[2:])) for p in parts] \
+            if parts and (mapped or len({p[1] for p in parts}) > 1) else None
         if self.parts:
-            size = sum(n * dim // GGML_QUANT_SIZES[t][0] * GGML_QUANT_SIZES[t][1] for n, t in self.parts)
+            sizes = [n * dim // GGML_QUANT_SIZES[t][0] * GGML_QUANT_SIZES[t][1] for n, t, *_ in self.parts]
+            size = max(p[2] + n for p, n in zip(self.parts, sizes)) if mapped else sum(sizes)
             self.register_buffer("raw", torch.empty(size, dtype=torch.uint8, device=device))
         else:
             block, size = GGML_QUANT_SIZES[self.qtype]
@@ -171,7 +176,8 @@ class GGMLEmbedding(nn.Module):
 
 
 REPACKED_TYPES = (Q.Q4_0, Q.Q4_1, Q.Q8_0)  # what kernels/blockmm.c multiplies from its own 8-row layout
-KQUANT_TYPES = (Q.Q5_0, Q.Q5_1, Q.Q4_K, Q.Q5_K, Q.Q6_K)  # what kernels/kquant.c multiplies from the file's blocks
+FLOAT_TYPES = (Q.F32, Q.F16, Q.BF16)  # float weights as stored (`weights.quantized.float_blocks_state_dict`)
+KQUANT_TYPES = (Q.Q5_0, Q.Q5_1, Q.Q4_K, Q.Q5_K, Q.Q6_K) + FLOAT_TYPES  # what kernels/kquant.c multiplies from the file's blocks
 NATIVE_TYPES = REPACKED_TYPES + KQUANT_TYPES
 
 
@@ -350,8 +356,7 @@ def pack_gguf_tensor(data, qtype: Q, shape: tuple[int, int], int4: bool = True, 
     """
     kind = _pack_kind(qtype, shape, int4, native_ok, gpu)
     if kind == "block":
-        raw = torch.from_numpy(np.array(data)).view(shape[0], -1)  # a copy of the file's bytes
-        return f"block:{qtype.name}", {"raw": raw}
+        return f"block:{qtype.name}", {"raw": file_bytes(data).view(shape[0], -1)}
     if kind == "int4":
         return "int4", int4_from_gguf(data, qtype, shape)
     if kind == "float":
@@ -384,6 +389,9 @@ def pack_gguf_tensors(parts: list[tuple], int4: bool = True, native_ok: bool | N
         buffers = [int4_from_gguf(data, Q(qtype), shape) for data, qtype, shape in parts]
         return "int4", {"codes": torch.cat([b["codes"] for b in buffers]),
                         "scales_and_zeros": torch.cat([b["scales_and_zeros"] for b in buffers], dim=1)}
+    if kind == "block" and not qtypes <= set(REPACKED_TYPES) and (span := mapped_parts([d for d, _, _ in parts])):
+        raw, offsets = span  # the file's bytes where they lie: no copy (kernels/kquant.c reads them there)
+        return "block:" + "+".join(f"{Q(t).name}@{o}" for (_, t, _), o in zip(parts, offsets)), {"raw": raw}
     if len(qtypes) != 1:  # blocks of several types (Q4_K_M: wv Q6_K beside Q4_K): each part's bytes after the last's
         raw = torch.from_numpy(np.concatenate([np.asarray(data).reshape(-1) for data, _, _ in parts]))
         return "block:" + "+".join(Q(qtype).name for _, qtype, _ in parts), {"raw": raw}
@@ -391,10 +399,42 @@ def pack_gguf_tensors(parts: list[tuple], int4: bool = True, native_ok: bool | N
     return pack_gguf_tensor(stacked, qtypes.pop(), (N, K), int4, native_ok)
 
 
+def _mapped_root(a: np.ndarray) -> np.ndarray | None:
+    """The file mapping (np.memmap, 1-D bytes) an array is a view of, or None."""
+    root = a
+    while isinstance(root.base, np.ndarray):
+        root = root.base
+    return root if isinstance(root, np.memmap) and root.ndim == 1 and root.dtype == np.uint8 else None
+
+
+def file_bytes(data) -> torch.Tensor:
+    """GGUF blocks as a uint8 tensor: the file's own mapped pages when `data` is a view of a GGUF
+    file's mapping (`formats.gguf.GGUFFile`: held once, as llama.cpp holds them), else a copy."""
+    a = np.asarray(data)
+    if _mapped_root(a) is not None and a.flags.c_contiguous and a.flags.writeable:
+        return torch.from_numpy(a)
+    return torch.from_numpy(np.array(a))
+
+
+def mapped_parts(datas: list) -> tuple[torch.Tensor, list[int]] | None:
+    """The span of one GGUF file's mapping holding every part of a fused projection (views of it,
+    each contiguous), and each part's byte offset in it; None when they are not such views."""
+    arrays = [np.asarray(d) for d in datas]
+    roots = [_mapped_root(a) for a in arrays]
+    if roots[0] is None or any(r is not roots[0] for r in roots) or \
+            not all(a.flags.c_contiguous and a.flags.writeable for a in arrays):
+        return None
+    base = roots[0].ctypes.data
+    starts = [a.ctypes.data - base for a in arrays]
+    lo, hi = min(starts), max(s + a.nbytes for s, a in zip(starts, arrays))
+    return torch.from_numpy(roots[0][lo:hi]), [s - lo for s in starts]
+
+
 def swap_quantized_modules(model: nn.Module, kinds: dict[str, str]) -> None:
     """Replace the `nn.Linear` / `nn.Embedding` named in `kinds` by their quantized counterparts.
 
-    Kinds: "int4", "int8", "block:<TYPE>" (`BlockLinear`; "block:Q4_K+Q4_K+Q6_K" for a fused one of mixed parts), "ggml:<TYPE>" (an embedding kept in GGUF
+    Kinds: "int4", "int8", "block:<TYPE>" (`BlockLinear`; "block:Q4_K+Q4_K+Q6_K" for a fused one of mixed parts,
+    "block:Q5_0@0+Q5_0@N+Q8_0@M" for one whose parts lie at those offsets of a mapped span), "ggml:<TYPE>" (an embedding kept in GGUF
     blocks), and the output projection's "refined_block:<TYPE>" (`RefinedBlockLinear`) or
     "refined:<TYPE>" (`RefinedInt8Linear`).
     """
@@ -409,9 +449,11 @@ def swap_quantized_modules(model: nn.Module, kinds: dict[str, str]) -> None:
         kind, _, qtype = kind.partition(":")
         if kind == "ggml":
             new = GGMLEmbedding(old.num_embeddings, old.embedding_dim, Q[qtype], device="meta")
-        elif kind == "block":
-            qtypes = [Q[t] for t in qtype.split("+")]  # several: a fused projection's parts (`pack_gguf_tensors`)
-            shares = [(p.out_features, t) for p, t in zip(parts, qtypes)] if len(qtypes) > 1 else None
+        elif kind == "block":  # several types: a fused projection's parts; "TYPE@OFFSET": mapped (`pack_gguf_tensors`)
+            names = [t.partition("@") for t in qtype.split("+")]
+            qtypes = [Q[t] for t, _, _ in names]
+            shares = [(p.out_features, t, *([int(o)] if o else [])) for p, t, (_, _, o) in zip(parts, qtypes, names)] \
+                if len(qtypes) > 1 else None
             new = BlockLinear(old.in_features, old.out_features, qtypes[0], device="meta", parts=shares)
         elif kind == "refined_block":
             new = RefinedBlockLinear(old.in_features, old.out_features, Q[qtype], device="meta")

@@ -89,7 +89,7 @@ def _build() -> ctypes.CDLL | None:
     lib.block_mm_dense.restype = None
     lib.block_mm_dense.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int]
     lib.kq_mixed.restype = ctypes.c_int
-    lib.kq_mixed.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+    lib.kq_mixed.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
     lib.kq_rows_dequantize.restype = None
     lib.kq_rows_dequantize.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
     lib.kq_force_scalar.restype = None
@@ -169,15 +169,18 @@ def block_dequantize(raw: torch.Tensor, qtype: int, K: int) -> torch.Tensor:
 
 # -- the other block types (kernels/kquant.c): block_mm and block_mm_dense hand them over --------
 
-KQUANT_TYPES = (6, 7, 12, 13, 14)  # Q5_0, Q5_1, Q4_K, Q5_K, Q6_K (ggml's type ids)
+KQUANT_TYPES = (6, 7, 12, 13, 14, 0, 1, 30)  # Q5_0, Q5_1, Q4_K, Q5_K, Q6_K, and F32, F16, BF16 (ggml's type ids)
 
 
-def mixed_type(parts: list[tuple[int, int]]) -> int:
-    """The kernel type of a fused projection whose parts (rows, ggml type) differ in type: their rows
-    stacked, each part's bytes after the last's (kernels/kquant.c `kq_mixed`)."""
-    rows = (ctypes.c_int64 * len(parts))(*(r for r, _ in parts))
-    types = (ctypes.c_int32 * len(parts))(*(int(t) for _, t in parts))
-    kind = library().kq_mixed(len(parts), rows, types)
+def mixed_type(parts: list[tuple]) -> int:
+    """The kernel type of a fused projection whose parts, each (rows, ggml type) or (rows, ggml type,
+    byte offset), differ in type or lie where a file holds them: their rows stacked, each part's
+    bytes at its offset from the projection's first byte, or else after the last part's
+    (kernels/kquant.c `kq_mixed`)."""
+    rows = (ctypes.c_int64 * len(parts))(*(p[0] for p in parts))
+    types = (ctypes.c_int32 * len(parts))(*(int(p[1]) for p in parts))
+    offsets = (ctypes.c_int64 * len(parts))(*(p[2] for p in parts)) if len(parts[0]) > 2 else None
+    kind = library().kq_mixed(len(parts), rows, types, offsets)
     if kind < 0:
         raise ValueError(f"no native kernel for a projection of parts {parts}")
     return kind

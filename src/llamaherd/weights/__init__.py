@@ -52,7 +52,7 @@ def detect_format(path: Path) -> str:
 
 
 def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32, quantized: bool = False,
-                    quantize: str | None = None, gpu: bool = False) -> Checkpoint:
+                    quantize: str | None = None, gpu: bool = False, float_blocks: bool = False) -> Checkpoint:
     """Read weights, config and tokenizer from any supported format, and check them.
 
     `quantized`: keep a GGUF file's quantized weights quantized (CPU inference; with `gpu`, its
@@ -60,6 +60,9 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32, quanti
     and float GGUF tensors are unaffected.
     `quantize`: q8_0 | q4_0 | q4_k: quantize the weights at load, whatever the format, into the GGUF
     blocks of that scheme (`weights.quantized`), for the native CPU kernels.
+    `float_blocks`: a Hugging Face or Meta checkpoint stored in f16 / bf16 keeps those weights as
+    stored, for the native CPU kernels' float path (`weights.quantized.float_blocks_state_dict`),
+    where they build; other checkpoints load as without it.
     """
     if quantize is not None:
         from ..quantize.blocks import check_scheme
@@ -82,16 +85,18 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32, quanti
     elif kind == "hf":
         from .hf import load_hf
 
-        args, sd, meta = load_hf(path, dtype)
+        args, sd, meta = load_hf(path, None if float_blocks else dtype)
         tokenizer = load_tokenizer(path)
     else:
         from .meta import load_meta
 
-        args, sd, meta = load_meta(path, dtype)
+        args, sd, meta = load_meta(path, None if float_blocks else dtype)
         tok_file = next((p / "tokenizer.model" for p in (path, path.parent) if (p / "tokenizer.model").exists()), None)
         if tok_file is None:
             raise HerdError(f"no tokenizer found for {path}: expected tokenizer.model beside params.json")
         tokenizer = load_tokenizer(tok_file)
+    if float_blocks and kind != "gguf":
+        sd, kinds = _float_blocks(args, sd, dtype)
     if quantize is not None:
         from .quantized import quantize_state_dict
 
@@ -99,6 +104,18 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32, quanti
         sd, kinds = quantize_state_dict(args, sd, quantize)
     check_state_dict(sd, args, kinds)
     return Checkpoint(args, sd, tokenizer, kind, path, meta, kinds)
+
+
+def _float_blocks(args: ModelArgs, sd: dict[str, torch.Tensor], dtype: torch.dtype):
+    """A float checkpoint read as stored: its 16-bit weights kept for the native kernels when they
+    build (`float_blocks_state_dict`), else every tensor in `dtype` as without `float_blocks`."""
+    from ..quantize import native
+    from .quantized import FLOAT_BLOCK_DTYPES, float_blocks_state_dict
+
+    check_state_dict(sd, args)
+    if sd["tok_embeddings.weight"].dtype in FLOAT_BLOCK_DTYPES and native.available():
+        return float_blocks_state_dict(args, sd)
+    return {name: t.to(dtype) if t.is_floating_point() else t for name, t in sd.items()}, {}
 
 
 def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:

@@ -117,7 +117,9 @@ def add_embedding_or_output(module: str, data, qtype, shape: tuple[int, int], ti
     from ..quantize import native
     from ..quantize.linear import NATIVE_TYPES, quantize_int8_rows
 
-    raw = torch.from_numpy(np.array(data))  # a copy: 1 byte a weight or so
+    from ..quantize.linear import file_bytes
+
+    raw = file_bytes(data)  # the file's mapped bytes where it is one (held once)
     if module == "tok_embeddings":
         kinds[module] = f"ggml:{qtype.name}"
         state_dict["tok_embeddings.raw"] = raw

@@ -30,6 +30,8 @@ int kq_handles(int type);
 void kq_mm(const int16_t *xq, const float *xd, const float *xs, const uint8_t *w, float *y, int64_t M, int64_t N,
            int64_t K, int type);
 void kq_mm_dense(const float *x, const uint8_t *w, float *y, int64_t M, int64_t N, int64_t K, int type);
+int kq_is_float(int type);
+void kq_mm_float(const float *x, const uint8_t *w, float *y, int64_t M, int64_t N, int64_t K, int type);
 
 #define QK 32
 /* Each weight row is read 1 KB ahead of its use. The hardware prefetcher alone follows the NT
@@ -234,6 +236,10 @@ static inline __attribute__((always_inline)) void tile8(const uint8_t *w, const 
 void block_mm(const float *x, const uint8_t *w, void *scratch, float *y, int64_t M, int64_t N, int64_t K,
               int type) {
     const int64_t nb = K / QK, row_bytes = nb * block_bytes(type);
+    if (kq_is_float(type)) { /* float weights: float activations (kquant.c) */
+        kq_mm_float(x, w, y, M, N, K, type);
+        return;
+    }
     int16_t *xq = (int16_t *)scratch;
     float *xd = (float *)(xq + M * K), *xs = xd + M * nb;
     quantize_x(x, xq, xd, xs, M * nb);

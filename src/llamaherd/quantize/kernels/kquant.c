@@ -30,7 +30,7 @@
 
 #include "simd.h"
 
-enum { Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14 };
+enum { F32 = 0, F16 = 1, Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14, BF16 = 30 };
 #define MIXED 1000   /* kernel types MIXED + i: entry i of the table of mixed projections */
 #define MAX_MIXED 256
 #define MAX_PARTS 8
@@ -51,9 +51,13 @@ static int64_t block_bytes(int type) {
         case Q4_K: return 144;
         case Q5_K: return 176;
         case Q6_K: return 210;
+        case F32: return 128; /* float weights: 32 of them a "block" */
+        case F16: return 64;
+        case BF16: return 64;
         default: return 0;
     }
 }
+static int is_float(int type) { return type == F32 || type == F16 || type == BF16; }
 static int has_min(int type) { return type == Q4_1 || type == Q5_1 || type == Q4_K || type == Q5_K; }
 
 int64_t kq_row_bytes(int64_t K, int type) {
@@ -65,27 +69,34 @@ typedef struct {
     int n;
     int64_t rows[MAX_PARTS];
     int types[MAX_PARTS];
+    int64_t offsets[MAX_PARTS]; /* each part's first byte from the projection's pointer; -1: after the last part */
 } mixed_t;
 static mixed_t mixes[MAX_MIXED];
 static int n_mixes = 0;
 
-/* The kernel type of a projection whose parts have rows[i] rows of types[i]: MIXED + an entry of
- * the table (the same entry for the same parts), or -1 when the table is full or a type is unknown. */
-int kq_mixed(int n, const int64_t *rows, const int32_t *types) {
+/* The kernel type of a projection whose parts have rows[i] rows of types[i], part i's bytes at
+ * offsets[i] from the projection's pointer (offsets NULL: each part's bytes after the last's; given:
+ * the parts where a GGUF file holds them, mapped, not copied): MIXED + an entry of the table (the
+ * same entry for the same parts), or -1 when the table is full or a type is unknown. */
+int kq_mixed(int n, const int64_t *rows, const int32_t *types, const int64_t *offsets) {
     if (n < 1 || n > MAX_PARTS) return -1;
     for (int i = 0; i < n; i++)
-        if (!block_bytes(types[i])) return -1;
+        if (!block_bytes(types[i]) || (offsets && offsets[i] < 0)) return -1;
     int found = -1;
 #pragma omp critical(kq_mixes)
     {
         for (int e = 0; e < n_mixes && found < 0; e++) {
             int same = mixes[e].n == n;
-            for (int i = 0; same && i < n; i++) same = mixes[e].rows[i] == rows[i] && mixes[e].types[i] == types[i];
+            for (int i = 0; same && i < n; i++)
+                same = mixes[e].rows[i] == rows[i] && mixes[e].types[i] == types[i] &&
+                       mixes[e].offsets[i] == (offsets ? offsets[i] : -1);
             if (same) found = e;
         }
         if (found < 0 && n_mixes < MAX_MIXED) {
             mixes[n_mixes].n = n;
-            for (int i = 0; i < n; i++) mixes[n_mixes].rows[i] = rows[i], mixes[n_mixes].types[i] = types[i];
+            for (int i = 0; i < n; i++)
+                mixes[n_mixes].rows[i] = rows[i], mixes[n_mixes].types[i] = types[i],
+                mixes[n_mixes].offsets[i] = offsets ? offsets[i] : -1;
             found = n_mixes++;
         }
     }
@@ -94,16 +105,21 @@ int kq_mixed(int n, const int64_t *rows, const int32_t *types) {
 
 /* Whether this file multiplies `type` (blockmm.c keeps Q4_0, Q4_1, Q8_0 alone and its repacked types). */
 int kq_handles(int type) {
-    return type == Q5_0 || type == Q5_1 || type == Q4_K || type == Q5_K || type == Q6_K ||
+    return is_float(type) || type == Q5_0 || type == Q5_1 || type == Q4_K || type == Q5_K || type == Q6_K ||
            (type >= MIXED && type < MIXED + n_mixes);
 }
 
 /* The parts of a kernel type: one for a plain type. */
 static mixed_t parts_of(int type) {
     if (type >= MIXED) return mixes[type - MIXED];
-    mixed_t one = {1, {0}, {type}};
+    mixed_t one = {1, {0}, {type}, {-1}};
     one.rows[0] = INT64_MAX;
     return one;
+}
+
+/* Where part i of `p` starts: at its offset from w, or (no offset) at `next`, after the last part. */
+static inline const uint8_t *part_at(const mixed_t *p, int i, const uint8_t *w, const uint8_t *next) {
+    return p->offsets[i] >= 0 ? w + p->offsets[i] : next;
 }
 
 /* -- decoding, in plain C --------------------------------------------------------------------- */
@@ -187,8 +203,29 @@ static void block_codes(const uint8_t *row, int64_t j, int type, int16_t q[32]) 
 }
 
 /* A row of K weights as float32, bit-exact with gguf-py. */
+static float bf16(const uint8_t *p) { /* bfloat16 -> fp32: the top half of its bits */
+    const uint32_t bits = (uint32_t)(p[0] | p[1] << 8) << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+/* Weight k of a row of float weights (F32, F16, BF16), exactly. */
+static inline float float_weight(const uint8_t *row, int64_t k, int type) {
+    if (type == F32) {
+        float f;
+        memcpy(&f, row + 4 * k, 4);
+        return f;
+    }
+    return type == F16 ? half(row + 2 * k) : bf16(row + 2 * k);
+}
+
 __attribute__((optimize("fp-contract=off"))) static void dequantize_row(const uint8_t *row, float *o, int64_t K,
                                                                         int type) {
+    if (is_float(type)) {
+        for (int64_t k = 0; k < K; k++) o[k] = float_weight(row, k, type);
+        return;
+    }
     const int min = has_min(type);
     for (int64_t j = 0; j < K / 32; j++, o += 32) {
         int16_t q[32];
@@ -202,13 +239,15 @@ __attribute__((optimize("fp-contract=off"))) static void dequantize_row(const ui
 /* Where row r of a projection of kernel type `type` starts, and its own type. */
 static const uint8_t *row_at(const uint8_t *w, int64_t r, int64_t K, int type, int *row_type) {
     const mixed_t p = parts_of(type);
+    const uint8_t *at = w;
     for (int i = 0; i < p.n; i++) {
+        at = part_at(&p, i, w, at);
         if (r < p.rows[i] || i == p.n - 1) {
             *row_type = p.types[i];
-            return w + r * kq_row_bytes(K, p.types[i]);
+            return at + r * kq_row_bytes(K, p.types[i]);
         }
         r -= p.rows[i];
-        w += p.rows[i] * kq_row_bytes(K, p.types[i]);
+        at += p.rows[i] * kq_row_bytes(K, p.types[i]);
     }
     return NULL;
 }
@@ -370,6 +409,66 @@ static inline __attribute__((always_inline)) void tile(const uint8_t *w, int64_t
         for (int r = 0; r < mt; r++) y[(m0 + r) * ldy + n + f] = hsum(acc[f][r]) + mins[f][r];
 }
 
+/* -- float weights (F32, F16, BF16: a Hugging Face checkpoint's as stored) ----------------------
+ * y = x @ W^T with the activations kept float32 (nothing to gain from rounding them: the weights
+ * are already 16 or 32 bits) and each weight widened to float32 as it is read, as llama.cpp runs an
+ * F16 GGUF. Half the bytes of a float32 model a token, and no torch op between the matmuls. Each
+ * y[m, n] is one chain of multiply-adds over k in 8 lanes, then `hsum`: the same for any M. */
+static inline __attribute__((always_inline)) __m256 load8(const uint8_t *row, int64_t k, const int type) {
+    if (type == F32) return _mm256_loadu_ps((const float *)row + k);
+    const __m128i h = _mm_loadu_si128((const __m128i *)(row + 2 * k));
+    if (type == F16) return _mm256_cvtph_ps(h);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)); /* BF16 */
+}
+
+#define FNT 4 /* weight rows a tile */
+#define FMT 2 /* activation rows a tile */
+
+static inline __attribute__((always_inline)) void float_tile(const uint8_t *w, int64_t row_bytes, const float *x,
+        float *y, int64_t ldy, int64_t n, int64_t m0, int64_t K, const int nt, const int mt, const int type) {
+    __m256 acc[FNT][FMT];
+    for (int f = 0; f < nt; f++)
+        for (int r = 0; r < mt; r++) acc[f][r] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K; k += 8) {
+        __m256 wv[FNT];
+        for (int f = 0; f < nt; f++) {
+            const uint8_t *row = w + (n + f) * row_bytes;
+            if (k % 32 == 0) _mm_prefetch((const char *)row + k * (row_bytes / K) + PREFETCH, _MM_HINT_T0);
+            wv[f] = load8(row, k, type);
+        }
+        for (int r = 0; r < mt; r++) {
+            const __m256 xv = _mm256_loadu_ps(x + (m0 + r) * K + k);
+            for (int f = 0; f < nt; f++) acc[f][r] = _mm256_fmadd_ps(wv[f], xv, acc[f][r]);
+        }
+    }
+    for (int f = 0; f < nt; f++)
+        for (int r = 0; r < mt; r++) y[(m0 + r) * ldy + n + f] = hsum(acc[f][r]);
+}
+
+#define FTILE(nt, type)                                                                      \
+    if (mt == 1) float_tile(w, row_bytes, x, y, ldy, n, m0, K, nt, 1, type);                 \
+    else float_tile(w, row_bytes, x, y, ldy, n, m0, K, nt, 2, type);
+#define FTILES(type)                                                                          \
+    switch (nt) {                                                                             \
+        case 1: FTILE(1, type) break;                                                         \
+        case 2: FTILE(2, type) break;                                                         \
+        case 3: FTILE(3, type) break;                                                         \
+        default: FTILE(4, type) break;                                                        \
+    }
+
+static void float_mm_simd(const float *x, const uint8_t *w, float *y, int64_t ldy, int64_t M, int64_t N, int64_t K,
+                          int type) {
+    const int64_t row_bytes = kq_row_bytes(K, type);
+#pragma omp parallel for schedule(static)
+    for (int64_t n = 0; n < N; n += FNT) {
+        const int nt = (int)(N - n < FNT ? N - n : FNT);
+        for (int64_t m0 = 0; m0 < M; m0 += FMT) {
+            const int mt = (int)(M - m0 < FMT ? M - m0 : FMT);
+            if (type == F32) { FTILES(F32) } else if (type == F16) { FTILES(F16) } else { FTILES(BF16) }
+        }
+    }
+}
+
 /* dequantize_row in AVX2, to the same bits (a multiply, then an add: contraction off): the prompt
  * path's panels, which the scalar loop made cost more than the multiply itself. */
 static inline __attribute__((always_inline)) void dequantize_row_t(const uint8_t *row, float *o, int64_t K,
@@ -398,6 +497,10 @@ static inline __attribute__((always_inline)) void dequantize_row_t(const uint8_t
 
 __attribute__((optimize("fp-contract=off"))) static void dequantize_row_simd(const uint8_t *row, float *o,
                                                                             int64_t K, int type) {
+    if (is_float(type)) {
+        for (int64_t k = 0; k < K; k += 8) _mm256_storeu_ps(o + k, load8(row, k, type));
+        return;
+    }
     switch (type) {
         case Q4_0: dequantize_row_t(row, o, K, Q4_0); break;
         case Q4_1: dequantize_row_t(row, o, K, Q4_1); break;
@@ -460,11 +563,13 @@ static void mm_part(const int16_t *xq, const float *xd, const float *xs, const u
 void kq_mm(const int16_t *xq, const float *xd, const float *xs, const uint8_t *w, float *y, int64_t M, int64_t N,
            int64_t K, int type) {
     const mixed_t p = parts_of(type);
+    const uint8_t *at = w;
     int64_t n0 = 0;
     for (int i = 0; i < p.n; i++) {
         const int64_t rows = i == p.n - 1 ? N - n0 : p.rows[i];
-        mm_part(xq, xd, xs, w, y + n0, N, M, rows, K, p.types[i]);
-        w += rows * kq_row_bytes(K, p.types[i]);
+        at = part_at(&p, i, w, at);
+        mm_part(xq, xd, xs, at, y + n0, N, M, rows, K, p.types[i]);
+        at += rows * kq_row_bytes(K, p.types[i]);
         n0 += rows;
     }
 }
@@ -546,11 +651,33 @@ static void dense_part(const float *x, const uint8_t *w, float *y, int64_t ldy, 
 
 void kq_mm_dense(const float *x, const uint8_t *w, float *y, int64_t M, int64_t N, int64_t K, int type) {
     const mixed_t p = parts_of(type);
+    const uint8_t *at = w;
     int64_t n0 = 0;
     for (int i = 0; i < p.n; i++) {
         const int64_t rows = i == p.n - 1 ? N - n0 : p.rows[i];
-        dense_part(x, w, y + n0, N, M, rows, K, p.types[i]);
-        w += rows * kq_row_bytes(K, p.types[i]);
+        at = part_at(&p, i, w, at);
+        dense_part(x, at, y + n0, N, M, rows, K, p.types[i]);
+        at += rows * kq_row_bytes(K, p.types[i]);
         n0 += rows;
     }
+}
+
+/* y (M, N) = x @ W^T for float weights (F32, F16, BF16), x float32 (M, K): decoding's path for them
+ * (block_mm hands them over before quantizing x). */
+int kq_is_float(int type) { return is_float(type); }
+void kq_mm_float(const float *x, const uint8_t *w, float *y, int64_t M, int64_t N, int64_t K, int type) {
+#if HERD_SIMD
+    if (!force_scalar) {
+        float_mm_simd(x, w, y, N, M, N, K, type);
+        return;
+    }
+#endif
+    const int64_t row_bytes = kq_row_bytes(K, type);
+#pragma omp parallel for schedule(static)
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t m = 0; m < M; m++) {
+            float acc = 0.f;
+            for (int64_t k = 0; k < K; k++) acc += x[m * K + k] * float_weight(w + n * row_bytes, k, type);
+            y[m * N + n] = acc;
+        }
 }
