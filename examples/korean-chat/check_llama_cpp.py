@@ -4,11 +4,11 @@ greedy replies of llama.cpp and of herd to the held-out questions, token by toke
     python examples/korean-chat/check_llama_cpp.py --herd runs/smollm2-korean-f16.gguf \\
         --llama-cpp runs/smollm2-korean-f16.gguf
     python examples/korean-chat/check_llama_cpp.py --herd runs/smollm2-korean-f16.gguf \\
-        --llama-cpp BASE.Q4_1.gguf --lora runs/smollm2-korean-lora.gguf
+        --llama-cpp smollm2:135m --lora runs/smollm2-korean-lora.gguf
 
 Prints, per question, how many leading tokens the two replies share and whether they are identical.
 llama.cpp multiplies 4/8-bit and f16 weights with activations rounded to 8 or 16 bits, herd in float32,
-so on quantized weights a long shared prefix (not identity) is what to expect (/work/shared/MEASURED.md).
+so where the model is unsure a shared prefix, not identity, is what to expect.
 """
 
 import argparse
@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 
 import llamaherd
+from llamaherd.resolve import resolve_model
 
 HERE = Path(__file__).resolve().parent
 
@@ -55,12 +56,17 @@ def main() -> None:
     parser.add_argument("--lora", help="a GGUF LoRA adapter llama.cpp applies over --llama-cpp")
     parser.add_argument("--quantized", action="store_true", help="herd keeps 4/8-bit blocks (else float32)")
     parser.add_argument("-n", type=int, default=48, help="tokens per reply at most [48]")
+    parser.add_argument("--limit", type=int, help="ask only this many questions, evenly over the file")
     args = parser.parse_args()
-    ours = llamaherd.load(args.herd, device="cpu", quantized=args.quantized)
-    theirs = llama_cpp.Llama(args.llama_cpp, lora_path=args.lora, n_ctx=512, n_threads=2, verbose=False)
+    ours = llamaherd.load(resolve_model(args.herd).path, device="cpu", quantized=args.quantized)
+    theirs = llama_cpp.Llama(str(resolve_model(args.llama_cpp).path), lora_path=args.lora, n_ctx=512, n_threads=2,
+                             verbose=False)
     stop = set(ours.tokenizer.stop_ids)
     prefixes, same = [], 0
-    for q in questions():
+    asked = questions()
+    if args.limit:
+        asked = [asked[i * len(asked) // args.limit] for i in range(args.limit)]
+    for q in asked:
         ids = ours.encode_chat([{"role": "user", "content": q}])
         a = [t for t in herd_reply(ours, ids, args.n) if t not in stop]
         b = llama_cpp_reply(theirs, ids, args.n, stop)

@@ -1,9 +1,9 @@
 """Greedy replies of two models to the held-out questions, side by side as a Markdown table.
 
-    python examples/korean-chat/compare.py BASE.gguf smollm2-korean.gguf [-n 6]
+    python examples/korean-chat/compare.py smollm2:135m runs/smollm2-korean-f16.gguf [-n 6]
 
-Each model is a .gguf file or a checkpoint directory (anything `llamaherd.load`
-takes). The questions are the first user turns of heldout.jsonl, taken evenly over the file.
+Each model is a name in the store (its model file; adapters are not applied), a .gguf file or a
+checkpoint directory. The questions are the first user turns of heldout.jsonl, taken evenly over the file.
 """
 
 import argparse
@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import llamaherd
+from llamaherd.resolve import resolve_model
 
 HERE = Path(__file__).resolve().parent
 
@@ -23,7 +24,7 @@ def questions(n: int) -> list[str]:
 
 
 def replies(model: str, asked: list[str], num_predict: int) -> list[str]:
-    llm = llamaherd.load(model, device="cpu")
+    llm = llamaherd.load(resolve_model(model).path, device="cpu")
     return ["".join(llm.chat([{"role": "user", "content": q}], temperature=0, num_predict=num_predict)).strip()
             for q in asked]
 
