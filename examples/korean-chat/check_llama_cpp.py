@@ -43,6 +43,24 @@ def llama_cpp_reply(model, ids: list[int], n: int, stop: set[int]) -> list[int]:
     return out
 
 
+def top1_agreement(ours, theirs) -> tuple[int, int]:
+    """Teacher-forced: over every held-out conversation's tokens, how often the two argmaxes agree."""
+    import numpy as np
+
+    rows = [json.loads(line) for line in (HERE / "heldout.jsonl").read_text(encoding="utf-8").splitlines()]
+    agree = total = 0
+    for r in rows:
+        messages = r.get("messages") or [{"role": "user", "content": r["prompt"]},
+                                         {"role": "assistant", "content": r["completion"]}]
+        ids = ours.encode_chat(messages, add_generation_prompt=False)
+        theirs.reset()
+        theirs.eval(ids)
+        b = np.asarray(theirs.scores[:len(ids)]).argmax(-1)
+        a = ours.logits(ids).argmax(-1).numpy()
+        agree, total = agree + int((a == b).sum()), total + len(ids)
+    return agree, total
+
+
 def shared(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
@@ -56,11 +74,13 @@ def main() -> None:
     parser.add_argument("--lora", help="a GGUF LoRA adapter llama.cpp applies over --llama-cpp")
     parser.add_argument("--quantized", action="store_true", help="herd keeps 4/8-bit blocks (else float32)")
     parser.add_argument("-n", type=int, default=48, help="tokens per reply at most [48]")
+    parser.add_argument("--teacher-forced", action="store_true",
+                        help="also the top-1 agreement over every token of heldout.jsonl")
     parser.add_argument("--limit", type=int, help="ask only this many questions, evenly over the file")
     args = parser.parse_args()
     ours = llamaherd.load(resolve_model(args.herd).path, device="cpu", quantized=args.quantized)
     theirs = llama_cpp.Llama(str(resolve_model(args.llama_cpp).path), lora_path=args.lora, n_ctx=512, n_threads=2,
-                             verbose=False)
+                             logits_all=args.teacher_forced, verbose=False)
     stop = set(ours.tokenizer.stop_ids)
     prefixes, same = [], 0
     asked = questions()
@@ -76,6 +96,9 @@ def main() -> None:
               f"{ours.tokenizer.decode(a)!r}  |  {ours.tokenizer.decode(b)!r}")
     print(f"identical replies: {same}/{len(prefixes)}; mean shared prefix {sum(prefixes) / len(prefixes):.1f} "
           f"tokens; shortest {min(prefixes)}")
+    if args.teacher_forced:
+        agree, total = top1_agreement(ours, theirs)
+        print(f"teacher-forced top-1 agreement: {agree}/{total} = {agree / total:.2%}")
 
 
 if __name__ == "__main__":
