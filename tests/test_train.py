@@ -488,7 +488,7 @@ def test_korean_demo_set_reads_and_fits(smollm2):
     """The shipped Korean set is valid for the recipe: every line parses, nothing is cut at 512 tokens."""
     from pathlib import Path
     root = Path(__file__).resolve().parents[1] / "examples" / "korean-chat"
-    for name, n in (("train.jsonl", 27), ("heldout.jsonl", 6)):
+    for name, n in (("train.jsonl", 179), ("heldout.jsonl", 49)):
         examples, stats = tokenize(smollm2, read_jsonl(root / name), 512)
         assert stats.examples == n and stats.truncated == stats.dropped == 0
         assert all(any(t != IGNORE for t in e.targets) for e in examples)
