@@ -149,10 +149,16 @@ def test_herd_serve_applies_adapters(run_dir, gguf_lora, tmp_path):
     store.create("plain", f"FROM {base}\n", base_dir=tmp_path)
     store.create("tuned", f"FROM {base}\nADAPTER {run_dir / 'adapter'}\n", base_dir=tmp_path)
     store.create("tuned-gguf", f"FROM {base}\nADAPTER {gguf_lora}\n", base_dir=tmp_path)
+    store.create("from-run", f"FROM {run_dir}\n", base_dir=tmp_path)  # a LoRA training output: base + adapter
+    full_run = tmp_path / "full-run"  # a full fine-tune's output: its model/
+    full_run.mkdir()
+    (full_run / "train.json").write_text(json.dumps({"model_path": str(base), "method": "full"}))
+    (full_run / "model").symlink_to(base, target_is_directory=True)
+    store.create("from-full-run", f"FROM {full_run}\n", base_dir=tmp_path)
     app = create_app(Settings(home=tmp_path / "home", num_parallel=2), store=store)
     replies = {}
     with TestClient(app, base_url="http://localhost:11434") as client:
-        for name in ("plain", "tuned", "tuned-gguf"):
+        for name in ("plain", "tuned", "tuned-gguf", "from-run", "from-full-run"):
             r = client.post("/api/generate", json={"model": name, "prompt": "The cat", "raw": True, "stream": False,
                                                    "options": {"temperature": 0, "num_predict": 6,
                                                                "repeat_penalty": 1.0}})  # plain greedy
@@ -168,5 +174,21 @@ def test_herd_serve_applies_adapters(run_dir, gguf_lora, tmp_path):
             logits = hf(torch.tensor([context])).logits[0, n_prompt - 1:-1]
         chosen = logits.gather(1, torch.tensor(context[n_prompt:])[:, None])[:, 0]
         assert (logits.max(-1).values - chosen).max() <= 1e-3, name
-    assert replies["tuned-gguf"]["context"] == replies["tuned"]["context"]
+    assert replies["tuned-gguf"]["context"] == replies["tuned"]["context"] == replies["from-run"]["context"]
+    assert replies["from-full-run"]["context"] == replies["plain"]["context"]
     assert replies["plain"]["context"] != replies["tuned"]["context"]
+
+
+def test_from_a_broken_training_output_is_one_line(tmp_path):
+    from llamaherd.errors import HerdError
+    from llamaherd.store import Store
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "train.json").write_text('{"method": "lora"}')
+    with pytest.raises(HerdError, match="neither model/ nor adapter/"):
+        Store(tmp_path / "home").create("x", f"FROM {run}\n", base_dir=tmp_path)
+    (run / "adapter").mkdir()
+    (run / "train.json").write_text(json.dumps({"model_path": str(tmp_path / "gone")}))
+    with pytest.raises(HerdError, match="is not on this disk"):
+        Store(tmp_path / "home").create("x", f"FROM {run}\n", base_dir=tmp_path)

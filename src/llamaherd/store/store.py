@@ -108,6 +108,26 @@ class ModelEntry:
         return self.digest.removeprefix("sha256:")[:12]
 
 
+def _training_output(path: Path) -> tuple[Path, Path | None]:
+    """What FROM a `herd train` output directory (one with train.json) means: a full run's
+    `model/`; a LoRA run's base model (train.json's `model_path`) with its `adapter/` as an
+    ADAPTER. Returns (model path, adapter or None); any other path is returned as it is."""
+    if not (path / "train.json").is_file():
+        return path, None
+    if (path / "model").is_dir():
+        return path / "model", None
+    try:
+        base = json.loads((path / "train.json").read_text()).get("model_path")
+    except (OSError, ValueError, AttributeError):
+        base = None
+    if not (path / "adapter").is_dir() or not isinstance(base, str):
+        raise HerdError(f"{path} is a training output with neither model/ nor adapter/ and its base model "
+                        "in train.json")
+    if not Path(base).exists():
+        raise HerdError(f"{path}: its base model {base} (train.json) is not on this disk")
+    return Path(base), path / "adapter"
+
+
 def _key(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
@@ -594,9 +614,12 @@ class Store:
                 files = [Fetched(base, path.stat().st_size, None, None)]
                 details = model_details(path)
             else:
+                base, run_adapter = _training_output(base)
                 progress({"status": f"copying model files from {base}"})
                 files = self._import(base, work / "model")
                 details = self._details_of(files, work)
+                if run_adapter is not None:  # FROM a LoRA training output: its base, with its adapter
+                    adapters.append(self._import(run_adapter, work / "adapter-run", adapter=True))
             if quantize is not None:
                 progress({"status": f"quantizing model weights to {quantize}"})
                 files = self._quantized(files, work, quantize)
