@@ -365,3 +365,17 @@ def test_text_stream_holds_back_stop_string_beginnings():
     assert [t.push(i) for i in (0, 1, 2)] == ["He", "llo ", "wor"] and not t.stopped
     t = TextStream(Bytes())
     assert t.push(4) == "" and t.push(5) == "€" and t.finish() == ""
+
+
+def test_weights_bytes_counts_each_byte_once():
+    """Tensors that overlap (a fused projection's mapped span holds the parts between its own) or
+    are tied are counted once: the union of their byte ranges."""
+    from llamaherd.engine.models import _weights_bytes
+
+    file = torch.zeros(100, dtype=torch.uint8)
+    m = torch.nn.Module()
+    m.register_buffer("wqkv", file[0:60])
+    m.register_buffer("wo", file[10:20])  # inside wqkv's span
+    m.register_buffer("w13", file[40:100])  # overlaps it
+    m.register_buffer("norm", torch.zeros(10))  # 40 bytes elsewhere
+    assert _weights_bytes(m) == 140

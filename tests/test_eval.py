@@ -660,6 +660,12 @@ def test_mmlu_from_its_original_csv_layout_equals_the_jsonl(tmp_path):
     assert [{k: x[k] for k in keys} for x in task.items] == [{k: x[k] for k in keys} for x in astronomy]
     assert task.shots(task.items[0], 1)[0]["question"] == astronomy[2]["question"]  # from dev/
     assert load_task(str(tmp_path / "test" / "astronomy_test.csv")).name == "mmlu:astronomy"
+    given_test = load_task(str(tmp_path / "test"))  # the test/ folder itself: examples still from dev/
+    assert given_test.shots(given_test.items[0], 1)[0]["question"] == astronomy[2]["question"]
+    (tmp_path / "test" / "empty_test.csv").write_text("", encoding="utf-8")
+    with pytest.raises(HerdError, match="no MMLU rows"):
+        load_task(str(tmp_path / "test" / "empty_test.csv"))
+    (tmp_path / "test" / "empty_test.csv").unlink()
     (tmp_path / "test" / "virology_test.csv").write_text('"Q?",a,b,c,d,E\n', encoding="utf-8")
     with pytest.raises(HerdError, match=r"virology_test.csv:1: an MMLU row is question, four options"):
         load_task(str(tmp_path))

@@ -19,7 +19,7 @@ def spread(probs: torch.Tensor, ids: torch.Tensor | None) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("scale", [0.5, 4.0])  # flat (the full fallback) to peaked
-@pytest.mark.parametrize("top_p,min_p", [(0.5, 0.0), (0.9, 0.0), (0.95, 0.05), (1.0, 0.01)])
+@pytest.mark.parametrize("top_p,min_p", [(0.0, 0.0), (0.5, 0.0), (0.9, 0.0), (0.95, 0.05), (1.0, 0.01)])
 @pytest.mark.parametrize("top_k", [0, 40])
 def test_candidates_equal_the_whole_vocabulary_filter(scale, top_p, min_p, top_k):
     g = torch.Generator().manual_seed(int(scale * 100) + top_k)

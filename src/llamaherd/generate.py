@@ -144,7 +144,7 @@ def candidates(logits: torch.Tensor, opts: SamplingOptions) -> tuple[torch.Tenso
         if t <= floor:
             break  # min-p cuts deeper: its set holds all that top-p and min-p leave (below)
         above = np.flatnonzero(probs >= t)
-        if probs[above].sum(dtype=np.float64) >= opts.top_p:
+        if above.size and probs[above].sum(dtype=np.float64) >= opts.top_p:  # top_p 0: the argmax
             ids = above  # the nucleus lies inside
             break
     if ids is None:

@@ -67,7 +67,9 @@ class LoadedModel:
         # on the native kernels' float path (as llama.cpp runs an F16 GGUF); see load_checkpoint.
         float_blocks = quantized is not False and device == "cpu" and dtype is None and quantize is None
         dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
-        gpu = device.startswith("cuda")
+        # torch's int4 kernels (tinygemm) are built for compute capability 8.0 (Ampere) and later;
+        # older GPUs (T4, V100) take the bf16 path.
+        gpu = device.startswith("cuda") and torch.cuda.get_device_capability(device) >= (8, 0)
         if quantized is None:
             quantized = device == "cpu" or gpu
         if quantize is not None and not device.startswith("cpu"):

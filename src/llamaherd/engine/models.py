@@ -101,11 +101,17 @@ class Loaded:
 
 
 def _weights_bytes(model: torch.nn.Module) -> int:
-    seen, total = set(), 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        if t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
-            total += t.numel() * t.element_size()
+    """The bytes the model's tensors hold, each byte once: tied weights share one tensor, and a
+    fused projection mapped from a GGUF file spans the parts between its own (the file's order puts
+    wo between wq/wk/wv, w2 between w1/w3), so the union of the [start, end) ranges is summed."""
+    spans = sorted((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size())
+                   for t in list(model.parameters()) + list(model.buffers()) if t.numel())
+    total, reach = 0, 0
+    for start, end in spans:
+        start = max(start, reach)
+        if end > start:
+            total += end - start
+            reach = end
     return total
 
 
@@ -209,7 +215,7 @@ class Engine:
     Args:
         resolve: model name -> `ModelRef`; raises `ModelNotFound` (or `HerdError` for a bad name).
         config: limits and defaults.
-        loader: path -> `Llama` (default `Llama.load`); tests may give their own.
+        loader: path -> `LoadedModel` (default `LoadedModel.load`); tests may give their own.
     """
 
     def __init__(self, resolve: Callable[[str], ModelRef], config: EngineConfig | None = None,

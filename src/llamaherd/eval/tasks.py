@@ -323,10 +323,13 @@ def mmlu_csv(path: Path) -> Task:
         tests, dev_dir = [path], path.parent.parent / "dev"
     else:
         root = path / "test" if (path / "test").is_dir() else path
-        tests, dev_dir = sorted(root.glob("*_test.csv")), path / "dev"
+        # dev/ beside test/: given data/ or data/test, never the test questions as examples
+        tests, dev_dir = sorted(root.glob("*_test.csv")), root.parent / "dev"
         if not tests:
             raise HerdError(f"{path}: no MMLU files (test/SUBJECT_test.csv) and not a task file")
     items = _mmlu_csv_rows(tests, "_test.csv")
+    if not items:
+        raise HerdError(f"{path}: no MMLU rows (question, four options, the answer letter)")
     dev = _mmlu_csv_rows(sorted(dev_dir.glob("*_dev.csv")), "_dev.csv") if dev_dir.is_dir() else []
     for x in dev:
         x["id"] = "dev/" + x["id"]

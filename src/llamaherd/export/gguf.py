@@ -137,52 +137,59 @@ def save_gguf(state_dict: dict[str, torch.Tensor], args: ModelArgs, tokenizer, o
     # Written beside it, then renamed over it: a model loaded from `out` maps the old file's pages
     # (quantize.linear.file_bytes), which must not change under it.
     part = out.with_name(f"{out.name}.partial{os.getpid()}")
-    writer = gguf.GGUFWriter(str(part), "llama")
-    writer.add_name(name)
-    writer.add_context_length(args.max_seq_len)
-    writer.add_embedding_length(args.dim)
-    writer.add_block_count(args.n_layers)
-    writer.add_feed_forward_length(args.hidden_dim)
-    writer.add_head_count(args.n_heads)
-    writer.add_head_count_kv(args.n_kv_heads)
-    writer.add_rope_dimension_count(args.head_dim)
-    writer.add_key_length(args.head_dim)
-    writer.add_value_length(args.head_dim)
-    writer.add_layer_norm_rms_eps(args.norm_eps)
-    writer.add_rope_freq_base(args.rope_theta)
-    writer.add_vocab_size(args.vocab_size)
-    writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                          "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
-                          "q4_k": gguf.LlamaFileType.MOSTLY_Q4_K_M}[quant])
-    for key, value in tokenizer_fields(tokenizer, base_metadata).items():
-        _add_field(writer, key, value)
+    writer = None
+    try:  # a failure (a quantize error, a full disk, Ctrl-C) leaves no partial file behind
+        writer = gguf.GGUFWriter(str(part), "llama")
+        writer.add_name(name)
+        writer.add_context_length(args.max_seq_len)
+        writer.add_embedding_length(args.dim)
+        writer.add_block_count(args.n_layers)
+        writer.add_feed_forward_length(args.hidden_dim)
+        writer.add_head_count(args.n_heads)
+        writer.add_head_count_kv(args.n_kv_heads)
+        writer.add_rope_dimension_count(args.head_dim)
+        writer.add_key_length(args.head_dim)
+        writer.add_value_length(args.head_dim)
+        writer.add_layer_norm_rms_eps(args.norm_eps)
+        writer.add_rope_freq_base(args.rope_theta)
+        writer.add_vocab_size(args.vocab_size)
+        writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                              "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
+                              "q4_k": gguf.LlamaFileType.MOSTLY_Q4_K_M}[quant])
+        for key, value in tokenizer_fields(tokenizer, base_metadata).items():
+            _add_field(writer, key, value)
 
-    tensors = dict(state_dict)
-    if args.tie_embeddings:
-        tensors.pop("output.weight", None)  # GGUF ties by leaving output.weight out
-    if args.rope_scaling is not None:  # Llama 3.1: per-frequency divisors, as llama.cpp's converter writes
-        from ..model import rope_frequencies
+        tensors = dict(state_dict)
+        if args.tie_embeddings:
+            tensors.pop("output.weight", None)  # GGUF ties by leaving output.weight out
+        if args.rope_scaling is not None:  # Llama 3.1: per-frequency divisors, as llama.cpp's converter writes
+            from ..model import rope_frequencies
 
-        base = rope_frequencies(args.head_dim, args.rope_theta)
-        tensors["rope_freqs.weight"] = base / rope_frequencies(args.head_dim, args.rope_theta, args.rope_scaling)
-    for key in sorted(tensors, key=_order):
-        t = tensors[key].detach().float().cpu()
-        gname = "rope_freqs.weight" if key == "rope_freqs.weight" else gguf_name(key)
-        tied = key == "tok_embeddings.weight" and args.tie_embeddings  # also the output projection: its type
-        qtype = _tensor_type("output.weight" if tied else key, t, quant, args.n_layers)
-        data = t.numpy()
-        if qtype == Q.F32:
-            writer.add_tensor(gname, data.astype(np.float32))
-        elif qtype == Q.F16:
-            writer.add_tensor(gname, data.astype(np.float16))
-        else:
-            from ..quantize.blocks import quantize
+            base = rope_frequencies(args.head_dim, args.rope_theta)
+            tensors["rope_freqs.weight"] = base / rope_frequencies(args.head_dim, args.rope_theta, args.rope_scaling)
+        for key in sorted(tensors, key=_order):
+            t = tensors[key].detach().float().cpu()
+            gname = "rope_freqs.weight" if key == "rope_freqs.weight" else gguf_name(key)
+            tied = key == "tok_embeddings.weight" and args.tie_embeddings  # also the output projection: its type
+            qtype = _tensor_type("output.weight" if tied else key, t, quant, args.n_layers)
+            data = t.numpy()
+            if qtype == Q.F32:
+                writer.add_tensor(gname, data.astype(np.float32))
+            elif qtype == Q.F16:
+                writer.add_tensor(gname, data.astype(np.float16))
+            else:
+                from ..quantize.blocks import quantize
 
-            writer.add_tensor(gname, quantize(t, qtype).numpy(), raw_dtype=qtype)  # bytes; shape from them
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+                writer.add_tensor(gname, quantize(t, qtype).numpy(), raw_dtype=qtype)  # bytes; shape from them
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+    except BaseException:
+        if writer is not None:
+            writer.close()
+        part.unlink(missing_ok=True)
+        raise
     os.replace(part, out)
     return out
 

@@ -102,12 +102,14 @@ class _Cursor:
 class GGUFFile:
     """Metadata (`.metadata`, a dict of Python values) and tensors (`.tensors`) of a GGUF file."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, writable: bool = False):
+        """`writable`: map the file copy-on-write, for a model's weights (`weights.gguf.load_gguf`):
+        the pages stay the file's (nothing is ever written), and tensors made from them without a
+        copy (`quantize.linear`: a block model's weights) are writable arrays. Linux charges such a
+        mapping against memory for the whole file, so readers of metadata map it read-only."""
         self.path = Path(path)
         try:
-            # copy-on-write: pages stay the file's (nothing is ever written), and tensors made from
-            # them without a copy (`quantize.linear`: a block model's weights) are writable arrays
-            self._map = np.memmap(self.path, dtype=np.uint8, mode="c")
+            self._map = np.memmap(self.path, dtype=np.uint8, mode="c" if writable else "r")
         except FileNotFoundError:
             raise FormatError(f"{self.path} does not exist") from None
         except (ValueError, OSError) as e:  # e.g. an empty file cannot be mapped

@@ -55,7 +55,7 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, quantized: b
     scales), not bf16 copies; every other tensor (Q6_K, Q8_0..., the embedding) is dequantized to
     `dtype`.
     """
-    reader = GGUFFile(path)
+    reader = GGUFFile(path, writable=True)  # the weights are the file's mapped pages
     meta = reader.metadata
     names = {t.name for t in reader.tensors}
     args = ModelArgs.from_gguf(meta, names)

@@ -32,7 +32,7 @@
 
 enum { F32 = 0, F16 = 1, Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14, BF16 = 30 };
 #define MIXED 1000   /* kernel types MIXED + i: entry i of the table of mixed projections */
-#define MAX_MIXED 256
+#define MAX_MIXED 8192  /* entries live as long as the process: a few per distinct model layout (~1.4 MB in all) */
 #define MAX_PARTS 8
 #define PREFETCH 1024
 
