@@ -415,7 +415,7 @@ def test_one_round_with_the_real_sampler_and_dpo(tiny_dir, tmp_path):
                    "sft_steps": 1, "dpo_steps": 1, "max_seq_len": 256, "batch_size": 1, "progress": False})
     assert s["stages"]["sample"]["kept"] == 2 and s["policy"] == str(out / "dpo" / "model")
     rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
-    rm = load_reward_model(out / "reward" / "model")
+    rm = load_reward_model(s["stages"]["reward"]["model"])  # one run: its own model/, nothing averaged
     assert [r["score"] for r in rows] == pytest.approx(rm.score([r["messages"] for r in rows]), abs=1e-4)
     policy = transformers.AutoModelForCausalLM.from_pretrained(out / "dpo" / "model")
     assert policy.config.num_hidden_layers == 2
