@@ -7,8 +7,6 @@ llama.cpp (through llama-cpp-python) is a peer, not a dependency: this file runs
 an f32 KV cache leave only float rounding between the two (the real Q4 model is checked in the
 issue-15 note, where llama.cpp's 8-bit activations make a shared prefix the expectation)."""
 
-import json
-
 import numpy as np
 import pytest
 import torch
@@ -17,10 +15,7 @@ llama_cpp = pytest.importorskip("llama_cpp")
 transformers = pytest.importorskip("transformers")
 
 from llamaherd.cli import main  # noqa: E402
-from llamaherd.export.hf import save_peft, save_tokenizer  # noqa: E402
-from llamaherd.train.lora import adapter_state_dict, lora_llama3, parse_targets  # noqa: E402
-from llamaherd.weights import build_model  # noqa: E402
-from llamaherd.weights.hf import load_hf  # noqa: E402
+from lora_run import lora_training_output  # noqa: E402
 
 TARGETS, RANK, ALPHA = "q,k,v,o,gate,up,down", 4, 8.0
 CHAT = [{"role": "user", "content": "한국의 수도는 어디인가요?"}]
@@ -32,27 +27,14 @@ def files(tmp_path_factory, smollm2):
     """A LoRA training output over a tiny random Llama (adapters with non-zero B), exported three ways:
     the base as f32 GGUF, the merged model as f32 GGUF, and the adapter as a GGUF LoRA file."""
     root = tmp_path_factory.mktemp("peer")
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=smollm2.n_words, hidden_size=64, intermediate_size=128,
-                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                      max_position_embeddings=256, rope_theta=10000.0, tie_word_embeddings=True)
-    hf = transformers.LlamaForCausalLM(config)
-    with torch.no_grad():  # larger than HF's init, so the logits are far apart and greedy has no near ties
-        for p in hf.parameters():
-            p.normal_(0, 0.3 if p.ndim == 1 else 0.08).add_(1.0 if p.ndim == 1 else 0.0)
+
+    def widen(hf):  # larger than HF's init, so the logits are far apart and greedy has no near ties
+        with torch.no_grad():
+            for p in hf.parameters():
+                p.normal_(0, 0.3 if p.ndim == 1 else 0.08).add_(1.0 if p.ndim == 1 else 0.0)
+
+    run = lora_training_output(root, smollm2, TARGETS, RANK, ALPHA, init=widen)
     base = root / "base"
-    hf.save_pretrained(base)
-    save_tokenizer(smollm2, base)
-    model = build_model(*load_hf(base)[:2])
-    lora_llama3(model, TARGETS, rank=RANK, alpha=ALPHA)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_b" in name:
-                p.normal_(0, 0.3)
-    run = root / "run"
-    save_peft(adapter_state_dict(model), model.args, parse_targets(TARGETS), RANK, ALPHA, 0.0, str(base),
-              run / "adapter")
-    (run / "train.json").write_text(json.dumps({"model_path": str(base), "method": "lora"}))
     out = {"run": run, "base": root / "base.gguf", "merged": root / "merged.gguf", "lora": root / "lora.gguf"}
     for source, fmt, quant, path in ((base, "gguf", "f32", out["base"]), (run, "gguf", "f32", out["merged"]),
                                      (run, "gguf-lora", "f32", out["lora"])):

@@ -10,10 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from llamaherd.export.hf import save_peft, save_tokenizer
-from llamaherd.train.lora import adapter_state_dict, lora_llama3, parse_targets
-from llamaherd.weights import build_model
-from llamaherd.weights.hf import load_hf
+from lora_run import lora_training_output
 
 transformers = pytest.importorskip("transformers")
 TARGETS = "q,k,v,o,down"
@@ -31,25 +28,7 @@ def llama_cpp_permute(w: np.ndarray, n_head: int, n_head_kv: int | None) -> np.n
 def run_dir(tmp_path_factory, smollm2):
     """A LoRA "training output" over a tiny random Llama (HF directory with SmolLM2's tokenizer):
     train.json naming the base, and adapter/ (PEFT) with non-zero B so the update shows."""
-    root = tmp_path_factory.mktemp("lora")
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=smollm2.n_words, hidden_size=64, intermediate_size=128,
-                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                      max_position_embeddings=256, rope_theta=10000.0, tie_word_embeddings=True)
-    base = root / "base"
-    transformers.LlamaForCausalLM(config).save_pretrained(base)
-    save_tokenizer(smollm2, base)
-    model = build_model(*load_hf(base)[:2])
-    lora_llama3(model, TARGETS, rank=RANK, alpha=ALPHA)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_b" in name:
-                p.normal_(0, 0.3)
-    run = root / "run"
-    save_peft(adapter_state_dict(model), model.args, parse_targets(TARGETS), RANK, ALPHA, 0.0, str(base),
-              run / "adapter")
-    (run / "train.json").write_text(json.dumps({"model_path": str(base), "method": "lora"}))
-    return run
+    return lora_training_output(tmp_path_factory.mktemp("lora"), smollm2, TARGETS, RANK, ALPHA)
 
 
 @pytest.fixture(scope="module")
