@@ -25,6 +25,13 @@
 
 #include "simd.h"
 
+/* The matmuls come in two forms. `block_mm`, `block_mm_dense` (called from Python) open their own
+ * OpenMP parallel region. `block_mm_q`, `block_mm_dense_team` and kquant.c's functions only share
+ * their loop among the threads of the region they are called in (orphaned `omp for nowait`: no
+ * barrier at the end; outside a region one thread runs it all), so that decode.c runs a whole step
+ * in one region, its own barriers between the matmuls (a fork/join a matmul cost a futex wake-up
+ * each). Which thread computes a tile never changes its numbers. */
+
 /* The other block types (K-quants, Q5_0, Q5_1, mixed projections) live in kquant.c. */
 int kq_handles(int type);
 void kq_mm(const int16_t *xq, const float *xd, const float *xs, const uint8_t *w, float *y, int64_t M, int64_t N,
@@ -62,9 +69,9 @@ static inline float f16(const uint8_t *p) {
     return _cvtsh_ss(h);
 }
 
-/* x (n_blocks * 32 floats) -> int16 codes, each block's scale d, and d * (sum of its codes). */
-static void quantize_x(const float *x, int16_t *xq, float *xd, float *xs, int64_t n_blocks) {
-#pragma omp parallel for schedule(static) if (n_blocks >= 256) /* a decode step's few blocks: not worth a fork */
+/* x (n_blocks * 32 floats) -> int16 codes, each block's scale d, and d * (sum of its codes). One
+ * thread: the callers share the blocks out. */
+void block_quantize(const float *x, int16_t *xq, float *xd, float *xs, int64_t n_blocks) {
     for (int64_t i = 0; i < n_blocks; i++) {
         const float *v = x + i * QK;
         const __m256 sign = _mm256_set1_ps(-0.f);
@@ -232,23 +239,16 @@ static inline __attribute__((always_inline)) void tile8(const uint8_t *w, const 
     }
 #define TILES(type) if (n + 1 < N) TILE(2, type) else TILE(1, type)
 
-/* x: (M, K) float32; w: N rows of K/32 blocks; scratch: 2*M*K + 8*M*K/32 bytes; y: (M, N) float32. */
-void block_mm(const float *x, const uint8_t *w, void *scratch, float *y, int64_t M, int64_t N, int64_t K,
-              int type) {
+/* y = x @ W^T from x's int16 blocks (block_quantize), the tiles shared among the calling team. */
+void block_mm_q(const int16_t *xq, const float *xd, const float *xs, const uint8_t *w, float *y, int64_t M, int64_t N,
+                int64_t K, int type) {
     const int64_t nb = K / QK, row_bytes = nb * block_bytes(type);
-    if (kq_is_float(type)) { /* float weights: float activations (kquant.c) */
-        kq_mm_float(x, w, y, M, N, K, type);
-        return;
-    }
-    int16_t *xq = (int16_t *)scratch;
-    float *xd = (float *)(xq + M * K), *xs = xd + M * nb;
-    quantize_x(x, xq, xd, xs, M * nb);
     if (kq_handles(type)) {
         kq_mm(xq, xd, xs, w, y, M, N, K, type);
         return;
     }
     if (type > 100) { /* repacked eight rows at a time */
-#pragma omp parallel for schedule(static)
+#pragma omp for schedule(static) nowait
         for (int64_t g = 0; g < N / 8; g++)
             for (int64_t m0 = 0; m0 < M; m0 += MT8) {
                 const int mt = (int)(M - m0 < MT8 ? M - m0 : MT8);
@@ -256,12 +256,35 @@ void block_mm(const float *x, const uint8_t *w, void *scratch, float *y, int64_t
             }
         return;
     }
-#pragma omp parallel for schedule(static)
+#pragma omp for schedule(static) nowait
     for (int64_t n = 0; n < N; n += NT)
         for (int64_t m0 = 0; m0 < M; m0 += MT) {
             const int mt = (int)(M - m0 < MT ? M - m0 : MT);
             if (type == Q4_0) TILES(Q4_0) else if (type == Q4_1) TILES(Q4_1) else TILES(Q8_0)
         }
+}
+
+/* x: (M, K) float32; w: N rows of K/32 blocks; scratch: 2*M*K + 8*M*K/32 bytes; y: (M, N) float32. */
+void block_mm(const float *x, const uint8_t *w, void *scratch, float *y, int64_t M, int64_t N, int64_t K,
+              int type) {
+    const int64_t nb = K / QK, n_blocks = M * nb;
+    if (kq_is_float(type)) { /* float weights: float activations (kquant.c) */
+#pragma omp parallel
+        kq_mm_float(x, w, y, M, N, K, type);
+        return;
+    }
+    int16_t *xq = (int16_t *)scratch;
+    float *xd = (float *)(xq + M * K), *xs = xd + n_blocks;
+    const int shared = n_blocks >= 256; /* a decode step's few blocks: not worth a barrier */
+    if (!shared) block_quantize(x, xq, xd, xs, n_blocks);
+#pragma omp parallel
+    {
+        if (shared) {
+#pragma omp for schedule(static)
+            for (int64_t i = 0; i < n_blocks; i++) block_quantize(x + i * QK, xq + i * QK, xd + i, xs + i, 1);
+        }
+        block_mm_q(xq, xd, xs, w, y, M, N, K, type);
+    }
 }
 
 /* One row of nb blocks as float32: w = d * q (Q8_0), d * (q - 8) (Q4_0), d * q + m (Q4_1), rounded
@@ -396,42 +419,45 @@ static void panel_rows8(const uint8_t *w, int64_t nb, int type, float *panel, in
     }
 }
 
-void block_mm_dense(const float *x, const uint8_t *w, float *y, int64_t M, int64_t N, int64_t K, int type) {
+void block_mm_dense_team(const float *x, const uint8_t *w, float *y, int64_t M, int64_t N, int64_t K, int type) {
     if (kq_handles(type)) {
         kq_mm_dense(x, w, y, M, N, K, type);
         return;
     }
     const int64_t nb = K / QK, bs = block_bytes(type);
     const int rows8 = type > 100, t8 = type - 100;
-#pragma omp parallel
-    {
-        float *panel = aligned_alloc(32, (size_t)K * DN * sizeof(float)), *row = malloc((size_t)K * sizeof(float));
-#pragma omp for schedule(static)
-        for (int64_t n0 = 0; n0 < N; n0 += DN) {
-            if (rows8) {
-                const int64_t group_bytes = nb * 8 * block_bytes(t8);
-                panel_rows8(w + n0 / 8 * group_bytes, nb, t8, panel, 0);
-                panel_rows8(w + (n0 / 8 + 1) * group_bytes, nb, t8, panel, 8);
-            } else {
-                for (int j = 0; j < DN; j++) {
-                    dequantize_row(w + (n0 + j) * nb * bs, row, nb, type);
-                    for (int64_t k = 0; k < K; k++) panel[k * DN + j] = row[k];
-                }
-            }
-            int64_t m0 = 0;
-            for (; m0 + DM <= M; m0 += DM) dense_tile(x, panel, y, m0, n0, K, N, DM);
-            switch (M - m0) {
-                case 1: dense_tile(x, panel, y, m0, n0, K, N, 1); break;
-                case 2: dense_tile(x, panel, y, m0, n0, K, N, 2); break;
-                case 3: dense_tile(x, panel, y, m0, n0, K, N, 3); break;
-                case 4: dense_tile(x, panel, y, m0, n0, K, N, 4); break;
-                case 5: dense_tile(x, panel, y, m0, n0, K, N, 5); break;
-                default: break;
+    /* each thread its own panel */
+    float *panel = aligned_alloc(32, (size_t)K * DN * sizeof(float)), *row = malloc((size_t)K * sizeof(float));
+#pragma omp for schedule(static) nowait
+    for (int64_t n0 = 0; n0 < N; n0 += DN) {
+        if (rows8) {
+            const int64_t group_bytes = nb * 8 * block_bytes(t8);
+            panel_rows8(w + n0 / 8 * group_bytes, nb, t8, panel, 0);
+            panel_rows8(w + (n0 / 8 + 1) * group_bytes, nb, t8, panel, 8);
+        } else {
+            for (int j = 0; j < DN; j++) {
+                dequantize_row(w + (n0 + j) * nb * bs, row, nb, type);
+                for (int64_t k = 0; k < K; k++) panel[k * DN + j] = row[k];
             }
         }
-        free(panel);
-        free(row);
+        int64_t m0 = 0;
+        for (; m0 + DM <= M; m0 += DM) dense_tile(x, panel, y, m0, n0, K, N, DM);
+        switch (M - m0) {
+            case 1: dense_tile(x, panel, y, m0, n0, K, N, 1); break;
+            case 2: dense_tile(x, panel, y, m0, n0, K, N, 2); break;
+            case 3: dense_tile(x, panel, y, m0, n0, K, N, 3); break;
+            case 4: dense_tile(x, panel, y, m0, n0, K, N, 4); break;
+            case 5: dense_tile(x, panel, y, m0, n0, K, N, 5); break;
+            default: break;
+        }
     }
+    free(panel);
+    free(row);
+}
+
+void block_mm_dense(const float *x, const uint8_t *w, float *y, int64_t M, int64_t N, int64_t K, int type) {
+#pragma omp parallel
+    block_mm_dense_team(x, w, y, M, N, K, type);
 }
 #else
 void rows8_repack(const uint8_t *src, uint8_t *dst, int64_t N, int64_t K, int type) {

@@ -19,16 +19,29 @@
  * faster for many rows and just as independent of them, so where a prompt is split into calls
  * changes nothing.
  */
+#define _GNU_SOURCE /* syscall */
 #include <math.h>
 #include <omp.h>
+#include <sched.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <string.h>
+#include <time.h>
+#include <unistd.h>
+#ifdef __linux__
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#endif
 
 #include "simd.h"
 
-void block_mm(const float *x, const uint8_t *w, void *scratch, float *y, int64_t M, int64_t N, int64_t K,
-              int type);
-void block_mm_dense(const float *x, const uint8_t *w, float *y, int64_t M, int64_t N, int64_t K, int type);
+/* blockmm.c, kquant.c: the matmuls' work shared among the threads of the calling region */
+void block_quantize(const float *x, int16_t *xq, float *xd, float *xs, int64_t n_blocks);
+void block_mm_q(const int16_t *xq, const float *xd, const float *xs, const uint8_t *w, float *y, int64_t M, int64_t N,
+                int64_t K, int type);
+void block_mm_dense_team(const float *x, const uint8_t *w, float *y, int64_t M, int64_t N, int64_t K, int type);
+int kq_is_float(int type);
+void kq_mm_float(const float *x, const uint8_t *w, float *y, int64_t M, int64_t N, int64_t K, int type);
 
 typedef struct {
     const float *attention_norm, *ffn_norm; /* (dim) */
@@ -66,7 +79,8 @@ static inline int64_t kv_bytes(int type, int64_t Dh) { return type == KV_F32 ? 4
 
 /* Bytes of scratch `herd_decode` needs for B rows whose largest position is max_pos. */
 int64_t herd_decode_scratch(const herd_model *m, int64_t B, int64_t max_pos) {
-    const int64_t qkv = (m->n_heads + 2 * m->n_kv_heads) * m->head_dim, kin = max64(m->dim, m->hidden);
+    const int64_t qkv = (m->n_heads + 2 * m->n_kv_heads) * m->head_dim;
+    const int64_t kin = max64(max64(m->dim, m->hidden), m->n_heads * m->head_dim); /* a matmul's inputs */
     const int64_t spans = max_pos / KV_SPAN + 1, Dh = m->head_dim;
     const int64_t floats = B * (m->dim + qkv + m->n_heads * Dh + m->dim + 2 * m->hidden + m->hidden) +
                            B * m->n_heads * spans * (Dh + 2) +            /* partial results of each span */
@@ -234,39 +248,25 @@ static void attend_span(const herd_model *m, const herd_layer *L, const float *q
     }
 }
 
-/* Every query's attention output from its spans' partial results: y = sum_s e^(m_s - M) acc_s /
- * sum_s e^(m_s - M) l_s, spans in order. */
-static void merge_spans(const float *part, int64_t n_queries, int64_t n_spans, int64_t Dh, float *y) {
-#pragma omp parallel for schedule(static) if (n_queries * n_spans * Dh >= 32 * 1024)
-    for (int64_t qi = 0; qi < n_queries; qi++) {
-        const float *p = part + qi * n_spans * (Dh + 2);
-        float top = -INFINITY, l = 0.f;
-        for (int64_t sp = 0; sp < n_spans; sp++) top = p[sp * (Dh + 2)] > top ? p[sp * (Dh + 2)] : top;
-        float *out = y + qi * Dh;
-        memset(out, 0, Dh * sizeof(float));
-        for (int64_t sp = 0; sp < n_spans; sp++) {
-            const float *st = p + sp * (Dh + 2);
-            if (st[1] == 0.f) continue; /* a span past this query's position */
-            const float w = expf(st[0] - top);
-            l += w * st[1];
-            for (int64_t i = 0; i < Dh; i++) out[i] += w * st[2 + i];
-        }
-        for (int64_t i = 0; i < Dh; i++) out[i] /= l;
+/* One query's attention output from its spans' partial results p (n_spans of Dh + 2): y = sum_s
+ * e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s, spans in order. */
+static void merge_spans(const float *p, int64_t n_spans, int64_t Dh, float *out) {
+    float top = -INFINITY, l = 0.f;
+    for (int64_t sp = 0; sp < n_spans; sp++) top = p[sp * (Dh + 2)] > top ? p[sp * (Dh + 2)] : top;
+    memset(out, 0, Dh * sizeof(float));
+    for (int64_t sp = 0; sp < n_spans; sp++) {
+        const float *st = p + sp * (Dh + 2);
+        if (st[1] == 0.f) continue; /* a span past this query's position */
+        const float w = expf(st[0] - top);
+        l += w * st[1];
+        for (int64_t i = 0; i < Dh; i++) out[i] += w * st[2 + i];
     }
+    for (int64_t i = 0; i < Dh; i++) out[i] /= l;
 }
 
-static void add(float *x, const float *o, int64_t n) { /* the residual: x += o */
-#pragma omp parallel for schedule(static) if (n >= 16 * 1024)
-    for (int64_t i = 0; i < n; i++) x[i] += o[i];
-}
-
-static void rms_norm(const float *x, const float *w, float *out, int64_t B, int64_t n, float eps) {
-#pragma omp parallel for schedule(static) if (B >= 16)
-    for (int64_t b = 0; b < B; b++) {
-        const float *r = x + b * n;
-        const float scale = 1.f / sqrtf(dot8(r, r, n) / (float)n + eps);
-        for (int64_t i = 0; i < n; i++) out[b * n + i] = r[i] * scale * w[i];
-    }
+static void rms_norm(const float *r, const float *w, float *out, int64_t n, float eps) { /* one row */
+    const float scale = 1.f / sqrtf(dot8(r, r, n) / (float)n + eps);
+    for (int64_t i = 0; i < n; i++) out[i] = r[i] * scale * w[i];
 }
 
 /* Rotate n_heads vectors of Dh floats, pairs (2i, 2i+1), by the angles of position pos. */
@@ -282,70 +282,202 @@ static void rope(float *v, int64_t n_heads, int64_t Dh, const float *table, int6
     }
 }
 
-/* The matmuls of a step: on the blocks with int16 activations (decode: the same numbers for a row
- * whatever the batch), or, for a prompt (dense), in float32 (also row-independent; faster for
- * many rows). */
-static void matmul(const float *x, const uint8_t *w, void *scratch, float *y, int64_t M, int64_t N, int64_t K,
-                   int type, int dense) {
-    if (dense) block_mm_dense(x, w, y, M, N, K, type);
-    else block_mm(x, w, scratch, y, M, N, K, type);
+/* -- one parallel region a step --------------------------------------------------------------
+ * A step runs in one OpenMP region: its threads share each op's work and meet at `team_sync`
+ * between ops. An OpenMP region an op (five a block) cost a futex wake-up of the other thread each,
+ * ~150 a token, since libgomp's threads spin only GOMP_SPINCOUNT (settings.py keeps it short)
+ * before they sleep. Here a thread that arrives first spins, then sleeps on a futex until the last
+ * one arrives. How long it spins adapts to the machine: on an idle one the other thread's share of
+ * an op ends within microseconds, and a spin of up to SPIN_MAX_NS catches nearly every barrier; on
+ * one whose cores are busy with other work the other thread is often off its core for a time
+ * slice, and spinning would only burn our share of the CPU and cost us the scheduler's preference
+ * for threads that sleep (with a fixed 50 us spin, two busy loops cut a decode to a quarter of
+ * what sleeping at once keeps). So each wait that outlasts the spin halves it, each that does not
+ * lengthens it a little: under contention it falls to nearly nothing, libgomp's short spin. */
+#define SPIN_MAX_NS 100000
+static atomic_int spin_ns = SPIN_MAX_NS; /* the process's current spin: a heuristic, shared racily */
+static int spin_max_ns = SPIN_MAX_NS;
+void herd_set_spin_us(int us) { spin_max_ns = 1000 * us, spin_ns = 1000 * us; } /* for measurements */
+
+typedef struct {
+    atomic_int arrived, phase, sleepers;
+} team_barrier;
+
+static int64_t now_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
+}
+
+static void team_sync(team_barrier *b) {
+    const int n = omp_get_num_threads();
+    if (n == 1) return;
+    const int phase = atomic_load_explicit(&b->phase, memory_order_relaxed);
+    if (atomic_fetch_add_explicit(&b->arrived, 1, memory_order_acq_rel) == n - 1) { /* the last: release them */
+        atomic_store_explicit(&b->arrived, 0, memory_order_relaxed);
+        atomic_store(&b->phase, phase + 1);
+#ifdef __linux__
+        if (atomic_load(&b->sleepers)) syscall(SYS_futex, &b->phase, FUTEX_WAKE_PRIVATE, INT32_MAX, NULL, NULL, 0);
+#endif
+        return;
+    }
+    const int spin = atomic_load_explicit(&spin_ns, memory_order_relaxed);
+    const int64_t until = now_ns() + spin;
+    for (int i = 1;; i++) {
+        if (atomic_load_explicit(&b->phase, memory_order_acquire) != phase) { /* in time: spin a little longer */
+            if (spin < spin_max_ns) atomic_store_explicit(&spin_ns, spin + spin_max_ns / 64 + 1, memory_order_relaxed);
+            return;
+        }
+        _mm_pause();
+        if (i % 16 == 0 && now_ns() >= until) break;
+    }
+    atomic_store_explicit(&spin_ns, spin / 2, memory_order_relaxed);
+    atomic_fetch_add(&b->sleepers, 1); /* seq_cst, as the last one's store then load: one sees the other */
+    while (atomic_load(&b->phase) == phase) {
+#ifdef __linux__
+        syscall(SYS_futex, &b->phase, FUTEX_WAIT_PRIVATE, phase, NULL, NULL, 0); /* returns if phase moved */
+#else
+        sched_yield();
+#endif
+    }
+    atomic_fetch_sub(&b->sleepers, 1);
+}
+
+/* This thread's share [*lo, *hi) of n items: contiguous, sizes differing by at most one. */
+static void share(int64_t n, int64_t *lo, int64_t *hi) {
+    const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads(), q = n / nt, r = n % nt;
+    *lo = t * q + (t < r ? t : r);
+    *hi = *lo + q + (t < r);
+}
+
+/* A matmul's input as int16 blocks (blockmm.c `block_quantize`): codes q, scales d, sums s. */
+typedef struct {
+    int16_t *q;
+    float *d, *s;
+} qblocks;
+
+/* Whether a matmul of this weight type reads its input as int16 blocks (not a prompt's float32 path,
+ * not float weights). */
+static int takes_blocks(int type, int dense) { return !dense && !kq_is_float(type); }
+
+/* Floats x[at .. at + n) (at, n multiples of 32) into blocks at / 32 .. of a matmul's input. */
+static void quantize(qblocks a, const float *x, int64_t at, int64_t n) {
+    block_quantize(x + at, a.q + at, a.d + at / 32, a.s + at / 32, n / 32);
+}
+
+/* The matmuls of a step, shared among the team (no barrier at the end): on the blocks with int16
+ * activations (decode: the same numbers for a row whatever the batch), or, for a prompt (dense), in
+ * float32 (also row-independent; faster for many rows). */
+static void matmul(const float *x, qblocks a, const uint8_t *w, float *y, int64_t M, int64_t N, int64_t K, int type,
+                   int dense) {
+    if (dense) block_mm_dense_team(x, w, y, M, N, K, type);
+    else if (kq_is_float(type)) kq_mm_float(x, w, y, M, N, K, type);
+    else block_mm_q(a.q, a.d, a.s, w, y, M, N, K, type);
 }
 
 void herd_decode(const herd_model *m, float *x, int64_t B, const int64_t *rows, const int64_t *pos,
                  const float *rope_table, void *scratch, int dense) {
     const int64_t D = m->dim, H = m->n_heads, K = m->n_kv_heads, Dh = m->head_dim, F = m->hidden, S = m->max_seq;
-    const int64_t qkv_n = (H + 2 * K) * Dh, row_bytes = kv_bytes(m->kv_type, Dh);
+    const int64_t qkv_n = (H + 2 * K) * Dh, row_bytes = kv_bytes(m->kv_type, Dh), group = H / K;
+    const int64_t kin = max64(max64(D, F), H * Dh);
     int64_t max_pos = 0;
     for (int64_t b = 0; b < B; b++) max_pos = max64(max_pos, pos[b]);
     const int64_t n_spans = max_pos / KV_SPAN + 1;
     float *h = (float *)scratch, *qkv = h + B * D, *y = qkv + B * qkv_n, *o = y + B * H * Dh, *g = o + B * D,
           *a = g + B * 2 * F, *part = a + B * F, *tiles = part + B * H * n_spans * (Dh + 2);
     int64_t *runs = (int64_t *)(tiles + omp_get_max_threads() * (2 * KV_TILE * Dh + KV_TILE));
-    void *mm_scratch = runs + B + 1;
+    int16_t *codes = (int16_t *)(runs + B + 1);
+    const qblocks in = {codes, (float *)(codes + B * kin), (float *)(codes + B * kin) + B * kin / 32};
 
     /* Runs: consecutive rows of one cache row (a prompt's tokens), at most RUN_ROWS, read the cache together. */
     int64_t n_runs = 0;
     for (int64_t b = 0; b < B; b++)
         if (b == 0 || rows[b] != rows[b - 1] || b - runs[n_runs - 1] >= RUN_ROWS) runs[n_runs++] = b;
     runs[n_runs] = B;
+    const int64_t tasks = n_runs * K * n_spans; /* attention: one (run of rows, KV head, span of keys) a task */
 
-    for (int64_t l = 0; l < m->n_layers; l++) {
-        const herd_layer *L = m->layers + l;
-        rms_norm(x, L->attention_norm, h, B, D, m->eps);
-        matmul(h, L->wqkv, mm_scratch, qkv, B, qkv_n, D, L->wqkv_type, dense);
-#pragma omp parallel for schedule(static) if (B >= 16)
-        for (int64_t b = 0; b < B; b++) {
-            float *q = qkv + b * qkv_n, *k = q + H * Dh, *v = k + K * Dh;
-            rope(q, H + K, Dh, rope_table, pos[b]); /* q and k are adjacent */
-            for (int64_t kh = 0; kh < K; kh++) {
-                const int64_t at = ((rows[b] * K + kh) * S + pos[b]) * row_bytes;
-                kv_store(L->k + at, k + kh * Dh, Dh, m->kv_type);
-                kv_store(L->v + at, v + kh * Dh, Dh, m->kv_type);
+    team_barrier bar = {0, 0, 0};
+    atomic_llong next = 0; /* the next attention task to take */
+#pragma omp parallel
+    {
+        int64_t lo, hi;
+        for (int64_t l = 0; l < m->n_layers; l++) {
+            const herd_layer *L = m->layers + l;
+            /* the last block's residual, this one's attention norm and its matmul's input: a row a thread */
+            share(B, &lo, &hi);
+            for (int64_t b = lo; b < hi; b++) {
+                if (l > 0)
+                    for (int64_t i = 0; i < D; i++) x[b * D + i] += o[b * D + i];
+                rms_norm(x + b * D, L->attention_norm, h + b * D, D, m->eps);
+                if (takes_blocks(L->wqkv_type, dense)) quantize(in, h, b * D, D);
             }
-        }
-        /* Attention, one (run of rows, KV head, span of keys) a task: see KV_TILE. */
-        const int64_t tasks = n_runs * K * n_spans;
-#pragma omp parallel for schedule(dynamic, 1) if (B * H * (max_pos + 1) >= 512)
-        for (int64_t t = 0; t < tasks; t++) {
-            const int64_t r = t / (K * n_spans), kh = t / n_spans % K, span = t % n_spans;
-            attend_span(m, L, qkv, rows, pos, runs[r], runs[r + 1], kh, span, n_spans, part,
-                        tiles + omp_get_thread_num() * (2 * KV_TILE * Dh + KV_TILE));
-        }
-        merge_spans(part, B * H, n_spans, Dh, y);
-        matmul(y, L->wo, mm_scratch, o, B, D, H * Dh, L->wo_type, dense);
-        add(x, o, B * D);
-
-        rms_norm(x, L->ffn_norm, h, B, D, m->eps);
-        matmul(h, L->w13, mm_scratch, g, B, 2 * F, D, L->w13_type, dense);
-#pragma omp parallel for schedule(static) if (B * F >= 4096)
-        for (int64_t b = 0; b < B; b++)
-            for (int64_t i = 0; i < F; i += 8) { /* silu(gate) * up; F is a multiple of 32 */
-                const __m256 gate = _mm256_loadu_ps(g + b * 2 * F + i), up = _mm256_loadu_ps(g + b * 2 * F + F + i);
-                const __m256 den = _mm256_add_ps(_mm256_set1_ps(1.f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), gate)));
-                _mm256_storeu_ps(a + b * F + i, _mm256_mul_ps(_mm256_div_ps(gate, den), up));
+            team_sync(&bar);
+            matmul(h, in, L->wqkv, qkv, B, qkv_n, D, L->wqkv_type, dense);
+            team_sync(&bar);
+            share(B, &lo, &hi);
+            for (int64_t b = lo; b < hi; b++) {
+                float *q = qkv + b * qkv_n, *k = q + H * Dh, *v = k + K * Dh;
+                rope(q, H + K, Dh, rope_table, pos[b]); /* q and k are adjacent */
+                for (int64_t kh = 0; kh < K; kh++) {
+                    const int64_t at = ((rows[b] * K + kh) * S + pos[b]) * row_bytes;
+                    kv_store(L->k + at, k + kh * Dh, Dh, m->kv_type);
+                    kv_store(L->v + at, v + kh * Dh, Dh, m->kv_type);
+                }
             }
-        matmul(a, L->w2, mm_scratch, o, B, D, F, L->w2_type, dense);
-        add(x, o, B * D);
+            if (omp_get_thread_num() == 0) atomic_store(&next, 0);
+            team_sync(&bar);
+            /* Attention, tasks taken in turn (later rows of a prompt cost more): see KV_TILE. With one
+             * span a task holds its queries whole, and ends them: the output, wo's input. */
+            const int fused = n_spans == 1 && Dh % 32 == 0;
+            for (int64_t t; (t = atomic_fetch_add(&next, 1)) < tasks;) {
+                const int64_t r = t / (K * n_spans), kh = t / n_spans % K, span = t % n_spans;
+                attend_span(m, L, qkv, rows, pos, runs[r], runs[r + 1], kh, span, n_spans, part,
+                            tiles + omp_get_thread_num() * (2 * KV_TILE * Dh + KV_TILE));
+                for (int64_t b = runs[r]; fused && b < runs[r + 1]; b++)
+                    for (int64_t hd = kh * group; hd < (kh + 1) * group; hd++) {
+                        merge_spans(part + (b * H + hd) * (Dh + 2), 1, Dh, y + (b * H + hd) * Dh);
+                        if (takes_blocks(L->wo_type, dense)) quantize(in, y, (b * H + hd) * Dh, Dh);
+                    }
+            }
+            team_sync(&bar);
+            if (!fused) {
+                share(B * H, &lo, &hi);
+                for (int64_t qi = lo; qi < hi; qi++) merge_spans(part + qi * n_spans * (Dh + 2), n_spans, Dh, y + qi * Dh);
+                team_sync(&bar);
+                if (takes_blocks(L->wo_type, dense)) {
+                    share(B, &lo, &hi);
+                    for (int64_t b = lo; b < hi; b++) quantize(in, y, b * H * Dh, H * Dh);
+                    team_sync(&bar);
+                }
+            }
+            matmul(y, in, L->wo, o, B, D, H * Dh, L->wo_type, dense);
+            team_sync(&bar);
+            share(B, &lo, &hi);
+            for (int64_t b = lo; b < hi; b++) {
+                for (int64_t i = 0; i < D; i++) x[b * D + i] += o[b * D + i];
+                rms_norm(x + b * D, L->ffn_norm, h + b * D, D, m->eps);
+                if (takes_blocks(L->w13_type, dense)) quantize(in, h, b * D, D);
+            }
+            team_sync(&bar);
+            matmul(h, in, L->w13, g, B, 2 * F, D, L->w13_type, dense);
+            team_sync(&bar);
+            share(B * (F / 32), &lo, &hi); /* silu(gate) * up, 32 at a time (F is a multiple of 32) */
+            for (int64_t blk = lo; blk < hi; blk++) {
+                const int64_t b = blk / (F / 32), i0 = blk % (F / 32) * 32;
+                for (int64_t i = i0; i < i0 + 32; i += 8) {
+                    const __m256 gate = _mm256_loadu_ps(g + b * 2 * F + i), up = _mm256_loadu_ps(g + b * 2 * F + F + i);
+                    const __m256 den = _mm256_add_ps(_mm256_set1_ps(1.f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), gate)));
+                    _mm256_storeu_ps(a + b * F + i, _mm256_mul_ps(_mm256_div_ps(gate, den), up));
+                }
+                if (takes_blocks(L->w2_type, dense)) quantize(in, a, b * F + i0, 32);
+            }
+            team_sync(&bar);
+            matmul(a, in, L->w2, o, B, D, F, L->w2_type, dense);
+            team_sync(&bar);
+        }
+        share(B, &lo, &hi); /* the last block's residual */
+        for (int64_t b = lo; b < hi; b++)
+            for (int64_t i = 0; i < D; i++) x[b * D + i] += o[b * D + i];
     }
 }
 #else

@@ -22,6 +22,9 @@
  * (`kq_mm_dense`) multiplies those exact float32 weights. Each row of x gets the same instructions
  * in the same order whatever the number of rows (continuous batching relies on it). Without AVX2
  * the same loops run in plain C (`kq_mm`'s scalar path, also forced by `kq_force_scalar` in tests).
+ *
+ * The matmuls (`kq_mm`, `kq_mm_dense`, `kq_mm_float`) share their loops among the threads of the
+ * OpenMP region they are called in (orphaned `omp for nowait`; see blockmm.c): the caller opens it.
  */
 #include <omp.h>
 #include <stdint.h>
@@ -459,7 +462,7 @@ static inline __attribute__((always_inline)) void float_tile(const uint8_t *w, i
 static void float_mm_simd(const float *x, const uint8_t *w, float *y, int64_t ldy, int64_t M, int64_t N, int64_t K,
                           int type) {
     const int64_t row_bytes = kq_row_bytes(K, type);
-#pragma omp parallel for schedule(static)
+#pragma omp for schedule(static) nowait
     for (int64_t n = 0; n < N; n += FNT) {
         const int nt = (int)(N - n < FNT ? N - n : FNT);
         for (int64_t m0 = 0; m0 < M; m0 += FMT) {
@@ -525,7 +528,7 @@ __attribute__((optimize("fp-contract=off"))) static void dequantize_row_simd(con
 static void mm_simd(const int16_t *xq, const float *xd, const float *xs, const uint8_t *w, float *y, int64_t ldy,
                     int64_t M, int64_t N, int64_t K, int type) {
     const int64_t nb = K / 32, row_bytes = kq_row_bytes(K, type);
-#pragma omp parallel for schedule(static)
+#pragma omp for schedule(static) nowait
     for (int64_t n = 0; n < N; n += NT)
         for (int64_t m0 = 0; m0 < M; m0 += MT) {
             const int mt = (int)(M - m0 < MT ? M - m0 : MT);
@@ -553,7 +556,7 @@ static void mm_part(const int16_t *xq, const float *xd, const float *xs, const u
     }
 #endif
     const int64_t nb = K / 32, row_bytes = kq_row_bytes(K, type);
-#pragma omp parallel for schedule(static)
+#pragma omp for schedule(static) nowait
     for (int64_t n = 0; n < N; n++)
         for (int64_t m = 0; m < M; m++)
             y[m * ldy + n] = row_dot(w + n * row_bytes, xq + m * K, xd + m * nb, xs + m * nb, nb, type);
@@ -606,10 +609,9 @@ static inline __attribute__((always_inline)) void dense_tile(const float *x, con
 static void dense_part(const float *x, const uint8_t *w, float *y, int64_t ldy, int64_t M, int64_t N, int64_t K,
                        int type) {
     const int64_t row_bytes = kq_row_bytes(K, type);
-#pragma omp parallel
-    {
+    { /* each thread its own panel */
         float *panel = aligned_alloc(32, (size_t)K * DN * sizeof(float)), *row = malloc((size_t)K * sizeof(float));
-#pragma omp for schedule(static)
+#pragma omp for schedule(static) nowait
         for (int64_t n0 = 0; n0 < N; n0 += DN) {
             const int nn = (int)(N - n0 < DN ? N - n0 : DN);
             for (int j = 0; j < DN; j++) {
@@ -673,7 +675,7 @@ void kq_mm_float(const float *x, const uint8_t *w, float *y, int64_t M, int64_t 
     }
 #endif
     const int64_t row_bytes = kq_row_bytes(K, type);
-#pragma omp parallel for schedule(static)
+#pragma omp for schedule(static) nowait
     for (int64_t n = 0; n < N; n++)
         for (int64_t m = 0; m < M; m++) {
             float acc = 0.f;
