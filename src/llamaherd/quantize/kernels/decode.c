@@ -293,8 +293,9 @@ static void rope(float *v, int64_t n_heads, int64_t Dh, const float *table, int6
  * slice, and spinning would only burn our share of the CPU and cost us the scheduler's preference
  * for threads that sleep (with a fixed 50 us spin, two busy loops cut a decode to a quarter of
  * what sleeping at once keeps). So each wait that outlasts the spin halves it, each that does not
- * lengthens it a little: under contention it falls to nearly nothing, libgomp's short spin. */
+ * lengthens it a little: under contention it falls to SPIN_MIN_NS, near libgomp's short spin. */
 #define SPIN_MAX_NS 100000
+#define SPIN_MIN_NS 2000 /* a floor, so that a spin cut short by contention grows back once it is gone */
 static atomic_int spin_ns = SPIN_MAX_NS; /* the process's current spin: a heuristic, shared racily */
 static int spin_max_ns = SPIN_MAX_NS;
 void herd_set_spin_us(int us) { spin_max_ns = 1000 * us, spin_ns = 1000 * us; } /* for measurements */
@@ -331,7 +332,7 @@ static void team_sync(team_barrier *b) {
         _mm_pause();
         if (i % 16 == 0 && now_ns() >= until) break;
     }
-    atomic_store_explicit(&spin_ns, spin / 2, memory_order_relaxed);
+    atomic_store_explicit(&spin_ns, spin / 2 > SPIN_MIN_NS ? spin / 2 : SPIN_MIN_NS, memory_order_relaxed);
     atomic_fetch_add(&b->sleepers, 1); /* seq_cst, as the last one's store then load: one sees the other */
     while (atomic_load(&b->phase) == phase) {
 #ifdef __linux__

@@ -1,0 +1,42 @@
+"""kernels/decode.c shares each op of a step among the threads of one OpenMP region, met at its own
+barrier: whatever the thread count, every row must get the same numbers, to the bit (a missed
+barrier or an op split along a sum would show here), also past one span of keys (KV_SPAN = 512:
+the spans' results merged in a pass of their own) and on a prompt's float32 path."""
+
+import pytest
+import torch
+
+import llamaherd
+from llamaherd.quantize import native
+
+pytestmark = [pytest.mark.integration,
+              pytest.mark.skipif(not native.available(), reason="needs the native kernels (a C compiler, AVX2)")]
+
+
+@pytest.fixture(scope="module")
+def model(smollm2_path):
+    """A model of its own: these tests write its KV cache directly."""
+    return llamaherd.load(smollm2_path, device="cpu", quantized=True).model
+
+
+def run_with(threads: int, model, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prefill `ids` into cache row 1 (float32 blocks, then an int16 tail), then one decode step of
+    three rows (row 1 past position 512, rows 0 and 2 short): (the prompt's logits, the step's)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        model.setup_cache(3, 1024)
+        prompt = native.prefill(model, ids, 0, row=1)
+        native.prefill_many(model, [(ids[:5], 0, 0), (ids[:9], 0, 2)])
+        step = native.decode(model, [ids[5], ids[9], ids[-1]], [5, 9, len(ids)], [0, 2, 1])
+    finally:
+        torch.set_num_threads(before)
+    return prompt, step
+
+
+def test_rows_do_not_depend_on_the_thread_count(model, smollm2):
+    ids = smollm2.encode("The quick brown fox jumps over the lazy dog. " * 60)[:600]
+    one = run_with(1, model, ids)
+    for threads in (2, 3):
+        got = run_with(threads, model, ids)
+        assert torch.equal(got[0], one[0]) and torch.equal(got[1], one[1]), f"{threads} threads"
