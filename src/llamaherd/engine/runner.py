@@ -119,7 +119,8 @@ class Runner:
         position): all are laid out (row, head, position, ...)."""
         for layer in self.model.layers:
             for buf in layer.attention.cache.buffers():
-                buf[dsts, :, :n] = buf[src, :, :n]
+                for dst in dsts:  # plain slice copies: an index_put over a list costs ~5x as much
+                    buf[dst, :, :n] = buf[src, :, :n]
 
     @property
     def bytes_per_position(self) -> int:

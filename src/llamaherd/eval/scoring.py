@@ -18,6 +18,7 @@ Two paths, chosen by the model's runner (`engine.runner`):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -147,12 +148,17 @@ def _engine_loglikelihoods(llm, seqs, batch_tokens: int, progress) -> list[tuple
             at = {}  # request -> the logits row of its first step
             for n, step in enumerate(steps):
                 at.setdefault(step[3], len(batch) + n)
+            spans, rows_of, targets = [], [], []  # each target token's logits row, read in one op
             for g, (ctx, members) in enumerate(batch):
                 for i in members:
-                    targets = torch.tensor(seqs[i][1])
-                    lp = logp[[g] + list(range(at.get(i, 0), at.get(i, 0) + len(targets) - 1))]
-                    results[i] = (float(lp.gather(1, targets[:, None]).double().sum()),
-                                  bool((lp.argmax(-1) == targets).all()))
+                    cont = seqs[i][1]
+                    spans.append((i, len(targets), len(targets) + len(cont)))
+                    rows_of += [g, *range(at.get(i, 0), at.get(i, 0) + len(cont) - 1)]
+                    targets += cont
+            picked = logp[rows_of, targets].tolist()
+            greedy = (logp.argmax(-1)[rows_of] == torch.tensor(targets)).tolist()
+            for i, a, b in spans:
+                results[i] = (math.fsum(picked[a:b]), all(greedy[a:b]))
             if progress:
                 progress(sum(len(m) for _, m in batch))
     finally:
@@ -238,19 +244,19 @@ def _prefill_tree(runner, contexts, nodes, leaves) -> torch.Tensor:
     depth: list[int] = []
     for parent, *_ in nodes:
         depth.append(0 if parent < 0 else depth[parent] + 1)
-    logits = {}
+    outs, at = [], {}  # the logits of every node, and where each node's row is in them
     for level in range(max(depth) + 1):
         ids = [k for k, d in enumerate(depth) if d == level]
-        out = runner.prefill([(list(contexts[c][a:b]), a, row) for _, a, b, c, row in (nodes[k] for k in ids)],
-                             dense=True)
-        logits.update(zip(ids, out))
+        outs.append(runner.prefill([(list(contexts[c][a:b]), a, row) for _, a, b, c, row in (nodes[k] for k in ids)],
+                                   dense=True))
+        at.update({k: len(at) + n for n, k in enumerate(ids)})
         copies: dict[int, list[int]] = {}
         for parent, *_, row in nodes:
             if parent >= 0 and depth[parent] == level and row != nodes[parent][4]:
                 copies.setdefault(parent, []).append(row)
         for parent, dsts in copies.items():
             runner.fork(nodes[parent][4], dsts, nodes[parent][2])
-    return torch.stack([logits[leaf] for leaf in leaves])
+    return torch.cat(outs)[[at[leaf] for leaf in leaves]]
 
 
 @torch.inference_mode()
