@@ -9,7 +9,9 @@ Two paths, chosen by the model's runner (`engine.runner`):
 - the engine's (a GGUF block model on a CPU, the native kernels): requests that share their
   context (a question's choices) are one group; the context is prefilled once into a KV-cache
   row, copied into a row per choice (`Runner.fork`), and each choice's tokens are fed after it
-  (`Runner.decode`). A request's numbers depend on itself only, not on what it is batched with.
+  (`Runner.decode`). A prefix that several contexts share (a subject line, few-shot examples) is
+  prefilled once and copied too (`prefix_tree`), every context token through the float32 prompt
+  matmuls, so a request's numbers depend on itself only, not on what it is batched with.
 - the torch modules' (float weights, the reference path): requests are batched longest first,
   right-padded (causal attention never looks at the padding, which comes after every scored
   position), a request whose input is a prefix of another's shares its forward pass, and only
