@@ -583,9 +583,62 @@ def test_engine_path_prefills_a_question_once_and_scores_each_choice_as_alone(sm
             (ctx, tok.encode(" a cow in a field")), (tok.encode("Hello"), tok.encode(" world, how are you"))]
     prefilled = []
     prefill = smollm2_fast.runner.prefill
-    monkeypatch.setattr(smollm2_fast.runner, "prefill", lambda prompts: prefilled.append(prompts) or prefill(prompts))
+    monkeypatch.setattr(smollm2_fast.runner, "prefill",
+                        lambda prompts, **kw: prefilled.append(prompts) or prefill(prompts, **kw))
     together = loglikelihoods(smollm2_fast, reqs)
     assert sorted(p[0] for batch in prefilled for p in batch) == sorted([ctx, tok.encode("Hello")])
+    assert together == [loglikelihoods(smollm2_fast, [r])[0] for r in reqs]
+    reference = loglikelihoods(smollm2_ref, reqs)
+    assert max(abs(a - b) for (a, _), (b, _) in zip(together, reference)) <= 3e-3
+
+
+def test_prefix_tree_holds_each_shared_prefix_once_and_rebuilds_every_context():
+    from llamaherd.eval.scoring import prefix_tree
+
+    head, other = [7, 1, 2, 3, 4, 5], [7, 1, 2, 3, 9, 9]  # share 4 tokens (fewer than min_shared=5 apart)
+    contexts = [head + [10, 11, 12], [5, 5], head + [10, 11, 13, 14], head + [20], other + [1], other + [2, 3],
+                head + [10, 11, 12, 15]]  # the last one extends the first: each keeps its last token
+    nodes, leaves = prefix_tree(contexts, min_shared=2)
+    for i, ctx in enumerate(contexts):
+        parts, k = [], leaves[i]
+        while k >= 0:  # the path from the context's leaf to the root spells the context
+            parent, start, end, c = nodes[k]
+            assert parent < k and contexts[c][start:end] == ctx[start:end] and end > start
+            parts.insert(0, (start, end))
+            k = parent
+        assert parts[0][0] == 0 and all(a[1] == b[0] for a, b in zip(parts, parts[1:])) and parts[-1][1] == len(ctx)
+    spans = sorted(tuple(contexts[c][a:b]) for _, a, b, c in nodes)
+    assert spans.count((7, 1, 2, 3)) == 1 and (4, 5) in spans and (10, 11) in spans  # shared ones, once
+    # every token once, but the first context's last one (12), which the last context continues
+    assert sum(b - a for _, a, b, _ in nodes) == 4 + 2 + 2 + 2 + 1 + 1 + 2 + 2 + 1 + 2 + 2
+    nodes, _ = prefix_tree(contexts, min_shared=5)  # 4 shared tokens are not worth a node
+    assert [(a, b) for p, a, b, _ in nodes if p < 0 and b - a == 4] == []
+    assert prefix_tree([[3]], 1) == ([(-1, 0, 1, 0)], [0])
+
+
+@pytest.mark.integration
+def test_engine_path_prefills_a_shared_prefix_once_and_scores_as_alone(smollm2_fast, smollm2_ref, monkeypatch):
+    """Questions under one header (MMLU's subject line, few-shot examples): the header is
+    prefilled once and copied, and every request's numbers are still the bits it gets alone."""
+    from llamaherd.eval.scoring import loglikelihoods
+
+    tok = smollm2_fast.tokenizer
+    head = tok.encode("The following are questions about farms.\n\n" + "".join(
+        f"How many legs has a {animal}? {legs}\n\n" for animal, legs in
+        (("cow", 4), ("hen", 2), ("horse", 4), ("duck", 2), ("goat", 4), ("spider", 8), ("snake", 0))))
+    questions = [tok.encode(q) for q in ("Cows say?", "Hens lay?", "What barks? " + "Woof and woof. " * 12)]
+    assert len(head) < 128 < len(head + questions[2])  # a whole block of the float32 prompt path past the header
+    reqs = [(head + q, tok.encode(c)) for q in questions for c in (" A", " B", " a cow in a field")]
+    reqs.append((tok.encode("Hello"), tok.encode(" world")))
+    prefilled = []
+    prefill = smollm2_fast.runner.prefill
+    monkeypatch.setattr(smollm2_fast.runner, "prefill",
+                        lambda prompts, **kw: prefilled.append(prompts) or prefill(prompts, **kw))
+    together = loglikelihoods(smollm2_fast, reqs)
+    fed = [p[0] for call in prefilled for p in call]
+    assert sum(map(len, fed)) == len(head) + sum(map(len, questions)) + 1  # the header once, not three times
+    assert sorted(p[0] for p in prefilled[0]) == sorted([head, tok.encode("Hello")]) and len(prefilled) == 2
+    monkeypatch.undo()
     assert together == [loglikelihoods(smollm2_fast, [r])[0] for r in reqs]
     reference = loglikelihoods(smollm2_ref, reqs)
     assert max(abs(a - b) for (a, _), (b, _) in zip(together, reference)) <= 3e-3

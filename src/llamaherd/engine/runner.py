@@ -119,7 +119,8 @@ class Runner:
         position): all are laid out (row, head, position, ...)."""
         for layer in self.model.layers:
             for buf in layer.attention.cache.buffers():
-                buf[dsts, :, :n] = buf[src, :, :n]
+                for dst in dsts:  # plain slice copies: an index_put over a list costs ~5x as much
+                    buf[dst, :, :n] = buf[src, :, :n]
 
     @property
     def bytes_per_position(self) -> int:
@@ -138,9 +139,14 @@ class Runner:
 
     # -- steps ------------------------------------------------------------------------------
 
-    def prefill(self, prompts: list[tuple[list[int], int, int]]) -> torch.Tensor:
+    def prefill(self, prompts: list[tuple[list[int], int, int]], dense: bool = False) -> torch.Tensor:
         """Run each (tokens, start position, KV-cache row) into its row; the float32 logits (n, V)
-        after each one's last token. Each prompt's numbers are those it gets alone."""
+        after each one's last token. Each prompt's numbers are those it gets alone.
+
+        dense: many prompts at once (scoring): the native runner then runs every token through its
+        float32 prompt matmuls (`native.prefill_many`), so a prompt's numbers do not depend on
+        where it is split either (a shared prefix prefilled once gives the bits of a whole prompt).
+        The torch runner ignores it."""
         raise NotImplementedError
 
     def decode(self, tokens: list[int], positions: list[int], rows: list[int]) -> torch.Tensor:
@@ -189,8 +195,8 @@ class NativeRunner(Runner):
         self.kv_cache_types = ("f32", "f16", "q8_0") if model.args.head_dim % 32 == 0 else ("f32", "f16")
         super().__init__(model, kv_cache_type)
 
-    def prefill(self, prompts):
-        return native.prefill_many(self.model, prompts).float()
+    def prefill(self, prompts, dense=False):
+        return native.prefill_many(self.model, prompts, dense=dense).float()
 
     def decode(self, tokens, positions, rows):
         return native.decode(self.model, tokens, positions, rows).float()
@@ -220,7 +226,7 @@ class TorchRunner(Runner):
         self._step = None
 
     @torch.inference_mode()
-    def prefill(self, prompts):
+    def prefill(self, prompts, dense=False):
         out = []
         for tokens, start, row in prompts:
             rows = torch.tensor([row], device=self.device)

@@ -9,7 +9,9 @@ Two paths, chosen by the model's runner (`engine.runner`):
 - the engine's (a GGUF block model on a CPU, the native kernels): requests that share their
   context (a question's choices) are one group; the context is prefilled once into a KV-cache
   row, copied into a row per choice (`Runner.fork`), and each choice's tokens are fed after it
-  (`Runner.decode`). A request's numbers depend on itself only, not on what it is batched with.
+  (`Runner.decode`). A prefix that several contexts share (a subject line, few-shot examples) is
+  prefilled once and copied too (`prefix_tree`), every context token through the float32 prompt
+  matmuls, so a request's numbers depend on itself only, not on what it is batched with.
 - the torch modules' (float weights, the reference path): requests are batched longest first,
   right-padded (causal attention never looks at the padding, which comes after every scored
   position), a request whose input is a prefix of another's shares its forward pass, and only
@@ -18,6 +20,7 @@ Two paths, chosen by the model's runner (`engine.runner`):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -28,6 +31,7 @@ from ..errors import HerdError
 Request = tuple[Sequence[int], Sequence[int]]
 ENGINE_MAX_CONTINUATION = 64  # the engine's path: the longest continuation fed as steps after its context
 STEP_TOKENS = 256  # the engine's path: tokens per step call
+MIN_SHARED = 4  # the engine's path: the fewest tokens worth prefilling once for several contexts
 
 
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
@@ -109,7 +113,8 @@ def _engine_scores(llm, seqs) -> bool:
 
 @torch.inference_mode()
 def _engine_loglikelihoods(llm, seqs, batch_tokens: int, progress) -> list[tuple[float, bool]]:
-    """The engine's path (see the module docstring): a group's context is prefilled once."""
+    """The engine's path (see the module docstring): a group's context is prefilled once, and so
+    is a prefix that several contexts of a batch share."""
     runner, model = llm.runner, llm.model
     groups: dict[tuple[int, ...], list[int]] = {}  # context (the input before the first target) -> requests
     for i, (inp, targets) in enumerate(seqs):
@@ -128,10 +133,10 @@ def _engine_loglikelihoods(llm, seqs, batch_tokens: int, progress) -> list[tuple
     caches = [layer.attention.cache for layer in model.layers]  # the generation loop's, given back after
     model.clear_cache()
     try:
-        runner.allocate(max(_rows(seqs, b)[1] for b in batches), max(len(inp) for inp, _ in seqs) + 1)
-        for batch in batches:
-            rows, _ = _rows(seqs, batch)
-            first = runner.prefill([(list(ctx), 0, rows[members[0]]) for ctx, members in batch])  # (groups, V)
+        plans = [_plan(seqs, batch) for batch in batches]
+        runner.allocate(max(n_rows for *_, n_rows in plans), max(len(inp) for inp, _ in seqs) + 1)
+        for batch, (nodes, leaves, rows, _) in zip(batches, plans):
+            first = _prefill_tree(runner, [ctx for ctx, _ in batch], nodes, leaves)  # (groups, V)
             steps = []  # (token, position, row, request): each choice's tokens after its context
             for ctx, members in batch:
                 forks = [rows[i] for i in members[1:] if rows[i] != rows[members[0]]]
@@ -145,12 +150,17 @@ def _engine_loglikelihoods(llm, seqs, batch_tokens: int, progress) -> list[tuple
             at = {}  # request -> the logits row of its first step
             for n, step in enumerate(steps):
                 at.setdefault(step[3], len(batch) + n)
+            spans, rows_of, targets = [], [], []  # each target token's logits row, read in one op
             for g, (ctx, members) in enumerate(batch):
                 for i in members:
-                    targets = torch.tensor(seqs[i][1])
-                    lp = logp[[g] + list(range(at.get(i, 0), at.get(i, 0) + len(targets) - 1))]
-                    results[i] = (float(lp.gather(1, targets[:, None]).double().sum()),
-                                  bool((lp.argmax(-1) == targets).all()))
+                    cont = seqs[i][1]
+                    spans.append((i, len(targets), len(targets) + len(cont)))
+                    rows_of += [g, *range(at.get(i, 0), at.get(i, 0) + len(cont) - 1)]
+                    targets += cont
+            picked = logp[rows_of, targets].tolist()
+            greedy = (logp.argmax(-1)[rows_of] == torch.tensor(targets)).tolist()
+            for i, a, b in spans:
+                results[i] = (math.fsum(picked[a:b]), all(greedy[a:b]))
             if progress:
                 progress(sum(len(m) for _, m in batch))
     finally:
@@ -159,20 +169,96 @@ def _engine_loglikelihoods(llm, seqs, batch_tokens: int, progress) -> list[tuple
     return results
 
 
-def _rows(seqs, batch) -> tuple[dict[int, int], int]:
-    """KV-cache rows of a batch's requests, and how many: a group's context gets a row, which its
-    first request continues in; each other request with more than one token gets a copy."""
-    rows, n = {}, 0
-    for _, members in batch:
-        rows[members[0]] = n
+def prefix_tree(contexts: Sequence[Sequence[int]], min_shared: int = MIN_SHARED
+                ) -> tuple[list[tuple[int, int, int, int]], list[int]]:
+    """The prefixes contexts share, as a tree, so that each is prefilled once: the subject line
+    before every MMLU question of a subject, the same few-shot examples before each question.
+
+    Args:
+        contexts: token sequences, distinct, none empty.
+        min_shared: the fewest tokens a shared prefix adds to its parent's to be a node of its own.
+    Returns:
+        (nodes, leaves): nodes (parent, start, end, context), a parent before its children (-1:
+        none), each holding tokens start..end-1 of every context under it (`context`: one of them);
+        leaves[i] the node that ends context i. A context's last token is always its leaf's own.
+    """
+    order = sorted(range(len(contexts)), key=lambda i: tuple(contexts[i]))
+    common = [_common(contexts[a], contexts[b]) for a, b in zip(order, order[1:])]  # neighbours' shared tokens
+    nodes: list[tuple[int, int, int, int]] = []
+    leaves = [0] * len(contexts)
+    todo = [(0, len(order), 0, -1)]  # (lo, hi, depth, parent): order[lo:hi] share their first `depth` tokens
+    while todo:
+        lo, hi, depth, parent = todo.pop()
+        if hi - lo == 1:
+            leaves[order[lo]] = len(nodes)
+            nodes.append((parent, depth, len(contexts[order[lo]]), order[lo]))
+            continue
+        shared = min(common[lo:hi - 1])  # what all of order[lo:hi] share (they are sorted)
+        if shared - depth >= min_shared:
+            nodes.append((parent, depth, shared, order[lo]))
+            parent, depth = len(nodes) - 1, shared
+        cuts = [lo] + [k + 1 for k in range(lo, hi - 1) if common[k] == shared] + [hi]
+        todo += reversed([(a, b, depth, parent) for a, b in zip(cuts, cuts[1:])])  # depth first, in order
+    return nodes, leaves
+
+
+def _common(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many first tokens a and b share, leaving each at least its last token."""
+    n, most = 0, min(len(a), len(b)) - 1
+    while n < most and a[n] == b[n]:
         n += 1
+    return n
+
+
+def _plan(seqs, batch) -> tuple[list[tuple[int, int, int, int, int]], list[int], dict[int, int], int]:
+    """A batch's prefix tree (`prefix_tree` of its contexts, each node with its KV-cache row
+    appended), the rows of its requests, and how many rows. A node continues in its parent's row
+    (the first child) or gets a copy of it; a group's first request continues in its context's
+    row, each other request of more than one token gets a copy (a one-token request is read off
+    the context's logits: no steps)."""
+    nodes, leaves = prefix_tree([ctx for ctx, _ in batch], MIN_SHARED)
+    node_rows, taken, n = [], set(), 0
+    for parent, *_ in nodes:
+        if parent >= 0 and parent not in taken:
+            taken.add(parent)
+            node_rows.append(node_rows[parent])
+        else:
+            node_rows.append(n)
+            n += 1
+    rows = {}
+    for g, (_, members) in enumerate(batch):
+        rows[members[0]] = node_rows[leaves[g]]
         for i in members[1:]:
             if len(seqs[i][1]) > 1:
                 rows[i] = n
                 n += 1
             else:
-                rows[i] = rows[members[0]]  # its one target is predicted from the context: no steps
-    return rows, n
+                rows[i] = rows[members[0]]
+    return [(*node, row) for node, row in zip(nodes, node_rows)], leaves, rows, n
+
+
+def _prefill_tree(runner, contexts, nodes, leaves) -> torch.Tensor:
+    """Prefill a prefix tree (`_plan`'s nodes: (parent, start, end, context, row)) a level at a
+    time, every token through the float32 matmuls (`Runner.prefill(dense=True)`, so a context's
+    numbers are those it gets prefilled whole and alone); after each level, a node's positions are
+    copied into the rows of its children that do not continue in its own. Returns the logits
+    (len(contexts), V) after each context."""
+    depth: list[int] = []
+    for parent, *_ in nodes:
+        depth.append(0 if parent < 0 else depth[parent] + 1)
+    outs, at = [], {}  # the logits of every node, and where each node's row is in them
+    for level in range(max(depth) + 1):
+        ids = [k for k, d in enumerate(depth) if d == level]
+        outs.append(runner.prefill([(list(contexts[c][a:b]), a, row) for _, a, b, c, row in (nodes[k] for k in ids)],
+                                   dense=True))
+        at.update({k: len(at) + n for n, k in enumerate(ids)})
+        copies: dict[int, list[int]] = {}
+        for parent, *_, row in nodes:
+            if parent >= 0 and depth[parent] == level and row != nodes[parent][4]:
+                copies.setdefault(parent, []).append(row)
+        for parent, dsts in copies.items():
+            runner.fork(nodes[parent][4], dsts, nodes[parent][2])
+    return torch.cat(outs)[[at[leaf] for leaf in leaves]]
 
 
 @torch.inference_mode()
