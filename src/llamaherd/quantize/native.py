@@ -224,11 +224,12 @@ def kq_rows(raw: torch.Tensor, ids: torch.Tensor | None, kernel_type: int, K: in
 
 
 def rows8_repack(raw: torch.Tensor, qtype: int, K: int) -> torch.Tensor:
-    """`linear.repack_rows8` in C: rows of GGUF blocks (N a multiple of 8) in tile8's layout."""
-    raw = raw.contiguous()
-    out = torch.empty_like(raw)
-    library().rows8_repack(raw.data_ptr(), out.data_ptr(), raw.shape[0], K, qtype)
-    return out
+    """`linear.repack_rows8` in C: rows of GGUF blocks (N a multiple of 8) in tile8's layout, in
+    place (the same bytes reordered: a file's pages are replaced, not doubled). Returns raw."""
+    if not raw.is_contiguous():
+        raise ValueError("rows8_repack needs contiguous rows")
+    library().rows8_repack(raw.data_ptr(), raw.data_ptr(), raw.shape[0], K, qtype)
+    return raw
 
 
 def rows8_dequantize(packed: torch.Tensor, ids: torch.Tensor, kernel_type: int, K: int) -> torch.Tensor:
