@@ -201,6 +201,7 @@ def kq_repack(raw: torch.Tensor, parts: list[tuple], K: int) -> int | None:
     if any(p[0] % 8 or int(p[1]) not in KQ_REPACKABLE for p in parts) or not raw.is_contiguous():
         return None
     kind = mixed_type(parts) if len(parts) > 1 or len(parts[0]) > 2 else int(parts[0][1])
+    _match_torch_threads()
     if library().kq_repack(raw.data_ptr(), sum(p[0] for p in parts), K, kind) < 0:
         return None
     repacked = [(p[0], KQ_R8 + int(p[1]), *p[2:]) for p in parts]

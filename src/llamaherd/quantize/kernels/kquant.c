@@ -275,8 +275,8 @@ static int64_t r8_block(int t) { /* bytes of a block of 32 codes of the eight ro
 }
 static int code_offset(int t) { return t == Q4_0 ? 8 : t == Q5_0 ? 16 : t == Q6_K ? 32 : 0; }
 
-/* Code (i, k) of a block of eight repacked rows (its bytes q), without its offset; and its setter
- * (q zeroed first). */
+/* Code (i, k) of a block of eight repacked rows (its bytes q), without its offset (`r8_pack_block`
+ * sets them). */
 static int r8_code(const uint8_t *q, int i, int k, int t) {
     const int tt = k / 4, h = k / 2 % 2, e = k % 2, lane = 2 * (2 * i + e);
     if (t == Q8_0) return (int8_t)q[32 * tt + 16 * h + 2 * i + e];
@@ -290,22 +290,6 @@ static int r8_code(const uint8_t *q, int i, int k, int t) {
     }
     return c;
 }
-static void r8_set_code(uint8_t *q, int i, int k, int t, int c) {
-    const int tt = k / 4, h = k / 2 % 2, e = k % 2, lane = 2 * (2 * i + e);
-    if (t == Q8_0) {
-        q[32 * tt + 16 * h + 2 * i + e] = (uint8_t)c;
-        return;
-    }
-    q[16 * tt + 2 * i + e] |= (uint8_t)((c & 15) << (4 * h));
-    if (t == Q5_0 || t == Q5_1 || t == Q5_K) {
-        const int bit = 2 * tt + h;
-        q[128 + lane + bit / 8] |= (uint8_t)((((c >> 4) & 1) ^ (t == Q5_0)) << (bit % 8));
-    } else if (t == Q6_K) {
-        const int bit = 4 * (tt % 4) + 2 * h;
-        q[128 + 32 * (tt / 4) + lane + bit / 8] |= (uint8_t)(((c >> 4) & 3) << (bit % 8));
-    }
-}
-
 /* The scale bytes of one row's unit b to or from the repacked unit's scales u (row i); `back`: u to b. */
 static void r8_scale_bytes(uint8_t *b, uint8_t *u, int i, int t, int back) {
     int n = 0, from[18], to[18]; /* byte pairs: b offset, u offset */
@@ -353,25 +337,58 @@ static void set_block_codes(uint8_t *row, int64_t j, int t, const int c[32]) {
     }
 }
 
+/* The codes c[i][k] (offsets removed) of one block of eight rows into its repacked bytes q (zeroed
+ * first), in straight loops: a model's load runs this on every weight. */
+static inline __attribute__((always_inline)) void r8_pack_block(uint8_t *q, int c[8][32], const int t) {
+    for (int i = 0; i < 8; i++)
+        for (int tt = 0; tt < 8; tt++)
+            for (int h = 0; h < 2; h++)
+                for (int e = 0; e < 2; e++) {
+                    const int v = c[i][4 * tt + 2 * h + e], lane = 2 * (2 * i + e);
+                    if (t == Q8_0) {
+                        q[32 * tt + 16 * h + 2 * i + e] = (uint8_t)v;
+                        continue;
+                    }
+                    q[16 * tt + 2 * i + e] |= (uint8_t)((v & 15) << (4 * h));
+                    if (t == Q5_0 || t == Q5_1 || t == Q5_K) {
+                        const int bit = 2 * tt + h;
+                        q[128 + lane + bit / 8] |= (uint8_t)((((v >> 4) & 1) ^ (t == Q5_0)) << (bit % 8));
+                    } else if (t == Q6_K) {
+                        const int bit = 4 * (tt % 4) + 2 * h;
+                        q[128 + 32 * (tt / 4) + lane + bit / 8] |= (uint8_t)(((v >> 4) & 3) << (bit % 8));
+                    }
+                }
+}
+
 /* Rows of one type (N a multiple of 8) into the repacked layout, in place: each group of eight
- * rows is copied aside, then written back reordered. */
+ * rows is copied aside, then written back reordered. A small model's projections on one thread:
+ * a fork and join each (~120 for SmolLM2-135M) cost more on a busy machine than they save. */
 static void repack_part(uint8_t *w, int64_t N, int64_t K, int t) {
     const int64_t bs = block_bytes(t), nu = K / block_values(t), nsub = block_values(t) / 32;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (N * K >= (1 << 24))
     for (int64_t g = 0; g < N / 8; g++) {
         uint8_t *src = malloc((size_t)(8 * nu * bs)), *dst = w + g * 8 * nu * bs;
         memcpy(src, dst, (size_t)(8 * nu * bs));
         memset(dst, 0, (size_t)(8 * nu * bs));
         for (int64_t u = 0; u < nu; u++) {
             uint8_t *o = dst + u * 8 * bs;
-            for (int i = 0; i < 8; i++) {
-                const uint8_t *row = src + i * nu * bs;
-                r8_scale_bytes((uint8_t *)row + u * bs, o, i, t, 0);
-                for (int s = 0; s < nsub; s++) {
+            for (int i = 0; i < 8; i++) r8_scale_bytes(src + i * nu * bs + u * bs, o, i, t, 0);
+            for (int s = 0; s < nsub; s++) {
+                int c[8][32];
+                for (int i = 0; i < 8; i++) {
                     int16_t q[32];
-                    block_codes(row, u * nsub + s, t, q);
-                    for (int k = 0; k < 32; k++)
-                        r8_set_code(o + r8_head(t) + s * r8_block(t), i, k, t, q[k] + code_offset(t));
+                    block_codes(src + i * nu * bs, u * nsub + s, t, q);
+                    for (int k = 0; k < 32; k++) c[i][k] = q[k] + code_offset(t);
+                }
+                switch (t) { /* each type's loops of its own */
+                    case Q4_0: r8_pack_block(o + r8_head(t) + s * r8_block(t), c, Q4_0); break;
+                    case Q4_1: r8_pack_block(o + r8_head(t) + s * r8_block(t), c, Q4_1); break;
+                    case Q5_0: r8_pack_block(o + r8_head(t) + s * r8_block(t), c, Q5_0); break;
+                    case Q5_1: r8_pack_block(o + r8_head(t) + s * r8_block(t), c, Q5_1); break;
+                    case Q8_0: r8_pack_block(o + r8_head(t) + s * r8_block(t), c, Q8_0); break;
+                    case Q4_K: r8_pack_block(o + r8_head(t) + s * r8_block(t), c, Q4_K); break;
+                    case Q5_K: r8_pack_block(o + r8_head(t) + s * r8_block(t), c, Q5_K); break;
+                    default: r8_pack_block(o + r8_head(t) + s * r8_block(t), c, Q6_K); break;
                 }
             }
         }
