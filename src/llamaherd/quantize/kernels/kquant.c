@@ -435,20 +435,16 @@ int kq_repack(uint8_t *w, int64_t N, int64_t K, int type) {
     return 0;
 }
 
-/* Where row r of a projection of kernel type `type` starts, and its own type; a repacked row is
- * given back in the file's format in buf (kq_row_bytes(K, Q8_0) bytes at least). */
-static const uint8_t *row_at(const uint8_t *w, int64_t r, int64_t K, int type, int *row_type, uint8_t *buf) {
+/* Where row r of a projection of kernel type `type` lies: its part's bytes (returned), the part's
+ * own type (*row_type: R8 + t when repacked) and the row's index in the part (*at). */
+static const uint8_t *row_at(const uint8_t *w, int64_t r, int64_t K, int type, int *row_type, int64_t *at_row) {
     const mixed_t p = parts_of(type);
     const uint8_t *at = w;
     for (int i = 0; i < p.n; i++) {
         at = part_at(&p, i, w, at);
         if (r < p.rows[i] || i == p.n - 1) {
-            *row_type = base_type(p.types[i]);
-            if (is_r8(p.types[i])) {
-                unrepack_row(at, r, K, *row_type, buf);
-                return buf;
-            }
-            return at + r * kq_row_bytes(K, p.types[i]);
+            *row_type = p.types[i], *at_row = r;
+            return at;
         }
         r -= p.rows[i];
         at += p.rows[i] * kq_row_bytes(K, p.types[i]);
@@ -456,14 +452,35 @@ static const uint8_t *row_at(const uint8_t *w, int64_t r, int64_t K, int type, i
     return NULL;
 }
 
-/* Rows ids[0..n-1] (NULL: rows 0..n-1) as float32 (n, K): an embedding lookup, a weight for tests. */
+#if HERD_SIMD
+static void r8_panel(const uint8_t *g, int64_t K, float *panel, int dn, int j0, int t);
+#endif
+
+/* Rows ids[0..n-1] (NULL: rows 0..n-1) as float32 (n, K): an embedding lookup, a weight for tests
+ * and for QLoRA's backward pass. A repacked row: its group of eight decoded as the prompt path's
+ * panels are (the same rounding), or given back in the file's format on the plain-C path. */
 void kq_rows_dequantize(const uint8_t *w, const int64_t *ids, int64_t n, float *out, int64_t K, int type) {
 #pragma omp parallel for schedule(static) if (n >= 64)
     for (int64_t i = 0; i < n; i++) {
         int t = type;
-        uint8_t *buf = malloc((size_t)kq_row_bytes(K, Q8_0));
-        const uint8_t *row = row_at(w, ids ? ids[i] : i, K, type, &t, buf);
-        dequantize_row(row, out + i * K, K, t);
+        int64_t r = 0;
+        const uint8_t *part = row_at(w, ids ? ids[i] : i, K, type, &t, &r);
+        if (!is_r8(t)) {
+            dequantize_row(part + r * kq_row_bytes(K, t), out + i * K, K, t);
+            continue;
+        }
+#if HERD_SIMD
+        if (!force_scalar) {
+            float *cols = aligned_alloc(32, (size_t)K * 8 * sizeof(float));
+            r8_panel(part + r / 8 * 8 * kq_row_bytes(K, t), K, cols, 8, 0, base_type(t));
+            for (int64_t k = 0; k < K; k++) out[i * K + k] = cols[8 * k + r % 8];
+            free(cols);
+            continue;
+        }
+#endif
+        uint8_t *buf = malloc((size_t)kq_row_bytes(K, t));
+        unrepack_row(part, r, K, base_type(t), buf);
+        dequantize_row(buf, out + i * K, K, base_type(t));
         free(buf);
     }
 }
