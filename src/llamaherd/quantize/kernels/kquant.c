@@ -941,17 +941,23 @@ static AI void r8_rows(const uint8_t *g, int64_t nb, const int16_t *xq, const fl
     }
 }
 
-#define R8TILE(t)                                                                                   \
-    if (mt == 1) r8_row(w + g * gb, nb, xq + m0 * K, xd + m0 * nb, xs + m0 * nb, y + m0 * ldy + 8 * g, t); \
-    else r8_rows(w + g * gb, nb, xq + m0 * K, xd + m0 * nb, xs + m0 * nb, y + m0 * ldy + 8 * g, ldy, mt, t); \
+#define R8TILE(t)                                                                                  \
+    if (mt == 1) r8_row(grp, nb, xq + m0 * K, xd + m0 * nb, xs + m0 * nb, y + m0 * ldy + 8 * g, t);      \
+    else r8_rows(grp, nb, xq + m0 * K, xd + m0 * nb, xs + m0 * nb, y + m0 * ldy + 8 * g, ldy, mt, t);    \
     break;
 
-/* y[:, 0..N-1] (row stride ldy) = x @ W^T, W: N rows of type t repacked (kernel type R8 + t). */
-static void mm_r8(const int16_t *xq, const float *xd, const float *xs, const uint8_t *w, float *y, int64_t ldy,
-                  int64_t M, int64_t N, int64_t K, int t) {
-    const int64_t nb = K / 32, gb = 8 * kq_row_bytes(K, t);
+/* y (row stride ldy) = x @ W^T for the repacked parts of a projection, stacked: part i of type
+ * types[i] (R8 + t) at at[i], its groups of eight rows from group first[i] (first[n]: all of them).
+ * One loop over every part's groups, so a fused projection costs one fork and join, not one a part. */
+static void mm_r8(const int16_t *xq, const float *xd, const float *xs, const uint8_t *const at[], const int types[],
+                  const int64_t first[], int n, float *y, int64_t ldy, int64_t M, int64_t K) {
+    const int64_t nb = K / 32;
 #pragma omp parallel for schedule(static)
-    for (int64_t g = 0; g < N / 8; g++)
+    for (int64_t g = 0; g < first[n]; g++) {
+        int i = 0;
+        while (g >= first[i + 1]) i++;
+        const int t = base_type(types[i]);
+        const uint8_t *grp = at[i] + (g - first[i]) * 8 * kq_row_bytes(K, t);
         for (int64_t m0 = 0; m0 < M; m0 += R8M) {
             const int64_t mt = M - m0 < R8M ? M - m0 : R8M;
             switch (t) {
@@ -965,6 +971,7 @@ static void mm_r8(const int16_t *xq, const float *xd, const float *xs, const uin
                 default: R8TILE(Q6_K)
             }
         }
+    }
 }
 
 /* Eight repacked rows as float32 into columns j0 .. j0 + 7 of a dense panel (DN wide, k-major),
@@ -1011,8 +1018,12 @@ static void mm_part(const int16_t *xq, const float *xd, const float *xs, const u
                     int64_t M, int64_t N, int64_t K, int type) {
 #if HERD_SIMD
     if (!force_scalar) {
-        if (is_r8(type)) mm_r8(xq, xd, xs, w, y, ldy, M, N, K, base_type(type));
-        else mm_simd(xq, xd, xs, w, y, ldy, M, N, K, type);
+        if (is_r8(type)) {
+            const int64_t first[2] = {0, N / 8};
+            mm_r8(xq, xd, xs, &w, &type, first, 1, y, ldy, M, K);
+        } else {
+            mm_simd(xq, xd, xs, w, y, ldy, M, N, K, type);
+        }
         return;
     }
 #endif
@@ -1034,6 +1045,24 @@ void kq_mm(const int16_t *xq, const float *xd, const float *xs, const uint8_t *w
     const mixed_t p = parts_of(type);
     const uint8_t *at = w;
     int64_t n0 = 0;
+#if HERD_SIMD
+    int all_r8 = !force_scalar;
+    for (int i = 0; i < p.n; i++) all_r8 = all_r8 && is_r8(p.types[i]);
+    if (all_r8 && p.n > 1) { /* every part repacked (kq_repack): one loop over all their groups */
+        const uint8_t *parts[MAX_PARTS];
+        int64_t first[MAX_PARTS + 1];
+        first[0] = 0;
+        for (int i = 0; i < p.n; i++) {
+            const int64_t rows = i == p.n - 1 ? N - n0 : p.rows[i];
+            parts[i] = at = part_at(&p, i, w, at);
+            at += rows * kq_row_bytes(K, p.types[i]);
+            n0 += rows;
+            first[i + 1] = n0 / 8;
+        }
+        mm_r8(xq, xd, xs, parts, p.types, first, p.n, y, N, M, K);
+        return;
+    }
+#endif
     for (int i = 0; i < p.n; i++) {
         const int64_t rows = i == p.n - 1 ? N - n0 : p.rows[i];
         at = part_at(&p, i, w, at);
