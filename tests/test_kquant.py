@@ -96,6 +96,40 @@ def test_prompt_matmul_is_the_float32_product_and_row_independent(qtype):
     assert torch.equal(native.block_mm_dense(x[2:10], blocks, int(qtype)), y[2:10])
 
 
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q8_0] + KQ)
+def test_rows_repacked_eight_at_a_time_compute_the_same_bits(qtype):
+    """kquant.c's 8-row layout (`BlockLinear.repack`, at load): the same bytes reordered in place, and
+    the decode, prompt, lookup and plain-C paths give the unrepacked ones' numbers to the bit, for
+    every row count (a row's numbers never depend on its batch). Q4_0 / Q4_1 / Q8_0 take this
+    layout as a part of a mixed projection (a plain one has blockmm.c's own)."""
+    N, K = 24, 512
+    raw = torch.from_numpy(random_blocks(qtype, N, K, seed=40 + int(qtype)))
+    parts = [(8, qtype, 0), (16, qtype, 8 * raw.shape[1])]  # two parts where a file would hold them
+    layers = [BlockLinear(K, N, qtype, parts=parts) for _ in range(2)]
+    for layer in layers:
+        layer.raw = raw.clone().view(-1)
+    plain, packed = layers
+    packed.repack()
+    assert packed.rows8 and packed.raw.numel() == raw.numel() and not torch.equal(packed.raw, plain.raw)
+    x = torch.randn(11, K, generator=torch.Generator().manual_seed(int(qtype)))
+    y = plain(x)
+    for rows in (slice(None), slice(0, 1), slice(3, 5), slice(1, 9), slice(2, 11)):  # 1, 2, 8 and 9 rows
+        assert torch.equal(packed(x[rows]), y[rows])
+    assert torch.equal(native.block_mm_dense(x, packed.raw, packed.kernel_type, N),
+                       native.block_mm_dense(x, plain.raw, plain.kernel_type, N))
+    assert torch.equal(dequantized_weight(packed), reference(raw.numpy(), qtype, (N, K)))
+    native.library().kq_force_scalar(1)
+    try:
+        assert torch.equal(packed(x[:3]), plain(x[:3]))
+    finally:
+        native.library().kq_force_scalar(0)
+    if qtype in KQ:  # a plain projection of the type
+        layer = BlockLinear(K, N, qtype)
+        layer.raw = raw.clone()
+        layer.repack()
+        assert layer.kernel_type == native.KQ_R8 + int(qtype) and torch.equal(layer(x), y)
+
+
 @pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q6_K, Q.Q5_0])
 def test_the_plain_c_path_computes_the_same(qtype):
     """The scalar loops (used without AVX2) against the same products."""
@@ -238,6 +272,8 @@ def test_the_tiny_q4_k_m_runs_natively_and_matches_its_reference(tiny_q4_k_m):
     fast, ref, _ = tiny_q4_k_m
     assert isinstance(make_runner(fast), NativeRunner)  # every block of the file in its own blocks
     assert all(type(layer.attention.wqkv).__name__ == "BlockLinear" for layer in fast.layers)
+    assert all(m.rows8 for layer in fast.layers for m in (layer.attention.wqkv, layer.attention.wo,
+                                                          layer.feed_forward.w13, layer.feed_forward.w2))
     tokens = torch.randint(0, 256, (1, 80), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         want = ref(tokens, torch.arange(80)[None])[0]  # (80, V) teacher-forced, float32 reference

@@ -6,7 +6,9 @@ Weights stay 4- or 8-bit in memory. Two kernels multiply them:
   AVX2): `BlockLinear` keeps the file's own Q4_0 / Q4_1 / Q8_0 blocks — the same codes and scales,
   reordered eight rows at a time at load (`repack_rows8`) so one integer multiply-add serves eight
   output features — and multiplies them with int16-quantized activation blocks (llama.cpp's
-  method, with 8 more bits); prompts take a float32 path over the same blocks (`block_mm_dense`);
+  method, with 8 more bits); prompts take a float32 path over the same blocks (`block_mm_dense`).
+  The other types (Q5_0, Q5_1, Q4_K, Q5_K, Q6_K, and mixed projections) are reordered the same
+  way in place (`native.kq_repack`), to products bit-identical with their file layout's;
 - torch's weight-only kernels otherwise, with bf16 activations (their fp32 CPU paths are reference
   loops, several times slower): `Int4Linear` holds 4-bit codes in groups of 32 with a scale and a
   zero per group, w = (q - 8) * scale + zero — GGUF Q4_0, Q4_1 and Q4_K map onto it *exactly* (only
@@ -144,30 +146,36 @@ class GGMLEmbedding(nn.Module):
             block, size = GGML_QUANT_SIZES[self.qtype]
             self.register_buffer("raw", torch.empty(num_embeddings, dim // block * size, dtype=torch.uint8, device=device))
 
-    rows8 = False  # True once `repack` has put the blocks in the native kernel's 8-row layout
-    _mixed = None  # a mixed projection's kernel type, once asked
+    rows8 = False  # True once `repack` has put the blocks in a native kernel's 8-row layout
+    _kernel = None  # the kernel type, once asked (a mixed projection's is `native.mixed_type`'s), or repacked
 
     @property
     def kernel_type(self) -> int:
-        """The type id the native kernels know the bytes by: ggml's, + 100 when repacked, or a
-        mixed projection's (`native.mixed_type`)."""
-        if self.parts:
-            if self._mixed is None:
-                self._mixed = native.mixed_type(self.parts)
-            return self._mixed
-        return int(self.qtype) + (100 if self.rows8 else 0)
+        """The type id the native kernels know the bytes by: ggml's; + 100 repacked by blockmm.c's
+        `repack_rows8`, + native.KQ_R8 by kquant.c's; or a mixed projection's (`native.mixed_type`)."""
+        if self._kernel is None:
+            self._kernel = native.mixed_type(self.parts) if self.parts else int(self.qtype)
+        return self._kernel
 
     def repack(self) -> None:
-        """Put the rows in the native kernel's 8-row layout (`repack_rows8`)."""
-        if not self.rows8 and not self.parts and self.qtype in REPACKED_TYPES and self.raw.shape[0] % 8 == 0:
-            self.raw = native.rows8_repack(self.raw, int(self.qtype), self.dim)  # repack_rows8, fast
-            self.rows8 = True
+        """Put the rows in a native kernel's 8-row layout: a plain Q4_0, Q4_1 or Q8_0 projection in
+        blockmm.c's (`repack_rows8`), the other types and mixed projections in kquant.c's
+        (`native.kq_repack`: in place, so the file's pages they lie in are replaced, not doubled)."""
+        if self.rows8 or self.raw.device.type != "cpu" or not native.available():
+            return
+        if not self.parts and self.qtype in REPACKED_TYPES:
+            if self.raw.shape[0] % 8 == 0:
+                self.raw = native.rows8_repack(self.raw, int(self.qtype), self.dim)  # repack_rows8, fast
+                self._kernel, self.rows8 = int(self.qtype) + 100, True
+        elif (kind := native.kq_repack(self.raw, self.parts or [(self.n_rows, self.qtype)], self.dim)) is not None:
+            self._kernel, self.rows8 = kind, True
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Float32 rows (n, dim) for token ids (n,)."""
-        if self.rows8:
+        if self.rows8 and self.kernel_type < native.KQ_R8:  # blockmm.c's layout
             return native.rows8_dequantize(self.raw, ids.reshape(-1), self.kernel_type, self.dim)
-        if self.parts or (self.qtype in KQUANT_TYPES and self.raw.device.type == "cpu" and native.available()):
+        if self.parts or self.rows8 or (self.qtype in KQUANT_TYPES and self.raw.device.type == "cpu"
+                                        and native.available()):
             return native.kq_rows(self.raw, ids.reshape(-1), self.kernel_type, self.dim, self.n_rows)
         return _dequantize_rows(self.raw.index_select(0, ids.reshape(-1)), self.qtype, (ids.numel(), self.dim))
 

@@ -92,6 +92,8 @@ def _build() -> ctypes.CDLL | None:
     lib.kq_mixed.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
     lib.kq_rows_dequantize.restype = None
     lib.kq_rows_dequantize.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
+    lib.kq_repack.restype = ctypes.c_int
+    lib.kq_repack.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 2 + [ctypes.c_int]
     lib.kq_force_scalar.restype = None
     lib.kq_force_scalar.argtypes = [ctypes.c_int]
     lib.herd_decode_scratch.restype = ctypes.c_int64
@@ -186,6 +188,26 @@ def mixed_type(parts: list[tuple]) -> int:
     return kind
 
 
+KQ_R8 = 200  # kernel type KQ_R8 + t: rows of ggml type t repacked eight at a time by `kq_repack`
+KQ_REPACKABLE = (2, 3, 6, 7, 8, 12, 13, 14)  # Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K
+
+
+def kq_repack(raw: torch.Tensor, parts: list[tuple], K: int) -> int | None:
+    """Repack a kernels/kquant.c projection's rows eight at a time, in place (kquant.c `kq_repack`:
+    the same bytes in another order, so the file's pages they were read from are replaced, not
+    doubled). `parts`: its parts as `mixed_type` takes them, or one (rows, ggml type) for a plain
+    projection. Returns its new kernel type, or None (nothing changed) when a part's rows are not
+    a multiple of 8 or its type is not one of KQ_REPACKABLE."""
+    if any(p[0] % 8 or int(p[1]) not in KQ_REPACKABLE for p in parts) or not raw.is_contiguous():
+        return None
+    kind = mixed_type(parts) if len(parts) > 1 or len(parts[0]) > 2 else int(parts[0][1])
+    _match_torch_threads()
+    if library().kq_repack(raw.data_ptr(), sum(p[0] for p in parts), K, kind) < 0:
+        return None
+    repacked = [(p[0], KQ_R8 + int(p[1]), *p[2:]) for p in parts]
+    return mixed_type(repacked) if len(parts) > 1 or len(parts[0]) > 2 else KQ_R8 + int(parts[0][1])
+
+
 def kq_rows(raw: torch.Tensor, ids: torch.Tensor | None, kernel_type: int, K: int, n_rows: int) -> torch.Tensor:
     """Rows `ids` (None: all `n_rows`) of a kquant.c projection as float32 (n, K), bit-exact with
     gguf's dequantization."""
@@ -203,11 +225,12 @@ def kq_rows(raw: torch.Tensor, ids: torch.Tensor | None, kernel_type: int, K: in
 
 
 def rows8_repack(raw: torch.Tensor, qtype: int, K: int) -> torch.Tensor:
-    """`linear.repack_rows8` in C: rows of GGUF blocks (N a multiple of 8) in tile8's layout."""
-    raw = raw.contiguous()
-    out = torch.empty_like(raw)
-    library().rows8_repack(raw.data_ptr(), out.data_ptr(), raw.shape[0], K, qtype)
-    return out
+    """`linear.repack_rows8` in C: rows of GGUF blocks (N a multiple of 8) in tile8's layout, in
+    place (the same bytes reordered: a file's pages are replaced, not doubled). Returns raw."""
+    if not raw.is_contiguous():
+        raise ValueError("rows8_repack needs contiguous rows")
+    library().rows8_repack(raw.data_ptr(), raw.data_ptr(), raw.shape[0], K, qtype)
+    return raw
 
 
 def rows8_dequantize(packed: torch.Tensor, ids: torch.Tensor, kernel_type: int, K: int) -> torch.Tensor:

@@ -337,15 +337,18 @@ __attribute__((optimize("fp-contract=off"))) void rows8_dequantize(const uint8_t
 }
 
 /* N rows of GGUF blocks (Q4_0, Q4_1, Q8_0) into the layout of tile8: linear.py's `repack_rows8`,
- * which says the same in torch ops, ~20x slower (a third of a second of a 135M model's load). */
+ * which says the same in torch ops, ~20x slower (a third of a second of a 135M model's load).
+ * dst may be src (in place: a group's eight rows take the bytes they held, copied aside first). */
 void rows8_repack(const uint8_t *src, uint8_t *dst, int64_t N, int64_t K, int type) {
     const int64_t nb = K / QK, bs = block_bytes(type), head = head_bytes(type);
 #pragma omp parallel for schedule(static)
-    for (int64_t g = 0; g < N / 8; g++)
+    for (int64_t g = 0; g < N / 8; g++) {
+        uint8_t *rows = malloc((size_t)(8 * nb * bs));
+        memcpy(rows, src + g * 8 * nb * bs, (size_t)(8 * nb * bs));
         for (int64_t b = 0; b < nb; b++) {
             uint8_t *o = dst + (g * nb + b) * 8 * bs, *oq = o + 8 * head;
             for (int i = 0; i < 8; i++) {
-                const uint8_t *blk = src + ((g * 8 + i) * nb + b) * bs, *qs = blk + head;
+                const uint8_t *blk = rows + (i * nb + b) * bs, *qs = blk + head;
                 memcpy(o + 2 * i, blk, 2); /* d */
                 if (type == Q4_1) memcpy(o + 16 + 2 * i, blk + 2, 2); /* m */
                 if (type == Q8_0) { /* the pair (2j, 2j + 1) at byte 16j + 2i */
@@ -361,6 +364,8 @@ void rows8_repack(const uint8_t *src, uint8_t *dst, int64_t N, int64_t K, int ty
                     }
             }
         }
+        free(rows);
+    }
 }
 
 /* The float32 weights (N, K) of N rows of blocks. */

@@ -8,7 +8,9 @@
  * and the K-quants' sub-block minimum). So one kernel serves them all, in blockmm.c's manner: the
  * activations are the same int16 blocks of 32 (blockmm.c `quantize_x`: scale xd, xs = xd * sum of
  * codes), each block's dot product is exact in integers (AVX2 madd) and scaled once in float,
- * and the offset costs one multiply by xs. No weight is converted, copied or requantized.
+ * and the offset costs one multiply by xs. No weight is converted, copied or requantized: at load
+ * (`kq_repack`, in place) a projection's rows are reordered eight at a time so that one madd serves
+ * eight rows (`r8_row`, ~1.5-2x as fast at batch 1 and 8), to the same bits as the file's layout.
  *
  *   Q5_0 {f16 d; u32 qh; u8 qs[16]}          w = d * (q - 16), bit 4 of q[i] = bit i of qh
  *   Q5_1 {f16 d; f16 m; u32 qh; u8 qs[16]}   w = d * q + m
@@ -42,10 +44,23 @@ enum { F32 = 0, F16 = 1, Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q4_K 
 static int force_scalar = 0;
 void kq_force_scalar(int on) { force_scalar = on; }
 
-/* Weights a block, and bytes a block, of the types this file reads (0: not one of them). */
-static int64_t block_values(int type) { return type == Q4_K || type == Q5_K || type == Q6_K ? 256 : 32; }
+#define R8 200 /* kernel types R8 + t: rows of type t repacked eight at a time (`kq_repack`) */
+static inline int base_type(int type) { return type >= R8 && type < R8 + 100 ? type - R8 : type; }
+static int repackable(int type) {
+    return type == Q4_0 || type == Q4_1 || type == Q5_0 || type == Q5_1 || type == Q8_0 || type == Q4_K ||
+           type == Q5_K || type == Q6_K;
+}
+static inline int is_r8(int type) { return type >= R8 && type < R8 + 100 && repackable(type - R8); }
+
+/* Weights a block, and bytes a block, of the types this file reads (0: not one of them); a repacked
+ * type's are its own type's. */
+static int64_t block_values(int type) {
+    type = base_type(type);
+    return type == Q4_K || type == Q5_K || type == Q6_K ? 256 : 32;
+}
 static int64_t block_bytes(int type) {
-    switch (type) {
+    if (type >= R8 && !is_r8(type)) return 0;
+    switch (base_type(type)) {
         case Q4_0: return 18;
         case Q4_1: return 20;
         case Q5_0: return 22;
@@ -108,7 +123,7 @@ int kq_mixed(int n, const int64_t *rows, const int32_t *types, const int64_t *of
 
 /* Whether this file multiplies `type` (blockmm.c keeps Q4_0, Q4_1, Q8_0 alone and its repacked types). */
 int kq_handles(int type) {
-    return is_float(type) || type == Q5_0 || type == Q5_1 || type == Q4_K || type == Q5_K || type == Q6_K ||
+    return is_float(type) || type == Q5_0 || type == Q5_1 || type == Q4_K || type == Q5_K || type == Q6_K || is_r8(type) ||
            (type >= MIXED && type < MIXED + n_mixes);
 }
 
@@ -239,15 +254,202 @@ __attribute__((optimize("fp-contract=off"))) static void dequantize_row(const ui
     }
 }
 
-/* Where row r of a projection of kernel type `type` starts, and its own type. */
-static const uint8_t *row_at(const uint8_t *w, int64_t r, int64_t K, int type, int *row_type) {
+/* -- rows repacked eight at a time (kernel types R8 + t): the decode kernel's layout -----------
+ * Per group of eight rows and unit (a block of 32 weights, or a K-quant's super-block of 256), the
+ * eight rows' bytes of the unit in another order, the same size (blockmm.c's tile8 layout, for
+ * every type): first the scales, then for each block of 32 the codes c(i, k) of rows i = 0..7,
+ * weights k = 4t + 2h + e of the block, without their offsets (-8, -16, -32):
+ *
+ *   scales  d[8] f16 (Q4_0, Q5_0, Q8_0, Q6_K), then m[8] (Q4_1, Q5_1) or dmin[8] (Q4_K, Q5_K);
+ *           Q4_K, Q5_K: their 12 bytes of 6-bit scales as 12 planes of 8 (byte p of rows 0..7);
+ *           Q6_K: its 16 int8 scales as 16 planes of 8
+ *   codes   Q8_0: byte 32t + 16h + 2i + e = c(i, k);
+ *           the others: 128 bytes of low nibbles, byte 16t + 2i + e = c(i, 4t + e) | c(i, 4t + 2 + e) << 4,
+ *           then Q5_x: 32 bytes, 16-bit lane 2i + e, bit 2t + h = bit 4 of c(i, k) (inverted for
+ *           Q5_0, so that c - 16 = low nibble - 16 * bit); Q6_K: 64 bytes, for t < 4 then t >= 4,
+ *           16-bit lane 2i + e, bits 4 (t % 4) + 2h and up = bits 4 and 5 of c(i, k).
+ *
+ * So a 16-byte load widens to a register of int16 pairs, a pair per row, and one `madd` with the
+ * broadcast pair of activations gives each row's lane its part of the dot product (see `r8_row`).
+ * `kq_repack` makes the layout, `unrepack_row` gives a row back in the file's format. */
+static int64_t r8_head(int t) {
+    return t == Q4_K || t == Q5_K ? 128 : t == Q6_K ? 144 : t == Q4_1 || t == Q5_1 ? 32 : 16;
+}
+static int64_t r8_block(int t) { /* bytes of a block of 32 codes of the eight rows */
+    return t == Q8_0 ? 256 : t == Q6_K ? 192 : t == Q5_0 || t == Q5_1 || t == Q5_K ? 160 : 128;
+}
+static int code_offset(int t) { return t == Q4_0 ? 8 : t == Q5_0 ? 16 : t == Q6_K ? 32 : 0; }
+
+/* Code (i, k) of a block of eight repacked rows (its bytes q), without its offset (`r8_pack_block`
+ * sets them). */
+static int r8_code(const uint8_t *q, int i, int k, int t) {
+    const int tt = k / 4, h = k / 2 % 2, e = k % 2, lane = 2 * (2 * i + e);
+    if (t == Q8_0) return (int8_t)q[32 * tt + 16 * h + 2 * i + e];
+    int c = (q[16 * tt + 2 * i + e] >> (4 * h)) & 15;
+    if (t == Q5_0 || t == Q5_1 || t == Q5_K) {
+        const int bit = 2 * tt + h;
+        c |= (((q[128 + lane + bit / 8] >> (bit % 8)) & 1) ^ (t == Q5_0)) << 4;
+    } else if (t == Q6_K) {
+        const int bit = 4 * (tt % 4) + 2 * h;
+        c |= ((q[128 + 32 * (tt / 4) + lane + bit / 8] >> (bit % 8)) & 3) << 4;
+    }
+    return c;
+}
+/* The scale bytes of one row's unit b to or from the repacked unit's scales u (row i); `back`: u to b. */
+static void r8_scale_bytes(uint8_t *b, uint8_t *u, int i, int t, int back) {
+    int n = 0, from[18], to[18]; /* byte pairs: b offset, u offset */
+    if (t == Q6_K) {
+        from[n] = 208, to[n++] = 2 * i, from[n] = 209, to[n++] = 2 * i + 1;
+        for (int p = 0; p < 16; p++) from[n] = 192 + p, to[n++] = 16 + 8 * p + i;
+    } else {
+        from[n] = 0, to[n++] = 2 * i, from[n] = 1, to[n++] = 2 * i + 1;
+        if (has_min(t)) from[n] = 2, to[n++] = 16 + 2 * i, from[n] = 3, to[n++] = 17 + 2 * i;
+        if (t == Q4_K || t == Q5_K)
+            for (int p = 0; p < 12; p++) from[n] = 4 + p, to[n++] = 32 + 8 * p + i;
+    }
+    for (int j = 0; j < n; j++) {
+        if (back) b[from[j]] = u[to[j]];
+        else u[to[j]] = b[from[j]];
+    }
+}
+
+/* Block j's 32 codes (without offsets) into a row's bytes (zeroed first): block_codes' inverse. */
+static void set_block_codes(uint8_t *row, int64_t j, int t, const int c[32]) {
+    if (t == Q4_K || t == Q5_K) {
+        uint8_t *b = row + j / 8 * block_bytes(t);
+        const int sub = (int)(j % 8);
+        uint8_t *qs = b + (t == Q4_K ? 16 : 48) + 32 * (sub / 2);
+        for (int i = 0; i < 32; i++) {
+            qs[i] |= (uint8_t)((c[i] & 15) << (4 * (sub % 2)));
+            if (t == Q5_K) b[16 + i] |= (uint8_t)(((c[i] >> 4) & 1) << sub);
+        }
+    } else if (t == Q6_K) {
+        uint8_t *b = row + j / 8 * 210;
+        const int sub = (int)(j % 8), h = sub / 4, r = sub % 4;
+        for (int i = 0; i < 32; i++) {
+            b[64 * h + 32 * (r % 2) + i] |= (uint8_t)((c[i] & 15) << (4 * (r / 2)));
+            b[128 + 32 * h + i] |= (uint8_t)(((c[i] >> 4) & 3) << (2 * r));
+        }
+    } else if (t == Q8_0) {
+        for (int i = 0; i < 32; i++) row[j * 34 + 2 + i] = (uint8_t)c[i];
+    } else {
+        uint8_t *b = row + j * block_bytes(t);
+        const int five = t == Q5_0 || t == Q5_1, head = 2 + 2 * has_min(t);
+        uint8_t *qs = b + head + 4 * five;
+        for (int i = 0; i < 16; i++) qs[i] = (uint8_t)((c[i] & 15) | (c[i + 16] & 15) << 4);
+        if (five)
+            for (int i = 0; i < 32; i++) b[head + i / 8] |= (uint8_t)(((c[i] >> 4) & 1) << (i % 8));
+    }
+}
+
+/* The codes c[i][k] (offsets removed) of one block of eight rows into its repacked bytes q (zeroed
+ * first), in straight loops: a model's load runs this on every weight. */
+static inline __attribute__((always_inline)) void r8_pack_block(uint8_t *q, int c[8][32], const int t) {
+    for (int i = 0; i < 8; i++)
+        for (int tt = 0; tt < 8; tt++)
+            for (int h = 0; h < 2; h++)
+                for (int e = 0; e < 2; e++) {
+                    const int v = c[i][4 * tt + 2 * h + e], lane = 2 * (2 * i + e);
+                    if (t == Q8_0) {
+                        q[32 * tt + 16 * h + 2 * i + e] = (uint8_t)v;
+                        continue;
+                    }
+                    q[16 * tt + 2 * i + e] |= (uint8_t)((v & 15) << (4 * h));
+                    if (t == Q5_0 || t == Q5_1 || t == Q5_K) {
+                        const int bit = 2 * tt + h;
+                        q[128 + lane + bit / 8] |= (uint8_t)((((v >> 4) & 1) ^ (t == Q5_0)) << (bit % 8));
+                    } else if (t == Q6_K) {
+                        const int bit = 4 * (tt % 4) + 2 * h;
+                        q[128 + 32 * (tt / 4) + lane + bit / 8] |= (uint8_t)(((v >> 4) & 3) << (bit % 8));
+                    }
+                }
+}
+
+/* Rows of one type (N a multiple of 8) into the repacked layout, in place: each group of eight
+ * rows is copied aside, then written back reordered. A small model's projections on one thread:
+ * a fork and join each (~120 for SmolLM2-135M) cost more on a busy machine than they save. */
+static void repack_part(uint8_t *w, int64_t N, int64_t K, int t) {
+    const int64_t bs = block_bytes(t), nu = K / block_values(t), nsub = block_values(t) / 32;
+#pragma omp parallel for schedule(static) if (N * K >= (1 << 24))
+    for (int64_t g = 0; g < N / 8; g++) {
+        uint8_t *src = malloc((size_t)(8 * nu * bs)), *dst = w + g * 8 * nu * bs;
+        memcpy(src, dst, (size_t)(8 * nu * bs));
+        memset(dst, 0, (size_t)(8 * nu * bs));
+        for (int64_t u = 0; u < nu; u++) {
+            uint8_t *o = dst + u * 8 * bs;
+            for (int i = 0; i < 8; i++) r8_scale_bytes(src + i * nu * bs + u * bs, o, i, t, 0);
+            for (int s = 0; s < nsub; s++) {
+                int c[8][32];
+                for (int i = 0; i < 8; i++) {
+                    int16_t q[32];
+                    block_codes(src + i * nu * bs, u * nsub + s, t, q);
+                    for (int k = 0; k < 32; k++) c[i][k] = q[k] + code_offset(t);
+                }
+                switch (t) { /* each type's loops of its own */
+                    case Q4_0: r8_pack_block(o + r8_head(t) + s * r8_block(t), c, Q4_0); break;
+                    case Q4_1: r8_pack_block(o + r8_head(t) + s * r8_block(t), c, Q4_1); break;
+                    case Q5_0: r8_pack_block(o + r8_head(t) + s * r8_block(t), c, Q5_0); break;
+                    case Q5_1: r8_pack_block(o + r8_head(t) + s * r8_block(t), c, Q5_1); break;
+                    case Q8_0: r8_pack_block(o + r8_head(t) + s * r8_block(t), c, Q8_0); break;
+                    case Q4_K: r8_pack_block(o + r8_head(t) + s * r8_block(t), c, Q4_K); break;
+                    case Q5_K: r8_pack_block(o + r8_head(t) + s * r8_block(t), c, Q5_K); break;
+                    default: r8_pack_block(o + r8_head(t) + s * r8_block(t), c, Q6_K); break;
+                }
+            }
+        }
+        free(src);
+    }
+}
+
+/* Row r of repacked rows of type t, in the file's format, into out (a row's bytes). */
+static void unrepack_row(const uint8_t *w, int64_t r, int64_t K, int t, uint8_t *out) {
+    const int64_t bs = block_bytes(t), nu = K / block_values(t), nsub = block_values(t) / 32;
+    const int i = (int)(r % 8);
+    memset(out, 0, (size_t)(nu * bs));
+    for (int64_t u = 0; u < nu; u++) {
+        uint8_t *unit = (uint8_t *)w + (r / 8 * nu + u) * 8 * bs;
+        r8_scale_bytes(out + u * bs, unit, i, t, 1);
+        for (int s = 0; s < nsub; s++) {
+            int c[32];
+            for (int k = 0; k < 32; k++) c[k] = r8_code(unit + r8_head(t) + s * r8_block(t), i, k, t);
+            set_block_codes(out, u * nsub + s, t, c);
+        }
+    }
+}
+
+/* The rows of a projection of kernel type `type` (a plain type or a mixed one of N rows; every
+ * part's rows a multiple of 8, of a repackable type) repacked in place, each part where it lies.
+ * Returns 0, or -1 (nothing written) when a part cannot be. Its kernel type is then R8 + its type,
+ * or a mixed one of its parts' R8 types at the same offsets (native.py asks `kq_mixed` for it). */
+int kq_repack(uint8_t *w, int64_t N, int64_t K, int type) {
+    const mixed_t p = parts_of(type);
+    int64_t n0 = 0;
+    for (int i = 0; i < p.n; i++) {
+        const int64_t rows = i == p.n - 1 ? N - n0 : p.rows[i];
+        if (!repackable(p.types[i]) || rows % 8 || rows < 0) return -1;
+        n0 += rows;
+    }
+    uint8_t *at = w;
+    n0 = 0;
+    for (int i = 0; i < p.n; i++) {
+        const int64_t rows = i == p.n - 1 ? N - n0 : p.rows[i];
+        at = (uint8_t *)part_at(&p, i, w, at);
+        repack_part(at, rows, K, p.types[i]);
+        at += rows * kq_row_bytes(K, p.types[i]), n0 += rows;
+    }
+    return 0;
+}
+
+/* Where row r of a projection of kernel type `type` lies: its part's bytes (returned), the part's
+ * own type (*row_type: R8 + t when repacked) and the row's index in the part (*at). */
+static const uint8_t *row_at(const uint8_t *w, int64_t r, int64_t K, int type, int *row_type, int64_t *at_row) {
     const mixed_t p = parts_of(type);
     const uint8_t *at = w;
     for (int i = 0; i < p.n; i++) {
         at = part_at(&p, i, w, at);
         if (r < p.rows[i] || i == p.n - 1) {
-            *row_type = p.types[i];
-            return at + r * kq_row_bytes(K, p.types[i]);
+            *row_type = p.types[i], *at_row = r;
+            return at;
         }
         r -= p.rows[i];
         at += p.rows[i] * kq_row_bytes(K, p.types[i]);
@@ -255,13 +457,36 @@ static const uint8_t *row_at(const uint8_t *w, int64_t r, int64_t K, int type, i
     return NULL;
 }
 
-/* Rows ids[0..n-1] (NULL: rows 0..n-1) as float32 (n, K): an embedding lookup, a weight for tests. */
+#if HERD_SIMD
+static void r8_panel(const uint8_t *g, int64_t K, float *panel, int dn, int j0, int t);
+#endif
+
+/* Rows ids[0..n-1] (NULL: rows 0..n-1) as float32 (n, K): an embedding lookup, a weight for tests
+ * and for QLoRA's backward pass. A repacked row: its group of eight decoded as the prompt path's
+ * panels are (the same rounding), or given back in the file's format on the plain-C path. */
 void kq_rows_dequantize(const uint8_t *w, const int64_t *ids, int64_t n, float *out, int64_t K, int type) {
 #pragma omp parallel for schedule(static) if (n >= 64)
     for (int64_t i = 0; i < n; i++) {
         int t = type;
-        const uint8_t *row = row_at(w, ids ? ids[i] : i, K, type, &t);
-        dequantize_row(row, out + i * K, K, t);
+        int64_t r = 0;
+        const uint8_t *part = row_at(w, ids ? ids[i] : i, K, type, &t, &r);
+        if (!is_r8(t)) {
+            dequantize_row(part + r * kq_row_bytes(K, t), out + i * K, K, t);
+            continue;
+        }
+#if HERD_SIMD
+        if (!force_scalar) {
+            float *cols = aligned_alloc(32, (size_t)K * 8 * sizeof(float));
+            r8_panel(part + r / 8 * 8 * kq_row_bytes(K, t), K, cols, 8, 0, base_type(t));
+            for (int64_t k = 0; k < K; k++) out[i * K + k] = cols[8 * k + r % 8];
+            free(cols);
+            continue;
+        }
+#endif
+        uint8_t *buf = malloc((size_t)kq_row_bytes(K, t));
+        unrepack_row(part, r, K, base_type(t), buf);
+        dequantize_row(buf, out + i * K, K, base_type(t));
+        free(buf);
     }
 }
 
@@ -544,6 +769,251 @@ static void mm_simd(const int16_t *xq, const float *xd, const float *xs, const u
             }
         }
 }
+
+/* -- the decode product on repacked rows (see "rows repacked eight at a time") -----------------
+ * The same arithmetic as `tile`, to the bit, eight rows at a time. `tile` sums a block's products
+ * in eight int32 lanes, lane l holding pairs l and l + 8 of the block (weights 2l, 2l + 1, 16 + 2l,
+ * 17 + 2l), scales each lane in float into its own accumulator, and sums the eight accumulators
+ * at the end (`hsum`). Here a register holds one lane of eight rows: acc[l] is lane l of every
+ * row, fed the same int32 sums, scaled by the same float products, and summed in hsum's order. */
+#define AI inline __attribute__((always_inline))
+
+static AI __m256i shift16(__m256i v, const int s) { return s >= 0 ? _mm256_slli_epi16(v, s) : _mm256_srli_epi16(v, -s); }
+
+/* The eight rows' codes k = 4t .. 4t + 3 of a repacked block (its codes q), offsets applied, as
+ * int16 pairs a row: lo (4t, 4t + 1), hi (4t + 2, 4t + 3). hb: Q5_x's bit lanes, Q6_K's for t. */
+static AI void r8_pairs(const uint8_t *q, const int t, const int type, const __m256i hb, __m256i *lo, __m256i *hi) {
+    if (type == Q8_0) {
+        *lo = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(q + 32 * t)));
+        *hi = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(q + 32 * t + 16)));
+        return;
+    }
+    const __m256i w = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(q + 16 * t)));
+    __m256i a = _mm256_and_si256(w, _mm256_set1_epi16(15)), b = _mm256_srli_epi16(w, 4);
+    if (type == Q5_0 || type == Q5_1 || type == Q5_K) { /* bits 2t, 2t + 1 of each lane to bit 4 */
+        const __m256i bit = _mm256_set1_epi16(16);
+        const __m256i ba = _mm256_and_si256(shift16(hb, 4 - 2 * t), bit), bb = _mm256_and_si256(shift16(hb, 3 - 2 * t), bit);
+        if (type == Q5_0) a = _mm256_sub_epi16(a, ba), b = _mm256_sub_epi16(b, bb); /* inverted: c - 16 */
+        else a = _mm256_or_si256(a, ba), b = _mm256_or_si256(b, bb);
+    } else if (type == Q6_K) { /* bits 4 (t % 4), + 1 (lo) and + 2, + 3 (hi) to bits 4, 5 */
+        const __m256i bits = _mm256_set1_epi16(0x30), off = _mm256_set1_epi16(32);
+        a = _mm256_sub_epi16(_mm256_or_si256(a, _mm256_and_si256(shift16(hb, 4 - 4 * (t % 4)), bits)), off);
+        b = _mm256_sub_epi16(_mm256_or_si256(b, _mm256_and_si256(shift16(hb, 2 - 4 * (t % 4)), bits)), off);
+    } else if (type == Q4_0) {
+        a = _mm256_sub_epi16(a, _mm256_set1_epi16(8)), b = _mm256_sub_epi16(b, _mm256_set1_epi16(8));
+    }
+    *lo = a, *hi = b;
+}
+
+/* Block j of a repacked unit: the eight rows' scales of its weights 0..15 (s0) and 16..31 (s1)
+ * and its offset mn, the floats `super_scales` forms. */
+static AI __m256i plane(const uint8_t *p) { return _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p)); }
+static AI void r8_scales(const uint8_t *u, int j, const int type, __m256 *s0, __m256 *s1, __m256 *mn) {
+    const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)u));
+    *s0 = *s1 = d, *mn = _mm256_setzero_ps();
+    if (type == Q4_1 || type == Q5_1) {
+        *mn = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(u + 16)));
+    } else if (type == Q4_K || type == Q5_K) { /* scale_min on planes of eight rows */
+        const uint8_t *p = u + 32;
+        __m256i sc, m;
+        if (j < 4) {
+            sc = _mm256_and_si256(plane(p + 8 * j), _mm256_set1_epi32(63));
+            m = _mm256_and_si256(plane(p + 8 * (j + 4)), _mm256_set1_epi32(63));
+        } else {
+            const __m256i hi = plane(p + 8 * (j + 4));
+            sc = _mm256_or_si256(_mm256_and_si256(hi, _mm256_set1_epi32(15)), _mm256_slli_epi32(_mm256_srli_epi32(plane(p + 8 * (j - 4)), 6), 4));
+            m = _mm256_or_si256(_mm256_srli_epi32(hi, 4), _mm256_slli_epi32(_mm256_srli_epi32(plane(p + 8 * j), 6), 4));
+        }
+        const __m256 dmin = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(u + 16)));
+        *s0 = *s1 = _mm256_mul_ps(d, _mm256_cvtepi32_ps(sc));
+        *mn = _mm256_xor_ps(_mm256_mul_ps(dmin, _mm256_cvtepi32_ps(m)), _mm256_set1_ps(-0.f)); /* -(dmin * m) */
+    } else if (type == Q6_K) {
+        const uint8_t *p = u + 16 + 16 * j;
+        *s0 = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p))));
+        *s1 = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8)))));
+    }
+}
+
+/* Block j of a unit's bit lanes for t (0..3, the first half) and t + 4. */
+static AI void r8_bits(const uint8_t *q, const int type, __m256i *ha, __m256i *hb) {
+    *ha = *hb = _mm256_setzero_si256();
+    if (type == Q5_0 || type == Q5_1 || type == Q5_K) *ha = *hb = _mm256_loadu_si256((const __m256i *)(q + 128));
+    if (type == Q6_K) {
+        *ha = _mm256_loadu_si256((const __m256i *)(q + 128));
+        *hb = _mm256_loadu_si256((const __m256i *)(q + 160));
+    }
+}
+
+/* One block's products for one row of x (its pairs of int16 codes xp, its scale xd): lanes 2t and
+ * 2t + 1 take pairs 2t, 2t + 8 and 2t + 1, 2t + 9 (tile's p0 + p1; Q6_K: p0, then p1, scaled apart). */
+static AI void r8_block_dot(const __m256i c[16], const int32_t *xp, __m256 f0, __m256 f1, __m256 acc[8],
+                            const int type) {
+#pragma GCC unroll 4
+    for (int t = 0; t < 4; t++)
+        for (int h = 0; h < 2; h++) {
+            const __m256i pa = _mm256_madd_epi16(c[2 * t + h], _mm256_set1_epi32(xp[2 * t + h]));
+            const __m256i pb = _mm256_madd_epi16(c[2 * t + 8 + h], _mm256_set1_epi32(xp[2 * t + 8 + h]));
+            __m256 *a = &acc[2 * t + h];
+            if (type == Q6_K) {
+                *a = _mm256_fmadd_ps(f0, _mm256_cvtepi32_ps(pa), *a);
+                *a = _mm256_fmadd_ps(f1, _mm256_cvtepi32_ps(pb), *a);
+            } else {
+                *a = _mm256_fmadd_ps(f0, _mm256_cvtepi32_ps(_mm256_add_epi32(pa, pb)), *a);
+            }
+        }
+}
+
+/* A block's 16 registers of code pairs: c[2t] = lo, c[2t + 1] = hi of t. */
+static AI void r8_codes(const uint8_t *q, const int type, __m256i c[16]) {
+    __m256i ha, hb;
+    r8_bits(q, type, &ha, &hb);
+#pragma GCC unroll 8
+    for (int t = 0; t < 8; t++) r8_pairs(q, t, type, t < 4 ? ha : hb, &c[2 * t], &c[2 * t + 1]);
+}
+
+/* y[0..7] = the eight rows of group g against one row of x (blocks xq, xd, xs): tile's sums. */
+static AI void r8_row(const uint8_t *g, int64_t nb, const int16_t *xq, const float *xd, const float *xs,
+                      float *y, const int type) {
+    const int nsub = (int)(block_values(type) / 32);
+    const int64_t ub = 8 * block_bytes(type);
+    __m256 acc[8], mins = _mm256_setzero_ps();
+    for (int l = 0; l < 8; l++) acc[l] = _mm256_setzero_ps();
+    for (int64_t u = 0; u < nb / nsub; u++) {
+        const uint8_t *unit = g + u * ub;
+        for (int64_t at = 0; at < ub; at += 64) _mm_prefetch((const char *)unit + at + PREFETCH, _MM_HINT_T0);
+        for (int j = 0; j < nsub; j++) {
+            const int64_t b = u * nsub + j;
+            const uint8_t *q = unit + r8_head(type) + j * r8_block(type);
+            __m256 s0, s1, mn;
+            r8_scales(unit, j, type, &s0, &s1, &mn);
+            const __m256 xdv = _mm256_set1_ps(xd[b]);
+            __m256i c[16];
+            r8_codes(q, type, c);
+            r8_block_dot(c, (const int32_t *)(xq + 32 * b), _mm256_mul_ps(s0, xdv), _mm256_mul_ps(s1, xdv), acc, type);
+            if (has_min(type)) mins = _mm256_add_ps(mins, _mm256_mul_ps(mn, _mm256_set1_ps(xs[b])));
+        }
+    }
+    const __m256 s = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(acc[0], acc[4]), _mm256_add_ps(acc[2], acc[6])),
+                                   _mm256_add_ps(_mm256_add_ps(acc[1], acc[5]), _mm256_add_ps(acc[3], acc[7])));
+    _mm256_storeu_ps(y, _mm256_add_ps(s, mins));
+}
+
+/* The same for rows m0 .. m0 + mt - 1 of x (mt > 1): each block of up to 8 (a K-quant's unit) is
+ * decoded once into registers kept in L1, then multiplied by every row, each row's sums in the
+ * order r8_row takes them. */
+#define R8M 8 /* rows of x a pass */
+static AI void r8_rows(const uint8_t *g, int64_t nb, const int16_t *xq, const float *xd, const float *xs, float *y,
+                       int64_t ldy, int64_t mt, const int type) {
+    const int nsub = (int)(block_values(type) / 32);
+    const int64_t ub = 8 * block_bytes(type);
+    __m256 acc[R8M][8], mins[R8M], s0[8], s1[8], mn[8];
+    __m256i c[8][16];
+    for (int r = 0; r < mt; r++) {
+        mins[r] = _mm256_setzero_ps();
+        for (int l = 0; l < 8; l++) acc[r][l] = _mm256_setzero_ps();
+    }
+    for (int64_t b0 = 0; b0 < nb; b0 += 8) {
+        const int nbl = (int)(nb - b0 < 8 ? nb - b0 : 8);
+        for (int j = 0; j < nbl; j++) {
+            const int64_t b = b0 + j;
+            const uint8_t *unit = g + b / nsub * ub;
+            if (b % nsub == 0)
+                for (int64_t at = 0; at < ub; at += 64) _mm_prefetch((const char *)unit + at + PREFETCH, _MM_HINT_T0);
+            r8_scales(unit, (int)(b % nsub), type, &s0[j], &s1[j], &mn[j]);
+            r8_codes(unit + r8_head(type) + b % nsub * r8_block(type), type, c[j]);
+        }
+        for (int r = 0; r < mt; r++) {
+            __m256 a[8], m = mins[r];
+            for (int l = 0; l < 8; l++) a[l] = acc[r][l];
+            for (int j = 0; j < nbl; j++) {
+                const int64_t i = r * nb + b0 + j;
+                const __m256 xdv = _mm256_set1_ps(xd[i]);
+                r8_block_dot(c[j], (const int32_t *)(xq + 32 * i), _mm256_mul_ps(s0[j], xdv), _mm256_mul_ps(s1[j], xdv),
+                             a, type);
+                if (has_min(type)) m = _mm256_add_ps(m, _mm256_mul_ps(mn[j], _mm256_set1_ps(xs[i])));
+            }
+            for (int l = 0; l < 8; l++) acc[r][l] = a[l];
+            mins[r] = m;
+        }
+    }
+    for (int r = 0; r < mt; r++) {
+        __m256 *a = acc[r];
+        const __m256 s = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(a[0], a[4]), _mm256_add_ps(a[2], a[6])),
+                                       _mm256_add_ps(_mm256_add_ps(a[1], a[5]), _mm256_add_ps(a[3], a[7])));
+        _mm256_storeu_ps(y + r * ldy, _mm256_add_ps(s, mins[r]));
+    }
+}
+
+#define R8TILE(t)                                                                                  \
+    if (mt == 1) r8_row(grp, nb, xq + m0 * K, xd + m0 * nb, xs + m0 * nb, y + m0 * ldy + 8 * g, t);      \
+    else r8_rows(grp, nb, xq + m0 * K, xd + m0 * nb, xs + m0 * nb, y + m0 * ldy + 8 * g, ldy, mt, t);    \
+    break;
+
+/* y (row stride ldy) = x @ W^T for the repacked parts of a projection, stacked: part i of type
+ * types[i] (R8 + t) at at[i], its groups of eight rows from group first[i] (first[n]: all of them).
+ * One loop over every part's groups, so a fused projection costs one fork and join, not one a part. */
+static void mm_r8(const int16_t *xq, const float *xd, const float *xs, const uint8_t *const at[], const int types[],
+                  const int64_t first[], int n, float *y, int64_t ldy, int64_t M, int64_t K) {
+    const int64_t nb = K / 32;
+#pragma omp for schedule(static) nowait
+    for (int64_t g = 0; g < first[n]; g++) {
+        int i = 0;
+        while (g >= first[i + 1]) i++;
+        const int t = base_type(types[i]);
+        const uint8_t *grp = at[i] + (g - first[i]) * 8 * kq_row_bytes(K, t);
+        for (int64_t m0 = 0; m0 < M; m0 += R8M) {
+            const int64_t mt = M - m0 < R8M ? M - m0 : R8M;
+            switch (t) {
+                case Q4_0: R8TILE(Q4_0)
+                case Q4_1: R8TILE(Q4_1)
+                case Q5_0: R8TILE(Q5_0)
+                case Q5_1: R8TILE(Q5_1)
+                case Q8_0: R8TILE(Q8_0)
+                case Q4_K: R8TILE(Q4_K)
+                case Q5_K: R8TILE(Q5_K)
+                default: R8TILE(Q6_K)
+            }
+        }
+    }
+}
+
+/* Eight repacked rows as float32 into columns j0 .. j0 + 7 of a dense panel (DN wide, k-major),
+ * rounded as dequantize_row rounds them (a multiply, then an add). */
+static AI void r8_panel_t(const uint8_t *g, int64_t nb, float *panel, int dn, int j0, const int type) {
+    const int nsub = (int)(block_values(type) / 32);
+    const int64_t ub = 8 * block_bytes(type);
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *unit = g + b / nsub * ub;
+        __m256 s0, s1, mn;
+        r8_scales(unit, (int)(b % nsub), type, &s0, &s1, &mn);
+        __m256i c[16];
+        r8_codes(unit + r8_head(type) + b % nsub * r8_block(type), type, c);
+        for (int t = 0; t < 8; t++)
+            for (int h = 0; h < 2; h++) {
+                const __m256i pair = c[2 * t + h]; /* k = 4t + 2h + e */
+                const __m256i e[2] = {_mm256_srai_epi32(_mm256_slli_epi32(pair, 16), 16), _mm256_srai_epi32(pair, 16)};
+                for (int k = 0; k < 2; k++) {
+                    __m256 v = _mm256_mul_ps(t < 4 ? s0 : s1, _mm256_cvtepi32_ps(e[k]));
+                    if (has_min(type)) v = _mm256_add_ps(v, mn);
+                    _mm256_storeu_ps(panel + (b * 32 + 4 * t + 2 * h + k) * dn + j0, v);
+                }
+            }
+    }
+}
+
+__attribute__((optimize("fp-contract=off"))) static void r8_panel(const uint8_t *g, int64_t K, float *panel, int dn,
+                                                                  int j0, int t) {
+    switch (t) {
+        case Q4_0: r8_panel_t(g, K / 32, panel, dn, j0, Q4_0); break;
+        case Q4_1: r8_panel_t(g, K / 32, panel, dn, j0, Q4_1); break;
+        case Q5_0: r8_panel_t(g, K / 32, panel, dn, j0, Q5_0); break;
+        case Q5_1: r8_panel_t(g, K / 32, panel, dn, j0, Q5_1); break;
+        case Q8_0: r8_panel_t(g, K / 32, panel, dn, j0, Q8_0); break;
+        case Q4_K: r8_panel_t(g, K / 32, panel, dn, j0, Q4_K); break;
+        case Q5_K: r8_panel_t(g, K / 32, panel, dn, j0, Q5_K); break;
+        default: r8_panel_t(g, K / 32, panel, dn, j0, Q6_K); break;
+    }
+}
 #endif
 
 /* One part: y[:, 0..N-1] (row stride ldy) = x @ W^T for N rows of one type. */
@@ -551,15 +1021,25 @@ static void mm_part(const int16_t *xq, const float *xd, const float *xs, const u
                     int64_t M, int64_t N, int64_t K, int type) {
 #if HERD_SIMD
     if (!force_scalar) {
-        mm_simd(xq, xd, xs, w, y, ldy, M, N, K, type);
+        if (is_r8(type)) {
+            const int64_t first[2] = {0, N / 8};
+            mm_r8(xq, xd, xs, &w, &type, first, 1, y, ldy, M, K);
+        } else {
+            mm_simd(xq, xd, xs, w, y, ldy, M, N, K, type);
+        }
         return;
     }
 #endif
     const int64_t nb = K / 32, row_bytes = kq_row_bytes(K, type);
 #pragma omp for schedule(static) nowait
-    for (int64_t n = 0; n < N; n++)
+    for (int64_t n = 0; n < N; n++) {
+        uint8_t *buf = is_r8(type) ? malloc((size_t)row_bytes) : NULL; /* a repacked row, given back */
+        if (buf) unrepack_row(w, n, K, base_type(type), buf);
         for (int64_t m = 0; m < M; m++)
-            y[m * ldy + n] = row_dot(w + n * row_bytes, xq + m * K, xd + m * nb, xs + m * nb, nb, type);
+            y[m * ldy + n] = row_dot(buf ? buf : w + n * row_bytes, xq + m * K, xd + m * nb, xs + m * nb, nb,
+                                     base_type(type));
+        free(buf);
+    }
 }
 
 /* y (M, N) = x @ W^T, x given as blockmm.c's int16 blocks (codes xq, scales xd, xd * sums xs). */
@@ -568,6 +1048,24 @@ void kq_mm(const int16_t *xq, const float *xd, const float *xs, const uint8_t *w
     const mixed_t p = parts_of(type);
     const uint8_t *at = w;
     int64_t n0 = 0;
+#if HERD_SIMD
+    int all_r8 = !force_scalar;
+    for (int i = 0; i < p.n; i++) all_r8 = all_r8 && is_r8(p.types[i]);
+    if (all_r8 && p.n > 1) { /* every part repacked (kq_repack): one loop over all their groups */
+        const uint8_t *parts[MAX_PARTS];
+        int64_t first[MAX_PARTS + 1];
+        first[0] = 0;
+        for (int i = 0; i < p.n; i++) {
+            const int64_t rows = i == p.n - 1 ? N - n0 : p.rows[i];
+            parts[i] = at = part_at(&p, i, w, at);
+            at += rows * kq_row_bytes(K, p.types[i]);
+            n0 += rows;
+            first[i + 1] = n0 / 8;
+        }
+        mm_r8(xq, xd, xs, parts, p.types, first, p.n, y, N, M, K);
+        return;
+    }
+#endif
     for (int i = 0; i < p.n; i++) {
         const int64_t rows = i == p.n - 1 ? N - n0 : p.rows[i];
         at = part_at(&p, i, w, at);
@@ -611,16 +1109,31 @@ static void dense_part(const float *x, const uint8_t *w, float *y, int64_t ldy, 
     const int64_t row_bytes = kq_row_bytes(K, type);
     { /* each thread its own panel */
         float *panel = aligned_alloc(32, (size_t)K * DN * sizeof(float)), *row = malloc((size_t)K * sizeof(float));
+        uint8_t *orig = malloc((size_t)kq_row_bytes(K, Q8_0)); /* a repacked row given back (scalar path) */
 #pragma omp for schedule(static) nowait
         for (int64_t n0 = 0; n0 < N; n0 += DN) {
             const int nn = (int)(N - n0 < DN ? N - n0 : DN);
+#if HERD_SIMD
+            if (is_r8(type) && !force_scalar) { /* eight rows at a time, from their groups (N: a multiple of 8) */
+                for (int j0 = 0; j0 < DN; j0 += 8) {
+                    if (j0 < nn) r8_panel(w + (n0 + j0) * row_bytes, K, panel, DN, j0, base_type(type));
+                    else
+                        for (int64_t k = 0; k < K; k++) memset(panel + k * DN + j0, 0, 8 * sizeof(float));
+                }
+            } else
+#endif
             for (int j = 0; j < DN; j++) {
+                const uint8_t *wrow = w + (n0 + j) * row_bytes;
+                if (is_r8(type) && j < nn) { /* the scalar path: the row given back */
+                    unrepack_row(w, n0 + j, K, base_type(type), orig);
+                    wrow = orig;
+                }
                 if (j < nn) {
 #if HERD_SIMD
-                    if (!force_scalar) dequantize_row_simd(w + (n0 + j) * row_bytes, row, K, type);
+                    if (!force_scalar) dequantize_row_simd(wrow, row, K, base_type(type));
                     else
 #endif
-                        dequantize_row(w + (n0 + j) * row_bytes, row, K, type);
+                        dequantize_row(wrow, row, K, base_type(type));
                 }
                 for (int64_t k = 0; k < K; k++) panel[k * DN + j] = j < nn ? row[k] : 0.f;
             }
@@ -647,6 +1160,7 @@ static void dense_part(const float *x, const uint8_t *w, float *y, int64_t ldy, 
                 }
         }
         free(panel);
+        free(orig);
         free(row);
     }
 }
