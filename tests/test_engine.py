@@ -379,3 +379,14 @@ def test_weights_bytes_counts_each_byte_once():
     m.register_buffer("w13", file[40:100])  # overlaps it
     m.register_buffer("norm", torch.zeros(10))  # 40 bytes elsewhere
     assert _weights_bytes(m) == 140
+
+
+def test_batch_loops_are_stopped_before_the_interpreter_exits():
+    """A `herd run` ends with its scheduler's daemon thread still alive; the atexit hook stops and
+    joins it, so the thread is never killed inside a torch or native call at finalization."""
+    from llamaherd.engine import scheduler
+
+    s = scheduler.Scheduler(runner=None, n_rows=1, max_ctx=16, name="exit")
+    assert s._thread.is_alive() and s in scheduler._live
+    scheduler._close_all()
+    assert not s._thread.is_alive()

@@ -37,9 +37,11 @@ back returns what it does not keep, so one long request does not grow every row.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
@@ -132,6 +134,19 @@ def _heir(job: Job) -> Job | None:
     return None
 
 
+_live: weakref.WeakSet = weakref.WeakSet()  # every batch loop whose thread may still run
+
+
+@atexit.register
+def _close_all() -> None:
+    """Stop every batch loop before the interpreter finalizes. A daemon thread still inside a torch
+    or native call then is ended by pthread_exit as it takes the GIL back, an unwind through C++
+    frames that aborts the process ("terminate called without an active exception"), after a
+    `herd run` whose reply was already printed."""
+    for scheduler in list(_live):
+        scheduler.close()
+
+
 class Scheduler:
     """Owns `model` (and its KV cache) on one thread; runs every job submitted to it.
 
@@ -161,6 +176,7 @@ class Scheduler:
         self.max_batch_seen = 0
         self._thread = threading.Thread(target=self._run, name=f"herd-scheduler-{name}", daemon=True)
         self._thread.start()
+        _live.add(self)
 
     # -- used from other threads ------------------------------------------------------------
 
