@@ -12,6 +12,7 @@ import os
 import pty
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -164,20 +165,37 @@ def test_no_server_or_herd_local_means_local(server, client_home):
     assert ps.returncode == 1 and "could not reach a herd server" in ps.stderr
 
 
+def _log_lines(server) -> list[str]:
+    return server.log_path.read_text().splitlines()
+
+
+def _log_line(server, before: int, needle: str) -> str:
+    """The first line after the log's first `before` that holds `needle`: a request's line is
+    written as its response goes out, so a client can read the reply a moment before it is there."""
+    deadline = time.monotonic() + 30
+    while True:
+        lines = [line for line in _log_lines(server)[before:] if needle in line]
+        if lines or time.monotonic() > deadline:
+            return lines[0] if lines else ""
+        time.sleep(0.05)
+
+
 def test_serve_prints_where_it_listens_and_a_line_per_request(server):
     text = server.log_path.read_text()
     assert f"listening on http://127.0.0.1:{server.port}" in text
     assert f"chat page: http://127.0.0.1:{server.port}/" in text
     assert f"store: {server.home} (" in text
+    before = len(_log_lines(server))
     r = server.api("POST", "/api/generate", json={"model": "smol", "prompt": "Hi", "stream": False,
                                                    "options": {"num_predict": 5, "temperature": 0}})
     assert r.status_code == 200 and r.headers["x-herd-pid"] == str(server.proc.pid)
     body = r.json()
-    line = server.log_path.read_text().splitlines()[-1]
-    assert line.startswith("[herd] ") and '| 200 |' in line and '| POST "/api/generate" |' in line
+    line = _log_line(server, before, '| POST "/api/generate" |')
+    assert line.startswith("[herd] ") and '| 200 |' in line
     assert line.endswith(f"| {body['prompt_eval_count']} prompt + {body['eval_count']} eval tokens")
+    before = len(_log_lines(server))
     server.api("POST", "/api/show", json={"model": "nothing-here"})
-    assert '| 404 |' in server.log_path.read_text().splitlines()[-1]
+    assert '| 404 |' in _log_line(server, before, 'POST "/api/show"')
 
 
 def _serve_on(port: int) -> subprocess.CompletedProcess:
