@@ -3,6 +3,9 @@ barrier: whatever the thread count, every row must get the same numbers, to the 
 barrier or an op split along a sum would show here), also past one span of keys (KV_SPAN = 512:
 the spans' results merged in a pass of their own) and on a prompt's float32 path."""
 
+import re
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -34,9 +37,32 @@ def run_with(threads: int, model, ids: list[int]) -> tuple[torch.Tensor, torch.T
     return prompt, step
 
 
+@pytest.mark.slow
 def test_rows_do_not_depend_on_the_thread_count(model, smollm2):
     ids = smollm2.encode("The quick brown fox jumps over the lazy dog. " * 60)[:600]
     one = run_with(1, model, ids)
     for threads in (2, 3):
         got = run_with(threads, model, ids)
         assert torch.equal(got[0], one[0]) and torch.equal(got[1], one[1]), f"{threads} threads"
+
+
+# The kernels that open an OpenMP region of their own: those Python calls (and the load-time
+# repacks). Every other loop is an orphaned `omp for`, shared among the threads of the caller's
+# region; a `parallel` among them would run on ONE thread inside herd_decode's region (a nested
+# region is serialized): the same numbers, silently half as fast, so no other test would notice.
+ENTRY_POINTS = {"herd_decode", "block_mm", "block_mm_dense", "block_dequantize", "rows8_repack", "repack_part",
+                "kq_rows_dequantize"}
+
+
+def test_only_the_entry_points_open_a_parallel_region():
+    kernels = Path(native.__file__).parent / "kernels"
+    opened = set()
+    for source in kernels.glob("*.c"):
+        function = None
+        for line in source.read_text().splitlines():
+            definition = re.match(r"[A-Za-z_][\w \*]*?\b(\w+)\(", line)  # at column 0, not a declaration
+            if definition and not line.rstrip().endswith(";"):
+                function = definition[1]
+            if re.match(r"\s*#pragma omp parallel", line):
+                opened.add(function)
+    assert opened == ENTRY_POINTS
