@@ -386,7 +386,13 @@ def test_batch_loops_are_stopped_before_the_interpreter_exits():
     joins it, so the thread is never killed inside a torch or native call at finalization."""
     from llamaherd.engine import scheduler
 
-    s = scheduler.Scheduler(runner=None, n_rows=1, max_ctx=16, name="exit")
+    class Idle:  # a runner that is never asked for a step: only released when the loop ends
+        released = False
+
+        def release(self):
+            self.released = True
+
+    s = scheduler.Scheduler(runner=Idle(), n_rows=1, max_ctx=16, name="exit")
     assert s._thread.is_alive() and s in scheduler._live
     scheduler._close_all()
-    assert not s._thread.is_alive()
+    assert not s._thread.is_alive() and s.runner.released
