@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..chat.text import common_prefix
 from ..errors import HerdError
 
 Request = tuple[Sequence[int], Sequence[int]]
@@ -183,7 +184,9 @@ def prefix_tree(contexts: Sequence[Sequence[int]], min_shared: int = MIN_SHARED
         leaves[i] the node that ends context i. A context's last token is always its leaf's own.
     """
     order = sorted(range(len(contexts)), key=lambda i: tuple(contexts[i]))
-    common = [_common(contexts[a], contexts[b]) for a, b in zip(order, order[1:])]  # neighbours' shared tokens
+    # neighbours' shared tokens, leaving each context at least its last token
+    common = [min(common_prefix(contexts[a], contexts[b]), len(contexts[a]) - 1, len(contexts[b]) - 1)
+              for a, b in zip(order, order[1:])]
     nodes: list[tuple[int, int, int, int]] = []
     leaves = [0] * len(contexts)
     todo = [(0, len(order), 0, -1)]  # (lo, hi, depth, parent): order[lo:hi] share their first `depth` tokens
@@ -200,14 +203,6 @@ def prefix_tree(contexts: Sequence[Sequence[int]], min_shared: int = MIN_SHARED
         cuts = [lo] + [k + 1 for k in range(lo, hi - 1) if common[k] == shared] + [hi]
         todo += reversed([(a, b, depth, parent) for a, b in zip(cuts, cuts[1:])])  # depth first, in order
     return nodes, leaves
-
-
-def _common(a: Sequence[int], b: Sequence[int]) -> int:
-    """How many first tokens a and b share, leaving each at least its last token."""
-    n, most = 0, min(len(a), len(b)) - 1
-    while n < most and a[n] == b[n]:
-        n += 1
-    return n
 
 
 def _plan(seqs, batch) -> tuple[list[tuple[int, int, int, int, int]], list[int], dict[int, int], int]:

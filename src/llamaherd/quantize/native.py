@@ -200,12 +200,13 @@ def kq_repack(raw: torch.Tensor, parts: list[tuple], K: int) -> int | None:
     a multiple of 8 or its type is not one of KQ_REPACKABLE."""
     if any(p[0] % 8 or int(p[1]) not in KQ_REPACKABLE for p in parts) or not raw.is_contiguous():
         return None
-    kind = mixed_type(parts) if len(parts) > 1 or len(parts[0]) > 2 else int(parts[0][1])
+    mixed = len(parts) > 1 or len(parts[0]) > 2  # a plain projection is one (rows, type)
     _match_torch_threads()
-    if library().kq_repack(raw.data_ptr(), sum(p[0] for p in parts), K, kind) < 0:
+    if library().kq_repack(raw.data_ptr(), sum(p[0] for p in parts), K,
+                           mixed_type(parts) if mixed else int(parts[0][1])) < 0:
         return None
     repacked = [(p[0], KQ_R8 + int(p[1]), *p[2:]) for p in parts]
-    return mixed_type(repacked) if len(parts) > 1 or len(parts[0]) > 2 else KQ_R8 + int(parts[0][1])
+    return mixed_type(repacked) if mixed else KQ_R8 + int(parts[0][1])
 
 
 def kq_rows(raw: torch.Tensor, ids: torch.Tensor | None, kernel_type: int, K: int, n_rows: int) -> torch.Tensor:
