@@ -61,6 +61,10 @@ def bandwidth(device: torch.device, nbytes: int = 1 << 28) -> float:
     return 2 * nbytes / best
 
 
+def gpu_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -239,25 +243,30 @@ def bench(name: str, margs, device: torch.device, tokens: int, streams: int, row
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     bw = bandwidth(device)
     row = {"shape": name}
+
+    def measured(key: str, value: float) -> None:  # printed at once: a long run shows where it is
+        row[key] = value
+        print(f"  {name} {key}: {value:.1f}", flush=True)
+
     model = random_model(margs, device, dtype)
-    row["bound tok/s"] = bw / step_bytes(model)
+    measured("bound tok/s", bw / step_bytes(model))
     if "herd eager" in rows:
-        row["herd eager"] = herd_rate(model, tokens, compile=False, backend=backend)
+        measured("herd eager", herd_rate(model, tokens, compile=False, backend=backend))
     if "herd compiled" in rows:
-        row["herd compiled"] = herd_rate(model, tokens, compile=True, backend=backend)
+        measured("herd compiled", herd_rate(model, tokens, compile=True, backend=backend))
     if "herd streams" in rows:
-        row[f"herd {streams} streams"] = herd_streams_rate(model, streams, tokens, compile=True, backend=backend)
+        measured(f"herd {streams} streams", herd_streams_rate(model, streams, tokens, compile=True, backend=backend))
     del model
     if "herd int4 compiled" in rows:
         model = random_model(margs, device, dtype, int4=True)
-        row["int4 bound tok/s"] = bw / step_bytes(model)
-        row["herd int4 compiled"] = herd_rate(model, tokens, compile=True, backend=backend)
+        measured("int4 bound tok/s", bw / step_bytes(model))
+        measured("herd int4 compiled", herd_rate(model, tokens, compile=True, backend=backend))
         del model
     hf = hf_rates(margs, dtype, device, tokens, streams, rows)
     if "transformers" in hf:
-        row["transformers static+compile"] = hf["transformers"]
+        measured("transformers static+compile", hf["transformers"])
     if "transformers streams" in hf:
-        row[f"transformers {streams} streams"] = hf["transformers streams"]
+        measured(f"transformers {streams} streams", hf["transformers streams"])
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return row
@@ -306,11 +315,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     shapes = {"tiny": ModelArgs(**TINY)} if args.tiny else \
         {s: replace(ModelArgs.from_name(s), max_seq_len=args.tokens + 64) for s in args.shapes}
     results = []
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     for name, margs in shapes.items():
         results.append(bench(name, margs, device, args.tokens, args.streams, rows, args.backend))
         print(report(results[-1], args.device, args.streams), flush=True)
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps({"device": args.device, "rows": results}, indent=2))
+        # written after every shape: a call stopped at its time limit keeps the shapes it finished
+        Path(args.json).write_text(json.dumps({"device": gpu_name(device), "rows": results}, indent=2))
     return results
 
 

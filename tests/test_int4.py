@@ -138,3 +138,37 @@ def test_a_q4_k_m_file_on_the_gpu_path(tiny_q4_k_m):
     steps = [runner.prefill([(tokens[0, :28].tolist(), 0, 0)])[0]]
     steps += [runner.decode([int(tokens[0, i])], [i], [0])[0] for i in range(28, 31)]
     torch.testing.assert_close(torch.stack(steps), got[27:31], rtol=0.02, atol=0.02 * got.abs().max().item())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (tinygemm)")
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_a_q4_k_m_file_on_cuda(tiny_q4_k_m, compile, monkeypatch):
+    """`llamaherd.load(path, device="cuda")` end to end: the Q4_K projections stay 4-bit on the GPU
+    (tinygemm), and the runner the server uses (eager, or the compiled static step with CUDA
+    graphs: HERD_COMPILE=1) gives the logits of the same model built on the CPU (the test above),
+    within bf16 rounding; a greedy generation through the batch loop runs to its token budget."""
+    import llamaherd
+    from llamaherd.weights import build_model, load_checkpoint
+
+    monkeypatch.setenv("HERD_COMPILE", "1" if compile else "0")
+    llm = llamaherd.load(tiny_q4_k_m, device="cuda")
+    int4 = [m for m in llm.model.modules() if isinstance(m, Int4Linear)]
+    assert int4 and all(m.weight.is_cuda and m.weight.dim() == 4 for m in int4)
+    ckpt = load_checkpoint(tiny_q4_k_m, torch.bfloat16, quantized=True, gpu=True)
+    twin = build_model(ckpt.args, ckpt.state_dict, "cpu", ckpt.quantized)
+    tokens = torch.arange(40, 72)[None]
+    with torch.no_grad():
+        want = twin(tokens)[0].float()
+    scale = want.abs().max().item()
+    runner = llm.runner
+    runner.allocate(2, 64)
+    try:  # two rows at different positions, as the server batches them
+        first = runner.prefill([(tokens[0, :28].tolist(), 0, 0), (tokens[0, :20].tolist(), 0, 1)])
+        steps = [first[0]] + [runner.decode([int(tokens[0, i]), int(tokens[0, 20 + i - 28])], [i, 20 + i - 28], [0, 1])[0]
+                              for i in range(28, 31)]
+    finally:
+        runner.release()
+    torch.testing.assert_close(torch.stack(steps).float().cpu(), want[27:31], rtol=0.03, atol=0.03 * scale)
+    chunks = list(llm.stream(tokens[0, :8].tolist(), llm.options(temperature=0, num_predict=6)))
+    assert chunks[-1].done and chunks[-1].eval_count == 6
+    llm.close()
