@@ -12,7 +12,7 @@ when a call is limited to 10 minutes (`--shapes llama3.2-1b`, then `--shapes lla
 
 Rows (`--rows`, default all), each model on its own:
   herd eager           `TorchRunner.decode`, the row-exact eager step, batch 1
-  herd compiled        the compiled static step (`engine/static.py`; on CUDA mode "reduce-overhead":
+  herd compiled        the compiled static step (`engine/static.py`; on CUDA `GraphedStep`:
                        one CUDA graph per step), batch 1
   herd int4 compiled   the same with every block projection (and an untied output projection) in
                        torch's int4 layers (`Int4Linear`, groups of 32: what a Q4_0/Q4_1/Q4_K GGUF

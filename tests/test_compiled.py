@@ -47,7 +47,7 @@ def test_static_step_equals_the_row_exact_step(tiny):
 
     @torch.inference_mode()
     def static(tokens, positions, rows):
-        return step(*step_inputs(3, tokens, positions, rows, "cpu"))[torch.tensor(rows)].float()
+        return step(step_inputs(3, tokens, positions, rows, "cpu"))[torch.tensor(rows)].float()
 
     got_tokens, got = serve(runner, static)
     assert got_tokens == want_tokens
@@ -63,7 +63,7 @@ def test_compiled_equals_eager(tiny, device):
     """The runner's compiled step (measured on the CPU: 2e-6 from eager with inductor and with
     aot_eager). On the CPU it compiles with aot_eager — the same fullgraph capture of the step and
     of its in-place cache writes, without inductor's C++ build (a minute on two cores); on CUDA
-    with inductor and CUDA graphs (mode "reduce-overhead"), as the server runs it."""
+    with inductor and one CUDA graph a step (`static.GraphedStep`), as the server runs it."""
     model = tiny.to(device)
     try:
         eager = TorchRunner(model, "f32", compile=False)

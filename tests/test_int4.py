@@ -89,7 +89,8 @@ def test_gpu_kinds_and_tile_choice():
 def test_cuda_kernel_equals_its_cpu_twin():
     """The same buffers packed on CUDA (tinygemm's layout) give the CPU twin's weights (each the
     bf16 rounding of (q - 8) * scale + zero; the CPU rounds a float32 sum first: 1 ulp at most)
-    and its products (float32 accumulation in other orders)."""
+    and its products: both take bf16 activations and the CUDA kernel returns bf16, so they agree
+    to a bf16 rounding of the largest output, not to float32's (measured on an H200: 0.094 of 75)."""
     raw = blocks(Q.Q4_K, 64, 512)
     cpu = int4_layer(raw, Q.Q4_K, (64, 512))
     _, buffers = pack_gguf_tensor(raw, Q.Q4_K, (64, 512), gpu=True)
@@ -101,7 +102,8 @@ def test_cuda_kernel_equals_its_cpu_twin():
     w_cpu, w_cuda = dequantized_weight(cpu), dequantized_weight(cuda).cpu()
     torch.testing.assert_close(w_cuda, w_cpu, rtol=2 ** -8, atol=0)
     x = torch.randn(5, 512, generator=torch.Generator().manual_seed(2))
-    torch.testing.assert_close(cuda(x.cuda()).cpu(), cpu(x), rtol=0.01, atol=0.01)
+    want = cpu(x)
+    torch.testing.assert_close(cuda(x.cuda()).float().cpu(), want, rtol=2 ** -7, atol=2 ** -8 * want.abs().max().item())
 
 
 @pytest.fixture(scope="module")

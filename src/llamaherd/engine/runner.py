@@ -29,7 +29,7 @@ import torch
 from ..quantize import native
 from . import kvcache
 from .decode import decode_step
-from .static import StaticStep, step_inputs
+from .static import GraphedStep, StaticStep, step_inputs
 
 log = logging.getLogger("llamaherd.engine")
 
@@ -215,13 +215,13 @@ class TorchRunner(Runner):
         """Args:
             compile: decode with a `torch.compile`d step of static shapes over every row of the
                 cache (`static_step`: the server's B slots, or `herd run`'s one row; on CUDA a CUDA
-                graph); default HERD_COMPILE.
+                graph); default HERD_COMPILE, else on CUDA only.
         """
         from .. import settings
 
         super().__init__(model, kv_cache_type)
         self.reuse_unit = PREFILL_CHUNK if self.device.type == "cuda" else CPU_PREFILL_CHUNK
-        self.compile = settings.compile() if compile is None else compile
+        self.compile = settings.compile(cuda=self.device.type == "cuda") if compile is None else compile
         self.compile_backend = "inductor"  # tests choose "aot_eager": the same capture, no C++ to build
         self._step = None
 
@@ -249,15 +249,25 @@ class TorchRunner(Runner):
     def static_step(self, tokens: list[int], positions: list[int], rows: list[int]) -> torch.Tensor:
         """The float32 logits (len(rows), V) of tokens[i] fed at positions[i] of row rows[i] (rows
         distinct), by `static.StaticStep` over all the cache's rows, compiled once (fullgraph: no
-        Python between its ops; on CUDA mode "reduce-overhead", a CUDA graph replayed per step).
+        Python between its ops; on CUDA one CUDA graph replayed per step, `static.GraphedStep`).
         Shapes are static — every row, the whole cache — so it compiles again only when the cache
         grows. Equal to the eager step within float tolerance (tests/test_compiled.py)."""
         if self._step is None:
-            mode = "reduce-overhead" if self.device.type == "cuda" else None
-            self._step = torch.compile(StaticStep(self.model), fullgraph=True, dynamic=False, mode=mode,
-                                       backend=self.compile_backend)
-        logits = self._step(*step_inputs(self.n_rows, tokens, positions, rows, self.device))
+            step = torch.compile(StaticStep(self.model), fullgraph=True, dynamic=False, backend=self.compile_backend)
+            self._step = GraphedStep(step) if self.device.type == "cuda" else step
+        inputs = step_inputs(self.n_rows, tokens, positions, rows, self.device)
+        if isinstance(self._step, GraphedStep):
+            logits = self._step(self.model.layers[0].attention.cache.k, inputs)
+        else:
+            logits = self._step(inputs)
+        if rows == list(range(rows[0], rows[0] + len(rows))):  # a slice: no index to copy to the device
+            return logits[rows[0]:rows[0] + len(rows)].float().cpu()
         return logits[torch.tensor(rows, device=self.device)].float().cpu()
+
+    def release(self) -> None:
+        if isinstance(self._step, GraphedStep):
+            self._step.reset()  # its graph writes into the cache being dropped
+        super().release()
 
 
 def native_applies(model) -> bool:

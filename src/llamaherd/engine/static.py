@@ -1,5 +1,5 @@
 """A decode step of static shapes over every row of the KV cache: what `torch.compile` turns into
-one graph, replayed on CUDA as a CUDA graph (mode "reduce-overhead"): gpt-fast's decode, batched.
+one graph, replayed on CUDA as one CUDA graph (`GraphedStep`): gpt-fast's decode, batched.
 
 The server's batch lives in B slots, the KV cache's rows. Each step feeds one token to every row:
 a row with nothing to decode gets a dummy token whose keys and values are not written (`active`
@@ -11,7 +11,8 @@ Python runs between its kernels.
 The price is attention over the whole capacity rather than each row's own keys, and work for
 the idle rows: on a GPU, where a step is bound by reading the weights once for all rows, both are
 small next to the launches they save. The eager row-exact step (`decode.decode_step`) stays the
-default; this one runs when the runner compiles (`TorchRunner(compile=True)`, HERD_COMPILE=1).
+default on a CPU; this one runs when the runner compiles (`TorchRunner(compile=True)`: by default on
+CUDA, HERD_COMPILE=1 elsewhere).
 Equal to the eager step within float tolerance (tests/test_compiled.py), not to the bit: other
 kernels, other summation orders.
 """
@@ -26,27 +27,29 @@ from .decode import _projections
 
 
 class StaticStep(nn.Module):
-    """`step(tokens, positions, active)` -> logits (B, V) in the model's dtype, B = the cache's rows.
+    """`step(inputs)` -> logits (B, V) in the model's dtype, B = the cache's rows.
 
-    Args (each (B,), row i of the cache is batch row i):
-        tokens: the token each row feeds (anything for an idle row).
-        positions: its position (the number of tokens before it in that row's sequence).
-        active: whether the row decodes; an idle row's cache is left as it was.
+    Args:
+        inputs: (3, B) integers (`step_inputs`; row i of the cache is column i): the token each
+            row feeds (anything for an idle row), its position (the number of tokens before it
+            in that row's sequence), and 1 if the row decodes, 0 if idle (its cache is left as
+            it was). One tensor, so a step costs one copy to the device.
     """
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         model = self.model
+        tokens, positions, active = inputs.unbind(0)
         B = tokens.shape[0]
         S = model.layers[0].attention.cache.k.shape[2]
         rows = torch.arange(B, device=tokens.device)
         rope = model.rope[positions][:, None]  # (B, 1, Dh/2, 2)
         sees = torch.arange(S, device=tokens.device)[None, :] <= positions[:, None]  # (B, S)
         mask = sees[:, None, None, :]  # (B, 1, 1, S): each row's keys up to its own position
-        keep = active[:, None, None]  # (B, 1, 1)
+        keep = (active != 0)[:, None, None]  # (B, 1, 1)
         x = model.tok_embeddings(tokens)[:, None]  # (B, 1, D)
         for layer in model.layers:
             attn = layer.attention
@@ -62,11 +65,50 @@ class StaticStep(nn.Module):
         return model.output(model.norm(x))[:, 0]
 
 
-def step_inputs(n_rows: int, tokens: list[int], positions: list[int], rows: list[int], device
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The (tokens, positions, active) tensors of a `StaticStep` in which `rows` (distinct) decode."""
-    tok, pos, act = [0] * n_rows, [0] * n_rows, [False] * n_rows
+class GraphedStep:
+    """A compiled `StaticStep` captured as one CUDA graph per KV cache, replayed every step.
+
+    Ours rather than inductor's mode "reduce-overhead": its graphs belong to the thread that
+    recorded them (the server decodes on its batch loop's thread, and they failed there on an
+    H200), and a graph of the whole step needs no checks of its inputs per call. The step's
+    inputs are copied into buffers the graph reads; its logits are the graph's own output buffer,
+    valid until the next call. A new cache (it grew, or a new batch size) means new addresses: the
+    step is captured again (`key`: the first layer's key tensor, held so its address is never reused).
+    """
+
+    def __init__(self, step):
+        self.step = step
+        self.graph = self.key = self.inputs = self.out = None
+
+    def reset(self) -> None:
+        """Drop the graph and its memory (the cache it wrote is gone)."""
+        self.graph = self.key = self.inputs = self.out = None
+
+    def __call__(self, key: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        if self.graph is not None and key is self.key:
+            self.inputs.copy_(inputs)
+            self.graph.replay()
+            return self.out
+        self.reset()
+        self.inputs = inputs.clone()
+        # Compile (and let inductor tune) outside the capture, on a side stream as capture wants.
+        # The step run twice is the step run once: the same keys and values land in the same slots.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self.step(self.inputs)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            self.out = self.step(self.inputs)
+        self.graph, self.key = graph, key
+        graph.replay()
+        return self.out
+
+
+def step_inputs(n_rows: int, tokens: list[int], positions: list[int], rows: list[int], device) -> torch.Tensor:
+    """The (3, n_rows) inputs of a `StaticStep` in which `rows` (distinct) decode."""
+    tok, pos, act = [0] * n_rows, [0] * n_rows, [0] * n_rows
     for t, p, r in zip(tokens, positions, rows):
-        tok[r], pos[r], act[r] = t, p, True
-    return (torch.tensor(tok, device=device), torch.tensor(pos, device=device),
-            torch.tensor(act, device=device))
+        tok[r], pos[r], act[r] = t, p, 1
+    return torch.tensor([tok, pos, act], device=device)
