@@ -34,7 +34,7 @@ run() {  # run NAME SECONDS COMMAND...: the command's output to OUT/NAME.log, it
 
 for part in $parts; do
   case $part in
-    tests) run tests 120 python3 -m pytest -q -x -p no:cacheprovider tests/test_int4.py tests/test_compiled.py \
+    tests) run tests 120 python3 -m pytest -q -p no:cacheprovider tests/test_int4.py tests/test_compiled.py \
              tests/test_bench_gpu.py ;;
     infer1b) run infer1b 200 python3 benchmarks/bench_gpu.py --shapes llama3.2-1b --json "$out/bench_gpu_1b.json" ;;
     infer8b) run infer8b 180 python3 benchmarks/bench_gpu.py --shapes llama3.1-8b --no-hf \
