@@ -54,6 +54,26 @@ def test_static_step_equals_the_row_exact_step(tiny):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
+def test_fused_projections_compute_the_same(tiny):
+    """`Transformer.fuse_projections` (what the torch runner does on CUDA): wq/wk/wv and w1/w3 as
+    one matmul each, every weight held once, the slices still callable; the same logits."""
+    import copy
+
+    from llamaherd.model import FusedSlice
+
+    tiny.clear_cache()  # a runner's (memory-mapped) cache: not copied
+    fused = copy.deepcopy(tiny)
+    fused.fuse_projections()
+    attn, ffn = fused.layers[0].attention, fused.layers[0].feed_forward
+    assert FusedSlice.intact(attn.wqkv, attn.wq, attn.wk, attn.wv) and FusedSlice.intact(ffn.w13, ffn.w1, ffn.w3)
+    assert sum(p.numel() for p in fused.parameters()) == sum(p.numel() for p in tiny.parameters())
+    x = torch.randn(2, 64)
+    torch.testing.assert_close(attn.wk(x), tiny.layers[0].attention.wk(x))
+    tokens = torch.tensor([PROMPTS[2]])
+    with torch.no_grad():
+        torch.testing.assert_close(fused(tokens), tiny(tokens), rtol=1e-5, atol=1e-5)
+
+
 CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"))
 
 

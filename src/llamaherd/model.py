@@ -306,6 +306,20 @@ class Transformer(nn.Module):
                 p.normal_(0.0, std * scale)
         self.init_rope()
 
+    @torch.no_grad()
+    def fuse_projections(self) -> None:
+        """Stack each block's float wq, wk, wv (and w1, w3) into one matmul (`Attention.fuse`,
+        `FeedForward.fuse`): fewer, wider matmuls a step, which a GPU's decode wants. Projections
+        already fused, quantized or wrapped stay as they are; each weight is still held once."""
+        for layer in self.layers:
+            attn, ffn = layer.attention, layer.feed_forward
+            for owner, parts in ((attn, [attn.wq, attn.wk, attn.wv]), (ffn, [ffn.w1, ffn.w3])):
+                if all(type(p) is nn.Linear and p.bias is None for p in parts):
+                    w = torch.cat([p.weight for p in parts])
+                    fused = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
+                    fused.weight = nn.Parameter(w, requires_grad=parts[0].weight.requires_grad)
+                    owner.fuse(fused)
+
     # -- KV cache ---------------------------------------------------------------------------
 
     def setup_cache(self, max_batch: int, max_seq_len: int, dtype=None, device=None) -> None:
