@@ -528,7 +528,8 @@ def dpo(config: DPOConfig | dict | None = None, *, on_step: Callable[[dict], Non
     Raises:
         HerdError: a bad setting, model or data file.
     """
-    from .finetune import _checkpoint_blocks, _distribute, _save_outputs, load_for_training, resolve_model_path
+    from .finetune import (_checkpoint_blocks, _distribute, _save_outputs, compile_blocks, load_for_training,
+                           resolve_model_path)
     from .lora import lora_llama3
     from .metrics import plot_loss
 
@@ -570,6 +571,8 @@ def dpo(config: DPOConfig | dict | None = None, *, on_step: Callable[[dict], Non
                                   share_prompt=cfg.share_prompt)
     if cfg.activation_checkpointing:
         _checkpoint_blocks(model)
+    if cfg.compile:
+        compile_blocks(model)
     model.train()
     wrapper = DPOLoss(model, cfg.beta, cfg.nll_coef, cfg.loss_type, cfg.loss_chunk)
     if world > 1:
