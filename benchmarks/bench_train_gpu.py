@@ -274,9 +274,10 @@ def main(argv: list[str] | None = None) -> dict:
             out["rows"][row] = {"row": row, "error": f"{type(e).__name__}: {e}"}
             print(f"{row:<16} FAILED: {type(e).__name__}: {str(e)[:300]}", flush=True)
             traceback.print_exc()
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+        # Out of the except block: its traceback (and the failed row's model in its frames) is gone.
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
         path.write_text(json.dumps(out, indent=2))
     print(table(out), flush=True)
     return out
