@@ -129,3 +129,28 @@ def test_a_failing_row_loses_no_other(bench, tmp_path, monkeypatch, capsys):
     assert out["rows"]["herd full eager"]["tokens_per_s"] > 0
     assert "hf full          FAILED" in capsys.readouterr().out
     assert "herd full eager" in (tmp_path / "out.json").read_text()
+
+
+def test_fused_loss_under_autocast_matches_float32_and_keeps_dtypes():
+    """Under autocast (bf16 on CUDA; the CPU's bf16 autocast here runs the same code) the fused
+    cross-entropy casts its inputs once and does its matmuls in bf16: the loss and gradients stay
+    close to float32's, and the gradients come back in the inputs' own dtype (float32)."""
+    import torch.nn.functional as F
+
+    from llamaherd.train.loss import chunked_cross_entropy
+
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(40, 32, generator=g).requires_grad_()
+    w = (torch.randn(300, 32, generator=g) * 0.3).requires_grad_()
+    targets = torch.randint(0, 300, (40,), generator=g)
+    targets[::7] = -100
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = chunked_cross_entropy(h, w, targets, chunk=64)  # 64 * 8192 // 300 rows: one block
+    loss.backward()
+    ref_h, ref_w = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    ref = F.cross_entropy(ref_h @ ref_w.T, targets, ignore_index=-100, reduction="sum")
+    ref.backward()
+    assert loss.dtype == h.grad.dtype == w.grad.dtype == torch.float32
+    torch.testing.assert_close(loss, ref, rtol=2e-2, atol=0)
+    torch.testing.assert_close(h.grad, ref_h.grad, rtol=5e-2, atol=2e-2)
+    torch.testing.assert_close(w.grad, ref_w.grad, rtol=5e-2, atol=2e-2)

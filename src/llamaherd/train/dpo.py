@@ -405,16 +405,19 @@ class _ResponseLosses(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, weight, targets, rows):
-        w = weight.to(h.dtype)
+        # In autocast's dtype when it is on (bf16 on CUDA), cast once (see loss._FusedCE).
+        kind = h.device.type
+        dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else h.dtype
+        w, hm = weight.to(dtype), h.to(dtype)
         losses = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
         grad_h = torch.empty(h.shape, dtype=torch.float32, device=h.device)
         for start in range(0, h.shape[0], rows):
-            hc, tc = h[start:start + rows], targets[start:start + rows]
+            hc, tc = hm[start:start + rows], targets[start:start + rows]
             logp = torch.log_softmax((hc @ w.T).float(), dim=-1)  # (R, V)
             losses[start:start + rows] = -logp.gather(1, tc[:, None])[:, 0]
             d = logp.exp_()
             d[torch.arange(len(tc), device=h.device), tc] -= 1.0
-            grad_h[start:start + rows] = d.to(h.dtype) @ w
+            grad_h[start:start + rows] = d.to(dtype) @ w
         ctx.save_for_backward(grad_h)
         ctx.dtype = h.dtype
         return losses
