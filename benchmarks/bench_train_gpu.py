@@ -1,7 +1,8 @@
 """Training on a GPU: herd's step (full and LoRA, compiled) vs transformers (+ peft) on the Llama 3.2
 1B shape, with herd's MFU against this device's measured bf16 matmul peak, in one run.
 
-    python benchmarks/bench_train_gpu.py --json $OUT/train_gpu.json [--batch 8] [--seq 2048] [--steps 6]
+    PYTHONPATH=src python benchmarks/bench_train_gpu.py --json $OUT/train_gpu.json [--batch 8] [--seq 2048]
+                                                       [--steps 6] [--rows ...]
     python benchmarks/bench_train_gpu.py --device cpu --tiny --backend aot_eager   # smoke run (tests)
 
 Random weights made on the device, random token batches from a fixed seed (no model file, no
@@ -10,7 +11,7 @@ in the first) and then `--steps` timed steps (each synchronised), and is freed b
 Every row is its own try/except, printed as soon as it is measured; the JSON is rewritten after
 each row, so a run cut short keeps what it measured.
 
-Rows (`--rows`, default all but the `eager` ones):
+Rows (`--rows`, default all but `herd lora eager`), in this order:
   herd full           `herd train sft --method full --compile`'s step: the `Transformer`, each block
                       torch.compiled (`finetune.compile_blocks`), `CausalLMLoss` (the chunked
                       cross-entropy), `loop.train_step` (bf16 autocast, clipping at 1.0, the fused
@@ -21,7 +22,8 @@ Rows (`--rows`, default all but the `eager` ones):
   hf+peft lora        peft's LoRA, the same settings, on the hf model
   herd pretrain       `herd train pretrain --compile`'s step: packed documents with the document
                       mask (a boundary every ~seq/3 tokens, positions restarting), issue 17's row
-  herd full eager, herd lora eager   the herd rows without compile (on request)
+  herd full eager     herd full without compile (what compile brings; and a figure if compile fails)
+  herd lora eager     herd lora without compile (on request)
 tokens/s = batch x seq / the median timed step. MFU = training FLOPs per token
 (`train.presets.flops_per_token`: 6 x the matmul weights, the output included, + causal attention)
 x tokens/s / the peak: the best of a few 8192^3 bf16 matmuls in this process. Memory: the CUDA
@@ -46,7 +48,7 @@ import torch
 HERD_ROWS = ("herd full", "herd lora", "herd pretrain", "herd full eager", "herd lora eager")
 HF_ROWS = ("hf full", "hf+peft lora")
 ROWS = ("herd full", "hf full", "herd lora", "hf+peft lora", "herd pretrain", "herd full eager", "herd lora eager")
-DEFAULT_ROWS = ROWS[:5]
+DEFAULT_ROWS = ROWS[:6]
 PEERS = {"herd full": "hf full", "herd lora": "hf+peft lora", "herd full eager": "hf full",
          "herd lora eager": "hf+peft lora"}
 LORA = dict(rank=16, alpha=32.0)
@@ -266,7 +268,9 @@ def main(argv: list[str] | None = None) -> dict:
           f"{args.warmup} warm-up + {args.steps} timed steps; matmul peak {peak / 1e12:.1f} TFLOP/s", flush=True)
     path = Path(args.json)
     path.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
     for row in args.rows:
+        print(f"[{time.perf_counter() - start:5.0f} s] {row} ...", flush=True)
         try:
             r = out["rows"][row] = run_row(row, margs, device, args, peak)
             print(line(r), flush=True)
@@ -279,7 +283,10 @@ def main(argv: list[str] | None = None) -> dict:
         if device.type == "cuda":
             torch.cuda.empty_cache()
         path.write_text(json.dumps(out, indent=2))
+    out["wall_s"] = time.perf_counter() - start
+    path.write_text(json.dumps(out, indent=2))
     print(table(out), flush=True)
+    print(f"[{out['wall_s']:.0f} s in all; JSON in {path}]", flush=True)
     return out
 
 
