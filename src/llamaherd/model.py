@@ -152,6 +152,11 @@ def document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_id
     """
     T = q.shape[2]
     doc, branch = doc_ids.unbind(-1) if doc_ids.dim() == 3 else (doc_ids, None)
+    if q.device.type == "cuda" and k.shape[1] != q.shape[1]:
+        # CUDA's kernel that takes a mask (memory-efficient attention) has no grouped-query mode,
+        # and flash attention takes no mask: with enable_gqa, SDPA would fall back to the unfused
+        # math, materialising every (c, T) block's scores. Give it one key/value head per query head.
+        k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
     out = []
     for start in range(0, T, DOC_CHUNK):
         stop = min(T, start + DOC_CHUNK)

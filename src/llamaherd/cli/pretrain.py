@@ -38,6 +38,7 @@ FLAGS = [
 ]
 BOOLS = [
     ("activation_checkpointing", "recompute each block in the backward to save memory [off]"),
+    ("compile", "torch.compile each block: on CUDA faster steps after ~a minute's compile [off]"),
     ("resume", "continue from OUT/checkpoint (same data order, RNG and optimizer state)"),
     ("progress", "show the progress bar [on]"),
 ]

@@ -23,7 +23,7 @@ REWARD_FLAGS = [
             "val_split": "hold out this fraction of the rows for pairwise accuracy [0.1]",
             "val_data": "held-out preference JSONL for pairwise accuracy"}.get(k, h))
     for k, t, h in FLAGS if k not in _NOT_FOR_REWARD]
-REWARD_BOOLS = [(k, h) for k, h in BOOLS if k != "activation_checkpointing"]
+REWARD_BOOLS = [(k, h) for k, h in BOOLS if k not in ("activation_checkpointing", "compile")]
 
 
 def register(sub, local) -> None:

@@ -44,6 +44,7 @@ class SFTConfig:
     save_every: int = 0  # checkpoint every N steps (always at the end and on Ctrl-C)
     resume: bool = False  # continue from OUT/checkpoint
     activation_checkpointing: bool = False  # recompute each block in the backward (less memory)
+    compile: bool = False  # torch.compile each block (on CUDA: faster steps after a compile of ~a minute)
     loss_chunk: int = 8192  # vocabulary rows per cross-entropy chunk
     device: str | None = None  # default: cuda when available, else cpu
     progress: bool = True  # the progress bar

@@ -405,16 +405,19 @@ class _ResponseLosses(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, weight, targets, rows):
-        w = weight.to(h.dtype)
+        # In autocast's dtype when it is on (bf16 on CUDA), cast once (see loss._FusedCE).
+        kind = h.device.type
+        dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else h.dtype
+        w, hm = weight.to(dtype), h.to(dtype)
         losses = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
         grad_h = torch.empty(h.shape, dtype=torch.float32, device=h.device)
         for start in range(0, h.shape[0], rows):
-            hc, tc = h[start:start + rows], targets[start:start + rows]
+            hc, tc = hm[start:start + rows], targets[start:start + rows]
             logp = torch.log_softmax((hc @ w.T).float(), dim=-1)  # (R, V)
             losses[start:start + rows] = -logp.gather(1, tc[:, None])[:, 0]
             d = logp.exp_()
             d[torch.arange(len(tc), device=h.device), tc] -= 1.0
-            grad_h[start:start + rows] = d.to(h.dtype) @ w
+            grad_h[start:start + rows] = d.to(dtype) @ w
         ctx.save_for_backward(grad_h)
         ctx.dtype = h.dtype
         return losses
@@ -528,7 +531,8 @@ def dpo(config: DPOConfig | dict | None = None, *, on_step: Callable[[dict], Non
     Raises:
         HerdError: a bad setting, model or data file.
     """
-    from .finetune import _checkpoint_blocks, _distribute, _save_outputs, load_for_training, resolve_model_path
+    from .finetune import (_checkpoint_blocks, _distribute, _save_outputs, compile_blocks, load_for_training,
+                           resolve_model_path)
     from .lora import lora_llama3
     from .metrics import plot_loss
 
@@ -570,6 +574,8 @@ def dpo(config: DPOConfig | dict | None = None, *, on_step: Callable[[dict], Non
                                   share_prompt=cfg.share_prompt)
     if cfg.activation_checkpointing:
         _checkpoint_blocks(model)
+    if cfg.compile:
+        compile_blocks(model)
     model.train()
     wrapper = DPOLoss(model, cfg.beta, cfg.nll_coef, cfg.loss_type, cfg.loss_chunk)
     if world > 1:

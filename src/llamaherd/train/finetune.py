@@ -41,7 +41,7 @@ class CausalLMLoss(nn.Module):
         super().__init__()
         self.model, self.loss_chunk = model, loss_chunk
 
-    def forward(self, tokens, targets, doc_ids, input_pos):
+    def forward(self, tokens, targets, doc_ids=None, input_pos=None):
         h = self.model.hidden_states(tokens, input_pos=input_pos, doc_ids=doc_ids)
         return cross_entropy_sum(h, self.model.output, targets, self.loss_chunk)
 
@@ -126,6 +126,15 @@ def _checkpoint_blocks(model: nn.Module) -> None:
         layer.forward = lambda *a, _f=forward: checkpoint(_f, *a, use_reentrant=False)
 
 
+def compile_blocks(model: nn.Module, backend: str = "inductor") -> None:
+    """torch.compile each block's forward (torchtitan's per-block compile): one graph, compiled once
+    and shared by every block (their parameters are its inputs), forward and backward fused by
+    inductor. The embedding, the final norm and the chunked loss stay eager; hooks (FSDP2's) run
+    around the compiled forward, as `_checkpoint_blocks`' recomputation runs inside it."""
+    for layer in model.layers:
+        layer.forward = torch.compile(layer.forward, backend=backend)
+
+
 # -- the recipe -------------------------------------------------------------------------------
 
 def sft(config: SFTConfig | dict | None = None, *, on_step: Callable[[dict], None] | None = None,
@@ -167,6 +176,8 @@ def sft(config: SFTConfig | dict | None = None, *, on_step: Callable[[dict], Non
         lora_llama3(model, cfg.lora_targets, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
     if cfg.activation_checkpointing:
         _checkpoint_blocks(model)
+    if cfg.compile:
+        compile_blocks(model)
     model.train()
     wrapper = CausalLMLoss(model, cfg.loss_chunk)
     if world > 1:

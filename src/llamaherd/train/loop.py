@@ -99,10 +99,68 @@ def check_resume(cfg: Any) -> None:
 
 
 def peak_memory(device: str) -> int:
-    """Peak bytes: CUDA's allocator peak, or this process's peak resident set on the CPU."""
-    if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated()
+    """Peak bytes: CUDA's allocator peak on `device`, or this process's peak resident set on the CPU."""
+    if str(device).startswith("cuda"):
+        return torch.cuda.max_memory_allocated(device)
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def make_optimizer(params: list[nn.Parameter], lr: float, weight_decay: float, world: int = 1) -> torch.optim.AdamW:
+    """AdamW (betas 0.9 / 0.95). One process: the fused kernel (one pass over each tensor, on the
+    CPU ~6x faster than the for-each implementation; on CUDA one launch for many tensors). Sharded
+    (DTensor) parameters: torch's default."""
+    return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay, fused=world == 1 or None)
+
+
+def autocast(device: str):
+    """bf16 matmuls on CUDA (weights, gradients and optimizer state stay float32); plain float32 on the CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if str(device).startswith("cuda") else nullcontext()
+
+
+def train_step(wrapper: nn.Module, micro: list[dict], optimizer: torch.optim.Optimizer, params: list[nn.Parameter],
+               *, device: str, grad_clip: float, weight: Callable[[dict], torch.Tensor] = target_count,
+               world: int = 1) -> tuple[dict[str, float], int, float]:
+    """One optimizer step over the micro-batches of a global batch (gradient accumulation).
+
+    Args:
+        wrapper: returns a batch's summed loss (and summed metrics), see the module doc.
+        micro: this process's micro-batches (dicts of tensors, on any device).
+        params: the trainable parameters (clipped together).
+        grad_clip: max gradient norm (0: no clipping).
+        weight: a batch's weight, the divisor of the summed loss.
+    Returns:
+        ({name: the global batch's loss or metric per unit of weight}, tokens of the global
+         batch, the gradient norm before clipping (nan without clipping)).
+    """
+    # Every example of the global batch weighs the same: divide the summed loss by their weight.
+    counts = torch.stack([sum(weight(m) for m in micro).float().cpu(),
+                          torch.tensor(float(sum(m["tokens"].numel() for m in micro)))]).to(device)
+    if world > 1:
+        dist.all_reduce(counts)
+    n = counts[0].clamp(min=1)
+    sums: dict[str, torch.Tensor] = {}
+    for batch in micro:
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        with autocast(device):
+            loss, extra = _split_output(wrapper(**batch))
+        # FSDP averages gradients over processes; each process's loss is its share of the
+        # global sum, so scale by `world` to get the global batch's mean-loss gradient.
+        (loss * world / n).backward()
+        for name, value in {"loss": loss, **extra}.items():
+            sums[name] = sums.get(name, 0) + value.detach().float()
+    names = sorted(sums)
+    totals = torch.stack([sums[k] for k in names])
+    if world > 1:
+        dist.all_reduce(totals)
+    if grad_clip > 0:
+        norm = nn.utils.clip_grad_norm_(params, grad_clip)
+        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # a DTensor under FSDP
+    else:
+        grad_norm = float("nan")
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    means = (totals / n).tolist()
+    return dict(zip(names, means)), int(counts[1]), grad_norm
 
 
 def _split_output(output) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -134,10 +192,7 @@ def fit(cfg: Any, wrapper: nn.Module, batches, *, out, device: str, val_batches=
     """
     rank, world = rank_world()
     params = [p for p in wrapper.parameters() if p.requires_grad]
-    # One process: the fused AdamW kernel (one pass over each tensor; on the CPU ~6x faster than the
-    # for-each implementation). Sharded (DTensor) parameters: torch's default.
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay,
-                                  fused=world == 1 or None)
+    optimizer = make_optimizer(params, cfg.lr, cfg.weight_decay, world)
     steps_per_epoch = max(1, len(batches) // cfg.grad_accum)
     total = cfg.max_steps or cfg.epochs * steps_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(min(cfg.warmup_steps, total // 2), total,
@@ -145,9 +200,6 @@ def fit(cfg: Any, wrapper: nn.Module, batches, *, out, device: str, val_batches=
     position = {"step": 0, "epoch": 0, "batch": 0, "tokens": 0, "seconds": 0.0}
     if cfg.resume:
         position = checkpoint.load(out / "checkpoint", wrapper, optimizer, scheduler)
-
-    def autocast():  # bf16 matmuls on CUDA (weights and optimizer stay fp32); plain fp32 on the CPU
-        return torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else nullcontext()
 
     def micro_batches():
         epoch, b = position["epoch"], position["batch"]
@@ -161,7 +213,7 @@ def fit(cfg: Any, wrapper: nn.Module, batches, *, out, device: str, val_batches=
         wrapper.eval()
         sums: dict[str, torch.Tensor] = {}
         n = torch.zeros((), device=device)
-        with torch.no_grad(), autocast():
+        with torch.no_grad(), autocast(device):
             for batch in val_batches.epoch(0):
                 batch = {k: v.to(device) for k, v in batch.items()}
                 loss, extra = _split_output(wrapper(**batch))
@@ -181,46 +233,21 @@ def fit(cfg: Any, wrapper: nn.Module, batches, *, out, device: str, val_batches=
     val_before = evaluate() if val_batches is not None and position["step"] == 0 else None
     start_time = time.perf_counter()
     if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.reset_peak_memory_stats(device)
     try:
         while position["step"] < total:
             t0 = time.perf_counter()
             micro = [next(stream) for _ in range(cfg.grad_accum)]
-            # Every example of the global batch weighs the same: divide the summed loss by their weight.
-            counts = torch.stack([sum(weight(m[2]) for m in micro).float(),
-                                  torch.tensor(float(sum(m[2]["tokens"].numel() for m in micro)))]).to(device)
-            if world > 1:
-                dist.all_reduce(counts)
-            n = counts[0].clamp(min=1)
-            sums: dict[str, torch.Tensor] = {}
-            for _, _, batch in micro:
-                batch = {k: v.to(device) for k, v in batch.items()}
-                with autocast():
-                    loss, extra = _split_output(wrapper(**batch))
-                # FSDP averages gradients over processes; each process's loss is its share of the
-                # global sum, so scale by `world` to get the global batch's mean-loss gradient.
-                (loss * world / n).backward()
-                for name, value in {"loss": loss, **extra}.items():
-                    sums[name] = sums.get(name, 0) + value.detach().float()
-            names = sorted(sums)
-            totals = torch.stack([sums[k] for k in names])
-            if world > 1:
-                dist.all_reduce(totals)
-            if cfg.grad_clip > 0:
-                norm = nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # a DTensor under FSDP
-            else:
-                grad_norm = float("nan")
             lr = scheduler.get_last_lr()[0]
-            optimizer.step()
+            means, tokens, grad_norm = train_step(wrapper, [m[2] for m in micro], optimizer, params, device=device,
+                                                  grad_clip=cfg.grad_clip, weight=weight, world=world)
             scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
             position.update(step=position["step"] + 1, epoch=micro[-1][0], batch=micro[-1][1],
-                            tokens=position["tokens"] + int(counts[1]))
+                            tokens=position["tokens"] + tokens)
             seconds = time.perf_counter() - t0
             position["seconds"] += seconds
-            record = {"step": position["step"], **{k: float(totals[i] / n) for i, k in enumerate(names)},
-                      "lr": lr, "tokens": int(counts[1]), "tokens_per_s": counts[1].item() / seconds,
+            record = {"step": position["step"], **means,
+                      "lr": lr, "tokens": tokens, "tokens_per_s": tokens / seconds,
                       "grad_norm": grad_norm, "epoch": micro[-1][0]}
             end_of_epoch = micro[-1][1] == len(batches) or position["step"] == total
             if val_batches is not None and ((cfg.val_every and position["step"] % cfg.val_every == 0)

@@ -73,12 +73,16 @@ class _FusedCE(torch.autograd.Function):
         # h (N, D), weight (V, D), targets (N,) with IGNORE.
         valid = targets != IGNORE
         safe = targets.clamp(min=0)
-        w = weight.to(h.dtype)
+        # The matmuls' dtype: h's, or autocast's (bf16 on CUDA) when it is on. Cast here once, not
+        # by autocast at each of the 3 x blocks matmuls (for Llama 3's (128k, D) weight, a GB each).
+        kind = h.device.type
+        dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else h.dtype
+        w, hm = weight.to(dtype), h.to(dtype)
         loss = torch.zeros((), device=h.device)
         grad_h = torch.empty(h.shape, dtype=torch.float32, device=h.device) if need_h else None
         grad_w = None  # (V, D) float32, from the first block on
         for start in range(0, h.shape[0], rows):
-            hc, tc, vc = h[start:start + rows], safe[start:start + rows], valid[start:start + rows]
+            hc, tc, vc = hm[start:start + rows], safe[start:start + rows], valid[start:start + rows]
             # The softmax itself (one kernel: exp computed once), the loss as -log of the target's
             # probability; a probability too small for that (< 1e-30) takes its row's log_softmax.
             d = torch.softmax((hc @ w.T).float(), dim=-1)  # (R, V)
@@ -89,9 +93,9 @@ class _FusedCE(torch.autograd.Function):
                 nll[tiny] = -torch.log_softmax((hc[tiny] @ w.T).float(), dim=-1).gather(1, tc[tiny, None])[:, 0]
             loss += (nll * vc).sum()
             d[torch.arange(len(tc), device=h.device), tc] -= 1.0
-            d[(~vc).nonzero()[:, 0]] = 0.0  # ignored positions: no gradient
-            # Matmuls in h's dtype (bf16 under CUDA autocast, as the logits' own), sums in float32.
-            d = d.to(h.dtype)
+            d.masked_fill_(~vc[:, None], 0.0)  # ignored positions: no gradient
+            # Matmuls in that dtype, sums in float32.
+            d = d.to(dtype)
             if need_h:
                 grad_h[start:start + rows] = d @ w
             if need_w:
