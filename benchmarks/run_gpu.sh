@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Every GPU check and measurement in one call on a lent CUDA machine, parts in the order given:
 #
-#   benchmarks/run_gpu.sh OUT_DIR [PART...]      (default: tests infer1b infer8b)
+#   benchmarks/run_gpu.sh OUT_DIR [PART...]      (default: tests train infer1b infer8b)
 #
 #   tests     the CUDA tests: int4 weights (tinygemm) = their CPU twin, a Q4_K_M file loaded on CUDA
 #             (eager and compiled runner) = the same model built on the CPU, compiled step = eager step
+#   train     benchmarks/bench_train_gpu.py, Llama 3.2 1B shape: herd full / LoRA (compiled) vs
+#             transformers / + peft, MFU against the measured bf16 matmul peak
 #   infer1b   benchmarks/bench_gpu.py, Llama 3.2 1B shape, every row (bf16, int4, 16 streams, transformers)
+#   herd1b    the same, herd's compiled rows only
 #   infer8b   the same on the Llama 3.1 8B shape, batch 1 only (bf16 and int4 compiled)
 #
 # The machine's python3 must have torch with CUDA (transformers for its rows); wheels it lacks
@@ -14,7 +17,7 @@
 set -uo pipefail
 out=${1:?usage: run_gpu.sh OUT_DIR [PART...]}
 shift
-parts=${*:-tests infer1b infer8b}
+parts=${*:-tests train infer1b infer8b}
 mkdir -p "$out"
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
@@ -34,8 +37,11 @@ run() {  # run NAME SECONDS COMMAND...: the command's output to OUT/NAME.log, it
 
 for part in $parts; do
   case $part in
-    tests) run tests 120 python3 -m pytest -q -p no:cacheprovider tests/test_int4.py tests/test_compiled.py \
-             tests/test_bench_gpu.py ;;
+    tests) run tests 50 python3 -m pytest -q -p no:cacheprovider -k cuda tests/test_int4.py tests/test_compiled.py ;;
+    train) PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True run train 160 python3 benchmarks/bench_train_gpu.py \
+             --rows "herd full" "hf full" "herd lora" "hf+peft lora" --warmup 2 --steps 4 --json "$out/train_gpu.json" ;;
+    herd1b) run herd1b 120 python3 benchmarks/bench_gpu.py --shapes llama3.2-1b --no-hf \
+              --rows "herd compiled" "herd streams" "herd int4 compiled" --json "$out/bench_gpu_1b.json" ;;
     infer1b) run infer1b 200 python3 benchmarks/bench_gpu.py --shapes llama3.2-1b --json "$out/bench_gpu_1b.json" ;;
     infer8b) run infer8b 180 python3 benchmarks/bench_gpu.py --shapes llama3.1-8b --no-hf \
                --rows "herd int4 compiled" "herd compiled" --json "$out/bench_gpu_8b.json" ;;
