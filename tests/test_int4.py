@@ -175,3 +175,29 @@ def test_a_q4_k_m_file_on_cuda(tiny_q4_k_m, compile, monkeypatch):
     chunks = list(llm.stream(tokens[0, :8].tolist(), llm.options(temperature=0, num_predict=6)))
     assert chunks[-1].done and chunks[-1].eval_count == 6
     llm.close()
+
+
+def test_qlora_over_int4_layers(tiny_q4_k_m):
+    """QLoRA as it runs on CUDA (`load_for_training(..., int4=True)`, the default there): the file's
+    4-bit projections stay in int4 layers under the adapters (here through the kernel's CPU twin),
+    the other projections in float32. The adapters' gradients follow those over the file's
+    dequantized float32 weights (the int4 matmuls take bf16 activations: within a few %)."""
+    from llamaherd.train.finetune import CausalLMLoss, load_for_training
+    from llamaherd.train.lora import lora_llama3, lora_modules
+
+    grads = []
+    for method, int4 in (("qlora", True), ("full", False)):
+        model, _ = load_for_training(tiny_q4_k_m, method, "cpu", int4=int4)
+        assert any(isinstance(m, Int4Linear) for m in model.modules()) == int4
+        lora_llama3(model, "q,k,v,o,gate,up,down", rank=4, alpha=8)
+        g = torch.Generator().manual_seed(0)
+        for lora in lora_modules(model).values():  # the same nonzero adapters on both (B = 0 gives A no gradient)
+            lora.lora_a.weight.data = torch.randn(lora.lora_a.weight.shape, generator=g) * 0.05
+            lora.lora_b.weight.data = torch.randn(lora.lora_b.weight.shape, generator=g) * 0.05
+        tokens = torch.arange(1, 41)[None]
+        CausalLMLoss(model, 8192)(tokens, (tokens + 1) % 256).backward()
+        grads.append({name: p.grad for name, p in model.named_parameters() if p.requires_grad})
+    quantized, reference = grads
+    assert quantized.keys() == reference.keys() and len(quantized) == 4 * 7 * 2
+    for name, want in reference.items():
+        torch.testing.assert_close(quantized[name], want, rtol=0.05, atol=0.05 * want.abs().max().item(), msg=name)

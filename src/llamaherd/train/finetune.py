@@ -62,20 +62,27 @@ def resolve_model_path(name: str) -> Path:
     return Path(resolve_model(name).path)
 
 
-def load_for_training(path: Path, method: str, device: str, dtype=torch.float32):
+def load_for_training(path: Path, method: str, device: str, dtype=torch.float32, int4: bool | None = None):
     """The model (float weights, or the GGUF's quantized blocks for QLoRA) and its tokenizer,
-    with no projection fusion (LoRA needs wq, wk, ... as separate modules)."""
+    with no projection fusion (LoRA needs wq, wk, ... as separate modules).
+
+    QLoRA's base stays quantized: on the CPU in the file's own blocks (`BlockLinear`, our kernels);
+    on CUDA (`int4`, default: the device is CUDA) its Q4_0 / Q4_1 / Q4_K projections in torch's int4
+    layers (`Int4Linear`: the file's 4-bit codes, as inference on CUDA loads them) and its other
+    projections in `dtype`. `int4` on a CPU runs the int4 kernel's CPU twin (tests)."""
     from ..model import Transformer
-    from ..quantize.linear import swap_quantized_modules
+    from ..quantize.linear import pack_int4_layers, swap_quantized_modules
     from ..weights import build_model, load_checkpoint
 
     quantized = method == "qlora"
-    ckpt = load_checkpoint(path, dtype, quantized=quantized)
+    int4 = torch.device(device).type == "cuda" if int4 is None else int4
+    ckpt = load_checkpoint(path, dtype, quantized=quantized, gpu=quantized and int4)
     if not quantized:
         return build_model(ckpt.args, ckpt.state_dict, device), ckpt
     kinds = {k: v for k, v in ckpt.quantized.items() if k.startswith("layers.")}
     if not kinds:
-        raise HerdError(f"--method qlora needs a quantized GGUF model; {path} has float weights (use lora)")
+        need = "4-bit (Q4_0, Q4_1, Q4_K) projections on CUDA" if int4 else "a quantized GGUF model"
+        raise HerdError(f"--method qlora needs {need}; {path} has none (use lora)")
     # build_model would fuse q/k/v and gate/up for inference; LoRA needs them apart, so the
     # quantized modules are put in here without fusing.
     with torch.device("meta"):
@@ -90,7 +97,9 @@ def load_for_training(path: Path, method: str, device: str, dtype=torch.float32)
     if ckpt.args.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight
     model.init_rope(ckpt.args.max_seq_len)  # as build_model does: the RoPE table is built, not loaded
-    return model.to(device), ckpt
+    model = model.to(device)
+    pack_int4_layers(model)  # into the layout of the device's own int4 kernel
+    return model, ckpt
 
 
 def _float_tensors(path: Path, names: tuple[str, ...], dtype) -> dict[str, torch.Tensor]:
