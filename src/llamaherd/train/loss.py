@@ -71,18 +71,20 @@ class _FusedCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, targets, rows, need_h, need_w):
         # h (N, D), weight (V, D), targets (N,) with IGNORE.
-        valid = targets != IGNORE
-        safe = targets.clamp(min=0)
+        # Only the positions with a target: an ignored one (a prompt token of a chat example) has no
+        # loss and no gradient, so the output's three matmuls skip it.
+        keep = (targets != IGNORE).nonzero()[:, 0]
+        safe = targets[keep]
         # The matmuls' dtype: h's, or autocast's (bf16 on CUDA) when it is on. Cast here once, not
         # by autocast at each of the 3 x blocks matmuls (for Llama 3's (128k, D) weight, a GB each).
         kind = h.device.type
         dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else h.dtype
-        w, hm = weight.to(dtype), h.to(dtype)
+        w, hm = weight.to(dtype), h[keep].to(dtype)
         loss = torch.zeros((), device=h.device)
-        grad_h = torch.empty(h.shape, dtype=torch.float32, device=h.device) if need_h else None
+        grad_h = torch.zeros(h.shape, dtype=torch.float32, device=h.device) if need_h else None
         grad_w = None  # (V, D) float32, from the first block on
-        for start in range(0, h.shape[0], rows):
-            hc, tc, vc = hm[start:start + rows], safe[start:start + rows], valid[start:start + rows]
+        for start in range(0, len(keep), rows):
+            hc, tc = hm[start:start + rows], safe[start:start + rows]
             # The softmax itself (one kernel: exp computed once), the loss as -log of the target's
             # probability; a probability too small for that (< 1e-30) takes its row's log_softmax.
             d = torch.softmax((hc @ w.T).float(), dim=-1)  # (R, V)
@@ -91,13 +93,12 @@ class _FusedCE(torch.autograd.Function):
             tiny = (picked < TINY).nonzero()[:, 0]
             if len(tiny):
                 nll[tiny] = -torch.log_softmax((hc[tiny] @ w.T).float(), dim=-1).gather(1, tc[tiny, None])[:, 0]
-            loss += (nll * vc).sum()
+            loss += nll.sum()
             d[torch.arange(len(tc), device=h.device), tc] -= 1.0
-            d.masked_fill_(~vc[:, None], 0.0)  # ignored positions: no gradient
             # Matmuls in that dtype, sums in float32.
             d = d.to(dtype)
             if need_h:
-                grad_h[start:start + rows] = d @ w
+                grad_h.index_copy_(0, keep[start:start + rows], (d @ w).float())
             if need_w:
                 part = d.T @ hc  # (V, D)
                 grad_w = part.float() if grad_w is None else grad_w.add_(part)
