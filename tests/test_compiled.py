@@ -97,3 +97,21 @@ def test_compiled_equals_eager(tiny, device):
     assert runner._step is not None  # the steps above went through it
     assert got_tokens == want_tokens
     torch.testing.assert_close(got.cpu(), want.cpu(), rtol=1e-4, atol=1e-4)
+
+
+def test_masked_attention_over_repeated_heads_equals_grouped_query_attention():
+    """`model.heads_for_mask` (what a masked attention does on CUDA: one key/value head per query
+    head) gives what SDPA's grouped-query mode gives: query head h reads key/value head h // (H/K)."""
+    import torch.nn.functional as F
+
+    from llamaherd.model import heads_for_mask
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, heads, 5, 8, generator=g) for heads in (6, 2, 2))
+    mask = torch.rand(2, 1, 5, 5, generator=g) > 0.4
+    mask[..., 0] = True  # every query sees a key
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    kr, vr = heads_for_mask(q, k, v, repeat=True)
+    assert kr.shape == (2, 6, 5, 8)
+    torch.testing.assert_close(F.scaled_dot_product_attention(q, kr, vr, attn_mask=mask), want)
+    assert heads_for_mask(q, k, v)[0] is k  # on the CPU: unchanged

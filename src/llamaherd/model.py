@@ -139,6 +139,18 @@ class KVCache(nn.Module):
         return self.k[at.rows, :, :at.n_keys].to(k.dtype), self.v[at.rows, :, :at.n_keys].to(v.dtype)
 
 
+def heads_for_mask(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, repeat: bool | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """k and v for a masked SDPA over grouped-query heads. On CUDA (`repeat`) one key/value head
+    per query head: the kernel that takes a mask (memory-efficient attention) has no grouped-query
+    mode and flash attention takes no mask, so with `enable_gqa` SDPA would fall back to the unfused
+    math, materialising every score. Elsewhere unchanged (`enable_gqa` reads each KV head in place)."""
+    repeat = q.device.type == "cuda" if repeat is None else repeat
+    if repeat and k.shape[1] != q.shape[1]:
+        k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
+    return k, v
+
+
 def document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: torch.Tensor) -> torch.Tensor:
     """Causal attention within documents: q (B, H, T, Dh), k and v (B, K, T, Dh), doc_ids (B, T).
 
@@ -152,11 +164,7 @@ def document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_id
     """
     T = q.shape[2]
     doc, branch = doc_ids.unbind(-1) if doc_ids.dim() == 3 else (doc_ids, None)
-    if q.device.type == "cuda" and k.shape[1] != q.shape[1]:
-        # CUDA's kernel that takes a mask (memory-efficient attention) has no grouped-query mode,
-        # and flash attention takes no mask: with enable_gqa, SDPA would fall back to the unfused
-        # math, materialising every (c, T) block's scores. Give it one key/value head per query head.
-        k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
+    k, v = heads_for_mask(q, k, v)
     out = []
     for start in range(0, T, DOC_CHUNK):
         stop = min(T, start + DOC_CHUNK)
@@ -201,7 +209,7 @@ class Attention(nn.Module):
             v = self.wv(x)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.view(B, T, K, Dh).transpose(1, 2)  # (B, H|K, T, Dh)
         if at is not None:
-            k, v = self.cache.update(at, k, v)  # (B, K, S, Dh)
+            k, v = heads_for_mask(q, *self.cache.update(at, k, v))  # (B, K|H, S, Dh)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=at.mask, enable_gqa=True)
         elif doc_ids is not None:
             y = document_attention(q, k, v, doc_ids)
