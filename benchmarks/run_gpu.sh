@@ -37,7 +37,7 @@ run() {  # run NAME SECONDS COMMAND...: the command's output to OUT/NAME.log, it
 
 for part in $parts; do
   case $part in
-    tests) run tests 50 python3 -m pytest -q -p no:cacheprovider -k cuda tests/test_int4.py tests/test_compiled.py ;;
+    tests) run tests 180 python3 -m pytest -q -p no:cacheprovider -k cuda tests/test_int4.py tests/test_compiled.py ;;
     train) PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True run train 160 python3 benchmarks/bench_train_gpu.py \
              --rows "herd full" "hf full" "herd lora" "hf+peft lora" --warmup 2 --steps 4 --json "$out/train_gpu.json" ;;
     herd1b) run herd1b 120 python3 benchmarks/bench_gpu.py --shapes llama3.2-1b --no-hf \

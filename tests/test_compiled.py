@@ -115,3 +115,45 @@ def test_masked_attention_over_repeated_heads_equals_grouped_query_attention():
     assert kr.shape == (2, 6, 5, 8)
     torch.testing.assert_close(F.scaled_dot_product_attention(q, kr, vr, attn_mask=mask), want)
     assert heads_for_mask(q, k, v)[0] is k  # on the CPU: unchanged
+
+
+def test_the_compiled_step_follows_the_cache_as_it_grows(tiny):
+    """A compile for each cache shape: the cache doubles up to the model's context (~10 sizes, more
+    than dynamo's default 8 recompiles of one function), and every step equals the eager one."""
+    eager = TorchRunner(tiny, "f32", compile=False)
+    runner = TorchRunner(tiny, "f32", compile=True)
+    runner.compile_backend = "eager"  # the same capture and guards as inductor, no code generation
+    tokens = PROMPTS[2]
+    try:
+        for r in (eager, runner):
+            r.release()
+        logits = []
+        for r in (eager, runner):
+            r.allocate(1, len(tokens))
+            r.prefill([(tokens, 0, 0)])
+            out = []
+            for i in range(10):
+                pos = len(tokens) + i
+                r.allocate(1, pos + 1 + i, [pos])  # a larger cache before every step (its rows kept)
+                out.append(r.decode([7 + i], [pos], [0]))
+            logits.append(torch.cat(out))
+            r.release()
+    finally:
+        tiny.clear_cache()
+    assert runner.compile  # no fallback: every shape compiled
+    torch.testing.assert_close(logits[1], logits[0], rtol=1e-4, atol=1e-4)
+
+
+def test_a_step_that_cannot_compile_falls_back_to_eager(tiny, caplog):
+    """No compiler (or a GPU inductor cannot build for): a warning, then the eager step's logits."""
+    def broken(gm, example_inputs):
+        raise RuntimeError("no C compiler")
+
+    eager = TorchRunner(tiny, "f32", compile=False)
+    runner = TorchRunner(tiny, "f32", compile=True)
+    runner.compile_backend = broken
+    _, want = serve(eager, eager.decode)
+    with caplog.at_level("WARNING", logger="llamaherd.engine"):
+        _, got = serve(runner, runner.decode)
+    assert not runner.compile and "decoding eagerly" in caplog.text
+    torch.testing.assert_close(got, want)

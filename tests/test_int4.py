@@ -166,12 +166,13 @@ def test_a_q4_k_m_file_on_cuda(tiny_q4_k_m, compile, monkeypatch):
     runner.allocate(2, 64)
     try:  # two rows at different positions, as the server batches them
         first = runner.prefill([(tokens[0, :28].tolist(), 0, 0), (tokens[0, :20].tolist(), 0, 1)])
-        steps = [first[0]] + [runner.decode([int(tokens[0, i]), int(tokens[0, 20 + i - 28])], [i, 20 + i - 28], [0, 1])[0]
-                              for i in range(28, 31)]
+        steps = [first] + [runner.decode([int(tokens[0, i]), int(tokens[0, i - 8])], [i, i - 8], [0, 1])
+                           for i in range(28, 31)]
     finally:
         runner.release()
-    got = torch.stack([step.float().cpu() for step in steps])  # prefill's logits stay on the device
-    torch.testing.assert_close(got, want[27:31], rtol=0.03, atol=0.03 * scale)
+    got = torch.stack([step.float().cpu() for step in steps])  # (4 steps, 2 rows, V); prefill's stay on the device
+    torch.testing.assert_close(got[:, 0], want[27:31], rtol=0.03, atol=0.03 * scale)  # row 0: positions 27-30
+    torch.testing.assert_close(got[:, 1], want[19:23], rtol=0.03, atol=0.03 * scale)  # row 1: 19-22
     chunks = list(llm.stream(tokens[0, :8].tolist(), llm.options(temperature=0, num_predict=6)))
     assert chunks[-1].done and chunks[-1].eval_count == 6
     llm.close()

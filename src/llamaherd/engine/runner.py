@@ -244,7 +244,13 @@ class TorchRunner(Runner):
 
     def decode(self, tokens, positions, rows):
         if self.compile and len(set(rows)) == len(rows):  # one token per row (not checked guesses)
-            return self.static_step(tokens, positions, rows)
+            try:
+                return self.static_step(tokens, positions, rows)
+            except Exception:  # noqa: BLE001 — no compiler, a GPU inductor cannot build for...
+                # The eager step still answers (the same keys and values: a failed step wrote
+                # nothing else); the model keeps serving, more slowly.
+                log.warning("the compiled decode step failed: decoding eagerly from now on", exc_info=True)
+                self.compile, self._step = False, None
         return decode_step(self.model, tokens, positions, rows).float().cpu()
 
     @torch.inference_mode()
@@ -255,6 +261,9 @@ class TorchRunner(Runner):
         Shapes are static — every row, the whole cache — so it compiles again only when the cache
         grows. Equal to the eager step within float tolerance (tests/test_compiled.py)."""
         if self._step is None:
+            # One compile per cache shape: the cache doubles up to the model's context (~10 sizes, and
+            # more for other batch sizes), past dynamo's default of 8 recompiles of one function.
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
             step = torch.compile(StaticStep(self.model), fullgraph=True, dynamic=False, backend=self.compile_backend)
             self._step = GraphedStep(step) if self.device.type == "cuda" else step
         inputs = step_inputs(self.n_rows, tokens, positions, rows, self.device)

@@ -19,6 +19,8 @@ kernels, other summation orders.
 
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -65,6 +67,9 @@ class StaticStep(nn.Module):
         return model.output(model.norm(x))[:, 0]
 
 
+_CAPTURING = threading.Lock()
+
+
 class GraphedStep:
     """A compiled `StaticStep` captured as one CUDA graph per KV cache, replayed every step.
 
@@ -85,25 +90,29 @@ class GraphedStep:
         self.graph = self.key = self.inputs = self.out = None
 
     def __call__(self, key: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
-        if self.graph is not None and key is self.key:
-            self.inputs.copy_(inputs)
+        with torch.cuda.device(key.device):  # the model's GPU, whatever the thread's current one is
+            if self.graph is None or key is not self.key:
+                self._capture(key, inputs)
+            else:
+                self.inputs.copy_(inputs)
             self.graph.replay()
             return self.out
+
+    def _capture(self, key: torch.Tensor, inputs: torch.Tensor) -> None:
         self.reset()
         self.inputs = inputs.clone()
         # Compile (and let inductor tune) outside the capture, on a side stream as capture wants.
         # The step run twice is the step run once: the same keys and values land in the same slots.
         side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            self.step(self.inputs)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            self.out = self.step(self.inputs)
+        with _CAPTURING:  # one capture at a time in a process (torch's rule): models decode on their own threads
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self.step(self.inputs)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
+                self.out = self.step(self.inputs)
         self.graph, self.key = graph, key
-        graph.replay()
-        return self.out
 
 
 def step_inputs(n_rows: int, tokens: list[int], positions: list[int], rows: list[int], device) -> torch.Tensor:
