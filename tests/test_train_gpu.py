@@ -93,6 +93,32 @@ def test_compile_blocks_shares_one_graph_between_blocks(bench):
     assert not counters["graph_break"]
 
 
+def test_compiled_sft_pads_batches_to_a_few_lengths():
+    """With --compile a chat batch's length is rounded up (`padded_multiple`: a quarter of
+    --max-seq-len), so batches of many lengths make a couple of graphs, not one each (after 8
+    dynamo runs the blocks eagerly); the padding takes no loss and changes no real token's."""
+    from torch._dynamo.utils import counters
+
+    from llamaherd.train.data import Example, collate, pack
+    from llamaherd.train.finetune import padded_multiple
+
+    assert padded_multiple(True, 2048) == 512 and padded_multiple(False, 2048) == 1
+    multiple = padded_multiple(True, ARGS.max_seq_len)  # 64
+    g = torch.Generator().manual_seed(0)
+    examples = [Example(ids, ids[1:] + [-100]) for ids in
+                (torch.randint(1, ARGS.vocab_size, (n,), generator=g).tolist() for n in (20, 50, 90, 33))]
+    torch._dynamo.reset()
+    counters.clear()
+    model = build_random(ARGS, "cpu", seed=0)
+    eager = copy.deepcopy(model)
+    compile_blocks(model, backend="eager")
+    for seq in pack(examples, ARGS.max_seq_len, packed=False):
+        padded, plain = collate([seq], multiple=multiple), collate([seq])
+        assert padded["tokens"].shape[1] % multiple == 0
+        torch.testing.assert_close(CausalLMLoss(model, 8192)(**padded), CausalLMLoss(eager, 8192)(**plain))
+    assert counters["stats"]["unique_graphs"] <= 2  # lengths 64 and 128
+
+
 @pytest.mark.slow  # importing peft alone takes ~7 s on a loaded 2-core machine
 def test_tiny_smoke_run_on_the_cpu(bench, tmp_path):
     """The rows measure: herd full and pretrain compiled (dynamo's capture without code generation:

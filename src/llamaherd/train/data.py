@@ -252,10 +252,10 @@ def pack(examples: Sequence[Example], max_seq_len: int, packed: bool = True) -> 
     return sequences
 
 
-def collate(sequences: Sequence[Packed], pad_id: int = 0) -> dict[str, torch.Tensor]:
-    """A batch of tensors (B, T), right-padded to the longest sequence. Padding takes no loss and
-    forms its own document (id -1), so real tokens never attend to it."""
-    T = max(len(s.inputs) for s in sequences)
+def collate(sequences: Sequence[Packed], pad_id: int = 0, multiple: int = 1) -> dict[str, torch.Tensor]:
+    """A batch of tensors (B, T), right-padded to the longest sequence (rounded up to a `multiple`).
+    Padding takes no loss and forms its own document (id -1), so real tokens never attend to it."""
+    T = -(-max(len(s.inputs) for s in sequences) // multiple) * multiple
 
     def padded(values, fill):
         return torch.tensor([v + [fill] * (T - len(v)) for v in values], dtype=torch.long)
@@ -279,9 +279,9 @@ class Batches:
     """
 
     def __init__(self, sequences: Sequence[Packed], batch_size: int, seed: int = 0, shuffle: bool = True,
-                 rank: int = 0, world: int = 1):
+                 rank: int = 0, world: int = 1, multiple: int = 1):
         self.sequences, self.batch_size, self.seed, self.shuffle = list(sequences), batch_size, seed, shuffle
-        self.rank, self.world = rank, world
+        self.rank, self.world, self.multiple = rank, world, multiple  # multiple: see `collate`
         if len(self.sequences) < batch_size * world:
             raise HerdError(f"only {len(self.sequences)} training sequences, fewer than one batch "
                             f"({batch_size} x {world} processes): lower --batch-size or add data")
@@ -302,4 +302,4 @@ class Batches:
         step = self.batch_size * self.world
         for b in range(start, len(self)):
             chunk = order[b * step:(b + 1) * step]  # the global batch; this process takes its share
-            yield collate([self.sequences[i] for i in chunk[self.rank::self.world]])
+            yield collate([self.sequences[i] for i in chunk[self.rank::self.world]], multiple=self.multiple)

@@ -267,7 +267,7 @@ def pair_pieces(pair: PairExample, p: int, share_prompt: bool) -> list[tuple[Sid
 
 
 def collate_pairs(pairs: Sequence[PairExample], packing: bool, row_len: int, pad_id: int = 0,
-                  share_prompt: bool = False) -> dict[str, torch.Tensor]:
+                  share_prompt: bool = False, multiple: int = 1) -> dict[str, torch.Tensor]:
     """A micro-batch of pairs as tensors.
 
     Every position has a segment id `seg` = 2 * (pair index) + (0 chosen | 1 rejected), -1 on padding
@@ -293,7 +293,7 @@ def collate_pairs(pairs: Sequence[PairExample], packing: bool, row_len: int, pad
     else:
         rows = [[(pair.chosen, 0, 0, 2 * p)] for p, pair in enumerate(pairs)]
         rows += [[(pair.rejected, 0, 0, 2 * p + 1)] for p, pair in enumerate(pairs)]
-    T = max(sum(len(part) for part, *_ in row) for row in rows)
+    T = -(-max(sum(len(part) for part, *_ in row) for row in rows) // multiple) * multiple  # padded up to a multiple
     out = {"tokens": torch.full((len(rows), T), pad_id), "targets": torch.full((len(rows), T), IGNORE),
            "doc_ids": torch.full((len(rows), T), -1), "input_pos": torch.zeros(len(rows), T, dtype=torch.long),
            "seg": torch.full((len(rows), T), -1), "scored": torch.zeros(len(rows), T, dtype=torch.bool)}
@@ -330,8 +330,9 @@ class PairBatches:
 
     def __init__(self, pairs: Sequence[PairExample], batch_size: int, max_seq_len: int, packing: bool = True,
                  seed: int = 0, shuffle: bool = True, drop_last: bool = True, rank: int = 0, world: int = 1,
-                 share_prompt: bool = True):
+                 share_prompt: bool = True, multiple: int = 1):
         self.pairs, self.batch_size, self.packing, self.share_prompt = list(pairs), batch_size, packing, share_prompt
+        self.multiple = multiple  # see `collate_pairs`
         self.row_len, self.seed, self.shuffle, self.drop_last = 2 * max_seq_len, seed, shuffle, drop_last
         self.rank, self.world = rank, world
         if len(self.pairs) < batch_size * world:
@@ -354,7 +355,7 @@ class PairBatches:
             chunk = order[b * step:(b + 1) * step][self.rank::self.world]
             if chunk:
                 yield collate_pairs([self.pairs[i] for i in chunk], self.packing, self.row_len,
-                                    share_prompt=self.share_prompt)
+                                    share_prompt=self.share_prompt, multiple=self.multiple)
 
 
 def n_pairs(batch: dict) -> torch.Tensor:
@@ -532,7 +533,7 @@ def dpo(config: DPOConfig | dict | None = None, *, on_step: Callable[[dict], Non
         HerdError: a bad setting, model or data file.
     """
     from .finetune import (_checkpoint_blocks, _distribute, _save_outputs, compile_blocks, load_for_training,
-                           resolve_model_path)
+                           padded_multiple, resolve_model_path)
     from .lora import lora_llama3
     from .metrics import plot_loss
 
@@ -563,15 +564,16 @@ def dpo(config: DPOConfig | dict | None = None, *, on_step: Callable[[dict], Non
                              cfg.loss_chunk, cfg.share_prompt)
     else:
         lora_llama3(model, cfg.lora_targets, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
+    multiple = padded_multiple(cfg.compile, 2 * cfg.max_seq_len)
     batches = PairBatches(examples, cfg.batch_size, cfg.max_seq_len, cfg.packing, cfg.seed, rank=rank, world=world,
-                          share_prompt=cfg.share_prompt)
+                          share_prompt=cfg.share_prompt, multiple=multiple)
     # Validation: every pair in one process; with several, one pair per process per batch (every
     # process must run the same number of forwards), the last len % world pairs left out.
     val_batches = None
     if len(val_examples) >= world:
         val_batches = PairBatches(val_examples, cfg.batch_size if world == 1 else 1, cfg.max_seq_len, cfg.packing,
                                   shuffle=False, drop_last=world > 1, rank=rank, world=world,
-                                  share_prompt=cfg.share_prompt)
+                                  share_prompt=cfg.share_prompt, multiple=multiple)
     if cfg.activation_checkpointing:
         _checkpoint_blocks(model)
     if cfg.compile:

@@ -135,6 +135,13 @@ def _checkpoint_blocks(model: nn.Module) -> None:
         layer.forward = lambda *a, _f=forward: checkpoint(_f, *a, use_reentrant=False)
 
 
+def padded_multiple(compile: bool, longest: int) -> int:
+    """What a batch's length is rounded up to: with `--compile` a quarter of the longest row, so the
+    blocks compile for at most ~4 lengths (dynamo compiles every new length again, and after 8
+    stops compiling and runs them eagerly); without it, nothing (each batch as long as its rows)."""
+    return max(64, longest // 4) if compile else 1
+
+
 def compile_blocks(model: nn.Module, backend: str = "inductor") -> None:
     """torch.compile each block's forward (torchtitan's per-block compile): one graph, compiled once
     and shared by every block (their parameters are its inputs), forward and backward fused by
@@ -173,12 +180,15 @@ def sft(config: SFTConfig | dict | None = None, *, on_step: Callable[[dict], Non
     examples, stats = tokenize(tokenizer, conversations, cfg.max_seq_len)
     if not examples:
         raise HerdError(f"no example of {cfg.data} fits max_seq_len {cfg.max_seq_len} with an assistant token left")
-    batches = Batches(pack(examples, cfg.max_seq_len, cfg.packing), cfg.batch_size, cfg.seed, rank=rank, world=world)
+    multiple = padded_multiple(cfg.compile, cfg.max_seq_len)
+    batches = Batches(pack(examples, cfg.max_seq_len, cfg.packing), cfg.batch_size, cfg.seed, rank=rank, world=world,
+                      multiple=multiple)
     val_batches = None
     if val_conversations:
         val_examples, _ = tokenize(tokenizer, val_conversations, cfg.max_seq_len)
         val_seqs = pack(val_examples, cfg.max_seq_len, cfg.packing)
-        val_batches = Batches(val_seqs, 1, shuffle=False, rank=rank, world=world) if len(val_seqs) >= world else None
+        val_batches = Batches(val_seqs, 1, shuffle=False, rank=rank, world=world, multiple=multiple) \
+            if len(val_seqs) >= world else None
 
     # Model: what trains.
     if cfg.method in ("lora", "qlora"):
