@@ -55,8 +55,8 @@ def rank_world() -> tuple[int, int]:
     return 0, 1
 
 
-# Settings that may change on --resume (they do not change the trajectory of the run).
-RESUME_FREE = {"resume", "progress", "save_every", "val_every", "device", "out"}
+# Settings that may change on --resume (they change the trajectory of the run by rounding at most).
+RESUME_FREE = {"resume", "progress", "save_every", "val_every", "device", "out", "compile"}
 
 
 def begin(config: Any, overrides: dict[str, Any], cls: type, required: tuple[str, ...] = ("model", "data", "out")

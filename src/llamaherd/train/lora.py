@@ -67,7 +67,8 @@ class LoRALinear(nn.Module):
             p.requires_grad_(False)
         self.in_features, self.out_features = base.in_features, base.out_features
         self.rank, self.alpha, self.scaling = rank, alpha, alpha / rank
-        device = next(iter(base.buffers()), next(iter(base.parameters()), None))
+        owner = getattr(base, "fused", base)  # a FusedSlice holds no tensors: its fused projection does
+        device = next(iter(owner.buffers()), next(iter(owner.parameters()), None))
         device = device.device if device is not None and device.device.type != "meta" else None
         self.lora_a = nn.Linear(self.in_features, rank, bias=False, device=device)
         self.lora_b = nn.Linear(rank, self.out_features, bias=False, device=device)
