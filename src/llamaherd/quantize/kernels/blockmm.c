@@ -431,9 +431,12 @@ void block_mm_dense_team(const float *x, const uint8_t *w, float *y, int64_t M, 
     }
     const int64_t nb = K / QK, bs = block_bytes(type);
     const int rows8 = type > 100, t8 = type - 100;
-    /* each thread its own panel */
+    /* each thread its own panel; panels taken in turn (dynamic): a thread that loses its core for a
+     * while (a busy machine) or runs slower leaves the rest to the other, instead of holding the
+     * team's next barrier for its whole static share. Whoever computes a panel, its numbers are the
+     * same. */
     float *panel = aligned_alloc(32, (size_t)K * DN * sizeof(float)), *row = malloc((size_t)K * sizeof(float));
-#pragma omp for schedule(static) nowait
+#pragma omp for schedule(dynamic, 1) nowait
     for (int64_t n0 = 0; n0 < N; n0 += DN) {
         if (rows8) {
             const int64_t group_bytes = nb * 8 * block_bytes(t8);
