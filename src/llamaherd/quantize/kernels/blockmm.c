@@ -371,7 +371,7 @@ void rows8_repack(const uint8_t *src, uint8_t *dst, int64_t N, int64_t K, int ty
 /* The float32 weights (N, K) of N rows of blocks. */
 void block_dequantize(const uint8_t *w, float *out, int64_t N, int64_t K, int type) {
     const int64_t nb = K / QK, row_bytes = nb * block_bytes(type);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (N >= 64) /* a token's embedding, the output's refined rows: one thread */
     for (int64_t n = 0; n < N; n++) dequantize_row(w + n * row_bytes, out + n * K, nb, type);
 }
 
