@@ -4,7 +4,8 @@
  * Why: at decode time a 135M model's matmuls take ~10 ms a token on two cores, but the ~40 small
  * torch ops a block needs around them (norms, RoPE, cache writes, attention, casts, residual adds)
  * cost 10-20 us each in dispatch alone: the same again and more. Here they are a few loops over
- * B rows, and the matmuls are block_mm calls on the same buffers.
+ * B rows, and the matmuls (blockmm.c, kquant.c) share the same buffers. A decode step that asks
+ * for logits ends with the final norm and the output projection, in the same call.
  *
  * The arithmetic is the model's (model.py), in float32:
  *   h = rms_norm(x) * attention_norm; q, k, v = h @ wqkv^T; rotate q, k (interleaved pairs);
