@@ -46,6 +46,20 @@ def test_rows_do_not_depend_on_the_thread_count(model, smollm2):
         assert torch.equal(got[0], one[0]) and torch.equal(got[1], one[1]), f"{threads} threads"
 
 
+def test_the_folded_output_gives_torchs_logits(model, smollm2):
+    """A decode step's final norm and output projection run inside the native call (one region a
+    token); its logits must be those of torch's norm and the output module after the blocks, to the bit."""
+    ids = smollm2.encode("The quick brown fox jumps over the lazy dog. " * 8)
+    model.setup_cache(3, 128)
+    native.prefill_many(model, [(ids[:40], 0, 1), (ids[:5], 0, 0), (ids[:9], 0, 2)])
+    if torch.backends.cpu.get_cpu_capability() == "AVX2":  # the order decode.c's norm replays
+        assert native.decoder(model).output, "the output projection is not folded into the step"
+    tokens, positions, rows = [ids[5], ids[9], ids[40]], [5, 9, 40], [0, 2, 1]
+    folded = native.decode(model, tokens, positions, rows)
+    by_torch = model.output(model.norm(native._run(model, tokens, positions, rows, dense=False)))
+    assert torch.equal(folded, by_torch)
+
+
 # The kernels that open an OpenMP region of their own: those Python calls (and the load-time
 # repacks). Every other loop is an orphaned `omp for`, shared among the threads of the caller's
 # region; a `parallel` among them would run on ONE thread inside herd_decode's region (a nested

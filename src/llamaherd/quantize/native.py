@@ -99,7 +99,10 @@ def _build() -> ctypes.CDLL | None:
     lib.herd_decode_scratch.restype = ctypes.c_int64
     lib.herd_decode_scratch.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
     lib.herd_decode.restype = None
-    lib.herd_decode.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 4 + [ctypes.c_int]
+    lib.herd_decode.argtypes = ([ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 4
+                                + [ctypes.c_int, ctypes.c_void_p])
+    lib.herd_final_norm.restype = None
+    lib.herd_final_norm.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_float]
     return lib
 
 
@@ -258,7 +261,8 @@ class _Model(ctypes.Structure):
     _fields_ = [("n_layers", ctypes.c_int64), ("dim", ctypes.c_int64), ("n_heads", ctypes.c_int64),
                 ("n_kv_heads", ctypes.c_int64), ("head_dim", ctypes.c_int64), ("hidden", ctypes.c_int64),
                 ("max_seq", ctypes.c_int64), ("eps", ctypes.c_float), ("kv_type", ctypes.c_int32),
-                ("layers", ctypes.POINTER(_Layer))]
+                ("layers", ctypes.POINTER(_Layer)), ("norm", ctypes.c_void_p), ("output", ctypes.c_void_p),
+                ("output_type", ctypes.c_int32), ("vocab", ctypes.c_int64)]
 
 
 # The KV cache's element types kernels/decode.c stores and reads (llama.cpp's --cache-type-k/v), by
@@ -298,7 +302,36 @@ def _describe(model) -> _Model:
     desc = _Model(args.n_layers, args.dim, args.n_heads, args.n_kv_heads, args.head_dim, args.hidden_dim,
                   model.cache_len, args.norm_eps, KV_TYPES[kv_cache_type(model.layers[0].attention.cache)], layers)
     desc._layers = layers  # keep the array alive with the description
+    if _output_folds(model):
+        desc.norm, desc.output = model.norm.weight.data_ptr(), model.output.raw.data_ptr()
+        desc.output_type, desc.vocab = model.output.kernel_type, model.output.out_features
     return desc
+
+
+def _output_folds(model) -> bool:
+    """Whether a decode step's final norm and output projection run inside kernels/decode.c's call
+    (one parallel region a token, not a second one for the output): the output a plain `BlockLinear`
+    (or its refined form: the refinement stays in torch), the norm float32, and the kernel's copy of
+    torch's norm (`aten_rms_norm`) giving torch's bits on this machine."""
+    from .linear import BlockLinear, RefinedBlockLinear
+
+    out, norm = model.output, model.norm
+    return (type(out) in (BlockLinear, RefinedBlockLinear) and out.raw.device.type == "cpu" and out.raw.is_contiguous()
+            and norm.weight.dtype == torch.float32 and norm.weight.is_contiguous()
+            and _norm_matches_torch(model.args.dim, model.args.norm_eps))
+
+
+@cache
+def _norm_matches_torch(dim: int, eps: float) -> bool:
+    """Whether kernels/decode.c's `aten_rms_norm` equals torch's F.rms_norm to the bit on rows of
+    this width (it replays ATen's summation order for AVX2; another torch or instruction set may sum
+    in another order: then torch's norm is kept)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, dim, generator=g) * torch.logspace(-3, 3, 64)[:, None]
+    w = torch.rand(dim, generator=g) * 2
+    out = torch.empty_like(x)
+    library().herd_final_norm(x.data_ptr(), w.data_ptr(), out.data_ptr(), 64, dim, eps)
+    return torch.equal(out, torch.nn.functional.rms_norm(x, (dim,), w, eps=eps))
 
 
 def shapes_supported(args) -> bool:
@@ -318,9 +351,11 @@ def decoder(model) -> _Model:
     return _decoders[cache]
 
 
-def _run(model, tokens: list[int], positions: list[int], rows: list[int], dense: bool) -> torch.Tensor:
+def _run(model, tokens: list[int], positions: list[int], rows: list[int], dense: bool,
+         logits: torch.Tensor | None = None) -> torch.Tensor:
     """The final hidden states (B, dim) of kernels/decode.c run over `tokens` at `positions`, keys
-    and values written into KV-cache `rows`."""
+    and values written into KV-cache `rows`. With `logits` (B, vocab) given (and the output folded
+    in: `_output_folds`), the states come back normalised and the output projection fills `logits`."""
     desc = decoder(model)
     n_rows, _, n_positions, _ = model.layers[0].attention.cache.k.shape
     if not (0 <= min(positions) <= max(positions) < n_positions and 0 <= min(rows) <= max(rows) < n_rows):
@@ -334,7 +369,7 @@ def _run(model, tokens: list[int], positions: list[int], rows: list[int], dense:
     scratch = torch.empty(library().herd_decode_scratch(ctypes.byref(desc), len(tokens), max(positions)),
                           dtype=torch.uint8)
     library().herd_decode(ctypes.byref(desc), x.data_ptr(), len(tokens), rows_t.data_ptr(), pos_t.data_ptr(),
-                          rope.data_ptr(), scratch.data_ptr(), int(dense))
+                          rope.data_ptr(), scratch.data_ptr(), int(dense), None if logits is None else logits.data_ptr())
     return x
 
 
@@ -342,8 +377,19 @@ def _run(model, tokens: list[int], positions: list[int], rows: list[int], dense:
 def decode(model, tokens: list[int], positions: list[int], rows: list[int]) -> torch.Tensor:
     """The next-token logits (B, V) of one decode step run by kernels/decode.c — tokens fed at
     `positions`, keys and values written into KV-cache `rows`. Each row is computed exactly as if
-    it ran alone (so consecutive tokens of one row check guesses exactly)."""
-    return model.output(model.norm(_run(model, tokens, positions, rows, dense=False)))
+    it ran alone (so consecutive tokens of one row check guesses exactly).
+
+    Where the output folds in (`_output_folds`) the final norm and the output projection run in the
+    same native call, to the same bits as `model.output(model.norm(...))`; a refined output's
+    refinement (`linear.refine_top`) follows in torch."""
+    from .linear import RefinedBlockLinear, refine_top
+
+    if not decoder(model).output:
+        return model.output(model.norm(_run(model, tokens, positions, rows, dense=False)))
+    out = model.output
+    logits = torch.empty(len(tokens), out.out_features, dtype=torch.float32)
+    h = _run(model, tokens, positions, rows, dense=False, logits=logits)
+    return refine_top(logits, h, out.rows, out.refine) if type(out) is RefinedBlockLinear else logits
 
 
 PROMPT_ROWS = 256  # prompt tokens a call at most: enough to keep the float32 matmul busy, little scratch

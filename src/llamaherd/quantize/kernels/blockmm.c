@@ -371,7 +371,7 @@ void rows8_repack(const uint8_t *src, uint8_t *dst, int64_t N, int64_t K, int ty
 /* The float32 weights (N, K) of N rows of blocks. */
 void block_dequantize(const uint8_t *w, float *out, int64_t N, int64_t K, int type) {
     const int64_t nb = K / QK, row_bytes = nb * block_bytes(type);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (N >= 64) /* a token's embedding, the output's refined rows: one thread */
     for (int64_t n = 0; n < N; n++) dequantize_row(w + n * row_bytes, out + n * K, nb, type);
 }
 
@@ -431,9 +431,12 @@ void block_mm_dense_team(const float *x, const uint8_t *w, float *y, int64_t M, 
     }
     const int64_t nb = K / QK, bs = block_bytes(type);
     const int rows8 = type > 100, t8 = type - 100;
-    /* each thread its own panel */
+    /* each thread its own panel; panels taken in turn (dynamic): a thread that loses its core for a
+     * while (a busy machine) or runs slower leaves the rest to the other, instead of holding the
+     * team's next barrier for its whole static share. Whoever computes a panel, its numbers are the
+     * same. */
     float *panel = aligned_alloc(32, (size_t)K * DN * sizeof(float)), *row = malloc((size_t)K * sizeof(float));
-#pragma omp for schedule(static) nowait
+#pragma omp for schedule(dynamic, 1) nowait
     for (int64_t n0 = 0; n0 < N; n0 += DN) {
         if (rows8) {
             const int64_t group_bytes = nb * 8 * block_bytes(t8);

@@ -4,7 +4,8 @@
  * Why: at decode time a 135M model's matmuls take ~10 ms a token on two cores, but the ~40 small
  * torch ops a block needs around them (norms, RoPE, cache writes, attention, casts, residual adds)
  * cost 10-20 us each in dispatch alone: the same again and more. Here they are a few loops over
- * B rows, and the matmuls are block_mm calls on the same buffers.
+ * B rows, and the matmuls (blockmm.c, kquant.c) share the same buffers. A decode step that asks
+ * for logits ends with the final norm and the output projection, in the same call.
  *
  * The arithmetic is the model's (model.py), in float32:
  *   h = rms_norm(x) * attention_norm; q, k, v = h @ wqkv^T; rotate q, k (interleaved pairs);
@@ -55,6 +56,12 @@ typedef struct {
     float eps;
     int32_t kv_type; /* the KV cache's element type, by ggml's ids: KV_F32, KV_F16 or KV_Q8_0 */
     const herd_layer *layers;
+    /* After the blocks, for a decode step that asks for logits: the final norm's weight (dim) and the
+     * output projection (vocab rows of GGUF blocks, or NULL: not folded in) */
+    const float *norm;
+    const uint8_t *output;
+    int32_t output_type;
+    int64_t vocab;
 } herd_model;
 
 /* The KV cache's element types (llama.cpp's --cache-type-k/v): float32, float16 (F16C), or ggml's
@@ -269,6 +276,53 @@ static void rms_norm(const float *r, const float *w, float *out, int64_t n, floa
     for (int64_t i = 0; i < n; i++) out[i] = r[i] * scale * w[i];
 }
 
+/* The model's final norm as torch computes it (F.rms_norm on a CPU with AVX2, float32): x * (1 /
+ * sqrt(sum(x * x) / n + eps)) * w, the sum in ATen's order (SumKernel.cpp: vectorized_inner_sum,
+ * row_sum, multi_row_sum): eight-float vectors in four interleaved chains, cascaded every 16 rows
+ * of four vectors (levels of 2^4: exact for n < 2^24), the chains then summed in order, then the
+ * eight lanes one by one. The blocks' norms (rms_norm above) keep their own order; this one replays
+ * torch's, so that folding the output projection into the step leaves every logit as it was
+ * (native.py checks it against torch once, and keeps torch's norm if they differ). No contraction:
+ * torch rounds x * x before it sums. */
+__attribute__((optimize("fp-contract=off"))) static void aten_rms_norm(const float *x, const float *w, float *out,
+                                                                        int64_t n, float eps) {
+    const int64_t n_vec = n / 8, rows = n_vec / 4, step = 16;
+    __m256 acc[4][4];
+    for (int j = 0; j < 4; j++)
+        for (int k = 0; k < 4; k++) acc[j][k] = _mm256_setzero_ps();
+#define SQ(v) _mm256_mul_ps(_mm256_loadu_ps(x + 8 * (v)), _mm256_loadu_ps(x + 8 * (v)))
+    int64_t i = 0;
+    while (i + step <= rows) {
+        for (int64_t r = 0; r < step; r++, i++)
+            for (int k = 0; k < 4; k++) acc[0][k] = _mm256_add_ps(acc[0][k], SQ(4 * i + k));
+        for (int j = 1; j < 4; j++) {
+            for (int k = 0; k < 4; k++) {
+                acc[j][k] = _mm256_add_ps(acc[j][k], acc[j - 1][k]);
+                acc[j - 1][k] = _mm256_setzero_ps();
+            }
+            if (i & ((step - 1) << (4 * j))) break;
+        }
+    }
+    for (; i < rows; i++)
+        for (int k = 0; k < 4; k++) acc[0][k] = _mm256_add_ps(acc[0][k], SQ(4 * i + k));
+    for (int j = 1; j < 4; j++)
+        for (int k = 0; k < 4; k++) acc[0][k] = _mm256_add_ps(acc[0][k], acc[j][k]);
+    for (int64_t v = rows * 4; v < n_vec; v++) acc[0][0] = _mm256_add_ps(acc[0][0], SQ(v));
+#undef SQ
+    for (int k = 1; k < 4; k++) acc[0][0] = _mm256_add_ps(acc[0][0], acc[0][k]);
+    float sum = 0.f, lanes[8];
+    for (int64_t k = n_vec * 8; k < n; k++) sum += x[k] * x[k];
+    _mm256_storeu_ps(lanes, acc[0][0]);
+    for (int k = 0; k < 8; k++) sum += lanes[k];
+    const float scale = 1.f / sqrtf(sum / (float)n + eps);
+    for (int64_t k = 0; k < n; k++) out[k] = x[k] * scale * w[k];
+}
+
+/* For native.py's check of aten_rms_norm against torch: B rows of n. */
+void herd_final_norm(const float *x, const float *w, float *out, int64_t B, int64_t n, float eps) {
+    for (int64_t b = 0; b < B; b++) aten_rms_norm(x + b * n, w, out + b * n, n, eps);
+}
+
 /* Rotate n_heads vectors of Dh floats, pairs (2i, 2i+1), by the angles of position pos. */
 static void rope(float *v, int64_t n_heads, int64_t Dh, const float *table, int64_t pos) {
     const float *cs = table + pos * Dh; /* (Dh/2) complex: cos, sin interleaved */
@@ -377,7 +431,7 @@ static void matmul(const float *x, qblocks a, const uint8_t *w, float *y, int64_
 }
 
 void herd_decode(const herd_model *m, float *x, int64_t B, const int64_t *rows, const int64_t *pos,
-                 const float *rope_table, void *scratch, int dense) {
+                 const float *rope_table, void *scratch, int dense, float *logits) {
     const int64_t D = m->dim, H = m->n_heads, K = m->n_kv_heads, Dh = m->head_dim, F = m->hidden, S = m->max_seq;
     const int64_t qkv_n = (H + 2 * K) * Dh, row_bytes = kv_bytes(m->kv_type, Dh), group = H / K;
     const int64_t kin = max64(max64(D, F), H * Dh);
@@ -479,12 +533,27 @@ void herd_decode(const herd_model *m, float *x, int64_t B, const int64_t *rows, 
         share(B, &lo, &hi); /* the last block's residual */
         for (int64_t b = lo; b < hi; b++)
             for (int64_t i = 0; i < D; i++) x[b * D + i] += o[b * D + i];
+        /* With logits asked for (a decode step): the final norm, x given back normalised (the output's
+         * refinement reads it), and the output projection in this region too, not a region of its
+         * own after Python's norm (a wake-up of the other thread a token). */
+        if (logits && m->output) {
+            for (int64_t b = lo; b < hi; b++) {
+                aten_rms_norm(x + b * D, m->norm, h + b * D, D, m->eps);
+                if (takes_blocks(m->output_type, 0)) quantize(in, h, b * D, D);
+                memcpy(x + b * D, h + b * D, D * sizeof(float));
+            }
+            team_sync(&bar);
+            matmul(h, in, m->output, logits, B, m->vocab, D, m->output_type, 0);
+        }
     }
 }
 #else
 void herd_decode(const herd_model *m, float *x, int64_t B, const int64_t *rows, const int64_t *pos,
-                 const float *rope_table, void *scratch, int dense) {
-    (void)dense;
+                 const float *rope_table, void *scratch, int dense, float *logits) {
+    (void)dense; (void)logits;
     (void)m; (void)x; (void)B; (void)rows; (void)pos; (void)rope_table; (void)scratch;
+}
+void herd_final_norm(const float *x, const float *w, float *out, int64_t B, int64_t n, float eps) {
+    (void)x; (void)w; (void)out; (void)B; (void)n; (void)eps;
 }
 #endif

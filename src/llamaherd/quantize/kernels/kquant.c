@@ -1110,7 +1110,7 @@ static void dense_part(const float *x, const uint8_t *w, float *y, int64_t ldy, 
     { /* each thread its own panel */
         float *panel = aligned_alloc(32, (size_t)K * DN * sizeof(float)), *row = malloc((size_t)K * sizeof(float));
         uint8_t *orig = malloc((size_t)kq_row_bytes(K, Q8_0)); /* a repacked row given back (scalar path) */
-#pragma omp for schedule(static) nowait
+#pragma omp for schedule(dynamic, 1) nowait /* panels taken in turn: see blockmm.c's dense path */
         for (int64_t n0 = 0; n0 < N; n0 += DN) {
             const int nn = (int)(N - n0 < DN ? N - n0 : DN);
 #if HERD_SIMD
