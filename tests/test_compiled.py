@@ -3,6 +3,8 @@ torch runner compiles (`TorchRunner(compile=True)`, HERD_COMPILE; a CUDA graph o
 the eager row-exact step on a tiny random model: rows at different positions, an idle row left as
 it was, rows in any order."""
 
+import copy
+
 import pytest
 import llamaherd  # noqa: F401 — before torch: the OpenMP wait policy (settings.py)
 import torch
@@ -57,8 +59,6 @@ def test_static_step_equals_the_row_exact_step(tiny):
 def test_fused_projections_compute_the_same(tiny):
     """`Transformer.fuse_projections` (what the torch runner does on CUDA): wq/wk/wv and w1/w3 as
     one matmul each, every weight held once, the slices still callable; the same logits."""
-    import copy
-
     from llamaherd.model import FusedSlice
 
     tiny.clear_cache()  # a runner's (memory-mapped) cache: not copied
@@ -84,7 +84,8 @@ def test_compiled_equals_eager(tiny, device):
     aot_eager). On the CPU it compiles with aot_eager — the same fullgraph capture of the step and
     of its in-place cache writes, without inductor's C++ build (a minute on two cores); on CUDA
     with inductor and one CUDA graph a step (`static.GraphedStep`), as the server runs it."""
-    model = tiny.to(device)
+    tiny.clear_cache()  # a CPU runner's memory-mapped cache: not copied
+    model = tiny if device == "cpu" else copy.deepcopy(tiny).to(device)  # CUDA's runner fuses its model
     try:
         eager = TorchRunner(model, "f32", compile=False)
         want_tokens, want = serve(eager, eager.decode)
@@ -117,20 +118,18 @@ def test_masked_attention_over_repeated_heads_equals_grouped_query_attention():
     assert heads_for_mask(q, k, v)[0] is k  # on the CPU: unchanged
 
 
-def test_the_compiled_step_follows_the_cache_as_it_grows(tiny, monkeypatch):
+def test_the_compiled_step_follows_the_cache_as_it_grows(tiny):
     """A compile for each cache shape: the cache doubles up to the model's context (~10 sizes, more
     than dynamo's default 8 recompiles of one function), and every step equals the eager one. (Here
     dynamo's limit starts at 2, so that 5 sizes pass it.)"""
     eager = TorchRunner(tiny, "f32", compile=False)
     runner = TorchRunner(tiny, "f32", compile=True)
     runner.compile_backend = "eager"  # the same capture and guards as inductor, no code generation
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
     tokens = PROMPTS[2]
-    try:
+    logits = []
+    with torch._dynamo.config.patch(recompile_limit=2):  # the runner raises it; restored after
         for r in (eager, runner):
             r.release()
-        logits = []
-        for r in (eager, runner):
             r.allocate(1, len(tokens))
             r.prefill([(tokens, 0, 0)])
             out = []
@@ -140,8 +139,7 @@ def test_the_compiled_step_follows_the_cache_as_it_grows(tiny, monkeypatch):
                 out.append(r.decode([7 + i], [pos], [0]))
             logits.append(torch.cat(out))
             r.release()
-    finally:
-        tiny.clear_cache()
+    tiny.clear_cache()
     assert runner.compile  # no fallback: every shape compiled
     torch.testing.assert_close(logits[1], logits[0], rtol=1e-4, atol=1e-4)
 

@@ -59,7 +59,7 @@ VARS: tuple[Var, ...] = (
     Var("HERD_SEMGREP", "semgrep on PATH", "the semgrep program the code shield runs, where installed"),
     Var("HERD_DEBUG", "0", "1: log more (each request's client and size; uvicorn's and the engine's debug lines)"),
     Var("HERD_LOCAL", "0", "1: CLI commands work in their own process even when a server answers"),
-    Var("HERD_COMPILE", "1 on CUDA, else 0", "1: the torch runner decodes every row of the KV cache with one torch.compile'd static step (one CUDA graph a step on a GPU); compiling takes a while (a minute on two CPU cores, seconds on a GPU machine's)"),
+    Var("HERD_COMPILE", "1 on CUDA, else 0", "1: the torch runner decodes every row of the KV cache with one torch.compile'd static step (one CUDA graph a step on a GPU); compiling takes a while (a minute on two CPU cores, tens of seconds on a GPU machine, again when the KV cache grows)"),
     Var("HERD_NATIVE", "1", "0: do not compile and use the native CPU kernels (torch's kernels instead)"),
     Var("HERD_CACHE", "~/.cache/llamaherd", "downloads and compiled kernels"),
 )

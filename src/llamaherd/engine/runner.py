@@ -226,6 +226,7 @@ class TorchRunner(Runner):
         self._step = None
         if self.device.type == "cuda":
             model.fuse_projections()  # a GPU step is launch-bound at batch 1: fewer, wider matmuls
+            torch.cuda.empty_cache()  # the parts' blocks: too small for the next, wider weight
 
     @torch.inference_mode()
     def prefill(self, prompts, dense=False):

@@ -157,10 +157,12 @@ def train_step(wrapper: nn.Module, micro: list[dict], optimizer: torch.optim.Opt
         grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # a DTensor under FSDP
     else:
         grad_norm = float("nan")
+    # Read before the step: on CUDA this is where the host waits for the backward, so a Ctrl-C lands
+    # here, before the weights move, rather than after a step the checkpoint would not record.
+    means, tokens = (totals / n).tolist(), int(counts[1])
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    means = (totals / n).tolist()
-    return dict(zip(names, means)), int(counts[1]), grad_norm
+    return dict(zip(names, means)), tokens, grad_norm
 
 
 def _split_output(output) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
