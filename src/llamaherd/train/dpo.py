@@ -66,8 +66,8 @@ from torch import nn
 from ..errors import HerdError
 from .config import SFTConfig
 from .data import IGNORE, field_messages, read_records, read_split
-from .loop import begin, fit
-from .loss import token_losses
+from .loop import autocast, begin, fit
+from .loss import matmul_dtype, token_losses
 
 RATINGS = ("significantly better", "better", "slightly better", "marginally better")  # strongest first
 LOSS_TYPES = ("sigmoid", "hinge", "ipo")
@@ -406,9 +406,7 @@ class _ResponseLosses(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, weight, targets, rows):
-        # In autocast's dtype when it is on (bf16 on CUDA), cast once (see loss._FusedCE).
-        kind = h.device.type
-        dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else h.dtype
+        dtype = matmul_dtype(h)
         w, hm = weight.to(dtype), h.to(dtype)
         losses = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
         grad_h = torch.empty(h.shape, dtype=torch.float32, device=h.device)
@@ -500,12 +498,9 @@ def precompute_reference(model: nn.Module, examples: list[PairExample], batch_si
                          packing: bool, device: str, chunk: int = 8192, share_prompt: bool = True) -> None:
     """Store the model's (chosen, rejected) log-probs in every example (`ref`): the reference of a
     full fine-tune, computed before the first step (so no frozen copy of the weights is kept)."""
-    from contextlib import nullcontext
-
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else nullcontext()
     was_training = model.training
     model.eval()
-    with autocast:
+    with autocast(device):
         for i in range(0, len(examples), batch_size):
             chunk_pairs = examples[i:i + batch_size]
             for p in chunk_pairs:

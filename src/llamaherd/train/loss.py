@@ -21,6 +21,14 @@ IGNORE = -100
 TINY = 1e-30  # below this a target probability's log is taken from log_softmax instead
 
 
+def matmul_dtype(h: torch.Tensor) -> torch.dtype:
+    """The dtype an output-layer matmul of `h` runs in: autocast's (bf16 on CUDA) when it is on, else
+    h's. The loss kernels cast the (V, D) weight to it once, not autocast at each of their block
+    matmuls (for Llama 3's (128k, D) weight, a GB each)."""
+    kind = h.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else h.dtype
+
+
 class _ChunkedCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, targets, chunk):
@@ -75,10 +83,7 @@ class _FusedCE(torch.autograd.Function):
         # loss and no gradient, so the output's three matmuls skip it.
         keep = (targets != IGNORE).nonzero()[:, 0]
         safe = targets[keep]
-        # The matmuls' dtype: h's, or autocast's (bf16 on CUDA) when it is on. Cast here once, not
-        # by autocast at each of the 3 x blocks matmuls (for Llama 3's (128k, D) weight, a GB each).
-        kind = h.device.type
-        dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else h.dtype
+        dtype = matmul_dtype(h)
         w, hm = weight.to(dtype), h[keep].to(dtype)
         loss = torch.zeros((), device=h.device)
         grad_h = torch.zeros(h.shape, dtype=torch.float32, device=h.device) if need_h else None
