@@ -100,7 +100,7 @@ def _build() -> ctypes.CDLL | None:
     lib.herd_decode_scratch.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
     lib.herd_decode.restype = None
     lib.herd_decode.argtypes = ([ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 4
-                                + [ctypes.c_int, ctypes.c_void_p])
+                                + [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p])
     lib.herd_final_norm.restype = None
     lib.herd_final_norm.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_float]
     return lib
@@ -355,13 +355,17 @@ def decoder(model) -> _Model:
 
 
 def _run(model, tokens: list[int], positions: list[int], rows: list[int], dense: bool,
-         logits: torch.Tensor | None = None) -> torch.Tensor:
+         logits: torch.Tensor | None = None, keep: list[int] | None = None) -> torch.Tensor:
     """The final hidden states (B, dim) of kernels/decode.c run over `tokens` at `positions`, keys
     and values written into KV-cache `rows`. With `logits` (B, vocab) given (and the output folded
-    in: `_output_folds`), the states come back normalised and the output projection fills `logits`."""
+    in: `_output_folds`), the states come back normalised and the output projection fills `logits`.
+    With `keep` (ascending indices of the rows wanted, a prompt's last), every row's keys and values
+    are stored but only the kept rows' states (len(keep), dim) come back, the last block computed
+    for them alone: the same bits, ~1/n_layers less work."""
     desc = decoder(model)
+    n_out = len(tokens) if keep is None else len(keep)
     if logits is not None and not (desc.output and logits.dtype == torch.float32 and logits.is_contiguous()
-                                   and tuple(logits.shape) == (len(tokens), desc.vocab)):
+                                   and tuple(logits.shape) == (n_out, desc.vocab)):
         raise ValueError("logits must be a contiguous float32 (B, vocab) tensor, and the output folded in")
     n_rows, _, n_positions, _ = model.layers[0].attention.cache.k.shape
     if not (0 <= min(positions) <= max(positions) < n_positions and 0 <= min(rows) <= max(rows) < n_rows):
@@ -372,11 +376,16 @@ def _run(model, tokens: list[int], positions: list[int], rows: list[int], dense:
         raise IndexError(f"position {max(positions)} is beyond the RoPE table ({model.rope.shape[0]} positions)")
     # Every tensor whose address goes to C is named here, so that it lives until the call returns.
     rows_t, pos_t, rope = torch.tensor(rows), torch.tensor(positions), model.rope.contiguous()
+    keep_t = None if keep is None else torch.tensor(keep, dtype=torch.int64)
+    if keep_t is not None and not (keep_t.numel() and 0 <= keep[0] and keep[-1] < len(tokens)
+                                   and bool((keep_t[1:] > keep_t[:-1]).all())):
+        raise ValueError("keep must be ascending row indices of the call")
     scratch = torch.empty(library().herd_decode_scratch(ctypes.byref(desc), len(tokens), max(positions)),
                           dtype=torch.uint8)
     library().herd_decode(ctypes.byref(desc), x.data_ptr(), len(tokens), rows_t.data_ptr(), pos_t.data_ptr(),
-                          rope.data_ptr(), scratch.data_ptr(), int(dense), None if logits is None else logits.data_ptr())
-    return x
+                          rope.data_ptr(), scratch.data_ptr(), int(dense), None if logits is None else logits.data_ptr(),
+                          n_out, None if keep_t is None else keep_t.data_ptr())
+    return x if keep is None else x[:n_out]
 
 
 @torch.inference_mode()
@@ -427,15 +436,23 @@ def prefill_many(model, prompts: list[tuple[list[int], int, int]], dense: bool =
     on SmolLM2); a token's numbers then depend on neither the batch nor where its prompt is split,
     but differ (in the int16 rounding) from a tail's without it.
     """
-    dense_rows, tail = [], []  # (token, position, cache row, prompt index): float32 rows, then int16 ones
+    # float32 rows, then int16 ones: (tokens, positions, cache rows, prompt index) as flat lists of
+    # ints (a tuple a token would keep Python's garbage collector busy over long prompts)
+    dense_rows, tail = ([], [], [], []), ([], [], [], [])
     for i, (tokens, start, row) in enumerate(prompts):
-        dense_end = start + len(tokens) if dense else (start + len(tokens)) // DENSE_ROWS * DENSE_ROWS
-        for pos, token in enumerate(tokens, start):
-            (dense_rows if pos < dense_end else tail).append((token, pos, row, i))
+        end = start + len(tokens)
+        split = len(tokens) if dense else min(max(end // DENSE_ROWS * DENSE_ROWS - start, 0), len(tokens))
+        for group, a, b in ((dense_rows, 0, split), (tail, split, len(tokens))):
+            group[0].extend(tokens[a:b])
+            group[1].extend(range(start + a, start + b))
+            group[2].extend([row] * (b - a))
+            group[3].extend([i] * (b - a))
     last = {}
     for group, is_dense in ((dense_rows, True), (tail, False)):  # a prompt's later rows attend to its earlier ones
-        for at in range(0, len(group), PROMPT_ROWS):
-            tokens, positions, rows, owners = zip(*group[at:at + PROMPT_ROWS])
-            x = _run(model, list(tokens), list(positions), list(rows), dense=is_dense)
-            last.update(zip(owners, x))  # the last one seen is the prompt's last
+        for at in range(0, len(group[0]), PROMPT_ROWS):
+            tokens, positions, rows, owners = (part[at:at + PROMPT_ROWS] for part in group)
+            # only each prompt's last row of the call is wanted (the last one seen is the prompt's last)
+            keep = [k for k in range(len(owners)) if k + 1 == len(owners) or owners[k + 1] != owners[k]]
+            x = _run(model, tokens, positions, rows, dense=is_dense, keep=keep)
+            last.update(zip((owners[k] for k in keep), x))
     return model.output(model.norm(torch.stack([last[i] for i in range(len(prompts))])))

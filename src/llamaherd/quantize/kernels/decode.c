@@ -92,7 +92,7 @@ int64_t herd_decode_scratch(const herd_model *m, int64_t B, int64_t max_pos) {
     const int64_t floats = B * (m->dim + qkv + m->n_heads * Dh + m->dim + 2 * m->hidden + m->hidden) +
                            B * m->n_heads * spans * (Dh + 2) +            /* partial results of each span */
                            omp_get_max_threads() * (2 * KV_TILE * Dh + KV_TILE); /* a thread's tile and scores */
-    return 4 * floats + 8 * (B + 1) + 2 * B * kin + 8 * B * (kin / 32) + 64;
+    return 4 * floats + 8 * 4 * (B + 1) + 2 * B * kin + 8 * B * (kin / 32) + 64; /* runs, and the kept rows' */
 }
 
 #if HERD_SIMD
@@ -430,36 +430,54 @@ static void matmul(const float *x, qblocks a, const uint8_t *w, float *y, int64_
     else block_mm_q(a.q, a.d, a.s, w, y, M, N, K, type);
 }
 
+/* Runs: consecutive rows of one cache row (a prompt's tokens), at most RUN_ROWS, read the cache
+ * together. Fills runs[0 .. n] (runs[n] = B); returns n. */
+static int64_t make_runs(const int64_t *rows, int64_t B, int64_t *runs) {
+    int64_t n = 0;
+    for (int64_t b = 0; b < B; b++)
+        if (b == 0 || rows[b] != rows[b - 1] || b - runs[n - 1] >= RUN_ROWS) runs[n++] = b;
+    runs[n] = B;
+    return n;
+}
+
+/* keep (n_keep ascending row indices) or NULL (every row): the rows whose final states are wanted,
+ * a prompt's last token's. The last block then stores every row's keys and values and computes
+ * the rest for those rows only (its queries, attention, wo and feed-forward are ~1/n_layers of a
+ * prompt's work otherwise thrown away); they come back in x's (and logits') first n_keep rows,
+ * each to the bit what it is computed with all rows. */
 void herd_decode(const herd_model *m, float *x, int64_t B, const int64_t *rows, const int64_t *pos,
-                 const float *rope_table, void *scratch, int dense, float *logits) {
+                 const float *rope_table, void *scratch, int dense, float *logits, int64_t n_keep,
+                 const int64_t *keep) {
     const int64_t D = m->dim, H = m->n_heads, K = m->n_kv_heads, Dh = m->head_dim, F = m->hidden, S = m->max_seq;
     const int64_t qkv_n = (H + 2 * K) * Dh, row_bytes = kv_bytes(m->kv_type, Dh), group = H / K;
     const int64_t kin = max64(max64(D, F), H * Dh);
     int64_t max_pos = 0;
     for (int64_t b = 0; b < B; b++) max_pos = max64(max_pos, pos[b]);
-    const int64_t n_spans = max_pos / KV_SPAN + 1;
+    const int64_t n_spans = max_pos / KV_SPAN + 1; /* of every row, kept or not: the same spans, the same sums */
     float *h = (float *)scratch, *qkv = h + B * D, *y = qkv + B * qkv_n, *o = y + B * H * Dh, *g = o + B * D,
           *a = g + B * 2 * F, *part = a + B * F, *tiles = part + B * H * n_spans * (Dh + 2);
     int64_t *runs = (int64_t *)(tiles + omp_get_max_threads() * (2 * KV_TILE * Dh + KV_TILE));
-    int16_t *codes = (int16_t *)(runs + B + 1);
+    int64_t *kept_rows = runs + B + 1, *kept_pos = kept_rows + B + 1, *kept_runs = kept_pos + B + 1;
+    int16_t *codes = (int16_t *)(kept_runs + B + 1);
     const qblocks in = {codes, (float *)(codes + B * kin), (float *)(codes + B * kin) + B * kin / 32};
 
-    /* Runs: consecutive rows of one cache row (a prompt's tokens), at most RUN_ROWS, read the cache together. */
-    int64_t n_runs = 0;
-    for (int64_t b = 0; b < B; b++)
-        if (b == 0 || rows[b] != rows[b - 1] || b - runs[n_runs - 1] >= RUN_ROWS) runs[n_runs++] = b;
-    runs[n_runs] = B;
-    const int64_t tasks = n_runs * K * n_spans; /* attention: one (run of rows, KV head, span of keys) a task */
+    const int64_t n_runs = make_runs(rows, B, runs); /* attention: one (run of rows, KV head, span of keys) a task */
+    if (!keep) n_keep = B;
+    for (int64_t j = 0; keep && j < n_keep; j++) kept_rows[j] = rows[keep[j]], kept_pos[j] = pos[keep[j]];
+    const int64_t n_kept_runs = keep ? make_runs(kept_rows, n_keep, kept_runs) : 0;
 
     team_barrier bar = {0, 0, 0};
     atomic_llong next = 0; /* the next attention task to take */
 #pragma omp parallel
     {
         int64_t lo, hi;
+        /* the rows this block computes: all, then in the last block with `keep` the kept ones */
+        int64_t nb = B, nr = n_runs;
+        const int64_t *rw = rows, *ps = pos, *rn = runs;
         for (int64_t l = 0; l < m->n_layers; l++) {
             const herd_layer *L = m->layers + l;
             /* the last block's residual, this one's attention norm and its matmul's input: a row a thread */
-            share(B, &lo, &hi);
+            share(nb, &lo, &hi);
             for (int64_t b = lo; b < hi; b++) {
                 if (l > 0)
                     for (int64_t i = 0; i < D; i++) x[b * D + i] += o[b * D + i];
@@ -467,28 +485,38 @@ void herd_decode(const herd_model *m, float *x, int64_t B, const int64_t *rows, 
                 if (takes_blocks(L->wqkv_type, dense)) quantize(in, h, b * D, D);
             }
             team_sync(&bar);
-            matmul(h, in, L->wqkv, qkv, B, qkv_n, D, L->wqkv_type, dense);
+            matmul(h, in, L->wqkv, qkv, nb, qkv_n, D, L->wqkv_type, dense);
             team_sync(&bar);
-            share(B, &lo, &hi);
+            share(nb, &lo, &hi);
             for (int64_t b = lo; b < hi; b++) {
                 float *q = qkv + b * qkv_n, *k = q + H * Dh, *v = k + K * Dh;
-                rope(q, H + K, Dh, rope_table, pos[b]); /* q and k are adjacent */
+                rope(q, H + K, Dh, rope_table, ps[b]); /* q and k are adjacent */
                 for (int64_t kh = 0; kh < K; kh++) {
-                    const int64_t at = ((rows[b] * K + kh) * S + pos[b]) * row_bytes;
+                    const int64_t at = ((rw[b] * K + kh) * S + ps[b]) * row_bytes;
                     kv_store(L->k + at, k + kh * Dh, Dh, m->kv_type);
                     kv_store(L->v + at, v + kh * Dh, Dh, m->kv_type);
                 }
             }
             if (omp_get_thread_num() == 0) atomic_store(&next, 0);
             team_sync(&bar);
+            if (keep && l == m->n_layers - 1) { /* the kept rows' queries and residuals to the front */
+                if (omp_get_thread_num() == 0)
+                    for (int64_t j = 0; j < n_keep; j++)
+                        if (keep[j] != j) { /* ascending: row keep[j] >= j is not yet overwritten */
+                            memcpy(qkv + j * qkv_n, qkv + keep[j] * qkv_n, qkv_n * sizeof(float));
+                            memcpy(x + j * D, x + keep[j] * D, D * sizeof(float));
+                        }
+                nb = n_keep, nr = n_kept_runs, rw = kept_rows, ps = kept_pos, rn = kept_runs;
+                team_sync(&bar);
+            }
             /* Attention, tasks taken in turn (later rows of a prompt cost more): see KV_TILE. With one
              * span a task holds its queries whole, and ends them: the output, wo's input. */
             const int fused = n_spans == 1 && Dh % 32 == 0;
-            for (int64_t t; (t = atomic_fetch_add(&next, 1)) < tasks;) {
+            for (int64_t t, tasks = nr * K * n_spans; (t = atomic_fetch_add(&next, 1)) < tasks;) {
                 const int64_t r = t / (K * n_spans), kh = t / n_spans % K, span = t % n_spans;
-                attend_span(m, L, qkv, rows, pos, runs[r], runs[r + 1], kh, span, n_spans, part,
+                attend_span(m, L, qkv, rw, ps, rn[r], rn[r + 1], kh, span, n_spans, part,
                             tiles + omp_get_thread_num() * (2 * KV_TILE * Dh + KV_TILE));
-                for (int64_t b = runs[r]; fused && b < runs[r + 1]; b++)
+                for (int64_t b = rn[r]; fused && b < rn[r + 1]; b++)
                     for (int64_t hd = kh * group; hd < (kh + 1) * group; hd++) {
                         merge_spans(part + (b * H + hd) * (Dh + 2), 1, Dh, y + (b * H + hd) * Dh);
                         if (takes_blocks(L->wo_type, dense)) quantize(in, y, (b * H + hd) * Dh, Dh);
@@ -496,27 +524,27 @@ void herd_decode(const herd_model *m, float *x, int64_t B, const int64_t *rows, 
             }
             team_sync(&bar);
             if (!fused) {
-                share(B * H, &lo, &hi);
+                share(nb * H, &lo, &hi);
                 for (int64_t qi = lo; qi < hi; qi++) merge_spans(part + qi * n_spans * (Dh + 2), n_spans, Dh, y + qi * Dh);
                 team_sync(&bar);
                 if (takes_blocks(L->wo_type, dense)) {
-                    share(B, &lo, &hi);
+                    share(nb, &lo, &hi);
                     for (int64_t b = lo; b < hi; b++) quantize(in, y, b * H * Dh, H * Dh);
                     team_sync(&bar);
                 }
             }
-            matmul(y, in, L->wo, o, B, D, H * Dh, L->wo_type, dense);
+            matmul(y, in, L->wo, o, nb, D, H * Dh, L->wo_type, dense);
             team_sync(&bar);
-            share(B, &lo, &hi);
+            share(nb, &lo, &hi);
             for (int64_t b = lo; b < hi; b++) {
                 for (int64_t i = 0; i < D; i++) x[b * D + i] += o[b * D + i];
                 rms_norm(x + b * D, L->ffn_norm, h + b * D, D, m->eps);
                 if (takes_blocks(L->w13_type, dense)) quantize(in, h, b * D, D);
             }
             team_sync(&bar);
-            matmul(h, in, L->w13, g, B, 2 * F, D, L->w13_type, dense);
+            matmul(h, in, L->w13, g, nb, 2 * F, D, L->w13_type, dense);
             team_sync(&bar);
-            share(B * (F / 32), &lo, &hi); /* silu(gate) * up, 32 at a time (F is a multiple of 32) */
+            share(nb * (F / 32), &lo, &hi); /* silu(gate) * up, 32 at a time (F is a multiple of 32) */
             for (int64_t blk = lo; blk < hi; blk++) {
                 const int64_t b = blk / (F / 32), i0 = blk % (F / 32) * 32;
                 for (int64_t i = i0; i < i0 + 32; i += 8) {
@@ -527,10 +555,10 @@ void herd_decode(const herd_model *m, float *x, int64_t B, const int64_t *rows, 
                 if (takes_blocks(L->w2_type, dense)) quantize(in, a, b * F + i0, 32);
             }
             team_sync(&bar);
-            matmul(a, in, L->w2, o, B, D, F, L->w2_type, dense);
+            matmul(a, in, L->w2, o, nb, D, F, L->w2_type, dense);
             team_sync(&bar);
         }
-        share(B, &lo, &hi); /* the last block's residual */
+        share(nb, &lo, &hi); /* the last block's residual */
         for (int64_t b = lo; b < hi; b++)
             for (int64_t i = 0; i < D; i++) x[b * D + i] += o[b * D + i];
         /* With logits asked for (a decode step): the final norm, x given back normalised (the output's
@@ -543,14 +571,15 @@ void herd_decode(const herd_model *m, float *x, int64_t B, const int64_t *rows, 
                 memcpy(x + b * D, h + b * D, D * sizeof(float));
             }
             team_sync(&bar);
-            matmul(h, in, m->output, logits, B, m->vocab, D, m->output_type, 0);
+            matmul(h, in, m->output, logits, nb, m->vocab, D, m->output_type, 0);
         }
     }
 }
 #else
 void herd_decode(const herd_model *m, float *x, int64_t B, const int64_t *rows, const int64_t *pos,
-                 const float *rope_table, void *scratch, int dense, float *logits) {
-    (void)dense; (void)logits;
+                 const float *rope_table, void *scratch, int dense, float *logits, int64_t n_keep,
+                 const int64_t *keep) {
+    (void)dense; (void)logits; (void)n_keep; (void)keep;
     (void)m; (void)x; (void)B; (void)rows; (void)pos; (void)rope_table; (void)scratch;
 }
 void herd_final_norm(const float *x, const float *w, float *out, int64_t B, int64_t n, float eps) {
