@@ -152,7 +152,7 @@ def _prompt_tokens(llm, task: Task, text: str) -> list[int]:
 
 
 def _mc(llm, task: Task, items: list[dict], *, config, batch_tokens, tick, **_) -> tuple[dict, list]:
-    from .scoring import encode_pair, loglikelihoods
+    from .scoring import encode_pairs, loglikelihoods
 
     tok = llm.tokenizer
     requests, spans = [], []
@@ -162,7 +162,7 @@ def _mc(llm, task: Task, items: list[dict], *, config, batch_tokens, tick, **_) 
             ctx_ids = _prompt_tokens(llm, task, ctx)
             pairs = [(ctx_ids, tok.encode(c)) for c in item["choices"]]
         else:
-            pairs = [encode_pair(tok, ctx, " " + c) for c in item["choices"]]
+            pairs = encode_pairs(tok, ctx, [" " + c for c in item["choices"]])
             if tok.add_bos and tok.bos_id is not None:
                 pairs = [([tok.bos_id] + c, d) for c, d in pairs]
         spans.append((len(requests), len(pairs)))

@@ -35,20 +35,20 @@ STEP_TOKENS = 256  # the engine's path: tokens per step call
 MIN_SHARED = 4  # the engine's path: the fewest tokens worth prefilling once for several contexts
 
 
-def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """Context and continuation tokens as lm-evaluation-harness splits them: trailing spaces of
-    the context move to the continuation, the pair is encoded whole and the continuation is what
-    follows the context's own tokens (so a merge across the boundary is scored as the model would
-    see it). An empty context becomes the prefix token (BOS, else EOS)."""
+def encode_pairs(tokenizer, context: str, continuations: Sequence[str]) -> list[tuple[list[int], list[int]]]:
+    """Context and continuation tokens as lm-evaluation-harness splits them, for each continuation
+    of one context: trailing spaces of the context move to the continuation, the pair is encoded
+    whole and the continuation is what follows the context's own tokens (so a merge across the
+    boundary is scored as the model would see it). An empty context becomes the prefix token (BOS,
+    else EOS). The context is encoded once for all its continuations."""
     n_spaces = len(context) - len(context.rstrip())
     if n_spaces:
-        continuation = context[-n_spaces:] + continuation
+        continuations = [context[-n_spaces:] + c for c in continuations]
         context = context[:-n_spaces]
     if not context:
-        return [prefix_token(tokenizer)], tokenizer.encode(continuation)
-    whole = tokenizer.encode(context + continuation)
+        return [([prefix_token(tokenizer)], tokenizer.encode(c)) for c in continuations]
     ctx = tokenizer.encode(context)
-    return ctx, whole[len(ctx):]
+    return [(ctx, tokenizer.encode(context + c)[len(ctx):]) for c in continuations]
 
 
 def prefix_token(tokenizer) -> int:
