@@ -384,8 +384,7 @@ void block_dequantize(const uint8_t *w, float *out, int64_t N, int64_t K, int ty
 #define DN 16
 #define DM 6
 static inline __attribute__((always_inline)) void dense_tile(const float *x, const float *panel, float *y,
-                                                              int64_t m0, int64_t n0, int64_t K, int64_t N,
-                                                              const int mt) {
+        int64_t ldy, int64_t m0, int64_t n0, int64_t K, int nn, const int mt) {
     __m256 acc[DM][2];
     for (int r = 0; r < mt; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
     for (int64_t k = 0; k < K; k++) {
@@ -397,8 +396,27 @@ static inline __attribute__((always_inline)) void dense_tile(const float *x, con
         }
     }
     for (int r = 0; r < mt; r++) {
-        _mm256_storeu_ps(y + (m0 + r) * N + n0, acc[r][0]);
-        _mm256_storeu_ps(y + (m0 + r) * N + n0 + 8, acc[r][1]);
+        float *out = y + (m0 + r) * ldy + n0, part[DN];
+        if (nn < DN) out = part; /* a last panel of fewer rows: through a buffer */
+        _mm256_storeu_ps(out, acc[r][0]);
+        _mm256_storeu_ps(out + 8, acc[r][1]);
+        if (nn < DN) memcpy(y + (m0 + r) * ldy + n0, part, (size_t)nn * sizeof(float));
+    }
+}
+
+/* y[:, n0 .. n0 + nn - 1] (rows ldy apart) = x (M, K) @ one panel (K x DN, k-major, nn <= DN of
+ * its columns wanted): the float32 prompt matmuls' inner loop, here and in kquant.c. */
+void dense_panel(const float *x, const float *panel, float *y, int64_t ldy, int64_t M, int64_t K, int64_t n0,
+                 int nn) {
+    int64_t m0 = 0;
+    for (; m0 + DM <= M; m0 += DM) dense_tile(x, panel, y, ldy, m0, n0, K, nn, DM);
+    switch (M - m0) {
+        case 1: dense_tile(x, panel, y, ldy, m0, n0, K, nn, 1); break;
+        case 2: dense_tile(x, panel, y, ldy, m0, n0, K, nn, 2); break;
+        case 3: dense_tile(x, panel, y, ldy, m0, n0, K, nn, 3); break;
+        case 4: dense_tile(x, panel, y, ldy, m0, n0, K, nn, 4); break;
+        case 5: dense_tile(x, panel, y, ldy, m0, n0, K, nn, 5); break;
+        default: break;
     }
 }
 
@@ -448,16 +466,7 @@ void block_mm_dense_team(const float *x, const uint8_t *w, float *y, int64_t M, 
                 for (int64_t k = 0; k < K; k++) panel[k * DN + j] = row[k];
             }
         }
-        int64_t m0 = 0;
-        for (; m0 + DM <= M; m0 += DM) dense_tile(x, panel, y, m0, n0, K, N, DM);
-        switch (M - m0) {
-            case 1: dense_tile(x, panel, y, m0, n0, K, N, 1); break;
-            case 2: dense_tile(x, panel, y, m0, n0, K, N, 2); break;
-            case 3: dense_tile(x, panel, y, m0, n0, K, N, 3); break;
-            case 4: dense_tile(x, panel, y, m0, n0, K, N, 4); break;
-            case 5: dense_tile(x, panel, y, m0, n0, K, N, 5); break;
-            default: break;
-        }
+        dense_panel(x, panel, y, N, M, K, n0, DN);
     }
     free(panel);
     free(row);

@@ -1076,32 +1076,13 @@ void kq_mm(const int16_t *xq, const float *xd, const float *xs, const uint8_t *w
 }
 
 /* -- y = x @ W^T in float32 (prompts) ----------------------------------------------------------
- * Sixteen weight rows at a time are dequantized exactly into a k-major panel and multiplied by a
- * 6 x 16 register tile (blockmm.c's dense path): every y[m, n] is one chain of multiply-adds over
- * k from zero, whatever M is. Any N: a last panel of fewer rows is padded with zeros. */
-#define DN 16
-#define DM 6
+ * Sixteen weight rows at a time are dequantized exactly into a k-major panel and multiplied by
+ * blockmm.c's `dense_panel` (a 6 x 16 register tile): every y[m, n] is one chain of multiply-adds
+ * over k from zero, whatever M is. Any N: a last panel of fewer rows is padded with zeros. */
+#define DN 16 /* dense_panel's width */
 #if HERD_SIMD
-static inline __attribute__((always_inline)) void dense_tile(const float *x, const float *panel, float *y,
-        int64_t ldy, int64_t m0, int64_t n0, int64_t K, int nn, const int mt) {
-    __m256 acc[DM][2];
-    for (int r = 0; r < mt; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
-    for (int64_t k = 0; k < K; k++) {
-        const __m256 w0 = _mm256_load_ps(panel + k * DN), w1 = _mm256_load_ps(panel + k * DN + 8);
-        for (int r = 0; r < mt; r++) {
-            const __m256 xb = _mm256_broadcast_ss(x + (m0 + r) * K + k);
-            acc[r][0] = _mm256_fmadd_ps(xb, w0, acc[r][0]);
-            acc[r][1] = _mm256_fmadd_ps(xb, w1, acc[r][1]);
-        }
-    }
-    for (int r = 0; r < mt; r++) {
-        float *out = y + (m0 + r) * ldy + n0, part[DN];
-        if (nn < DN) out = part; /* a last panel of fewer rows: through a buffer */
-        _mm256_storeu_ps(out, acc[r][0]);
-        _mm256_storeu_ps(out + 8, acc[r][1]);
-        if (nn < DN) memcpy(y + (m0 + r) * ldy + n0, part, (size_t)nn * sizeof(float));
-    }
-}
+void dense_panel(const float *x, const float *panel, float *y, int64_t ldy, int64_t M, int64_t K, int64_t n0,
+                 int nn);
 #endif
 
 static void dense_part(const float *x, const uint8_t *w, float *y, int64_t ldy, int64_t M, int64_t N, int64_t K,
@@ -1139,16 +1120,7 @@ static void dense_part(const float *x, const uint8_t *w, float *y, int64_t ldy, 
             }
 #if HERD_SIMD
             if (!force_scalar) {
-                int64_t m0 = 0;
-                for (; m0 + DM <= M; m0 += DM) dense_tile(x, panel, y, ldy, m0, n0, K, nn, DM);
-                switch (M - m0) {
-                    case 1: dense_tile(x, panel, y, ldy, m0, n0, K, nn, 1); break;
-                    case 2: dense_tile(x, panel, y, ldy, m0, n0, K, nn, 2); break;
-                    case 3: dense_tile(x, panel, y, ldy, m0, n0, K, nn, 3); break;
-                    case 4: dense_tile(x, panel, y, ldy, m0, n0, K, nn, 4); break;
-                    case 5: dense_tile(x, panel, y, ldy, m0, n0, K, nn, 5); break;
-                    default: break;
-                }
+                dense_panel(x, panel, y, ldy, M, K, n0, nn);
                 continue;
             }
 #endif
