@@ -70,12 +70,18 @@ def test_fused_int8_projection_equals_its_parts_and_mixed_kinds_are_not_fused():
     assert pack_gguf_tensors([weights[0], q4], native_ok=False) is None  # int8 beside int4: packed apart
 
 
-def test_embedding_rows_are_exact():
-    raw = gguf_blocks(Q.Q8_0, 50, 64)
-    emb = GGMLEmbedding(50, 64, Q.Q8_0)
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0])
+def test_embedding_rows_are_exact(qtype):
+    """Lookups read the blocks in place (the native kernel where it runs): a few rows, and more than
+    are dequantized on one thread."""
+    raw = gguf_blocks(qtype, 50, 64)
+    emb = GGMLEmbedding(50, 64, qtype)
     emb.raw = torch.from_numpy(raw)
+    ref = dequantize(raw, qtype, (50, 64))
     ids = torch.tensor([[3, 49, 0], [7, 7, 1]])
-    assert torch.equal(emb(ids), dequantize(raw, Q.Q8_0, (50, 64))[ids])
+    assert torch.equal(emb(ids), ref[ids])
+    many = torch.randint(0, 50, (600,), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(emb(many), ref[many])
 
 
 def test_refined_output_is_exact_where_it_matters():

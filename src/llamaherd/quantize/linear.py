@@ -174,8 +174,8 @@ class GGMLEmbedding(nn.Module):
         """Float32 rows (n, dim) for token ids (n,)."""
         if self.rows8 and self.kernel_type < native.KQ_R8:  # blockmm.c's layout
             return native.rows8_dequantize(self.raw, ids.reshape(-1), self.kernel_type, self.dim)
-        if self.parts or self.rows8 or (self.qtype in KQUANT_TYPES and self.raw.device.type == "cpu"
-                                        and native.available()):
+        if self.parts or self.rows8 or (self.qtype in NATIVE_TYPES and self.raw.device.type == "cpu"
+                                        and native.available()):  # read in place: no gathered copy of the blocks
             return native.kq_rows(self.raw, ids.reshape(-1), self.kernel_type, self.dim, self.n_rows)
         return _dequantize_rows(self.raw.index_select(0, ids.reshape(-1)), self.qtype, (ids.numel(), self.dim))
 
