@@ -10,6 +10,8 @@
 #   infer1b   benchmarks/bench_gpu.py, Llama 3.2 1B shape, every row (bf16, int4, 16 streams, transformers)
 #   herd1b    the same, herd's compiled rows only
 #   infer8b   the same on the Llama 3.1 8B shape, batch 1 only (bf16 and int4 compiled)
+#   profile   benchmarks/profile_gpu.py: where a compiled step's time goes (wall vs device busy vs the
+#             bound, kernels by kind, the top 25), 1B bf16 batch 1, 1B bf16 16 rows, 8B int4 batch 1
 #
 # The machine's python3 must have torch with CUDA (transformers for its rows); wheels it lacks
 # (gguf) travel in .whl/ and are installed to /tmp/site first. Each part has its own time limit so
@@ -45,6 +47,10 @@ for part in $parts; do
     infer1b) run infer1b 200 python3 benchmarks/bench_gpu.py --shapes llama3.2-1b --json "$out/bench_gpu_1b.json" ;;
     infer8b) run infer8b 180 python3 benchmarks/bench_gpu.py --shapes llama3.1-8b --no-hf \
                --rows "herd int4 compiled" "herd compiled" --json "$out/bench_gpu_8b.json" ;;
+    profile)
+      run profile_1b 120 python3 benchmarks/profile_gpu.py --shape llama3.2-1b --json "$out/profile_1b.json"
+      run profile_1b_16 120 python3 benchmarks/profile_gpu.py --shape llama3.2-1b --rows 16 --json "$out/profile_1b_16.json"
+      run profile_8b_int4 150 python3 benchmarks/profile_gpu.py --shape llama3.1-8b --int4 --json "$out/profile_8b_int4.json" ;;
     *) echo "unknown part $part" ;;
   esac
 done

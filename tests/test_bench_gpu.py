@@ -28,3 +28,18 @@ def test_tiny_smoke_run_on_the_cpu(bench, tmp_path):
 def test_no_cuda_is_a_clean_skip(bench, tmp_path, capsys):
     assert bench.main(["--device", "cuda", "--json", str(tmp_path / "out.json")]) == []
     assert "no CUDA device" in capsys.readouterr().out
+
+
+def test_profile_smoke_run_on_the_cpu(load_benchmark, tmp_path):
+    """benchmarks/profile_gpu.py (what a lent GPU's first minutes run) profiles the step of a tiny
+    model on the CPU (eager: the compiled step is the smoke run's above): per-step times, the kinds
+    adding up, the top operators, the JSON."""
+    import json
+
+    prof = load_benchmark("profile_gpu")
+    p = prof.main(["--device", "cpu", "--tiny", "--steps", "4", "--rows", "2", "--eager",
+                   "--json", str(tmp_path / "p.json")])
+    assert p["wall ms/step"] > 0 and p["operators ms/step"] > 0 and p["top"]
+    assert sum(p["by kind ms/step"].values()) == pytest.approx(p["operators ms/step"])
+    assert any(t["kind"] == "matmul" for t in p["top"])
+    assert json.loads((tmp_path / "p.json").read_text())["rows"] == 2
