@@ -221,6 +221,16 @@ def test_herd_lm_eval_command_finds_the_backend_through_its_entry_point(smollm2_
     from llamaherd.eval import harness
 
     assert entry_points(group="lm_eval.models")["herd"].load() is harness.HerdLM
+    # lm-eval's command line indexes its ~14,000 built-in task files before it looks at
+    # --include_path (seconds of YAML parsing); the task here is ours alone, so the index holds only
+    # --include_path, as in _lm_eval above. Everything herd-lm-eval does is unchanged.
+    import lm_eval.tasks
+
+    class IncludedTasksOnly(lm_eval.tasks.TaskManager):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "include_defaults": False})
+
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", IncludedTasksOnly)
     monkeypatch.setattr(sys, "argv", ["herd-lm-eval", "--model", "herd", "--model_args", f"model={smollm2_path}",
                                       "--tasks", "herd_tiny", "--include_path", str(tiny_task),
                                       "--output_path", str(tmp_path / "out")])
