@@ -1,5 +1,6 @@
 import os
 import socket
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -53,11 +54,38 @@ def smollm2(smollm2_path):
     return tokenizer_from_gguf(gguf_metadata(gguf.GGUFReader(smollm2_path)))
 
 
+_GGUF_READERS: dict = {}
+
+
+@contextmanager
+def _gguf_parsed_once():
+    """transformers builds a `gguf.GGUFReader` of the file for the tokenizer, again for the config
+    and again for the weights (~6 s of pure-Python field parsing each on this machine): within this
+    block, a path's reader is built once and shared. It is read-only; what transformers makes of
+    it (the oracle) is unchanged."""
+    import gguf
+
+    real = gguf.GGUFReader
+
+    def reader(path, mode="r"):
+        key = (str(Path(path).resolve()), mode)
+        if key not in _GGUF_READERS:
+            _GGUF_READERS[key] = real(path, mode)
+        return _GGUF_READERS[key]
+
+    gguf.GGUFReader = reader
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = real
+
+
 @pytest.fixture(scope="session")
 def hf_smollm2(smollm2_path):
     """transformers' tokenizer of the same GGUF (the oracle)."""
     transformers = pytest.importorskip("transformers")
-    return transformers.AutoTokenizer.from_pretrained(smollm2_path.parent, gguf_file=smollm2_path.name)
+    with _gguf_parsed_once():
+        return transformers.AutoTokenizer.from_pretrained(smollm2_path.parent, gguf_file=smollm2_path.name)
 
 
 @pytest.fixture(scope="session")
@@ -79,5 +107,6 @@ def hf_smollm2_model(smollm2_path):
     """transformers' LlamaForCausalLM on the same GGUF, dequantized to float32 (the oracle)."""
     transformers = pytest.importorskip("transformers")
     import torch
-    return transformers.AutoModelForCausalLM.from_pretrained(
-        smollm2_path.parent, gguf_file=smollm2_path.name, dtype=torch.float32).eval()
+    with _gguf_parsed_once():
+        return transformers.AutoModelForCausalLM.from_pretrained(
+            smollm2_path.parent, gguf_file=smollm2_path.name, dtype=torch.float32).eval()
