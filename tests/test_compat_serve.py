@@ -53,11 +53,11 @@ def herd(tmp_path_factory, smollm2_path):
 
 
 @pytest.fixture(scope="module")
-def meta(smollm2_path):
+def meta(smollm2_reader):
     """The GGUF file's metadata, read by the `gguf` package (the oracle for /api/show)."""
     import gguf
 
-    reader = gguf.GGUFReader(smollm2_path)
+    reader = smollm2_reader
     out = {}
     for field in reader.fields.values():
         if len(field.types) == 1 and field.types[0] != gguf.GGUFValueType.ARRAY:

@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
-from gguf import GGUFReader
 from gguf import quants as ref
 
 from llamaherd.errors import FormatError
@@ -138,9 +137,9 @@ def test_wrong_sizes():
         dequantize(np.zeros(36, np.uint8), Q.Q4_0, (2, 48))
 
 
-def test_smollm2_tensors_match_gguf(smollm2_path):
+def test_smollm2_tensors_match_gguf(smollm2_reader):
     """The real Q4_1 file: a few tensors of each type in it (Q8_0: the 49152x576 embedding)."""
-    reader = GGUFReader(smollm2_path)
+    reader = smollm2_reader
     by_type: dict[Q, list] = {}
     for t in reader.tensors:
         by_type.setdefault(Q(t.tensor_type), []).append(t)

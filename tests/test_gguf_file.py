@@ -8,8 +8,9 @@ from llamaherd.errors import FormatError
 from llamaherd.formats.gguf import GGUFFile
 
 
-def test_matches_gguf_reader(smollm2_path):
-    ours, ref = GGUFFile(smollm2_path), GGUFReader(smollm2_path)
+def test_matches_gguf_reader(smollm2_path, smollm2_reader):
+    ours, ref = GGUFFile(smollm2_path), smollm2_reader  # the gguf package's reader (conftest: parsed once)
+    assert isinstance(ref, GGUFReader)
     expected = {k: f.contents() for k, f in ref.fields.items() if not k.startswith("GGUF.")}
     assert ours.metadata.keys() == expected.keys()
     for key, value in expected.items():
