@@ -115,25 +115,36 @@ def test_prompts_prefilled_together_get_what_they_get_alone(model, smollm2):
         assert torch.equal(model.layers[3].attention.cache.k[row, :, :len(ids)], keys[row, :, :len(ids)])
 
 
-@pytest.mark.parametrize("dense", [False, True])  # the int16 matmuls and the float32 ones
-def test_the_last_block_for_the_kept_rows_alone_gives_their_bits(model, smollm2, dense):
+@pytest.mark.parametrize("dense, start", [(False, 0), (True, 0), (True, 600)])  # int16, float32; keys in 2 spans
+def test_the_last_block_for_the_kept_rows_alone_gives_their_bits(model, smollm2, dense, start):
     """A prompt's call wants its last row's state only (`prefill_many`): with `keep` the last block
     computes the kept rows alone, after storing every row's keys and values; each kept row must
-    come out as it does when all rows are computed, to the bit, and the cache be the same."""
+    come out as it does when all rows are computed, to the bit (its logits too), and the cache be
+    the same. `start`: the prompts resume at that position (past the first span of keys)."""
     prompts = [smollm2.encode(p) for p in PROMPTS]
     tokens = [t for ids in prompts for t in ids]
-    positions = [p for ids in prompts for p in range(len(ids))]
+    positions = [start + p for ids in prompts for p in range(len(ids))]
     rows = [row for row, ids in enumerate(prompts) for _ in ids]
     ends = [sum(map(len, prompts[:i + 1])) - 1 for i in range(len(prompts))]
     keep = sorted({1, *ends})  # each prompt's last row, and one from the middle of the first
-    model.setup_cache(3, 64)
-    every = native._run(model, tokens, positions, rows, dense=dense)
-    cache = [(layer.attention.cache.k.clone(), layer.attention.cache.v.clone()) for layer in model.layers]
-    model.setup_cache(3, 64)
-    kept = native._run(model, tokens, positions, rows, dense=dense, keep=keep)
+    vocab = model.output.out_features
+
+    def run(keep=None):
+        model.setup_cache(3, start + 64)
+        for layer in model.layers:  # what the earlier positions hold: the same in both runs
+            layer.attention.cache.k[:, :, :start].normal_(generator=torch.Generator().manual_seed(1))
+            layer.attention.cache.v[:, :, :start].normal_(generator=torch.Generator().manual_seed(2))
+        logits = torch.empty(len(tokens) if keep is None else len(keep), vocab)
+        x = native._run(model, tokens, positions, rows, dense=dense, keep=keep,
+                        logits=logits if native.decoder(model).output else None)
+        return x, logits, [(layer.attention.cache.k.clone(), layer.attention.cache.v.clone()) for layer in model.layers]
+
+    every, every_logits, cache = run()
+    kept, kept_logits, kept_cache = run(keep)
     assert kept.shape == (len(keep), every.shape[1]) and torch.equal(kept, every[keep])
-    for layer, (k, v) in zip(model.layers, cache):
-        assert torch.equal(layer.attention.cache.k, k) and torch.equal(layer.attention.cache.v, v)
+    assert torch.equal(kept_logits, every_logits[keep])
+    for (k, v), (k2, v2) in zip(cache, kept_cache):
+        assert torch.equal(k, k2) and torch.equal(v, v2)
     for bad in ([3, 1], [len(tokens)], []):
         with pytest.raises(ValueError):
             native._run(model, tokens, positions, rows, dense=dense, keep=bad)

@@ -366,7 +366,7 @@ def _run(model, tokens: list[int], positions: list[int], rows: list[int], dense:
     n_out = len(tokens) if keep is None else len(keep)
     if logits is not None and not (desc.output and logits.dtype == torch.float32 and logits.is_contiguous()
                                    and tuple(logits.shape) == (n_out, desc.vocab)):
-        raise ValueError("logits must be a contiguous float32 (B, vocab) tensor, and the output folded in")
+        raise ValueError("logits must be a contiguous float32 (rows out, vocab) tensor, and the output folded in")
     n_rows, _, n_positions, _ = model.layers[0].attention.cache.k.shape
     if not (0 <= min(positions) <= max(positions) < n_positions and 0 <= min(rows) <= max(rows) < n_rows):
         raise IndexError(f"decode at positions {positions} of rows {rows}: outside the KV cache")

@@ -368,11 +368,6 @@ void rows8_repack(const uint8_t *src, uint8_t *dst, int64_t N, int64_t K, int ty
     }
 }
 
-/* Fewer rows than this are dequantized on the calling thread: a prompt's embeddings, the output's
- * refined rows (~0.5 ms for 256 rows of 576). Waking the team costs more on a busy machine (a
- * time slice of the other core: milliseconds) than it saves on an idle one. */
-#define ROWS_ALONE 512
-
 /* The float32 weights (N, K) of N rows of blocks. */
 void block_dequantize(const uint8_t *w, float *out, int64_t N, int64_t K, int type) {
     const int64_t nb = K / QK, row_bytes = nb * block_bytes(type);

@@ -465,7 +465,7 @@ static void r8_panel(const uint8_t *g, int64_t K, float *panel, int dn, int j0, 
  * and for QLoRA's backward pass. A repacked row: its group of eight decoded as the prompt path's
  * panels are (the same rounding), or given back in the file's format on the plain-C path. */
 void kq_rows_dequantize(const uint8_t *w, const int64_t *ids, int64_t n, float *out, int64_t K, int type) {
-#pragma omp parallel for schedule(static) if (n >= 512) /* as blockmm.c's block_dequantize (ROWS_ALONE) */
+#pragma omp parallel for schedule(static) if (n >= ROWS_ALONE)
     for (int64_t i = 0; i < n; i++) {
         int t = type;
         int64_t r = 0;
