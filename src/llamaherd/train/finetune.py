@@ -48,7 +48,8 @@ class CausalLMLoss(nn.Module):
         weight = getattr(model.output, "weight", None)
         # A tied embedding that trains (pre-training, a full fine-tune of a small model): its lookup's
         # gradient goes straight into the loss's (V, D) one (`loss.tied_lookup`).
-        if self.link_tied and torch.is_grad_enabled() and weight is model.tok_embeddings.weight and weight.requires_grad:
+        tied = weight is not None and weight is getattr(model.tok_embeddings, "weight", None)
+        if self.link_tied and tied and weight.requires_grad and torch.is_grad_enabled():
             link = TiedLink()
             x = tied_lookup(weight, tokens, link)
         h = model.hidden_states(tokens, input_pos=input_pos, doc_ids=doc_ids, embeddings=x)
