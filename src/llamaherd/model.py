@@ -362,7 +362,7 @@ class Transformer(nn.Module):
 
     def hidden_states(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None,
                       rows: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None,
-                      n_keys: int | None = None) -> torch.Tensor:
+                      n_keys: int | None = None, embeddings: torch.Tensor | None = None) -> torch.Tensor:
         """Final normalised hidden states (B, T, D).
 
         Args:
@@ -374,6 +374,8 @@ class Transformer(nn.Module):
                 (see `document_attention`). Not used with a cache.
             n_keys: with a cache, attend to cache positions 0..n_keys-1 (more than the largest
                 position; for a single token, exactly its position + 1); default: the whole cache.
+            embeddings: (B, T, D) the tokens' embeddings, when the caller looked them up (training's
+                tied lookup, `train.loss.tied_lookup`); default: `tok_embeddings(tokens)`.
         """
         B, T = tokens.shape
         at = None
@@ -389,7 +391,7 @@ class Transformer(nn.Module):
         elif input_pos is None:
             input_pos = torch.arange(T, device=tokens.device).expand(B, T)
         rope = self.rope[input_pos]  # (B, T, Dh/2, 2)
-        h = self.tok_embeddings(tokens)
+        h = self.tok_embeddings(tokens) if embeddings is None else embeddings
         for layer in self.layers:
             h = layer(h, rope, doc_ids if at is None else None, at)
         return self.norm(h)

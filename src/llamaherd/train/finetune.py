@@ -28,7 +28,7 @@ from ..errors import HerdError
 from .config import SFTConfig
 from .data import Batches, pack, read_jsonl, read_split, tokenize
 from .lora import lora_llama3, parse_targets
-from .loss import cross_entropy_sum
+from .loss import TiedLink, Workspace, cross_entropy_sum, tied_lookup
 from .loop import begin, fit
 from .metrics import plot_loss
 
@@ -40,10 +40,20 @@ class CausalLMLoss(nn.Module):
     def __init__(self, model: nn.Module, loss_chunk: int):
         super().__init__()
         self.model, self.loss_chunk = model, loss_chunk
+        self.workspace = Workspace()  # the loss's logits block, reused step after step
+        self.link_tied = True  # see `forward`; off under FSDP2 (`_distribute`)
 
     def forward(self, tokens, targets, doc_ids=None, input_pos=None):
-        h = self.model.hidden_states(tokens, input_pos=input_pos, doc_ids=doc_ids)
-        return cross_entropy_sum(h, self.model.output, targets, self.loss_chunk)
+        model, link, x = self.model, None, None
+        weight = getattr(model.output, "weight", None)
+        # A tied embedding that trains (pre-training, a full fine-tune of a small model): its lookup's
+        # gradient goes straight into the loss's (V, D) one (`loss.tied_lookup`).
+        tied = weight is not None and weight is getattr(model.tok_embeddings, "weight", None)
+        if self.link_tied and tied and weight.requires_grad and torch.is_grad_enabled():
+            link = TiedLink()
+            x = tied_lookup(weight, tokens, link)
+        h = model.hidden_states(tokens, input_pos=input_pos, doc_ids=doc_ids, embeddings=x)
+        return cross_entropy_sum(h, model.output, targets, self.loss_chunk, self.workspace, link)
 
 
 # -- setup ------------------------------------------------------------------------------------
@@ -120,6 +130,8 @@ def _distribute(model: nn.Module, wrapper: nn.Module, activation_checkpointing: 
     """FSDP2: each block its own shard group, the rest (embedding, norm, output) the root's."""
     from torch.distributed.fsdp import fully_shard
 
+    if isinstance(wrapper, CausalLMLoss):
+        wrapper.link_tied = False  # FSDP2 reduces each gradient autograd hands it: no hand-over
     for layer in model.layers:
         fully_shard(layer)
     fully_shard(wrapper)
