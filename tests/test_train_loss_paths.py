@@ -64,6 +64,12 @@ def test_tied_lookup_gradient_equals_a_plain_embedding_and_accumulates():
         (tied() / 90).backward()
         assert w.grad.layout == torch.strided
         assert torch.allclose(w.grad, k * ref_w, atol=1e-5) and torch.allclose(proj.grad, k * ref_p, atol=1e-5)
+    # Two linked forwards in one backward, and another use of the weight beside them: each adds
+    # its share (the loss hands its gradient to its own lookup, never to autograd directly).
+    w.grad = proj.grad = None
+    ref_w2, ref_p2 = torch.autograd.grad((plain() + plain()) / 90 + w.square().sum(), (w, proj))
+    ((tied() + tied()) / 90 + w.square().sum()).backward()
+    assert torch.allclose(w.grad, ref_w2, atol=1e-5) and torch.allclose(proj.grad, ref_p2, atol=1e-5)
     # Without a loss handing over its gradient, the lookup gives its own, as F.embedding's.
     w.grad = None
     tied_lookup(w, tokens, TiedLink()).pow(2).sum().backward()

@@ -46,10 +46,13 @@ class CausalLMLoss(nn.Module):
     def forward(self, tokens, targets, doc_ids=None, input_pos=None):
         model, link, x = self.model, None, None
         weight = getattr(model.output, "weight", None)
-        # A tied embedding that trains (pre-training, a full fine-tune of a small model): its lookup's
-        # gradient goes straight into the loss's (V, D) one (`loss.tied_lookup`).
+        # A tied embedding that trains (pre-training, a full fine-tune of a small model) on the CPU:
+        # its lookup's gradient goes straight into the loss's (V, D) one (`loss.tied_lookup`). Not
+        # on CUDA: there a fresh gradient costs no page faults, and index_add_'s atomics would make
+        # the weight's gradient vary from run to run.
         tied = weight is not None and weight is getattr(model.tok_embeddings, "weight", None)
-        if self.link_tied and tied and weight.requires_grad and torch.is_grad_enabled():
+        if self.link_tied and tied and weight.requires_grad and weight.device.type == "cpu" \
+                and torch.is_grad_enabled():
             link = TiedLink()
             x = tied_lookup(weight, tokens, link)
         h = model.hidden_states(tokens, input_pos=input_pos, doc_ids=doc_ids, embeddings=x)
