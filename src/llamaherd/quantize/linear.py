@@ -177,7 +177,7 @@ class GGMLEmbedding(nn.Module):
         if self.parts or self.rows8 or (self.qtype in NATIVE_TYPES and self.raw.device.type == "cpu"
                                         and native.available()):  # read in place: no gathered copy of the blocks
             return native.kq_rows(self.raw, ids.reshape(-1), self.kernel_type, self.dim, self.n_rows)
-        return _dequantize_rows(self.raw.index_select(0, ids.reshape(-1)), self.qtype, (ids.numel(), self.dim))
+        return dequantize(self.raw.index_select(0, ids.reshape(-1)), self.qtype, (ids.numel(), self.dim))
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.rows(tokens.reshape(-1)).view(*tokens.shape, self.dim)
@@ -187,14 +187,6 @@ REPACKED_TYPES = (Q.Q4_0, Q.Q4_1, Q.Q8_0)  # what kernels/blockmm.c multiplies f
 FLOAT_TYPES = (Q.F32, Q.F16, Q.BF16)  # float weights as stored (`weights.quantized.float_blocks_state_dict`)
 KQUANT_TYPES = (Q.Q5_0, Q.Q5_1, Q.Q4_K, Q.Q5_K, Q.Q6_K) + FLOAT_TYPES  # what kernels/kquant.c multiplies from the file's blocks
 NATIVE_TYPES = REPACKED_TYPES + KQUANT_TYPES
-
-
-def _dequantize_rows(blocks: torch.Tensor, qtype: Q, shape: tuple[int, int]) -> torch.Tensor:
-    """Rows of GGUF blocks as float32: by the native kernel where it can (bit-exact with `dequantize`,
-    and without its ~20 small torch ops: embedding lookups and the output's refinement run every token)."""
-    if qtype in NATIVE_TYPES and blocks.device.type == "cpu" and native.available():
-        return native.block_dequantize(blocks.contiguous(), int(qtype), shape[1])
-    return dequantize(blocks, qtype, shape)
 
 
 class BlockLinear(GGMLEmbedding):

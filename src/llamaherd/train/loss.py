@@ -188,9 +188,9 @@ class _TiedLookup(torch.autograd.Function):
     loss's backward runs first (the lookup feeds everything before it) and hands its (V, D) weight
     gradient over in `link` instead of returning it; this backward adds its rows into it in place
     and returns it as the weight's gradient of both uses, where a plain lookup's is a fresh (V, D)
-    of zeros with the rows in, then added to the output's
-    (for Llama 3's vocabulary at dim 384: 197 MB, ~0.2 s a step on one core). torch's sparse lookup
-    gradient does not help: autograd adds a sparse gradient to a dense one out of place."""
+    of zeros with the rows in, then added to the output's (for Llama 3's vocabulary at dim 384:
+    197 MB, ~0.2 s a step on one core). torch's sparse lookup gradient does not help: autograd adds
+    a sparse gradient to a dense one out of place."""
 
     @staticmethod
     def forward(ctx, weight, tokens, link):

@@ -19,8 +19,8 @@ static inline float hsum(__m256 v) {
 #define HERD_SIMD 0
 #endif
 
-/* Fewer rows than this are dequantized on the calling thread (block_dequantize, kq_rows_dequantize):
- * a prompt's embeddings, the output's refined rows (~0.5 ms for 256 rows of 576). Waking the team
+/* Fewer rows than this are dequantized on the calling thread (kq_rows_dequantize: a prompt's
+ * embeddings, the output's refined rows, ~0.5 ms for 256 rows of 576; block_dequantize). Waking the team
  * costs more on a busy machine (a time slice of the other core: milliseconds) than it saves on an
  * idle one. */
 #define ROWS_ALONE 512
