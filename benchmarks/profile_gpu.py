@@ -102,16 +102,24 @@ def report(p: dict, bound_ms: float) -> str:
     return "\n".join(lines)
 
 
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> dict:
     from llamaherd.config import ModelArgs
+    from llamaherd.errors import HerdError
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--shape", default="llama3.2-1b")
     parser.add_argument("--tiny", action="store_true", help="a 2-layer model instead of the shape (smoke run)")
     parser.add_argument("--int4", action="store_true", help="the block projections in int4 (what a 4-bit GGUF loads as)")
-    parser.add_argument("--rows", type=int, default=1, help="rows decoded together (the server's batch)")
-    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--rows", type=positive, default=1, help="rows decoded together (the server's batch)")
+    parser.add_argument("--steps", type=positive, default=50)
     parser.add_argument("--eager", action="store_true", help="profile the eager step, not the compiled one")
     parser.add_argument("--backend", default="inductor", help="torch.compile backend (eager: no C++ build)")
     parser.add_argument("--json", help="write the profile here")
@@ -121,8 +129,11 @@ def main(argv: list[str] | None = None) -> dict:
     if device.type == "cuda" and not torch.cuda.is_available():
         print("[no CUDA device: nothing to profile; --device cpu --tiny is the smoke run]")
         return {}
-    margs = ModelArgs(**TINY) if args.tiny else replace(ModelArgs.from_name(args.shape),
-                                                       max_seq_len=PROMPT + args.steps + 64)
+    try:
+        margs = ModelArgs(**TINY) if args.tiny else replace(ModelArgs.from_name(args.shape),
+                                                           max_seq_len=PROMPT + args.steps + 64)
+    except HerdError as e:
+        parser.error(str(e))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = random_model(margs, device, dtype, int4=args.int4)
     bound_ms = step_bytes(model) / bandwidth(device) * 1e3
