@@ -637,7 +637,7 @@ def test_engine_path_prefills_a_shared_prefix_once_and_scores_as_alone(smollm2_f
         f"How many legs has a {animal}? {legs}\n\n" for animal, legs in
         (("cow", 4), ("hen", 2), ("horse", 4), ("duck", 2), ("goat", 4), ("spider", 8), ("snake", 0))))
     questions = [tok.encode(q) for q in ("Cows say?", "Hens lay?", "What barks? " + "Woof and woof. " * 12)]
-    assert len(head) < 128 < len(head + questions[2])  # a whole block of the float32 prompt path past the header
+    assert len(head) < 128 < len(head + questions[2])  # a whole block of the prompt path past the header
     reqs = [(head + q, tok.encode(c)) for q in questions for c in (" A", " B", " a cow in a field")]
     reqs.append((tok.encode("Hello"), tok.encode(" world")))
     prefilled = []

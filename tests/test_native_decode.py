@@ -78,7 +78,7 @@ def test_float_models_take_the_torch_modules(smollm2_ref):
     assert isinstance(make_runner(smollm2_ref.model), TorchRunner)
 
 
-@pytest.mark.parametrize("repeat", [1, 27])  # 11 tokens: int16 matmuls; ~300: float32 blocks, then an int16 tail
+@pytest.mark.parametrize("repeat", [1, 27])  # 11 tokens: decoding's path; ~300: prompt-path blocks, then a tail
 def test_prefill_equals_the_torch_modules_and_resumes_exactly(model, smollm2, repeat):
     """The native prompt path against the torch modules; and a prompt resumed after a cached prefix
     that ends on a block boundary (as `Llama` resumes) gets the same keys, values and logits, to the
@@ -102,7 +102,7 @@ def test_prefill_equals_the_torch_modules_and_resumes_exactly(model, smollm2, re
 
 def test_prompts_prefilled_together_get_what_they_get_alone(model, smollm2):
     """The server prefills waiting prompts in one call: each must come out as if alone, to the bit,
-    whether short (int16) or long (float32 blocks and an int16 tail)."""
+    whether short (decoding's path) or long (prompt-path blocks and a tail)."""
     prompts = [smollm2.encode(p) for p in PROMPTS] + [smollm2.encode("Rivers carry boats past mills. " * 20)]
     assert max(map(len, prompts)) > native.DENSE_ROWS
     model.setup_cache(len(prompts), 256)
@@ -115,7 +115,7 @@ def test_prompts_prefilled_together_get_what_they_get_alone(model, smollm2):
         assert torch.equal(model.layers[3].attention.cache.k[row, :, :len(ids)], keys[row, :, :len(ids)])
 
 
-@pytest.mark.parametrize("dense, start", [(False, 0), (True, 0), (True, 600)])  # int16, float32; keys in 2 spans
+@pytest.mark.parametrize("dense, start", [(False, 0), (True, 0), (True, 600)])  # decoding's, prompt path; keys in 2 spans
 def test_the_last_block_for_the_kept_rows_alone_gives_their_bits(model, smollm2, dense, start):
     """A prompt's call wants its last row's state only (`prefill_many`): with `keep` the last block
     computes the kept rows alone, after storing every row's keys and values; each kept row must
@@ -148,3 +148,19 @@ def test_the_last_block_for_the_kept_rows_alone_gives_their_bits(model, smollm2,
     for bad in ([3, 1], [len(tokens)], []):
         with pytest.raises(ValueError):
             native._run(model, tokens, positions, rows, dense=dense, keep=bad)
+
+
+def test_a_prompt_gets_the_numbers_decoding_gives_it(model, smollm2):
+    """SmolLM2's Q4_1 / Q8_0 layers: a prompt's many rows (the int16 panel of kernels/blockmm.c) and
+    the same tokens decoded one at a time (its few-row tiles) are the same integer products scaled in
+    the same order: the same keys, values and logits, to the bit."""
+    ids = smollm2.encode(PROMPTS[2])
+    assert len(ids) >= 9  # blockmm.c's PANEL_ROWS
+    model.setup_cache(1, 64)
+    whole = native.prefill_many(model, [(ids, 0, 0)], dense=True)[0]
+    keys = model.layers[-1].attention.cache.k[0, :, :len(ids)].clone()
+    model.setup_cache(1, 64)
+    for pos, token in enumerate(ids):
+        step = native.decode(model, [token], [pos], [0])[0]
+    assert torch.equal(step, whole)
+    assert torch.equal(model.layers[-1].attention.cache.k[0, :, :len(ids)], keys)

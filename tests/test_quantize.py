@@ -171,8 +171,7 @@ def test_dense_kernel_is_the_float32_product_and_row_independent(qtype):
 @pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q8_0])
 def test_rows8_layout_is_the_same_bytes_and_the_same_product(qtype):
     """Layers repacked 8 rows at a time for the kernel: a lossless reordering, the int16 product
-    of the same blocks (now summed exactly per block in integers), rows independent of the batch,
-    and the float32 prompt path reads it too."""
+    of the same blocks (now summed exactly per block in integers), rows independent of the batch."""
     N, K = 48, 192
     raw = gguf_blocks(qtype, N, K, seed=5)
     blocks = torch.from_numpy(raw).view(N, -1)
@@ -189,8 +188,27 @@ def test_rows8_layout_is_the_same_bytes_and_the_same_product(qtype):
         assert torch.equal(layer(x[i:i + 1]), y[i:i + 1])
     assert torch.equal(layer(x[2:10]), y[2:10])  # a full 8-row pass
     assert torch.equal(dequantized_weight(layer), dequantize(raw, qtype, (N, K)))
-    dense = native.block_mm_dense(x, layer.raw, layer.kernel_type)
-    assert torch.allclose(dense, native.block_mm_dense(x, blocks, int(qtype)), rtol=1e-6, atol=1e-5)
+    with pytest.raises(ValueError, match="no float32 path"):
+        native.block_mm_dense(x, layer.raw, layer.kernel_type)
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q8_0])
+def test_many_rows_take_the_int16_panel_to_the_bits_of_few(qtype):
+    """From 9 rows on (kernels/blockmm.c's PANEL_ROWS: a prompt, a wide batch) the repacked blocks
+    go through the int16 panel: other instructions, the numbers of the few-row tiles (decoding's)
+    to the bit, for every row of 4-row passes and of the 1-3 rows left over, and a last panel of 8
+    features (N = 8 mod 16)."""
+    N, K = 56, 192
+    raw = gguf_blocks(qtype, N, K, seed=6)
+    layer = load_module(BlockLinear(K, N, qtype), {"raw": torch.from_numpy(raw).view(N, -1).clone()})
+    layer.repack()
+    x = torch.randn(23, K, generator=torch.Generator().manual_seed(2))
+    y = layer(x)  # 5 passes of 4 rows and 3 left
+    assert torch.allclose(y.double(), int16_reference(x, raw, qtype, (N, K)), rtol=1e-5, atol=1e-4)
+    few = torch.cat([layer(x[i:i + 8]) for i in range(0, 23, 8)])  # 8 rows a call: the tiles
+    assert torch.equal(y, few)
+    for rows in (slice(0, 9), slice(3, 13), slice(1, 17)):  # 1, 2 rows left over; 4-row passes only
+        assert torch.equal(layer(x[rows]), y[rows])
 
 
 def test_fused_block_projection_equals_its_parts():

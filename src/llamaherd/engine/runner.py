@@ -14,7 +14,7 @@ runner for the few things they need, and nothing else touches the model:
 Two backends:
 
 - `NativeRunner`: models whose block matmuls are all GGUF blocks on a CPU run kernels/decode.c
-  (`quantize.native`): every row of a step computed exactly as if alone, prompts in float32 blocks;
+  (`quantize.native`): every row of a step computed exactly as if alone, prompts in blocks of rows;
 - `TorchRunner`: every other model (float weights, torch's int4/int8 kernels, CUDA) runs the torch
   modules; its decode step is row-exact too (`decode.decode_step`), or, compiled, one static-shape
   step over all rows (`static.StaticStep`: a CUDA graph on CUDA).
@@ -144,8 +144,8 @@ class Runner:
         after each one's last token. Each prompt's numbers are those it gets alone.
 
         dense: many prompts at once (scoring): the native runner then runs every token through its
-        float32 prompt matmuls (`native.prefill_many`), so a prompt's numbers do not depend on
-        where it is split either (a shared prefix prefilled once gives the bits of a whole prompt).
+        prompt matmuls (`native.prefill_many`), so a prompt's numbers do not depend on where it
+        is split either (a shared prefix prefilled once gives the bits of a whole prompt).
         The torch runner ignores it."""
         raise NotImplementedError
 
@@ -187,7 +187,7 @@ class _CacheSetAside:
 class NativeRunner(Runner):
     """GGUF-block models on a CPU: kernels/decode.c for prompts and steps."""
 
-    reuse_unit = native.DENSE_ROWS  # where the float32 prompt blocks end
+    reuse_unit = native.DENSE_ROWS  # where the prompt path's blocks end
     speculates = True  # rows of one step are computed as if alone, so a checked guess is exact
 
     def __init__(self, model, kv_cache_type: str | None = None):

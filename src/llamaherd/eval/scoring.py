@@ -10,7 +10,7 @@ Two paths, chosen by the model's runner (`engine.runner`):
   context (a question's choices) are one group; the context is prefilled once into a KV-cache
   row, copied into a row per choice (`Runner.fork`), and each choice's tokens are fed after it
   (`Runner.decode`). A prefix that several contexts share (a subject line, few-shot examples) is
-  prefilled once and copied too (`prefix_tree`), every context token through the float32 prompt
+  prefilled once and copied too (`prefix_tree`), every context token through the prompt
   matmuls, so a request's numbers depend on itself only, not on what it is batched with.
 - the torch modules' (float weights, the reference path): requests are batched longest first,
   right-padded (causal attention never looks at the padding, which comes after every scored
@@ -234,7 +234,7 @@ def _plan(seqs, batch) -> tuple[list[tuple[int, int, int, int, int]], list[int],
 
 def _prefill_tree(runner, contexts, nodes, leaves) -> torch.Tensor:
     """Prefill a prefix tree (`_plan`'s nodes: (parent, start, end, context, row)) a level at a
-    time, every token through the float32 matmuls (`Runner.prefill(dense=True)`, so a context's
+    time, every token through the prompt matmuls (`Runner.prefill(dense=True)`, so a context's
     numbers are those it gets prefilled whole and alone); after each level, a node's positions are
     copied into the rows of its children that do not continue in its own. Returns the logits
     (len(contexts), V) after each context."""

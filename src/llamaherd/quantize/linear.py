@@ -6,7 +6,7 @@ Weights stay 4- or 8-bit in memory. Two kernels multiply them:
   AVX2): `BlockLinear` keeps the file's own Q4_0 / Q4_1 / Q8_0 blocks — the same codes and scales,
   reordered eight rows at a time at load (`repack_rows8`) so one integer multiply-add serves eight
   output features — and multiplies them with int16-quantized activation blocks (llama.cpp's
-  method, with 8 more bits); prompts take a float32 path over the same blocks (`block_mm_dense`).
+  method, with 8 more bits); a prompt's many rows take a panel of the same integer products.
   The other types (Q5_0, Q5_1, Q4_K, Q5_K, Q6_K, and mixed projections) are reordered the same
   way in place (`native.kq_repack`), to products bit-identical with their file layout's;
 - torch's weight-only kernels otherwise, with bf16 activations (their fp32 CPU paths are reference

@@ -1,6 +1,6 @@
 """The native kernels, built on first use, called through ctypes: the block-quantized matmuls
-(kernels/blockmm.c: int16 activations for decoding, float32 for prompts) and a whole decode step
-or prompt chunk over every transformer block (kernels/decode.c).
+(kernels/blockmm.c, kernels/kquant.c: int16 activations; float32 ones for a prompt of the K-quant
+types) and a whole decode step or prompt chunk over every transformer block (kernels/decode.c).
 
 Why native code: at batch 1 a 135M model's matmuls are small enough that torch's packed int4/int8
 CPU kernels are bound by their own arithmetic (bf16 dequantization), not by memory; ggml-style
@@ -151,7 +151,10 @@ def block_mm(x: torch.Tensor, raw: torch.Tensor, qtype: int, n: int | None = Non
 def block_mm_dense(x: torch.Tensor, raw: torch.Tensor, qtype: int, n: int | None = None) -> torch.Tensor:
     """As `block_mm`, in float32: the weights expanded exactly, the activations not rounded (see
     kernels/blockmm.c). Faster from a few dozen rows on; N must be a multiple of 16 (any N for
-    kernels/kquant.c's types)."""
+    kernels/kquant.c's types). Not for Q4_0 / Q4_1 / Q8_0 repacked eight rows at a time: their
+    many rows go through `block_mm`'s int16 panel, faster than this."""
+    if 100 < qtype < KQ_R8:
+        raise ValueError(f"kernel type {qtype}: repacked Q4_0/Q4_1/Q8_0 rows have no float32 path (use block_mm)")
     _match_torch_threads()
     x = x.float().contiguous()
     M, K = x.shape
@@ -407,8 +410,8 @@ def decode(model, tokens: list[int], positions: list[int], rows: list[int]) -> t
     return refine_top(logits, h, out.rows, out.refine) if type(out) is RefinedBlockLinear else logits
 
 
-PROMPT_ROWS = 256  # prompt tokens a call at most: enough to keep the float32 matmul busy, little scratch
-DENSE_ROWS = 64  # the float32 path's unit (and the native runner's reuse unit): fewer rows cost less on the blocks
+PROMPT_ROWS = 256  # prompt tokens a call at most: enough to keep the prompt matmuls busy, little scratch
+DENSE_ROWS = 64  # the prompt (dense) path's unit (and the native runner's reuse unit)
 
 
 @torch.inference_mode()
@@ -416,10 +419,12 @@ def prefill(model, tokens: list[int], start_pos: int, row: int = 0) -> torch.Ten
     """Run a prompt through kernels/decode.c into KV-cache `row` from `start_pos`; the logits (V,)
     after its last token.
 
-    Positions in whole aligned blocks of DENSE_ROWS get float32 matmuls (`block_mm_dense`); the
-    prompt's last, partial block (and a short prompt) the int16 ones of decoding, which cost less
-    for few rows. Both compute every token as if it ran alone, so a prompt resumed after a cached
-    prefix that ends on a block boundary gets the numbers it gets from scratch, to the bit.
+    Positions in whole aligned blocks of DENSE_ROWS go through the prompt (dense) path, the
+    prompt's last, partial block (and a short prompt) through decoding's. For Q4_0, Q4_1 and Q8_0
+    layers both are int16 matmuls to the same bits (kernels/blockmm.c); the K-quants' prompt path
+    is float32, faster for many rows. Both compute every token as if it ran alone, so a prompt
+    resumed after a cached prefix that ends on a block boundary gets the numbers it gets from
+    scratch, to the bit.
     """
     return prefill_many(model, [(tokens, start_pos, row)])[0]
 
@@ -430,14 +435,13 @@ def prefill_many(model, prompts: list[tuple[list[int], int, int]], dense: bool =
     sharing the calls (several short prompts cost little more than one); the logits (n, V) after
     each one's last token. Every token gets the numbers it gets alone.
 
-    dense: every token through the float32 matmuls, the partial blocks too. For many prompts at
-    once (scoring), where the calls have many rows whatever each prompt's length, so the int16
-    matmuls' lower cost for few rows does not apply (float32: ~540 vs ~400 tokens/s at 256 rows
-    on SmolLM2); a token's numbers then depend on neither the batch nor where its prompt is split,
-    but differ (in the int16 rounding) from a tail's without it.
+    dense: every token through the prompt path, the partial blocks too. For many prompts at once
+    (scoring), where the calls have many rows whatever each prompt's length; a token's numbers
+    then depend on neither the batch nor where its prompt is split (for the K-quants, they differ
+    in the int16 rounding from a tail's without it).
     """
-    # float32 rows, then int16 ones: (tokens, positions, cache rows, prompt index) as flat lists of
-    # ints (a tuple a token would keep Python's garbage collector busy over long prompts)
+    # prompt-path rows, then decoding's: (tokens, positions, cache rows, prompt index) as flat lists
+    # of ints (a tuple a token would keep Python's garbage collector busy over long prompts)
     dense_rows, tail = ([], [], [], []), ([], [], [], [])
     for i, (tokens, start, row) in enumerate(prompts):
         end = start + len(tokens)

@@ -13,9 +13,10 @@
  *   Q4_1  {f16 d; f16 m; u8 qs[16]}   w = d * q + m
  *   Q8_0  {f16 d; i8 qs[32]}          w = d * q
  *
- * Every row of x is computed by the same instructions in the same order whatever the number of
- * rows, so a sequence's logits do not depend on what it is batched with (continuous batching relies
- * on it). Built at first use by quantize/native.py (-O3 -march=native -fopenmp) against the OpenMP
+ * Every row of x gets the same numbers whatever the number of rows (the few-row tiles and the
+ * many-row panel differ in instructions, not in results), so a sequence's logits do not depend on
+ * what it is batched with (continuous batching relies on it), nor a token's on whether it came in
+ * a prompt or was decoded. Built at first use by quantize/native.py (-O3 -march=native -fopenmp) against the OpenMP
  * runtime torch ships, so torch.set_num_threads governs its threads too.
  */
 #include <omp.h>
@@ -239,12 +240,159 @@ static inline __attribute__((always_inline)) void tile8(const uint8_t *w, const 
     }
 #define TILES(type) if (n + 1 < N) TILE(2, type) else TILE(1, type)
 
+/* The same product for many rows of x (a prompt), to tile8's bits: each thread expands 16 output
+ * features (two groups of eight repacked rows) into a panel once — per block, per pair of inputs q,
+ * the 16 features' int16 code pairs in two registers (tile8's `lo`, `hi` for q = 2t, 2t + 1; Q4_0's
+ * less 8), and their scales and mins — then takes every row of x through it, four rows at a time:
+ * per pair of inputs one broadcast and two `madd`s (16 multiply-adds each, an FMA does 8) a row,
+ * and per block tile8's scaling in tile8's order. The integer sums are exact in any order, so a row
+ * gets the numbers it gets from tile8 (decoding) whichever computes it, and the choice is speed
+ * only: ~1.2-1.3x the float32 prompt path on SmolLM2's Q4_1 layers (its FMAs were at ~95% of peak),
+ * where tile8, decoding each weight block again for every 8 rows, runs at ~0.9x. */
+/* from this many rows of x on, block_mm_q takes the panel: tile8 would decode the weights twice */
+#define PANEL_ROWS 9
+typedef struct {
+    __m256i *codes; /* [nb][16 pairs q][2]: features 0..7, 8..15 */
+    float *d, *m;   /* [nb][16] */
+} Panel16;
+
+/* Features 8 * g0 .. 8 * (g0 + ng) - 1 (ng = 1: the second half zero, N = 8 mod 16) into p. */
+static void panel16_fill(const uint8_t *w, int64_t g0, int64_t ng, int64_t nb, int type, Panel16 *p) {
+    const int64_t bs = 8 * block_bytes(type);
+    for (int h = 0; h < 2; h++) {
+        const uint8_t *blk = w + (g0 + (h < ng ? h : 0)) * nb * bs;
+        for (int64_t b = 0; b < nb; b++, blk += bs) {
+            for (int j = 0; j < 8; j++) {
+                p->d[b * 16 + 8 * h + j] = h < ng ? f16(blk + 2 * j) : 0.f;
+                p->m[b * 16 + 8 * h + j] = h < ng && type == Q4_1 ? f16(blk + 16 + 2 * j) : 0.f;
+            }
+            const uint8_t *qs = blk + 8 * head_bytes(type);
+            for (int t = 0; t < 8; t++) {
+                __m256i lo, hi;
+                codes8(qs, t, type, &lo, &hi);
+                if (type == Q4_0) {
+                    lo = _mm256_sub_epi16(lo, _mm256_set1_epi16(8));
+                    hi = _mm256_sub_epi16(hi, _mm256_set1_epi16(8));
+                }
+                if (h >= ng) lo = hi = _mm256_setzero_si256();
+                p->codes[(b * 16 + 2 * t) * 2 + h] = lo;
+                p->codes[(b * 16 + 2 * t + 1) * 2 + h] = hi;
+            }
+        }
+    }
+}
+
+/* Pair q of a block for four rows of x (int32 pairs at x0, ld bytes apart): the panel's two code
+ * registers, each row's pair broadcast, two madds and two adds a row into sums a0 .. a7. Written
+ * in assembly because GCC 12 keeps the eight sums in registers only by copying each of them every
+ * step (a third more instructions: the float32 path was as fast). */
+#define PANEL_ROW(q, row, lo, hi)                                                                    \
+    "vpbroadcastd " #q "*4(" row "), %%ymm14\n\t"                                                     \
+    "vpmaddwd %%ymm14, %%ymm12, %%ymm15\n\tvpaddd %%ymm15, %[" lo "], %[" lo "]\n\t"                  \
+    "vpmaddwd %%ymm14, %%ymm13, %%ymm14\n\tvpaddd %%ymm14, %[" hi "], %[" hi "]\n\t"
+#define PANEL_STEP(q)                                                                                \
+    "vmovdqa " #q "*64(%[c]), %%ymm12\n\tvmovdqa " #q "*64+32(%[c]), %%ymm13\n\t"                  \
+    PANEL_ROW(q, "%[x0]", "a0", "a1") PANEL_ROW(q, "%[x0],%[ld]", "a2", "a3")                         \
+    PANEL_ROW(q, "%[x0],%[ld],2", "a4", "a5") PANEL_ROW(q, "%[x0],%[ld3]", "a6", "a7")
+
+/* Block b's exact integer dot products of rows m0 .. m0 + mt - 1 of x with the panel's 16 features:
+ * dot[r][0] features 0..7, dot[r][1] 8..15. */
+static inline __attribute__((always_inline)) void panel16_dots(const __m256i *c, const int16_t *xq, int64_t m0,
+        int64_t nb, int64_t b, const int mt, __m256i dot[4][2]) {
+    if (mt == 4) {
+        const int32_t *x0 = (const int32_t *)(xq + (m0 * nb + b) * QK);
+        const int64_t ld = nb * QK * (int64_t)sizeof(int16_t);
+        __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+        __asm__(PANEL_STEP(0) PANEL_STEP(1) PANEL_STEP(2) PANEL_STEP(3) PANEL_STEP(4) PANEL_STEP(5)
+                PANEL_STEP(6) PANEL_STEP(7) PANEL_STEP(8) PANEL_STEP(9) PANEL_STEP(10) PANEL_STEP(11)
+                PANEL_STEP(12) PANEL_STEP(13) PANEL_STEP(14) PANEL_STEP(15)
+                : [a0] "+x"(a0), [a1] "+x"(a1), [a2] "+x"(a2), [a3] "+x"(a3), [a4] "+x"(a4), [a5] "+x"(a5),
+                  [a6] "+x"(a6), [a7] "+x"(a7)
+                : [c] "r"(c), [x0] "r"(x0), [ld] "r"(ld), [ld3] "r"(3 * ld)
+                : "xmm12", "xmm13", "xmm14", "xmm15", "memory");
+        dot[0][0] = a0, dot[0][1] = a1, dot[1][0] = a2, dot[1][1] = a3;
+        dot[2][0] = a4, dot[2][1] = a5, dot[3][0] = a6, dot[3][1] = a7;
+        return;
+    }
+    for (int r = 0; r < mt; r++) dot[r][0] = dot[r][1] = _mm256_setzero_si256();
+    for (int q = 0; q < 16; q++) { /* the last rows of x, fewer than four */
+        const __m256i w0 = _mm256_load_si256(c + 2 * q), w1 = _mm256_load_si256(c + 2 * q + 1);
+        for (int r = 0; r < mt; r++) {
+            const __m256i xb = _mm256_set1_epi32(((const int32_t *)(xq + ((m0 + r) * nb + b) * QK))[q]);
+            dot[r][0] = _mm256_add_epi32(dot[r][0], _mm256_madd_epi16(w0, xb));
+            dot[r][1] = _mm256_add_epi32(dot[r][1], _mm256_madd_epi16(w1, xb));
+        }
+    }
+}
+
+/* y[m0 .. m0 + mt - 1][n0 .. n0 + nn - 1] from the panel. */
+static inline __attribute__((always_inline)) void panel16_tile(const Panel16 *p, const int16_t *xq, const float *xd,
+        const float *xs, float *y, int64_t m0, int64_t n0, int64_t nb, int64_t N, int nn, const int mt,
+        const int type) {
+    __m256 acc[4][2];
+    for (int r = 0; r < mt; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        __m256i dot[4][2];
+        panel16_dots(p->codes + b * 32, xq, m0, nb, b, mt, dot);
+        const __m256 d0 = _mm256_load_ps(p->d + b * 16), d1 = _mm256_load_ps(p->d + b * 16 + 8);
+        for (int r = 0; r < mt; r++) { /* tile8's scaling, in its order */
+            const int64_t i = (m0 + r) * nb + b;
+            const __m256 s = _mm256_set1_ps(xd[i]);
+            acc[r][0] = _mm256_fmadd_ps(_mm256_mul_ps(d0, s), _mm256_cvtepi32_ps(dot[r][0]), acc[r][0]);
+            acc[r][1] = _mm256_fmadd_ps(_mm256_mul_ps(d1, s), _mm256_cvtepi32_ps(dot[r][1]), acc[r][1]);
+            if (type == Q4_1) {
+                const __m256 sm = _mm256_set1_ps(xs[i]);
+                acc[r][0] = _mm256_fmadd_ps(_mm256_load_ps(p->m + b * 16), sm, acc[r][0]);
+                acc[r][1] = _mm256_fmadd_ps(_mm256_load_ps(p->m + b * 16 + 8), sm, acc[r][1]);
+            }
+        }
+    }
+    for (int r = 0; r < mt; r++) {
+        _mm256_storeu_ps(y + (m0 + r) * N + n0, acc[r][0]);
+        if (nn > 8) _mm256_storeu_ps(y + (m0 + r) * N + n0 + 8, acc[r][1]);
+    }
+}
+
+#define PANEL16(type)                                                                                \
+    for (m0 = 0; m0 + 4 <= M; m0 += 4) panel16_tile(&p, xq, xd, xs, y, m0, n0, nb, N, nn, 4, type); \
+    switch (M - m0) {                                                                                \
+        case 1: panel16_tile(&p, xq, xd, xs, y, m0, n0, nb, N, nn, 1, type); break;                  \
+        case 2: panel16_tile(&p, xq, xd, xs, y, m0, n0, nb, N, nn, 2, type); break;                  \
+        case 3: panel16_tile(&p, xq, xd, xs, y, m0, n0, nb, N, nn, 3, type); break;                  \
+        default: break;                                                                              \
+    }
+
+/* y = x @ W^T, W repacked eight rows at a time (type: ggml's + 100), through panels shared among
+ * the calling team. */
+static void panel16_mm(const int16_t *xq, const float *xd, const float *xs, const uint8_t *w, float *y, int64_t M,
+                       int64_t N, int64_t K, int type) {
+    const int64_t nb = K / QK;
+    Panel16 p = {aligned_alloc(32, (size_t)nb * 32 * sizeof(__m256i)),
+                 aligned_alloc(32, (size_t)nb * 16 * sizeof(float)), aligned_alloc(32, (size_t)nb * 16 * sizeof(float))};
+    /* panels taken in turn (dynamic), as block_mm_dense_team's: a thread that loses its core for a
+     * while leaves the rest to the other */
+#pragma omp for schedule(dynamic, 1) nowait
+    for (int64_t n0 = 0; n0 < N; n0 += 16) {
+        const int nn = (int)(N - n0 < 16 ? N - n0 : 16);
+        int64_t m0;
+        panel16_fill(w, n0 / 8, nn / 8, nb, type - 100, &p);
+        if (type == Q4_0_R8) { PANEL16(Q4_0) } else if (type == Q4_1_R8) { PANEL16(Q4_1) } else { PANEL16(Q8_0) }
+    }
+    free(p.codes);
+    free(p.d);
+    free(p.m);
+}
+
 /* y = x @ W^T from x's int16 blocks (block_quantize), the tiles shared among the calling team. */
 void block_mm_q(const int16_t *xq, const float *xd, const float *xs, const uint8_t *w, float *y, int64_t M, int64_t N,
                 int64_t K, int type) {
     const int64_t nb = K / QK, row_bytes = nb * block_bytes(type);
     if (kq_handles(type)) {
         kq_mm(xq, xd, xs, w, y, M, N, K, type);
+        return;
+    }
+    if (type > 100 && M >= PANEL_ROWS) {
+        panel16_mm(xq, xd, xs, w, y, M, N, K, type);
         return;
     }
     if (type > 100) { /* repacked eight rows at a time */
@@ -375,7 +523,7 @@ void block_dequantize(const uint8_t *w, float *out, int64_t N, int64_t K, int ty
     for (int64_t n = 0; n < N; n++) dequantize_row(w + n * row_bytes, out + n * K, nb, type);
 }
 
-/* The float32 path for many rows (a prompt): y = x @ W^T with W expanded to float32 one panel of
+/* The float32 path for many rows (a prompt, where no int16 panel serves): y = x @ W^T with W expanded to float32 one panel of
  * 16 output features at a time (k-major, in the thread's cache) and multiplied by a 6 x 16
  * register tile: per k, two loads of weights, six broadcasts of x and twelve multiply-adds, so the
  * FMA units, not the decoding, set the pace. Every y[m, n] is one chain of multiply-adds over
@@ -420,35 +568,14 @@ void dense_panel(const float *x, const float *panel, float *y, int64_t ldy, int6
     }
 }
 
-/* Eight rows of repacked blocks (see tile8) into columns j0 .. j0 + 7 of a panel: one vector
- * of eight rows' weights for each k, no transposing. */
-static void panel_rows8(const uint8_t *w, int64_t nb, int type, float *panel, int j0) {
-    const int64_t bs = 8 * block_bytes(type);
-    for (int64_t b = 0; b < nb; b++, w += bs) {
-        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)w));
-        const __m256 m = type == Q4_1 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + 16)))
-                         : type == Q4_0 ? _mm256_mul_ps(d, _mm256_set1_ps(-8.f)) : _mm256_setzero_ps();
-        const uint8_t *qs = w + 8 * head_bytes(type);
-        for (int t = 0; t < 8; t++) {
-            __m256i lo, hi;
-            codes8(qs, t, type, &lo, &hi);
-            /* the pairs' first and second halves, sign-extended: k = 4t, 4t + 1, 4t + 2, 4t + 3 */
-            const __m256i q[4] = {_mm256_srai_epi32(_mm256_slli_epi32(lo, 16), 16), _mm256_srai_epi32(lo, 16),
-                                  _mm256_srai_epi32(_mm256_slli_epi32(hi, 16), 16), _mm256_srai_epi32(hi, 16)};
-            for (int e = 0; e < 4; e++)
-                _mm256_store_ps(panel + (b * QK + 4 * t + e) * DN + j0,
-                                _mm256_add_ps(_mm256_mul_ps(d, _mm256_cvtepi32_ps(q[e])), m));
-        }
-    }
-}
-
+/* The float32 path for many rows: kquant.c's types, and Q4_0, Q4_1, Q8_0 in the file's layout
+ * (repacked ones take block_mm_q's int16 panel, which is faster and gives decoding's numbers). */
 void block_mm_dense_team(const float *x, const uint8_t *w, float *y, int64_t M, int64_t N, int64_t K, int type) {
     if (kq_handles(type)) {
         kq_mm_dense(x, w, y, M, N, K, type);
         return;
     }
     const int64_t nb = K / QK, bs = block_bytes(type);
-    const int rows8 = type > 100, t8 = type - 100;
     /* each thread its own panel; panels taken in turn (dynamic): a thread that loses its core for a
      * while (a busy machine) or runs slower leaves the rest to the other, instead of holding the
      * team's next barrier for its whole static share. Whoever computes a panel, its numbers are the
@@ -456,15 +583,9 @@ void block_mm_dense_team(const float *x, const uint8_t *w, float *y, int64_t M, 
     float *panel = aligned_alloc(32, (size_t)K * DN * sizeof(float)), *row = malloc((size_t)K * sizeof(float));
 #pragma omp for schedule(dynamic, 1) nowait
     for (int64_t n0 = 0; n0 < N; n0 += DN) {
-        if (rows8) {
-            const int64_t group_bytes = nb * 8 * block_bytes(t8);
-            panel_rows8(w + n0 / 8 * group_bytes, nb, t8, panel, 0);
-            panel_rows8(w + (n0 / 8 + 1) * group_bytes, nb, t8, panel, 8);
-        } else {
-            for (int j = 0; j < DN; j++) {
-                dequantize_row(w + (n0 + j) * nb * bs, row, nb, type);
-                for (int64_t k = 0; k < K; k++) panel[k * DN + j] = row[k];
-            }
+        for (int j = 0; j < DN; j++) {
+            dequantize_row(w + (n0 + j) * nb * bs, row, nb, type);
+            for (int64_t k = 0; k < K; k++) panel[k * DN + j] = row[k];
         }
         dense_panel(x, panel, y, N, M, K, n0, DN);
     }

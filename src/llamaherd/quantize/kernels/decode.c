@@ -16,9 +16,10 @@
  *
  * A prompt goes through the same function: its tokens are B rows of one cache row at consecutive
  * positions (all keys and values are written before any row attends, and each row attends only up
- * to its own position). For a prompt the matmuls are float32 (dense: block_mm_dense), which is
- * faster for many rows and just as independent of them, so where a prompt is split into calls
- * changes nothing.
+ * to its own position). For a prompt (dense) the matmuls of Q4_0 / Q4_1 / Q8_0 layers take
+ * blockmm.c's int16 panel, to decoding's bits; the K-quants' are float32 (block_mm_dense_team);
+ * both are faster for many rows and just as independent of them, so where a prompt is split into
+ * calls changes nothing.
  */
 #define _GNU_SOURCE /* syscall */
 #include <math.h>
@@ -411,9 +412,14 @@ typedef struct {
     float *d, *s;
 } qblocks;
 
+/* Whether a prompt's (dense) matmul of this weight type is float32: not for weights repacked eight
+ * rows at a time (type > 100), whose int16 panel (blockmm.c) is faster for many rows and gives
+ * decoding's numbers. */
+static int float_prompt(int type) { return type < 100; }
+
 /* Whether a matmul of this weight type reads its input as int16 blocks (not a prompt's float32 path,
  * not float weights). */
-static int takes_blocks(int type, int dense) { return !dense && !kq_is_float(type); }
+static int takes_blocks(int type, int dense) { return !(dense && float_prompt(type)) && !kq_is_float(type); }
 
 /* Floats x[at .. at + n) (at, n multiples of 32) into blocks at / 32 .. of a matmul's input. */
 static void quantize(qblocks a, const float *x, int64_t at, int64_t n) {
@@ -421,11 +427,11 @@ static void quantize(qblocks a, const float *x, int64_t at, int64_t n) {
 }
 
 /* The matmuls of a step, shared among the team (no barrier at the end): on the blocks with int16
- * activations (decode: the same numbers for a row whatever the batch), or, for a prompt (dense), in
- * float32 (also row-independent; faster for many rows). */
+ * activations (decode: the same numbers for a row whatever the batch), or, for a prompt (dense) of
+ * the other block types, in float32 (also row-independent; faster for many rows). */
 static void matmul(const float *x, qblocks a, const uint8_t *w, float *y, int64_t M, int64_t N, int64_t K, int type,
                    int dense) {
-    if (dense) block_mm_dense_team(x, w, y, M, N, K, type);
+    if (dense && float_prompt(type)) block_mm_dense_team(x, w, y, M, N, K, type);
     else if (kq_is_float(type)) kq_mm_float(x, w, y, M, N, K, type);
     else block_mm_q(a.q, a.d, a.s, w, y, M, N, K, type);
 }
