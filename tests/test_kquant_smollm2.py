@@ -81,3 +81,20 @@ def test_greedy_equals_the_reference(q4_k_m, prompt):
     picks = ref.logits(ids + got)[len(ids) - 1:].argmax(-1).tolist()
     assert picks[:len(got)] == got
     assert len(got) == opts["num_predict"] or picks[len(got)] in ref.tokenizer.stop_ids
+
+
+def test_prompts_take_the_float32_path_for_k_quants(q4_k_m):
+    """The K-quant layers' prompt matmuls stay float32 (kernels/kquant.c's, faster for many rows than
+    their int16 ones): a prompt's numbers then differ from decoding's in the int16 rounding only.
+    (Q4_0 / Q4_1 / Q8_0 prompts take the int16 panel, to decoding's bits: test_native_decode.)"""
+    path, _, fast = q4_k_m
+    model = llamaherd.load(path, device="cpu").model  # its own cache, written behind no Llama's back
+    ids = fast.encode(PROMPTS[0] + ", from its founding to its fall, in a few words")
+    assert 9 <= len(ids) < native.DENSE_ROWS  # a prompt of many rows, all of them decoding's without dense
+    logits = {}
+    for dense in (True, False):
+        model.setup_cache(1, 64)
+        logits[dense] = native.prefill_many(model, [(ids, 0, 0)], dense=dense)[0]
+    assert not torch.equal(logits[True], logits[False])
+    assert (logits[True] - logits[False]).abs().max() < 1e-2 * logits[False].abs().max()
+    assert logits[True].argmax() == logits[False].argmax()

@@ -211,6 +211,21 @@ def test_many_rows_take_the_int16_panel_to_the_bits_of_few(qtype):
         assert torch.equal(layer(x[rows]), y[rows])
 
 
+def test_qlora_over_repacked_blocks_runs_through_the_panel():
+    """QLoRA's frozen base over blocks repacked for inference (as `llamaherd.load` leaves them): no
+    float32 path for them, so the forward is the layer's own (the int16 panel), the backward the
+    gradient times the exactly dequantized weight."""
+    from llamaherd.train.qlora import frozen_quantized_linear
+    raw = gguf_blocks(Q.Q4_1, 64, 192, seed=7)
+    layer = load_module(BlockLinear(192, 64, Q.Q4_1), {"raw": torch.from_numpy(raw).view(64, -1).clone()})
+    layer.repack()
+    x = torch.randn(12, 192, requires_grad=True)
+    y = frozen_quantized_linear(layer, x)
+    assert torch.equal(y, layer(x.detach()))
+    y.sum().backward()
+    assert torch.allclose(x.grad, torch.ones(12, 64) @ dequantize(raw, Q.Q4_1, (64, 192)), rtol=1e-5, atol=1e-5)
+
+
 def test_fused_block_projection_equals_its_parts():
     weights = [(gguf_blocks(Q.Q4_0, n, 128, seed), Q.Q4_0, (n, 128)) for seed, n in ((1, 64), (2, 32), (3, 32))]
     parts = [load_module(BlockLinear(128, w[2][0], Q.Q4_0), pack_gguf_tensor(*w)[1]) for w in weights]

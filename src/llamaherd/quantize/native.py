@@ -80,6 +80,7 @@ def _build() -> ctypes.CDLL | None:
     lib.herd_set_threads.argtypes = [ctypes.c_int]
     lib.block_mm.restype = None
     lib.block_mm.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+    lib.block_mm_has_panel.argtypes = [ctypes.c_int]
     lib.block_dequantize.restype = None
     lib.block_dequantize.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2 + [ctypes.c_int]
     lib.rows8_repack.restype = None
@@ -148,12 +149,18 @@ def block_mm(x: torch.Tensor, raw: torch.Tensor, qtype: int, n: int | None = Non
     return y
 
 
+def has_panel(qtype: int) -> bool:
+    """Whether many rows of this kernel type go through blockmm.c's int16 panel (Q4_0, Q4_1, Q8_0
+    repacked eight rows at a time), a prompt's too (the other types' prompts are float32)."""
+    return bool(library().block_mm_has_panel(qtype))
+
+
 def block_mm_dense(x: torch.Tensor, raw: torch.Tensor, qtype: int, n: int | None = None) -> torch.Tensor:
     """As `block_mm`, in float32: the weights expanded exactly, the activations not rounded (see
     kernels/blockmm.c). Faster from a few dozen rows on; N must be a multiple of 16 (any N for
     kernels/kquant.c's types). Not for Q4_0 / Q4_1 / Q8_0 repacked eight rows at a time: their
     many rows go through `block_mm`'s int16 panel, faster than this."""
-    if 100 < qtype < KQ_R8:
+    if has_panel(qtype):
         raise ValueError(f"kernel type {qtype}: repacked Q4_0/Q4_1/Q8_0 rows have no float32 path (use block_mm)")
     _match_torch_threads()
     x = x.float().contiguous()
@@ -341,7 +348,7 @@ def _norm_matches_torch(dim: int, eps: float) -> bool:
 
 
 def shapes_supported(args) -> bool:
-    """Whether kernels/decode.c handles a model of these dimensions (block_mm_dense computes 16
+    """Whether kernels/decode.c handles a model of these dimensions (the prompt matmuls compute 16
     output features at a time; the SIMD loops take 8 or 32 inputs at a time)."""
     return not (args.head_dim % 8 or args.dim % 32 or args.hidden_dim % 32
                 or (args.n_heads + 2 * args.n_kv_heads) * args.head_dim % 16)

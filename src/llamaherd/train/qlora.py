@@ -23,7 +23,10 @@ def quantized_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
     if isinstance(module, FusedSlice):
         return quantized_forward(module.fused, x)[..., module.start:module.stop]
-    if type(module) is BlockLinear and module.out_features % 16 == 0 and native.available():
+    # (blocks repacked for inference, as `llamaherd.load` leaves them, have no float32 path: their
+    # many rows take the int16 panel through module(x))
+    if type(module) is BlockLinear and module.out_features % 16 == 0 and native.available() \
+            and not native.has_panel(module.kernel_type):
         y = native.block_mm_dense(x.reshape(-1, module.in_features), module.raw, module.kernel_type, module.out_features)
         return y.view(*x.shape[:-1], module.out_features).to(x.dtype)
     return module(x)

@@ -309,7 +309,7 @@ static inline __attribute__((always_inline)) void panel16_dots(const __m256i *c,
                 : [a0] "+x"(a0), [a1] "+x"(a1), [a2] "+x"(a2), [a3] "+x"(a3), [a4] "+x"(a4), [a5] "+x"(a5),
                   [a6] "+x"(a6), [a7] "+x"(a7)
                 : [c] "r"(c), [x0] "r"(x0), [ld] "r"(ld), [ld3] "r"(3 * ld)
-                : "xmm12", "xmm13", "xmm14", "xmm15", "memory");
+                : "ymm12", "ymm13", "ymm14", "ymm15", "memory");
         dot[0][0] = a0, dot[0][1] = a1, dot[1][0] = a2, dot[1][1] = a3;
         dot[2][0] = a4, dot[2][1] = a5, dot[3][0] = a6, dot[3][1] = a7;
         return;
@@ -362,6 +362,10 @@ static inline __attribute__((always_inline)) void panel16_tile(const Panel16 *p,
         default: break;                                                                              \
     }
 
+/* Whether many rows of this kernel type take the int16 panel (decode.c: a prompt's matmuls then
+ * too, where the other types take the float32 path). */
+int block_mm_has_panel(int type) { return type == Q4_0_R8 || type == Q4_1_R8 || type == Q8_0_R8; }
+
 /* y = x @ W^T, W repacked eight rows at a time (type: ggml's + 100), through panels shared among
  * the calling team. */
 static void panel16_mm(const int16_t *xq, const float *xd, const float *xs, const uint8_t *w, float *y, int64_t M,
@@ -391,7 +395,7 @@ void block_mm_q(const int16_t *xq, const float *xd, const float *xs, const uint8
         kq_mm(xq, xd, xs, w, y, M, N, K, type);
         return;
     }
-    if (type > 100 && M >= PANEL_ROWS) {
+    if (block_mm_has_panel(type) && M >= PANEL_ROWS) {
         panel16_mm(xq, xd, xs, w, y, M, N, K, type);
         return;
     }
@@ -598,6 +602,7 @@ void block_mm_dense(const float *x, const uint8_t *w, float *y, int64_t M, int64
     block_mm_dense_team(x, w, y, M, N, K, type);
 }
 #else
+int block_mm_has_panel(int type) { (void)type; return 0; }
 void rows8_repack(const uint8_t *src, uint8_t *dst, int64_t N, int64_t K, int type) {
     (void)src; (void)dst; (void)N; (void)K; (void)type;
 }

@@ -42,6 +42,7 @@ void block_quantize(const float *x, int16_t *xq, float *xd, float *xs, int64_t n
 void block_mm_q(const int16_t *xq, const float *xd, const float *xs, const uint8_t *w, float *y, int64_t M, int64_t N,
                 int64_t K, int type);
 void block_mm_dense_team(const float *x, const uint8_t *w, float *y, int64_t M, int64_t N, int64_t K, int type);
+int block_mm_has_panel(int type);
 int kq_is_float(int type);
 void kq_mm_float(const float *x, const uint8_t *w, float *y, int64_t M, int64_t N, int64_t K, int type);
 
@@ -412,10 +413,10 @@ typedef struct {
     float *d, *s;
 } qblocks;
 
-/* Whether a prompt's (dense) matmul of this weight type is float32: not for weights repacked eight
- * rows at a time (type > 100), whose int16 panel (blockmm.c) is faster for many rows and gives
- * decoding's numbers. */
-static int float_prompt(int type) { return type < 100; }
+/* Whether a prompt's (dense) matmul of this weight type is float32: not for Q4_0 / Q4_1 / Q8_0
+ * repacked eight rows at a time, whose int16 panel (blockmm.c) is faster for many rows and gives
+ * decoding's numbers; the K-quants' float32 path is faster than their int16 one for many rows. */
+static int float_prompt(int type) { return !block_mm_has_panel(type); }
 
 /* Whether a matmul of this weight type reads its input as int16 blocks (not a prompt's float32 path,
  * not float weights). */
