@@ -16,8 +16,8 @@
  * Every row of x gets the same numbers whatever the number of rows (the few-row tiles and the
  * many-row panel differ in instructions, not in results), so a sequence's logits do not depend on
  * what it is batched with (continuous batching relies on it), nor a token's on whether it came in
- * a prompt or was decoded. Built at first use by quantize/native.py (-O3 -march=native -fopenmp) against the OpenMP
- * runtime torch ships, so torch.set_num_threads governs its threads too.
+ * a prompt or was decoded. Built at first use by quantize/native.py (-O3 -march=native -fopenmp)
+ * against the OpenMP runtime torch ships, so torch.set_num_threads governs its threads too.
  */
 #include <omp.h>
 #include <stdint.h>
@@ -371,8 +371,9 @@ int block_mm_has_panel(int type) { return type == Q4_0_R8 || type == Q4_1_R8 || 
 static void panel16_mm(const int16_t *xq, const float *xd, const float *xs, const uint8_t *w, float *y, int64_t M,
                        int64_t N, int64_t K, int type) {
     const int64_t nb = K / QK;
-    Panel16 p = {aligned_alloc(32, (size_t)nb * 32 * sizeof(__m256i)),
-                 aligned_alloc(32, (size_t)nb * 16 * sizeof(float)), aligned_alloc(32, (size_t)nb * 16 * sizeof(float))};
+    const size_t scales = (size_t)nb * 16 * sizeof(float);
+    Panel16 p = {aligned_alloc(32, (size_t)nb * 32 * sizeof(__m256i)), aligned_alloc(32, scales),
+                 aligned_alloc(32, scales)};
     /* panels taken in turn (dynamic), as block_mm_dense_team's: a thread that loses its core for a
      * while leaves the rest to the other */
 #pragma omp for schedule(dynamic, 1) nowait
