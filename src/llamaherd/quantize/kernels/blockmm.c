@@ -169,8 +169,8 @@ static inline __attribute__((always_inline)) void tile(const uint8_t *w, int64_t
  * lane its own exact partial dot product: no horizontal sums, and the block's scaling is one
  * vector op for all eight rows. About half the instructions of `tile` a multiply-add. */
 
-/* Group codes for k = 4t .. 4t + 3 as int16 pairs, a pair per row: lo (4t, 4t + 1), hi (4t + 2, 4t + 3).
- * Q4: one 16-byte load, low and high nibbles; Q8_0: two 16-byte loads of int8 pairs. */
+/* Group codes for k = 4t .. 4t + 3 as int16 pairs, a pair per row: lo (4t, 4t + 1), hi (4t + 2, 4t + 3);
+ * Q4_0's less 8. Q4: one 16-byte load, low and high nibbles; Q8_0: two 16-byte loads of int8 pairs. */
 static inline void codes8(const uint8_t *qs, int t, int type, __m256i *lo, __m256i *hi) {
     if (type == Q8_0) {
         *lo = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(qs + 32 * t)));
@@ -180,6 +180,10 @@ static inline void codes8(const uint8_t *qs, int t, int type, __m256i *lo, __m25
     const __m128i v = _mm_loadu_si128((const __m128i *)(qs + 16 * t)), low = _mm_set1_epi8(0x0F);
     *lo = _mm256_cvtepu8_epi16(_mm_and_si128(v, low));
     *hi = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(v, 4), low));
+    if (type == Q4_0) {
+        *lo = _mm256_sub_epi16(*lo, _mm256_set1_epi16(8));
+        *hi = _mm256_sub_epi16(*hi, _mm256_set1_epi16(8));
+    }
 }
 
 #define MT8 8 /* rows of x per pass over a group's weights (their 8 int32 sums stay in registers) */
@@ -198,10 +202,6 @@ static inline __attribute__((always_inline)) void tile8(const uint8_t *w, const 
         for (int t = 0; t < 8; t++) {
             __m256i lo, hi;
             codes8(qs, t, type, &lo, &hi);
-            if (type == Q4_0) {
-                lo = _mm256_sub_epi16(lo, _mm256_set1_epi16(8));
-                hi = _mm256_sub_epi16(hi, _mm256_set1_epi16(8));
-            }
             for (int r = 0; r < mt; r++) {
                 const int32_t *xr = (const int32_t *)(xq + ((m0 + r) * nb + b) * QK);
                 dot[r] = _mm256_add_epi32(dot[r], _mm256_madd_epi16(lo, _mm256_set1_epi32(xr[2 * t])));
@@ -242,8 +242,8 @@ static inline __attribute__((always_inline)) void tile8(const uint8_t *w, const 
 
 /* The same product for many rows of x (a prompt), to tile8's bits: each thread expands 16 output
  * features (two groups of eight repacked rows) into a panel once — per block, per pair of inputs q,
- * the 16 features' int16 code pairs in two registers (tile8's `lo`, `hi` for q = 2t, 2t + 1; Q4_0's
- * less 8), and their scales and mins — then takes every row of x through it, four rows at a time:
+ * the 16 features' int16 code pairs in two registers (tile8's `lo`, `hi` for q = 2t, 2t + 1), and
+ * their scales and mins — then takes every row of x through it, four rows at a time:
  * per pair of inputs one broadcast and two `madd`s (16 multiply-adds each, an FMA does 8) a row,
  * and per block tile8's scaling in tile8's order. The integer sums are exact in any order, so a row
  * gets the numbers it gets from tile8 (decoding) whichever computes it, and the choice is speed
@@ -270,10 +270,6 @@ static void panel16_fill(const uint8_t *w, int64_t g0, int64_t ng, int64_t nb, i
             for (int t = 0; t < 8; t++) {
                 __m256i lo, hi;
                 codes8(qs, t, type, &lo, &hi);
-                if (type == Q4_0) {
-                    lo = _mm256_sub_epi16(lo, _mm256_set1_epi16(8));
-                    hi = _mm256_sub_epi16(hi, _mm256_set1_epi16(8));
-                }
                 if (h >= ng) lo = hi = _mm256_setzero_si256();
                 p->codes[(b * 16 + 2 * t) * 2 + h] = lo;
                 p->codes[(b * 16 + 2 * t + 1) * 2 + h] = hi;
