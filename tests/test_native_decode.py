@@ -7,6 +7,8 @@ import llamaherd
 from llamaherd.engine.runner import NativeRunner, TorchRunner, make_runner
 from llamaherd.quantize import native
 
+pytestmark = pytest.mark.skipif(not native.available(), reason="needs the native kernels (a C compiler, AVX2)")
+
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a land far away, there lived"]
 
 

@@ -6,6 +6,7 @@ import torch
 from gguf import GGMLQuantizationType as Q
 from gguf import quants
 
+from llamaherd import settings
 from llamaherd.quantize.ggml import dequantize
 from llamaherd.quantize import native
 from llamaherd.quantize.linear import (BlockLinear, GGMLEmbedding, Int4Linear, Int8Linear, RefinedBlockLinear,
@@ -101,6 +102,11 @@ def test_refined_output_is_exact_where_it_matters():
 
 # -- the native kernel (kernels/blockmm.c) ---------------------------------------------------------
 
+# the tests below run the kernel: not where it is turned off (HERD_NATIVE=0) or cannot build
+needs_native = pytest.mark.skipif(not native.available(), reason="needs the native kernels (a C compiler, AVX2)")
+
+
+@pytest.mark.skipif(not settings.native(), reason="HERD_NATIVE=0 turns the native kernels off")
 def test_the_native_kernel_builds_here():
     """This machine has a C compiler and AVX2: the fast path must not silently fall back."""
     assert native.available()
@@ -118,6 +124,7 @@ def int16_reference(x: torch.Tensor, raw: np.ndarray, qtype, shape) -> torch.Ten
     return torch.einsum("mb,mbj,nbj->mn", xd, xq, w)
 
 
+@needs_native
 @pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q8_0])
 def test_block_linear_is_the_files_blocks_times_int16_activations(qtype):
     N, K = 80, 256
@@ -133,6 +140,7 @@ def test_block_linear_is_the_files_blocks_times_int16_activations(qtype):
     assert torch.equal(dequantized_weight(layer), dequantize(raw, qtype, (N, K)))
 
 
+@needs_native
 def test_block_linear_rows_do_not_depend_on_the_batch():
     """Continuous batching needs each row computed the same alone or beside others."""
     raw = gguf_blocks(Q.Q4_1, 64, 192)
@@ -144,6 +152,7 @@ def test_block_linear_rows_do_not_depend_on_the_batch():
     assert torch.equal(layer(x[3:9]), together[3:9])
 
 
+@needs_native
 @pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q8_0])
 def test_native_dequantization_is_bit_exact(qtype):
     N, K = 48, 256
@@ -152,6 +161,7 @@ def test_native_dequantization_is_bit_exact(qtype):
     assert torch.equal(got, torch.from_numpy(quants.dequantize(raw, qtype)).float())
 
 
+@needs_native
 @pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q8_0])
 def test_dense_kernel_is_the_float32_product_and_row_independent(qtype):
     """The prompt path: weights expanded exactly, activations not rounded; each row the same in
@@ -168,6 +178,7 @@ def test_dense_kernel_is_the_float32_product_and_row_independent(qtype):
     assert torch.equal(native.block_mm_dense(x[4:11], blocks, int(qtype)), y[4:11])
 
 
+@needs_native
 @pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q8_0])
 def test_rows8_layout_is_the_same_bytes_and_the_same_product(qtype):
     """Layers repacked 8 rows at a time for the kernel: a lossless reordering, the int16 product
@@ -192,6 +203,7 @@ def test_rows8_layout_is_the_same_bytes_and_the_same_product(qtype):
         native.block_mm_dense(x, layer.raw, layer.kernel_type)
 
 
+@needs_native
 @pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q8_0])
 def test_many_rows_take_the_int16_panel_to_the_bits_of_few(qtype):
     """From 9 rows on (kernels/blockmm.c's PANEL_ROWS: a prompt, a wide batch) the repacked blocks
@@ -211,6 +223,7 @@ def test_many_rows_take_the_int16_panel_to_the_bits_of_few(qtype):
         assert torch.equal(layer(x[rows]), y[rows])
 
 
+@needs_native
 def test_qlora_over_repacked_blocks_runs_through_the_panel():
     """QLoRA's frozen base over blocks repacked for inference (as `llamaherd.load` leaves them): no
     float32 path for them, so the forward is the layer's own (the int16 panel), the backward the
@@ -226,6 +239,7 @@ def test_qlora_over_repacked_blocks_runs_through_the_panel():
     assert torch.allclose(x.grad, torch.ones(12, 64) @ dequantize(raw, Q.Q4_1, (64, 192)), rtol=1e-5, atol=1e-5)
 
 
+@needs_native
 def test_fused_block_projection_equals_its_parts():
     weights = [(gguf_blocks(Q.Q4_0, n, 128, seed), Q.Q4_0, (n, 128)) for seed, n in ((1, 64), (2, 32), (3, 32))]
     parts = [load_module(BlockLinear(128, w[2][0], Q.Q4_0), pack_gguf_tensor(*w)[1]) for w in weights]
@@ -234,6 +248,7 @@ def test_fused_block_projection_equals_its_parts():
     assert torch.equal(fused(x), torch.cat([p(x) for p in parts], dim=-1))
 
 
+@needs_native
 def test_refined_block_output_is_exact_where_it_matters():
     vocab, dim = 500, 64
     raw = gguf_blocks(Q.Q8_0, vocab, dim)
@@ -249,6 +264,7 @@ def test_refined_block_output_is_exact_where_it_matters():
     assert (got - exact).abs().max() < 0.2
 
 
+@needs_native
 def test_the_kernels_follow_torchs_thread_count_on_every_thread():
     """OpenMP's count is per thread: a Python thread (the server's scheduler) would otherwise use
     every core whatever torch.set_num_threads said."""
