@@ -83,12 +83,18 @@ def test_greedy_equals_the_reference(q4_k_m, prompt):
     assert len(got) == opts["num_predict"] or picks[len(got)] in ref.tokenizer.stop_ids
 
 
-def test_prompts_take_the_float32_path_for_k_quants(q4_k_m):
-    """The K-quant layers' prompt matmuls stay float32 (kernels/kquant.c's, faster for many rows than
-    their int16 ones): a prompt's numbers then differ from decoding's in the int16 rounding only.
-    (Q4_0 / Q4_1 / Q8_0 prompts take the int16 panel, to decoding's bits: test_native_decode.)"""
+def test_prompts_take_the_k_quant_int16_panel(q4_k_m):
+    """Every projection of the Q4_K_M file (Q5_0, Q8_0, Q4_K, Q6_K and mixes of them, repacked at load)
+    multiplies a prompt through kernels/kquant.c's int16 panel: a block's dot product scaled once, where
+    decoding sums eight lanes apart, so a prompt's numbers differ from decoding's by float rounding.
+    (Q4_0 / Q4_1 / Q8_0 alone take blockmm.c's panel, to decoding's bits: test_native_decode.)"""
+    from llamaherd.quantize.linear import BlockLinear
+
     path, _, fast = q4_k_m
     model = llamaherd.load(path, device="cpu").model  # its own cache, written behind no Llama's back
+    kinds = {m.kernel_type for m in model.layers.modules() if isinstance(m, BlockLinear)}
+    assert kinds and all(native.kq_has_panel(k) or native.has_panel(k) for k in kinds)
+    assert any(native.kq_has_panel(k) for k in kinds)
     ids = fast.encode(PROMPTS[0] + ", from its founding to its fall, in a few words")
     assert 9 <= len(ids) < native.DENSE_ROWS  # a prompt of many rows, all of them decoding's without dense
     logits = {}

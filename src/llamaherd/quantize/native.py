@@ -1,6 +1,6 @@
 """The native kernels, built on first use, called through ctypes: the block-quantized matmuls
-(kernels/blockmm.c, kernels/kquant.c: int16 activations; float32 ones for a prompt of the K-quant
-types) and a whole decode step or prompt chunk over every transformer block (kernels/decode.c).
+(kernels/blockmm.c, kernels/kquant.c: int16 activations; float32 ones for float weights) and a
+whole decode step or prompt chunk over every transformer block (kernels/decode.c).
 
 Why native code: at batch 1 a 135M model's matmuls are small enough that torch's packed int4/int8
 CPU kernels are bound by their own arithmetic (bf16 dequantization), not by memory; ggml-style
@@ -33,7 +33,7 @@ import torch
 
 log = logging.getLogger("llamaherd.native")
 KERNELS = Path(__file__).with_name("kernels")
-SOURCES = [KERNELS / "blockmm.c", KERNELS / "decode.c", KERNELS / "kquant.c"]  # compiled together; all include simd.h
+SOURCES = [KERNELS / "blockmm.c", KERNELS / "decode.c", KERNELS / "kquant.c"]  # compiled together; they include simd.h, panel.h
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 
 
@@ -62,7 +62,7 @@ def _build() -> ctypes.CDLL | None:
         log.info("no C compiler: using torch's quantized kernels")
         return None
     flags = FLAGS + _torch_omp()
-    code = b"".join(p.read_bytes() for p in [*SOURCES, KERNELS / "simd.h"])
+    code = b"".join(p.read_bytes() for p in [*SOURCES, *sorted(KERNELS.glob("*.h"))])
     key = hashlib.sha256(code + " ".join([cc, *flags]).encode()).hexdigest()[:16]
     target = _cache_dir() / f"herd-{key}.so"
     if not target.exists():
@@ -79,8 +79,9 @@ def _build() -> ctypes.CDLL | None:
         return None
     lib.herd_set_threads.argtypes = [ctypes.c_int]
     lib.block_mm.restype = None
-    lib.block_mm.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+    lib.block_mm.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int] * 2
     lib.block_mm_has_panel.argtypes = [ctypes.c_int]
+    lib.kq_has_panel.argtypes = [ctypes.c_int]
     lib.block_dequantize.restype = None
     lib.block_dequantize.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2 + [ctypes.c_int]
     lib.rows8_repack.restype = None
@@ -132,12 +133,15 @@ def _match_torch_threads() -> None:
         _thread.n = n
 
 
-def block_mm(x: torch.Tensor, raw: torch.Tensor, qtype: int, n: int | None = None) -> torch.Tensor:
+def block_mm(x: torch.Tensor, raw: torch.Tensor, qtype: int, n: int | None = None,
+             prompt: bool = False) -> torch.Tensor:
     """x (M, K) @ W^T, W (N, K) given by its GGUF blocks: raw (N, K/32 * block bytes) uint8 of type
     Q4_0, Q4_1 or Q8_0 (ggml type ids 2, 3, 8), or of kernels/kquant.c's types (then `n` = N where
     raw is a mixed projection's flat bytes). Returns (M, N) float32.
 
-    The activations are quantized to int16 blocks inside (see kernels/blockmm.c).
+    The activations are quantized to int16 blocks inside (see kernels/blockmm.c). `prompt`: as
+    kernels/decode.c multiplies a prompt (kquant.c's int16 panel for its types repacked eight rows
+    at a time, `kq_has_panel`); a row's numbers then differ from decoding's by float rounding.
     """
     _match_torch_threads()
     x = x.float().contiguous()
@@ -145,14 +149,20 @@ def block_mm(x: torch.Tensor, raw: torch.Tensor, qtype: int, n: int | None = Non
     N = raw.shape[0] if n is None else n
     y = torch.empty(M, N, dtype=torch.float32)
     scratch = torch.empty(2 * M * K + 8 * M * (K // 32), dtype=torch.uint8)  # int16 codes, scales, sums
-    library().block_mm(x.data_ptr(), raw.data_ptr(), scratch.data_ptr(), y.data_ptr(), M, N, K, qtype)
+    library().block_mm(x.data_ptr(), raw.data_ptr(), scratch.data_ptr(), y.data_ptr(), M, N, K, qtype, prompt)
     return y
 
 
 def has_panel(qtype: int) -> bool:
     """Whether many rows of this kernel type go through blockmm.c's int16 panel (Q4_0, Q4_1, Q8_0
-    repacked eight rows at a time), a prompt's too (the other types' prompts are float32)."""
+    repacked eight rows at a time), a prompt's too, to decoding's bits."""
     return bool(library().block_mm_has_panel(qtype))
+
+
+def kq_has_panel(qtype: int) -> bool:
+    """Whether a prompt of this kernel type goes through kquant.c's int16 panel (its types repacked
+    eight rows at a time, mixed projections of them too); other prompts are float32."""
+    return bool(library().kq_has_panel(qtype))
 
 
 def block_mm_dense(x: torch.Tensor, raw: torch.Tensor, qtype: int, n: int | None = None) -> torch.Tensor:
@@ -429,7 +439,8 @@ def prefill(model, tokens: list[int], start_pos: int, row: int = 0) -> torch.Ten
     Positions in whole aligned blocks of DENSE_ROWS go through the prompt (dense) path, the
     prompt's last, partial block (and a short prompt) through decoding's. For Q4_0, Q4_1 and Q8_0
     layers both are int16 matmuls to the same bits (kernels/blockmm.c); the K-quants' prompt path
-    is float32, faster for many rows. Both compute every token as if it ran alone, so a prompt
+    is an int16 panel too, to decoding's numbers within float rounding (kernels/kquant.c). Both
+    compute every token as if it ran alone, so a prompt
     resumed after a cached prefix that ends on a block boundary gets the numbers it gets from
     scratch, to the bit.
     """

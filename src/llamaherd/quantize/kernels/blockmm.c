@@ -25,6 +25,7 @@
 #include <string.h>
 
 #include "simd.h"
+#include "panel.h"
 
 /* The matmuls come in two forms. `block_mm`, `block_mm_dense` (called from Python) open their own
  * OpenMP parallel region. `block_mm_q`, `block_mm_dense_team` and kquant.c's functions only share
@@ -40,6 +41,9 @@ void kq_mm(const int16_t *xq, const float *xd, const float *xs, const uint8_t *w
 void kq_mm_dense(const float *x, const uint8_t *w, float *y, int64_t M, int64_t N, int64_t K, int type);
 int kq_is_float(int type);
 void kq_mm_float(const float *x, const uint8_t *w, float *y, int64_t M, int64_t N, int64_t K, int type);
+int kq_has_panel(int type);
+void kq_mm_panel(const int16_t *xq, const float *xd, const float *xs, const uint8_t *w, float *y, int64_t M,
+                 int64_t N, int64_t K, int type);
 
 #define QK 32
 /* Each weight row is read 1 KB ahead of its use. The hardware prefetcher alone follows the NT
@@ -248,11 +252,12 @@ static inline __attribute__((always_inline)) void tile8(const uint8_t *w, const 
  * and per block tile8's scaling in tile8's order. The integer sums are exact in any order, so a row
  * gets the numbers it gets from tile8 (decoding) whichever computes it, and the choice is speed
  * only: ~1.2-1.3x the float32 prompt path on SmolLM2's Q4_1 layers (its FMAs were at ~95% of peak),
- * where tile8, decoding each weight block again for every 8 rows, runs at ~0.9x. */
+ * where tile8, decoding each weight block again for every 8 rows, runs at ~0.9x. The inner loop,
+ * `panel_dots`, is panel.h's. */
 /* from this many rows of x on, block_mm_q takes the panel: tile8 would decode the weights twice */
 #define PANEL_ROWS 9
 typedef struct {
-    __m256i *codes; /* [nb][16 pairs q][2]: features 0..7, 8..15 */
+    __m256i *codes; /* [nb][16 pairs q][2]: features 0..7, 8..15 (panel.h) */
     float *d, *m;   /* [nb][16] */
 } Panel16;
 
@@ -278,49 +283,6 @@ static void panel16_fill(const uint8_t *w, int64_t g0, int64_t ng, int64_t nb, i
     }
 }
 
-/* Pair q of a block for four rows of x (int32 pairs at x0, ld bytes apart): the panel's two code
- * registers, each row's pair broadcast, two madds and two adds a row into sums a0 .. a7. Written
- * in assembly because GCC 12 keeps the eight sums in registers only by copying each of them every
- * step (a third more instructions: the float32 path was as fast). */
-#define PANEL_ROW(q, row, lo, hi)                                                                    \
-    "vpbroadcastd " #q "*4(" row "), %%ymm14\n\t"                                                     \
-    "vpmaddwd %%ymm14, %%ymm12, %%ymm15\n\tvpaddd %%ymm15, %[" lo "], %[" lo "]\n\t"                  \
-    "vpmaddwd %%ymm14, %%ymm13, %%ymm14\n\tvpaddd %%ymm14, %[" hi "], %[" hi "]\n\t"
-#define PANEL_STEP(q)                                                                                \
-    "vmovdqa " #q "*64(%[c]), %%ymm12\n\tvmovdqa " #q "*64+32(%[c]), %%ymm13\n\t"                  \
-    PANEL_ROW(q, "%[x0]", "a0", "a1") PANEL_ROW(q, "%[x0],%[ld]", "a2", "a3")                         \
-    PANEL_ROW(q, "%[x0],%[ld],2", "a4", "a5") PANEL_ROW(q, "%[x0],%[ld3]", "a6", "a7")
-
-/* Block b's exact integer dot products of rows m0 .. m0 + mt - 1 of x with the panel's 16 features:
- * dot[r][0] features 0..7, dot[r][1] 8..15. */
-static inline __attribute__((always_inline)) void panel16_dots(const __m256i *c, const int16_t *xq, int64_t m0,
-        int64_t nb, int64_t b, const int mt, __m256i dot[4][2]) {
-    if (mt == 4) {
-        const int32_t *x0 = (const int32_t *)(xq + (m0 * nb + b) * QK);
-        const int64_t ld = nb * QK * (int64_t)sizeof(int16_t);
-        __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
-        __asm__(PANEL_STEP(0) PANEL_STEP(1) PANEL_STEP(2) PANEL_STEP(3) PANEL_STEP(4) PANEL_STEP(5)
-                PANEL_STEP(6) PANEL_STEP(7) PANEL_STEP(8) PANEL_STEP(9) PANEL_STEP(10) PANEL_STEP(11)
-                PANEL_STEP(12) PANEL_STEP(13) PANEL_STEP(14) PANEL_STEP(15)
-                : [a0] "+x"(a0), [a1] "+x"(a1), [a2] "+x"(a2), [a3] "+x"(a3), [a4] "+x"(a4), [a5] "+x"(a5),
-                  [a6] "+x"(a6), [a7] "+x"(a7)
-                : [c] "r"(c), [x0] "r"(x0), [ld] "r"(ld), [ld3] "r"(3 * ld)
-                : "ymm12", "ymm13", "ymm14", "ymm15", "memory");
-        dot[0][0] = a0, dot[0][1] = a1, dot[1][0] = a2, dot[1][1] = a3;
-        dot[2][0] = a4, dot[2][1] = a5, dot[3][0] = a6, dot[3][1] = a7;
-        return;
-    }
-    for (int r = 0; r < mt; r++) dot[r][0] = dot[r][1] = _mm256_setzero_si256();
-    for (int q = 0; q < 16; q++) { /* the last rows of x, fewer than four */
-        const __m256i w0 = _mm256_load_si256(c + 2 * q), w1 = _mm256_load_si256(c + 2 * q + 1);
-        for (int r = 0; r < mt; r++) {
-            const __m256i xb = _mm256_set1_epi32(((const int32_t *)(xq + ((m0 + r) * nb + b) * QK))[q]);
-            dot[r][0] = _mm256_add_epi32(dot[r][0], _mm256_madd_epi16(w0, xb));
-            dot[r][1] = _mm256_add_epi32(dot[r][1], _mm256_madd_epi16(w1, xb));
-        }
-    }
-}
-
 /* y[m0 .. m0 + mt - 1][n0 .. n0 + nn - 1] from the panel. */
 static inline __attribute__((always_inline)) void panel16_tile(const Panel16 *p, const int16_t *xq, const float *xd,
         const float *xs, float *y, int64_t m0, int64_t n0, int64_t nb, int64_t N, int nn, const int mt,
@@ -329,7 +291,7 @@ static inline __attribute__((always_inline)) void panel16_tile(const Panel16 *p,
     for (int r = 0; r < mt; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
         __m256i dot[4][2];
-        panel16_dots(p->codes + b * 32, xq, m0, nb, b, mt, dot);
+        panel_dots(p->codes + b * 32, xq, m0, nb, b, mt, 0, 16, dot);
         const __m256 d0 = _mm256_load_ps(p->d + b * 16), d1 = _mm256_load_ps(p->d + b * 16 + 8);
         for (int r = 0; r < mt; r++) { /* tile8's scaling, in its order */
             const int64_t i = (m0 + r) * nb + b;
@@ -358,8 +320,8 @@ static inline __attribute__((always_inline)) void panel16_tile(const Panel16 *p,
         default: break;                                                                              \
     }
 
-/* Whether many rows of this kernel type take the int16 panel (decode.c: a prompt's matmuls then
- * too, where the other types take the float32 path). */
+/* Whether many rows of this kernel type take this int16 panel (decode.c: a prompt's matmuls then
+ * too; kquant.c's repacked types take its own, `kq_has_panel`). */
 int block_mm_has_panel(int type) { return type == Q4_0_R8 || type == Q4_1_R8 || type == Q8_0_R8; }
 
 /* y = x @ W^T, W repacked eight rows at a time (type: ggml's + 100), through panels shared among
@@ -415,7 +377,7 @@ void block_mm_q(const int16_t *xq, const float *xd, const float *xs, const uint8
 
 /* x: (M, K) float32; w: N rows of K/32 blocks; scratch: 2*M*K + 8*M*K/32 bytes; y: (M, N) float32. */
 void block_mm(const float *x, const uint8_t *w, void *scratch, float *y, int64_t M, int64_t N, int64_t K,
-              int type) {
+              int type, int prompt) {
     const int64_t nb = K / QK, n_blocks = M * nb;
     if (kq_is_float(type)) { /* float weights: float activations (kquant.c) */
 #pragma omp parallel
@@ -432,7 +394,8 @@ void block_mm(const float *x, const uint8_t *w, void *scratch, float *y, int64_t
 #pragma omp for schedule(static)
             for (int64_t i = 0; i < n_blocks; i++) block_quantize(x + i * QK, xq + i * QK, xd + i, xs + i, 1);
         }
-        block_mm_q(xq, xd, xs, w, y, M, N, K, type);
+        if (prompt && kq_has_panel(type)) kq_mm_panel(xq, xd, xs, w, y, M, N, K, type); /* as decode.c's prompts */
+        else block_mm_q(xq, xd, xs, w, y, M, N, K, type);
     }
 }
 
@@ -569,8 +532,9 @@ void dense_panel(const float *x, const float *panel, float *y, int64_t ldy, int6
     }
 }
 
-/* The float32 path for many rows: kquant.c's types, and Q4_0, Q4_1, Q8_0 in the file's layout
- * (repacked ones take block_mm_q's int16 panel, which is faster and gives decoding's numbers). */
+/* The float32 path for many rows: kquant.c's types (a prompt of repacked ones takes its int16
+ * panel), and Q4_0, Q4_1, Q8_0 in the file's layout (repacked ones take block_mm_q's int16 panel,
+ * which is faster and gives decoding's numbers). */
 void block_mm_dense_team(const float *x, const uint8_t *w, float *y, int64_t M, int64_t N, int64_t K, int type) {
     if (kq_handles(type)) {
         kq_mm_dense(x, w, y, M, N, K, type);
@@ -613,7 +577,7 @@ void block_dequantize(const uint8_t *w, float *out, int64_t N, int64_t K, int ty
     (void)w; (void)out; (void)N; (void)K; (void)type;
 }
 void block_mm(const float *x, const uint8_t *w, void *scratch, float *y, int64_t M, int64_t N, int64_t K,
-              int type) {
-    (void)x; (void)w; (void)scratch; (void)y; (void)M; (void)N; (void)K; (void)type;
+              int type, int prompt) {
+    (void)x; (void)w; (void)scratch; (void)y; (void)M; (void)N; (void)K; (void)type; (void)prompt;
 }
 #endif

@@ -43,6 +43,9 @@ void block_mm_q(const int16_t *xq, const float *xd, const float *xs, const uint8
                 int64_t K, int type);
 void block_mm_dense_team(const float *x, const uint8_t *w, float *y, int64_t M, int64_t N, int64_t K, int type);
 int block_mm_has_panel(int type);
+int kq_has_panel(int type);
+void kq_mm_panel(const int16_t *xq, const float *xd, const float *xs, const uint8_t *w, float *y, int64_t M,
+                 int64_t N, int64_t K, int type);
 int kq_is_float(int type);
 void kq_mm_float(const float *x, const uint8_t *w, float *y, int64_t M, int64_t N, int64_t K, int type);
 
@@ -413,10 +416,10 @@ typedef struct {
     float *d, *s;
 } qblocks;
 
-/* Whether a prompt's (dense) matmul of this weight type is float32: not for Q4_0 / Q4_1 / Q8_0
- * repacked eight rows at a time, whose int16 panel (blockmm.c) is faster for many rows and gives
- * decoding's numbers; the K-quants' float32 path is faster than their int16 one for many rows. */
-static int float_prompt(int type) { return !block_mm_has_panel(type); }
+/* Whether a prompt's (dense) matmul of this weight type is float32: not for blocks repacked eight
+ * rows at a time, whose int16 panels are faster for many rows (blockmm.c's for Q4_0 / Q4_1 / Q8_0,
+ * to decoding's bits; kquant.c's for the K-quants, Q5_0, Q5_1 and mixed projections). */
+static int float_prompt(int type) { return !block_mm_has_panel(type) && !kq_has_panel(type); }
 
 /* Whether a matmul of this weight type reads its input as int16 blocks (not a prompt's float32 path,
  * not float weights). */
@@ -428,11 +431,13 @@ static void quantize(qblocks a, const float *x, int64_t at, int64_t n) {
 }
 
 /* The matmuls of a step, shared among the team (no barrier at the end): on the blocks with int16
- * activations (decode: the same numbers for a row whatever the batch), or, for a prompt (dense) of
- * the other block types, in float32 (also row-independent; faster for many rows). */
+ * activations (decode: the same numbers for a row whatever the batch; a prompt (dense): the int16
+ * panels, also row-independent), float weights with float32 ones, and a prompt of blocks in the
+ * file's layout (not repacked) in float32. */
 static void matmul(const float *x, qblocks a, const uint8_t *w, float *y, int64_t M, int64_t N, int64_t K, int type,
                    int dense) {
     if (dense && float_prompt(type)) block_mm_dense_team(x, w, y, M, N, K, type);
+    else if (dense && kq_has_panel(type)) kq_mm_panel(a.q, a.d, a.s, w, y, M, N, K, type);
     else if (kq_is_float(type)) kq_mm_float(x, w, y, M, N, K, type);
     else block_mm_q(a.q, a.d, a.s, w, y, M, N, K, type);
 }

@@ -20,8 +20,10 @@
  *   Q6_K {u8 ql[128]; u8 qh[64]; i8 scales[16]; f16 d}       16 sub-blocks of 16: w = (d * sc) * (q - 32)
  *
  * Dequantization (`kq_rows_dequantize`) rounds as gguf-py does, operation by operation (a multiply,
- * then an add, never fused), so it is bit-exact with `gguf.quants.dequantize`; the prompt path
- * (`kq_mm_dense`) multiplies those exact float32 weights. Each row of x gets the same instructions
+ * then an add, never fused), so it is bit-exact with `gguf.quants.dequantize`; the float32 path for
+ * many rows (`kq_mm_dense`: the file's layout, and Python's `block_mm_dense`) multiplies those exact
+ * float32 weights, and a prompt of repacked rows takes an int16 panel (`kq_mm_panel`, as blockmm.c's
+ * Q4/Q8 prompts do). Each row of x gets the same instructions
  * in the same order whatever the number of rows (continuous batching relies on it). Without AVX2
  * the same loops run in plain C (`kq_mm`'s scalar path, also forced by `kq_force_scalar` in tests).
  *
@@ -33,6 +35,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "panel.h"
 #include "simd.h"
 
 enum { F32 = 0, F16 = 1, Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14, BF16 = 30 };
@@ -462,7 +465,7 @@ static void r8_panel(const uint8_t *g, int64_t K, float *panel, int dn, int j0, 
 #endif
 
 /* Rows ids[0..n-1] (NULL: rows 0..n-1) as float32 (n, K): an embedding lookup, a weight for tests
- * and for QLoRA's backward pass. A repacked row: its group of eight decoded as the prompt path's
+ * and for QLoRA's backward pass. A repacked row: its group of eight decoded as the float32 path's
  * panels are (the same rounding), or given back in the file's format on the plain-C path. */
 void kq_rows_dequantize(const uint8_t *w, const int64_t *ids, int64_t n, float *out, int64_t K, int type) {
 #pragma omp parallel for schedule(static) if (n >= ROWS_ALONE)
@@ -977,6 +980,127 @@ static void mm_r8(const int16_t *xq, const float *xd, const float *xs, const uin
     }
 }
 
+/* -- a prompt's matmuls: the int16 panel (panel.h) ---------------------------------------------
+ * For many rows of x (a prompt) each thread expands 16 output features, two groups of eight
+ * repacked rows of any of these types, into a panel once: per block of 32 their code pairs
+ * (`r8_codes`: offsets applied), the scales of weights 0..15 and 16..31 and the offset
+ * (`r8_scales`); then takes every row of x through it four rows at a time, as blockmm.c's panel
+ * does: a block's dot product exact in integers, scaled once (Q6_K: each half by its own scale)
+ * and its offset added once. r8_rows (decoding) keeps eight partial sums a row, each scaled apart,
+ * in the plain path's order: three times the float work, so for many rows it ran slower than the
+ * float32 path this replaces. A prompt's numbers differ from decoding's by float rounding, as that
+ * path's did, and not with the number of rows. */
+typedef struct {
+    __m256i *codes;       /* [nb][16 pairs q][2]: features 0..7, 8..15 */
+    float *s0, *s1, *mn;  /* [nb][16]: the scales of weights 0..15 and 16..31, the offset */
+} KqPanel;
+
+/* Group h (0, 1) of the panel from the eight repacked rows grp of `type`. */
+static AI void kq_panel_group_t(const uint8_t *grp, int64_t nb, int h, KqPanel *p, const int type) {
+    const int nsub = (int)(block_values(type) / 32);
+    const int64_t ub = 8 * block_bytes(type);
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *unit = grp + b / nsub * ub;
+        __m256 s0, s1, mn;
+        r8_scales(unit, (int)(b % nsub), type, &s0, &s1, &mn);
+        _mm256_store_ps(p->s0 + b * 16 + 8 * h, s0);
+        _mm256_store_ps(p->s1 + b * 16 + 8 * h, s1);
+        _mm256_store_ps(p->mn + b * 16 + 8 * h, mn);
+        __m256i c[16];
+        r8_codes(unit + r8_head(type) + b % nsub * r8_block(type), type, c);
+        for (int q = 0; q < 16; q++) _mm256_store_si256(p->codes + (b * 16 + q) * 2 + h, c[q]);
+    }
+}
+
+static void kq_panel_group(const uint8_t *grp, int64_t nb, int h, KqPanel *p, int type) {
+    switch (type) {
+        case Q4_0: kq_panel_group_t(grp, nb, h, p, Q4_0); break;
+        case Q4_1: kq_panel_group_t(grp, nb, h, p, Q4_1); break;
+        case Q5_0: kq_panel_group_t(grp, nb, h, p, Q5_0); break;
+        case Q5_1: kq_panel_group_t(grp, nb, h, p, Q5_1); break;
+        case Q8_0: kq_panel_group_t(grp, nb, h, p, Q8_0); break;
+        case Q4_K: kq_panel_group_t(grp, nb, h, p, Q4_K); break;
+        case Q5_K: kq_panel_group_t(grp, nb, h, p, Q5_K); break;
+        default: kq_panel_group_t(grp, nb, h, p, Q6_K); break;
+    }
+}
+
+/* y[m0 .. m0 + mt - 1][0 .. nn - 1] (rows ldy apart) from the panel. split: a feature has two
+ * scales a block (Q6_K), so the halves' sums are scaled apart (for every feature of the panel). */
+static AI void kq_panel_tile(const KqPanel *p, const int16_t *xq, const float *xd, const float *xs, float *y,
+                             int64_t ldy, int64_t m0, int64_t nb, int nn, int with_min, const int mt, const int split) {
+    __m256 acc[4][2];
+    for (int r = 0; r < mt; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const __m256i *c = p->codes + b * 32;
+        __m256i lo[4][2], hi[4][2];
+        panel_dots(c, xq, m0, nb, b, mt, 0, split ? 8 : 16, lo);
+        if (split) panel_dots(c, xq, m0, nb, b, mt, 8, 8, hi);
+        for (int h = 0; h < 2; h++) {
+            const __m256 s0 = _mm256_load_ps(p->s0 + b * 16 + 8 * h), s1 = _mm256_load_ps(p->s1 + b * 16 + 8 * h);
+            const __m256 mn = _mm256_load_ps(p->mn + b * 16 + 8 * h);
+            for (int r = 0; r < mt; r++) {
+                const int64_t i = (m0 + r) * nb + b;
+                const __m256 xdv = _mm256_set1_ps(xd[i]);
+                acc[r][h] = _mm256_fmadd_ps(_mm256_mul_ps(s0, xdv), _mm256_cvtepi32_ps(lo[r][h]), acc[r][h]);
+                if (split)
+                    acc[r][h] = _mm256_fmadd_ps(_mm256_mul_ps(s1, xdv), _mm256_cvtepi32_ps(hi[r][h]), acc[r][h]);
+                if (with_min) acc[r][h] = _mm256_fmadd_ps(mn, _mm256_set1_ps(xs[i]), acc[r][h]);
+            }
+        }
+    }
+    for (int r = 0; r < mt; r++) {
+        _mm256_storeu_ps(y + (m0 + r) * ldy, acc[r][0]);
+        if (nn > 8) _mm256_storeu_ps(y + (m0 + r) * ldy + 8, acc[r][1]);
+    }
+}
+
+static void kq_panel_rows(const KqPanel *p, const int16_t *xq, const float *xd, const float *xs, float *y,
+                          int64_t ldy, int64_t M, int64_t nb, int nn, int with_min, int split) {
+    int64_t m0 = 0;
+    for (; m0 + 4 <= M; m0 += 4)
+        if (split) kq_panel_tile(p, xq, xd, xs, y, ldy, m0, nb, nn, with_min, 4, 1);
+        else kq_panel_tile(p, xq, xd, xs, y, ldy, m0, nb, nn, with_min, 4, 0);
+    for (; m0 < M; m0++) /* the last rows, fewer than four */
+        if (split) kq_panel_tile(p, xq, xd, xs, y, ldy, m0, nb, nn, with_min, 1, 1);
+        else kq_panel_tile(p, xq, xd, xs, y, ldy, m0, nb, nn, with_min, 1, 0);
+}
+
+/* y (row stride ldy) = x @ W^T through panels, for the repacked parts of a projection (as mm_r8). */
+static void mm_panel(const int16_t *xq, const float *xd, const float *xs, const uint8_t *const at[], const int types[],
+                     const int64_t first[], int n, float *y, int64_t ldy, int64_t M, int64_t K) {
+    const int64_t nb = K / 32, scales = nb * 16 * (int64_t)sizeof(float);
+    KqPanel p = {aligned_alloc(32, (size_t)nb * 32 * sizeof(__m256i)), aligned_alloc(32, (size_t)scales),
+                 aligned_alloc(32, (size_t)scales), aligned_alloc(32, (size_t)scales)};
+    /* panels taken in turn (dynamic), as blockmm.c's */
+#pragma omp for schedule(dynamic, 1) nowait
+    for (int64_t g0 = 0; g0 < first[n]; g0 += 2) {
+        int with_min = 0, split = 0;
+        for (int h = 0; h < 2; h++) {
+            const int64_t g = g0 + h;
+            if (g >= first[n]) { /* N = 8 mod 16: the second half zero (and never stored) */
+                for (int64_t j = 0; j < nb * 16; j++) p.codes[2 * j + 1] = _mm256_setzero_si256();
+                for (int64_t j = 0; j < nb; j++) {
+                    _mm256_store_ps(p.s0 + j * 16 + 8, _mm256_setzero_ps());
+                    _mm256_store_ps(p.s1 + j * 16 + 8, _mm256_setzero_ps());
+                    _mm256_store_ps(p.mn + j * 16 + 8, _mm256_setzero_ps());
+                }
+                break;
+            }
+            int i = 0;
+            while (g >= first[i + 1]) i++;
+            const int t = base_type(types[i]);
+            kq_panel_group(at[i] + (g - first[i]) * 8 * kq_row_bytes(K, t), nb, h, &p, t);
+            with_min |= has_min(t), split |= t == Q6_K;
+        }
+        kq_panel_rows(&p, xq, xd, xs, y + 8 * g0, ldy, M, nb, g0 + 1 < first[n] ? 16 : 8, with_min, split);
+    }
+    free(p.codes);
+    free(p.s0);
+    free(p.s1);
+    free(p.mn);
+}
+
 /* Eight repacked rows as float32 into columns j0 .. j0 + 7 of a dense panel (DN wide, k-major),
  * rounded as dequantize_row rounds them (a multiply, then an add). */
 static AI void r8_panel_t(const uint8_t *g, int64_t nb, float *panel, int dn, int j0, const int type) {
@@ -1042,6 +1166,57 @@ static void mm_part(const int16_t *xq, const float *xd, const float *xs, const u
     }
 }
 
+#if HERD_SIMD
+/* Whether every part of p is repacked (and the SIMD kernels on). */
+static int all_r8(const mixed_t *p) {
+    int all = !force_scalar;
+    for (int i = 0; i < p->n; i++) all = all && is_r8(p->types[i]);
+    return all;
+}
+
+/* Where each of p's parts starts (parts) and its first group of eight rows (first[n]: all of them). */
+static void r8_parts(const mixed_t *p, const uint8_t *w, int64_t N, int64_t K, const uint8_t *parts[],
+                     int64_t first[]) {
+    const uint8_t *at = w;
+    int64_t n0 = 0;
+    first[0] = 0;
+    for (int i = 0; i < p->n; i++) {
+        const int64_t rows = i == p->n - 1 ? N - n0 : p->rows[i];
+        parts[i] = at = part_at(p, i, w, at);
+        at += rows * kq_row_bytes(K, p->types[i]);
+        n0 += rows;
+        first[i + 1] = n0 / 8;
+    }
+}
+#endif
+
+/* Whether a prompt's matmul of this type takes kq_mm_panel: every part repacked. */
+int kq_has_panel(int type) {
+#if HERD_SIMD
+    if (!kq_handles(type)) return 0;
+    const mixed_t p = parts_of(type);
+    return all_r8(&p);
+#else
+    (void)type;
+    return 0;
+#endif
+}
+
+/* y (M, N) = x @ W^T for a prompt (many rows of x, blockmm.c's int16 blocks) through panels; the
+ * type one kq_has_panel takes. */
+void kq_mm_panel(const int16_t *xq, const float *xd, const float *xs, const uint8_t *w, float *y, int64_t M,
+                 int64_t N, int64_t K, int type) {
+#if HERD_SIMD
+    const mixed_t p = parts_of(type);
+    const uint8_t *parts[MAX_PARTS];
+    int64_t first[MAX_PARTS + 1];
+    r8_parts(&p, w, N, K, parts, first);
+    mm_panel(xq, xd, xs, parts, p.types, first, p.n, y, N, M, K);
+#else
+    (void)xq, (void)xd, (void)xs, (void)w, (void)y, (void)M, (void)N, (void)K, (void)type;
+#endif
+}
+
 /* y (M, N) = x @ W^T, x given as blockmm.c's int16 blocks (codes xq, scales xd, xd * sums xs). */
 void kq_mm(const int16_t *xq, const float *xd, const float *xs, const uint8_t *w, float *y, int64_t M, int64_t N,
            int64_t K, int type) {
@@ -1049,19 +1224,10 @@ void kq_mm(const int16_t *xq, const float *xd, const float *xs, const uint8_t *w
     const uint8_t *at = w;
     int64_t n0 = 0;
 #if HERD_SIMD
-    int all_r8 = !force_scalar;
-    for (int i = 0; i < p.n; i++) all_r8 = all_r8 && is_r8(p.types[i]);
-    if (all_r8 && p.n > 1) { /* every part repacked (kq_repack): one loop over all their groups */
+    if (p.n > 1 && all_r8(&p)) { /* every part repacked (kq_repack): one loop over all their groups */
         const uint8_t *parts[MAX_PARTS];
         int64_t first[MAX_PARTS + 1];
-        first[0] = 0;
-        for (int i = 0; i < p.n; i++) {
-            const int64_t rows = i == p.n - 1 ? N - n0 : p.rows[i];
-            parts[i] = at = part_at(&p, i, w, at);
-            at += rows * kq_row_bytes(K, p.types[i]);
-            n0 += rows;
-            first[i + 1] = n0 / 8;
-        }
+        r8_parts(&p, w, N, K, parts, first);
         mm_r8(xq, xd, xs, parts, p.types, first, p.n, y, N, M, K);
         return;
     }
