@@ -183,11 +183,23 @@ def run_pretrain_paired(preset: str, vocab: int, steps: int, batch: int, seq: in
     return out
 
 
-def batches(vocab: int, batch: int, seq: int, n: int):
+def batches(vocab: int, batch: int, seq: int, n: int, data: str | None = None, model_path: str | None = None):
+    """`n` fine-tuning batches {tokens, targets, doc_ids, input_pos}, (batch, seq) each: random ids
+    (every position has a target), or with `data` a chat JSONL as `herd train sft` sees it (the
+    model's chat template, loss only on the assistant's tokens, examples packed into `seq`)."""
     import torch
 
-    g = torch.Generator().manual_seed(0)
-    return [torch.randint(0, vocab, (batch, seq + 1), generator=g) for _ in range(n)]
+    if data is None:
+        g = torch.Generator().manual_seed(0)
+        blocks = [torch.randint(0, vocab, (batch, seq + 1), generator=g) for _ in range(n)]
+        return [{"tokens": b[:, :-1], "targets": b[:, 1:], "doc_ids": None, "input_pos": None} for b in blocks]
+    from llamaherd.train.data import collate, pack, read_jsonl, tokenize
+    from llamaherd.weights import load_checkpoint
+
+    tokenizer = load_checkpoint(model_path, torch.float32, quantized=True).tokenizer
+    sequences = pack(tokenize(tokenizer, read_jsonl(data), seq)[0], seq)
+    sequences = (sequences * (batch * n // len(sequences) + 1))[:batch * n]  # the file again if it is short
+    return [collate(sequences[i * batch:(i + 1) * batch], multiple=seq) for i in range(n)]
 
 
 def sft_step(row: str, model_path: str):
@@ -214,8 +226,8 @@ def sft_step(row: str, model_path: str):
         vocab = model.args.vocab_size
 
         def step_loss(b):
-            tokens, targets = b[:, :-1], b[:, 1:]
-            return loss_module(tokens, targets, None, None) / targets.numel()
+            n = (b["targets"] != -100).sum()
+            return loss_module(b["tokens"], b["targets"], b["doc_ids"], b["input_pos"]) / n
     else:
         import transformers
 
@@ -232,7 +244,12 @@ def sft_step(row: str, model_path: str):
         vocab = model.config.vocab_size
 
         def step_loss(b):
-            return model(input_ids=b[:, :-1], labels=b[:, :-1].clone()).loss  # HF shifts the labels
+            # HF shifts the labels: position t's target is labels[t + 1] (the last position's is dropped,
+            # as the random batches always did). Packed data: the same restarting positions (transformers
+            # then masks across examples too, as herd's document mask does).
+            targets = b["targets"]
+            labels = torch.cat([torch.full_like(targets[:, :1], -100), targets[:, :-1]], 1)
+            return model(input_ids=b["tokens"], labels=labels, position_ids=b["input_pos"]).loss
 
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, fused=True)
@@ -247,21 +264,23 @@ def sft_step(row: str, model_path: str):
     return step, params, vocab
 
 
-def run_row(row: str, model_path: str, steps: int, batch: int, seq: int, threads: int) -> dict:
+def run_row(row: str, model_path: str, steps: int, batch: int, seq: int, threads: int, data: str | None = None
+            ) -> dict:
     import torch
 
     torch.set_num_threads(threads)
     if "dpo" in row:
         return run_dpo_row(row, model_path, steps, batch, threads)
     step, params, vocab = sft_step(row, model_path)
-    times = [step(b) for b in batches(vocab, batch, seq, steps + 1)]
+    times = [step(b) for b in batches(vocab, batch, seq, steps + 1, data, model_path)]
     timed = sum(times[1:])
     return {"row": row, "tokens_per_s": batch * seq * steps / timed,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "trainable": sum(p.numel() for p in params)}
 
 
-def run_sft_paired(rows: list[str], model_path: str, steps: int, batch: int, seq: int, threads: int) -> dict:
+def run_sft_paired(rows: list[str], model_path: str, steps: int, batch: int, seq: int, threads: int,
+                   data: str | None = None) -> dict:
     """Fine-tuning rows in one process, their steps alternating on the same batches (as
     `run_pretrain_paired`; with one thread, timed in CPU time). Speed only: peak memory needs
     a process per row. Returns per row the median step's tokens/s and every step's seconds."""
@@ -274,7 +293,7 @@ def run_sft_paired(rows: list[str], model_path: str, steps: int, batch: int, seq
     made = {row: sft_step(row, model_path) for row in rows}
     vocab = next(iter(made.values()))[2]
     times: dict[str, list[float]] = {row: [] for row in rows}
-    for i, b in enumerate(batches(vocab, batch, seq, steps + 1)):
+    for i, b in enumerate(batches(vocab, batch, seq, steps + 1, data, model_path)):
         for row, (step, _, _) in made.items():
             t = step(b, clock)
             if i:  # the first step of each is a warm-up
@@ -390,6 +409,8 @@ def main() -> None:
     p.add_argument("--paired", action="store_true", help="the rows in one process, steps alternating "
                                                            "(speed only; for a machine whose load moves)")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one row in this process
+    p.add_argument("--data", help="fine-tuning rows: a chat JSONL (e.g. examples/korean-chat/train.jsonl) in place of "
+                                  "random ids: the template, the assistant-only loss and the packing of herd train sft")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args()
     args.rows = args.rows or ",".join(PRETRAIN_ROWS if args.paired else ROWS)
@@ -399,8 +420,9 @@ def main() -> None:
         args.model = str(smollm2_gguf())
     if args.paired and set(args.rows.split(",")) != set(PRETRAIN_ROWS):
         rows = args.rows.split(",")
-        results = run_sft_paired(rows, args.model, args.steps, args.batch, args.seq, args.threads)
-        print(f"batch {args.batch} x {args.seq}, {args.steps} timed steps each, alternating, {args.threads} threads"
+        results = run_sft_paired(rows, args.model, args.steps, args.batch, args.seq, args.threads, args.data)
+        print(f"batch {args.batch} x {args.seq}{f' of {args.data}' if args.data else ''}, {args.steps} timed steps "
+              f"each, alternating, {args.threads} threads"
               f"{' (CPU time)' if args.threads == 1 else ''}")
         for r in results.values():
             print(f"{r['row']:<14} {r['tokens_per_s']:8.1f} tokens/s   steps {', '.join(f'{t:.2f}' for t in r['step_seconds'])} s")
@@ -431,13 +453,13 @@ def main() -> None:
                                           args.threads)))
         return
     if args.one:
-        print(json.dumps(run_row(args.one, args.model, args.steps, args.batch, args.seq, args.threads)))
+        print(json.dumps(run_row(args.one, args.model, args.steps, args.batch, args.seq, args.threads, args.data)))
         return
     results = {}
     for row in args.rows.split(","):
         cmd = [sys.executable, __file__, "--one", row, "--model", str(args.model), "--steps", str(args.steps),
                "--batch", str(args.batch), "--seq", str(args.seq), "--threads", str(args.threads),
-               "--preset", args.preset, "--vocab", str(args.vocab)]
+               "--preset", args.preset, "--vocab", str(args.vocab)] + (["--data", args.data] if args.data else [])
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             print(f"{row}: failed\n{proc.stderr[-1500:]}", file=sys.stderr)
