@@ -79,7 +79,7 @@ def _build() -> ctypes.CDLL | None:
         return None
     lib.herd_set_threads.argtypes = [ctypes.c_int]
     lib.block_mm.restype = None
-    lib.block_mm.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int] * 2
+    lib.block_mm.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
     lib.block_mm_has_panel.argtypes = [ctypes.c_int]
     lib.kq_has_panel.argtypes = [ctypes.c_int]
     lib.block_dequantize.restype = None
@@ -133,15 +133,12 @@ def _match_torch_threads() -> None:
         _thread.n = n
 
 
-def block_mm(x: torch.Tensor, raw: torch.Tensor, qtype: int, n: int | None = None,
-             prompt: bool = False) -> torch.Tensor:
+def block_mm(x: torch.Tensor, raw: torch.Tensor, qtype: int, n: int | None = None) -> torch.Tensor:
     """x (M, K) @ W^T, W (N, K) given by its GGUF blocks: raw (N, K/32 * block bytes) uint8 of type
     Q4_0, Q4_1 or Q8_0 (ggml type ids 2, 3, 8), or of kernels/kquant.c's types (then `n` = N where
     raw is a mixed projection's flat bytes). Returns (M, N) float32.
 
-    The activations are quantized to int16 blocks inside (see kernels/blockmm.c). `prompt`: as
-    kernels/decode.c multiplies a prompt (kquant.c's int16 panel for its types repacked eight rows
-    at a time, `kq_has_panel`); a row's numbers then differ from decoding's by float rounding.
+    The activations are quantized to int16 blocks inside (see kernels/blockmm.c).
     """
     _match_torch_threads()
     x = x.float().contiguous()
@@ -149,7 +146,7 @@ def block_mm(x: torch.Tensor, raw: torch.Tensor, qtype: int, n: int | None = Non
     N = raw.shape[0] if n is None else n
     y = torch.empty(M, N, dtype=torch.float32)
     scratch = torch.empty(2 * M * K + 8 * M * (K // 32), dtype=torch.uint8)  # int16 codes, scales, sums
-    library().block_mm(x.data_ptr(), raw.data_ptr(), scratch.data_ptr(), y.data_ptr(), M, N, K, qtype, prompt)
+    library().block_mm(x.data_ptr(), raw.data_ptr(), scratch.data_ptr(), y.data_ptr(), M, N, K, qtype)
     return y
 
 
@@ -160,8 +157,8 @@ def has_panel(qtype: int) -> bool:
 
 
 def kq_has_panel(qtype: int) -> bool:
-    """Whether a prompt of this kernel type goes through kquant.c's int16 panel (its types repacked
-    eight rows at a time, mixed projections of them too); other prompts are float32."""
+    """Whether many rows of this kernel type go through kquant.c's int16 panel (its types repacked
+    eight rows at a time, mixed projections of them too), a prompt's too, to decoding's bits."""
     return bool(library().kq_has_panel(qtype))
 
 
@@ -438,9 +435,8 @@ def prefill(model, tokens: list[int], start_pos: int, row: int = 0) -> torch.Ten
 
     Positions in whole aligned blocks of DENSE_ROWS go through the prompt (dense) path, the
     prompt's last, partial block (and a short prompt) through decoding's. For Q4_0, Q4_1 and Q8_0
-    layers both are int16 matmuls to the same bits (kernels/blockmm.c); the K-quants' prompt path
-    is an int16 panel too, to decoding's numbers within float rounding (kernels/kquant.c). Both
-    compute every token as if it ran alone, so a prompt
+    layers, and the other block types repacked at load, both are int16 matmuls to the same bits
+    (kernels/blockmm.c, kernels/kquant.c). Both compute every token as if it ran alone, so a prompt
     resumed after a cached prefix that ends on a block boundary gets the numbers it gets from
     scratch, to the bit.
     """

@@ -41,9 +41,6 @@ void kq_mm(const int16_t *xq, const float *xd, const float *xs, const uint8_t *w
 void kq_mm_dense(const float *x, const uint8_t *w, float *y, int64_t M, int64_t N, int64_t K, int type);
 int kq_is_float(int type);
 void kq_mm_float(const float *x, const uint8_t *w, float *y, int64_t M, int64_t N, int64_t K, int type);
-int kq_has_panel(int type);
-void kq_mm_panel(const int16_t *xq, const float *xd, const float *xs, const uint8_t *w, float *y, int64_t M,
-                 int64_t N, int64_t K, int type);
 
 #define QK 32
 /* Each weight row is read 1 KB ahead of its use. The hardware prefetcher alone follows the NT
@@ -254,8 +251,6 @@ static inline __attribute__((always_inline)) void tile8(const uint8_t *w, const 
  * only: ~1.2-1.3x the float32 prompt path on SmolLM2's Q4_1 layers (its FMAs were at ~95% of peak),
  * where tile8, decoding each weight block again for every 8 rows, runs at ~0.9x. The inner loop,
  * `panel_dots`, is panel.h's. */
-/* from this many rows of x on, block_mm_q takes the panel: tile8 would decode the weights twice */
-#define PANEL_ROWS 9
 typedef struct {
     __m256i *codes; /* [nb][16 pairs q][2]: features 0..7, 8..15 (panel.h) */
     float *d, *m;   /* [nb][16] */
@@ -377,7 +372,7 @@ void block_mm_q(const int16_t *xq, const float *xd, const float *xs, const uint8
 
 /* x: (M, K) float32; w: N rows of K/32 blocks; scratch: 2*M*K + 8*M*K/32 bytes; y: (M, N) float32. */
 void block_mm(const float *x, const uint8_t *w, void *scratch, float *y, int64_t M, int64_t N, int64_t K,
-              int type, int prompt) {
+              int type) {
     const int64_t nb = K / QK, n_blocks = M * nb;
     if (kq_is_float(type)) { /* float weights: float activations (kquant.c) */
 #pragma omp parallel
@@ -394,8 +389,7 @@ void block_mm(const float *x, const uint8_t *w, void *scratch, float *y, int64_t
 #pragma omp for schedule(static)
             for (int64_t i = 0; i < n_blocks; i++) block_quantize(x + i * QK, xq + i * QK, xd + i, xs + i, 1);
         }
-        if (prompt && kq_has_panel(type)) kq_mm_panel(xq, xd, xs, w, y, M, N, K, type); /* as decode.c's prompts */
-        else block_mm_q(xq, xd, xs, w, y, M, N, K, type);
+        block_mm_q(xq, xd, xs, w, y, M, N, K, type);
     }
 }
 
@@ -577,7 +571,7 @@ void block_dequantize(const uint8_t *w, float *out, int64_t N, int64_t K, int ty
     (void)w; (void)out; (void)N; (void)K; (void)type;
 }
 void block_mm(const float *x, const uint8_t *w, void *scratch, float *y, int64_t M, int64_t N, int64_t K,
-              int type, int prompt) {
-    (void)x; (void)w; (void)scratch; (void)y; (void)M; (void)N; (void)K; (void)type; (void)prompt;
+              int type) {
+    (void)x; (void)w; (void)scratch; (void)y; (void)M; (void)N; (void)K; (void)type;
 }
 #endif

@@ -44,8 +44,6 @@ void block_mm_q(const int16_t *xq, const float *xd, const float *xs, const uint8
 void block_mm_dense_team(const float *x, const uint8_t *w, float *y, int64_t M, int64_t N, int64_t K, int type);
 int block_mm_has_panel(int type);
 int kq_has_panel(int type);
-void kq_mm_panel(const int16_t *xq, const float *xd, const float *xs, const uint8_t *w, float *y, int64_t M,
-                 int64_t N, int64_t K, int type);
 int kq_is_float(int type);
 void kq_mm_float(const float *x, const uint8_t *w, float *y, int64_t M, int64_t N, int64_t K, int type);
 
@@ -417,8 +415,8 @@ typedef struct {
 } qblocks;
 
 /* Whether a prompt's (dense) matmul of this weight type is float32: not for blocks repacked eight
- * rows at a time, whose int16 panels are faster for many rows (blockmm.c's for Q4_0 / Q4_1 / Q8_0,
- * to decoding's bits; kquant.c's for the K-quants, Q5_0, Q5_1 and mixed projections). */
+ * rows at a time, whose int16 panels (blockmm.c's for Q4_0 / Q4_1 / Q8_0, kquant.c's for the
+ * K-quants, Q5_0, Q5_1 and mixed projections) are faster for many rows and give decoding's bits. */
 static int float_prompt(int type) { return !block_mm_has_panel(type) && !kq_has_panel(type); }
 
 /* Whether a matmul of this weight type reads its input as int16 blocks (not a prompt's float32 path,
@@ -431,13 +429,12 @@ static void quantize(qblocks a, const float *x, int64_t at, int64_t n) {
 }
 
 /* The matmuls of a step, shared among the team (no barrier at the end): on the blocks with int16
- * activations (decode: the same numbers for a row whatever the batch; a prompt (dense): the int16
- * panels, also row-independent), float weights with float32 ones, and a prompt of blocks in the
- * file's layout (not repacked) in float32. */
+ * activations (the same numbers for a row whatever the batch, decoded or in a prompt), float
+ * weights with float32 ones, and a prompt (dense) of blocks in the file's layout (not repacked) in
+ * float32 (also row-independent; faster for many rows). */
 static void matmul(const float *x, qblocks a, const uint8_t *w, float *y, int64_t M, int64_t N, int64_t K, int type,
                    int dense) {
     if (dense && float_prompt(type)) block_mm_dense_team(x, w, y, M, N, K, type);
-    else if (dense && kq_has_panel(type)) kq_mm_panel(a.q, a.d, a.s, w, y, M, N, K, type);
     else if (kq_is_float(type)) kq_mm_float(x, w, y, M, N, K, type);
     else block_mm_q(a.q, a.d, a.s, w, y, M, N, K, type);
 }

@@ -7,10 +7,12 @@
  * a float scale per 16 weights (equal halves but for Q6_K) and a float offset per 32 (Q4_1, Q5_1,
  * and the K-quants' sub-block minimum). So one kernel serves them all, in blockmm.c's manner: the
  * activations are the same int16 blocks of 32 (blockmm.c `quantize_x`: scale xd, xs = xd * sum of
- * codes), each block's dot product is exact in integers (AVX2 madd) and scaled once in float,
- * and the offset costs one multiply by xs. No weight is converted, copied or requantized: at load
- * (`kq_repack`, in place) a projection's rows are reordered eight at a time so that one madd serves
- * eight rows (`r8_row`, ~1.5-2x as fast at batch 1 and 8), to the same bits as the file's layout.
+ * codes), each block's dot product is exact in integers (AVX2 madd) and scaled once in float
+ * (Q6_K: once a half), and the offset costs one multiply-add by xs: `row_dot`'s order, which every
+ * kernel here keeps, so a row's numbers never depend on which of them computes it. No weight is
+ * converted, copied or requantized: at load (`kq_repack`, in place) a projection's rows are
+ * reordered eight at a time so that one madd serves eight rows (`r8_row`, ~1.5-2x as fast at batch
+ * 1 and 8), to the same bits as the file's layout.
  *
  *   Q5_0 {f16 d; u32 qh; u8 qs[16]}          w = d * (q - 16), bit 4 of q[i] = bit i of qh
  *   Q5_1 {f16 d; f16 m; u32 qh; u8 qs[16]}   w = d * q + m
@@ -21,15 +23,17 @@
  *
  * Dequantization (`kq_rows_dequantize`) rounds as gguf-py does, operation by operation (a multiply,
  * then an add, never fused), so it is bit-exact with `gguf.quants.dequantize`; the float32 path for
- * many rows (`kq_mm_dense`: the file's layout, and Python's `block_mm_dense`) multiplies those exact
- * float32 weights, and a prompt of repacked rows takes an int16 panel (`kq_mm_panel`, as blockmm.c's
- * Q4/Q8 prompts do). Each row of x gets the same instructions
- * in the same order whatever the number of rows (continuous batching relies on it). Without AVX2
- * the same loops run in plain C (`kq_mm`'s scalar path, also forced by `kq_force_scalar` in tests).
+ * many rows (`kq_mm_dense`: a prompt of the file's layout, and Python's `block_mm_dense`) multiplies
+ * those exact float32 weights. Many rows of repacked ones (a prompt, a wide decode step) take an
+ * int16 panel (`mm_panel`, as blockmm.c's Q4/Q8 do) to the numbers the few-row kernels give. Each
+ * row of x gets the same numbers whatever the number of rows (continuous batching relies on it), and
+ * a prompt's tokens those they get decoded one at a time. Without AVX2 the same loops run in plain C
+ * (`kq_mm`'s scalar path, also forced by `kq_force_scalar` in tests), to the same bits.
  *
  * The matmuls (`kq_mm`, `kq_mm_dense`, `kq_mm_float`) share their loops among the threads of the
  * OpenMP region they are called in (orphaned `omp for nowait`; see blockmm.c): the caller opens it.
  */
+#include <math.h>
 #include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -495,9 +499,11 @@ void kq_rows_dequantize(const uint8_t *w, const int64_t *ids, int64_t n, float *
 
 /* -- y = x @ W^T on int16 activation blocks (decode) ----------------------------------------- */
 
-/* One weight row against one activation row, in plain C: the scalar path. */
+/* One weight row against one activation row, in plain C: the scalar path, and the order every
+ * kernel here sums in (`block_step`): per block, its exact integer dot product scaled once (Q6_K:
+ * each half of 16 weights by its own scale), then its offset, into one float32 sum. */
 static float row_dot(const uint8_t *row, const int16_t *xq, const float *xd, const float *xs, int64_t nb, int type) {
-    float acc = 0.f, mins = 0.f;
+    float acc = 0.f;
     for (int64_t j = 0; j < nb; j++) {
         int16_t q[32];
         float s[2], mn;
@@ -505,10 +511,15 @@ static float row_dot(const uint8_t *row, const int16_t *xq, const float *xd, con
         block_codes(row, j, type, q);
         int32_t lo = 0, hi = 0;
         for (int i = 0; i < 16; i++) lo += q[i] * xq[32 * j + i], hi += q[i + 16] * xq[32 * j + 16 + i];
-        acc += s[0] * xd[j] * (float)lo + s[1] * xd[j] * (float)hi;
-        mins += mn * xs[j];
+        if (type == Q6_K) {
+            acc = fmaf(s[0] * xd[j], (float)lo, acc);
+            acc = fmaf(s[1] * xd[j], (float)hi, acc);
+        } else {
+            acc = fmaf(s[0] * xd[j], (float)(lo + hi), acc);
+        }
+        if (has_min(type)) acc = fmaf(mn, xs[j], acc);
     }
-    return acc + mins;
+    return acc;
 }
 
 #if HERD_SIMD
@@ -567,6 +578,12 @@ static inline __attribute__((always_inline)) void codes(const uint8_t *row, int6
 #define NT 2 /* weight rows a tile: each activation block loaded once for them */
 #define MT 4 /* activation rows a tile: each weight block decoded once for them */
 
+static inline __attribute__((always_inline)) int32_t hsum_epi32(__m256i v) { /* exact */
+    __m128i h = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0x4E));
+    return _mm_cvtsi128_si32(_mm_add_epi32(h, _mm_shuffle_epi32(h, 0xB1)));
+}
+
 static inline __attribute__((always_inline)) float f16(const uint8_t *p) {
     uint16_t h;
     memcpy(&h, p, 2);
@@ -601,10 +618,9 @@ static inline __attribute__((always_inline)) void tile(const uint8_t *w, int64_t
         const float *xd, const float *xs, float *y, int64_t ldy, int64_t n, int64_t m0, int64_t nb, const int nt,
         const int mt, const int type) {
     const int nsub = (int)(block_values(type) / 32);
-    __m256 acc[NT][MT];
-    float mins[NT][MT];
+    float acc[NT][MT];
     for (int f = 0; f < nt; f++)
-        for (int r = 0; r < mt; r++) acc[f][r] = _mm256_setzero_ps(), mins[f][r] = 0.f;
+        for (int r = 0; r < mt; r++) acc[f][r] = 0.f;
     for (int64_t sb = 0; sb < nb / nsub; sb++) {
         float s[NT][8][2], mn[NT][8];
         for (int f = 0; f < nt; f++) {
@@ -622,22 +638,21 @@ static inline __attribute__((always_inline)) void tile(const uint8_t *w, int64_t
                 const __m256i x0 = _mm256_loadu_si256((const __m256i *)(xq + i * 32));
                 const __m256i x1 = _mm256_loadu_si256((const __m256i *)(xq + i * 32 + 16));
                 for (int f = 0; f < nt; f++) {
-                    /* exact integer dot products (|q| <= 128, |x| <= 32767: < 2^31 a lane), scaled once */
+                    /* exact integer dot products (|q| <= 128, |x| <= 32767: < 2^31), scaled once (row_dot) */
                     const __m256i p0 = _mm256_madd_epi16(q[f][0], x0), p1 = _mm256_madd_epi16(q[f][1], x1);
                     if (type == Q6_K) { /* two scales a block */
-                        acc[f][r] = _mm256_fmadd_ps(_mm256_set1_ps(s[f][j][0] * xd[i]), _mm256_cvtepi32_ps(p0), acc[f][r]);
-                        acc[f][r] = _mm256_fmadd_ps(_mm256_set1_ps(s[f][j][1] * xd[i]), _mm256_cvtepi32_ps(p1), acc[f][r]);
+                        acc[f][r] = fmaf(s[f][j][0] * xd[i], (float)hsum_epi32(p0), acc[f][r]);
+                        acc[f][r] = fmaf(s[f][j][1] * xd[i], (float)hsum_epi32(p1), acc[f][r]);
                     } else {
-                        acc[f][r] = _mm256_fmadd_ps(_mm256_set1_ps(s[f][j][0] * xd[i]),
-                                                    _mm256_cvtepi32_ps(_mm256_add_epi32(p0, p1)), acc[f][r]);
+                        acc[f][r] = fmaf(s[f][j][0] * xd[i], (float)hsum_epi32(_mm256_add_epi32(p0, p1)), acc[f][r]);
                     }
-                    if (has_min(type)) mins[f][r] += mn[f][j] * xs[i];
+                    if (has_min(type)) acc[f][r] = fmaf(mn[f][j], xs[i], acc[f][r]);
                 }
             }
         }
     }
     for (int f = 0; f < nt; f++)
-        for (int r = 0; r < mt; r++) y[(m0 + r) * ldy + n + f] = hsum(acc[f][r]) + mins[f][r];
+        for (int r = 0; r < mt; r++) y[(m0 + r) * ldy + n + f] = acc[f][r];
 }
 
 /* -- float weights (F32, F16, BF16: a Hugging Face checkpoint's as stored) ----------------------
@@ -774,11 +789,8 @@ static void mm_simd(const int16_t *xq, const float *xd, const float *xs, const u
 }
 
 /* -- the decode product on repacked rows (see "rows repacked eight at a time") -----------------
- * The same arithmetic as `tile`, to the bit, eight rows at a time. `tile` sums a block's products
- * in eight int32 lanes, lane l holding pairs l and l + 8 of the block (weights 2l, 2l + 1, 16 + 2l,
- * 17 + 2l), scales each lane in float into its own accumulator, and sums the eight accumulators
- * at the end (`hsum`). Here a register holds one lane of eight rows: acc[l] is lane l of every
- * row, fed the same int32 sums, scaled by the same float products, and summed in hsum's order. */
+ * The same arithmetic as `tile` and `row_dot`, to the bit, eight rows at a time: a register holds
+ * one number of each of the eight rows (a block's integer dot products, its scales, the sums). */
 #define AI inline __attribute__((always_inline))
 
 static AI __m256i shift16(__m256i v, const int s) { return s >= 0 ? _mm256_slli_epi16(v, s) : _mm256_srli_epi16(v, -s); }
@@ -847,23 +859,25 @@ static AI void r8_bits(const uint8_t *q, const int type, __m256i *ha, __m256i *h
     }
 }
 
-/* One block's products for one row of x (its pairs of int16 codes xp, its scale xd): lanes 2t and
- * 2t + 1 take pairs 2t, 2t + 8 and 2t + 1, 2t + 9 (tile's p0 + p1; Q6_K: p0, then p1, scaled apart). */
-static AI void r8_block_dot(const __m256i c[16], const int32_t *xp, __m256 f0, __m256 f1, __m256 acc[8],
-                            const int type) {
-#pragma GCC unroll 4
-    for (int t = 0; t < 4; t++)
-        for (int h = 0; h < 2; h++) {
-            const __m256i pa = _mm256_madd_epi16(c[2 * t + h], _mm256_set1_epi32(xp[2 * t + h]));
-            const __m256i pb = _mm256_madd_epi16(c[2 * t + 8 + h], _mm256_set1_epi32(xp[2 * t + 8 + h]));
-            __m256 *a = &acc[2 * t + h];
-            if (type == Q6_K) {
-                *a = _mm256_fmadd_ps(f0, _mm256_cvtepi32_ps(pa), *a);
-                *a = _mm256_fmadd_ps(f1, _mm256_cvtepi32_ps(pb), *a);
-            } else {
-                *a = _mm256_fmadd_ps(f0, _mm256_cvtepi32_ps(_mm256_add_epi32(pa, pb)), *a);
-            }
-        }
+/* One block for one row of x (its int16 codes as pairs xp): the exact integer dot products of the
+ * eight rows (pairs 0..7 are weights 0..15), scaled by f0 = s0 * xd (Q6_K: the halves by f0, f1),
+ * then the offset mn times xs: row_dot's step, added to acc. */
+static AI __m256 block_step(const __m256i c[16], const int32_t *xp, __m256 f0, __m256 f1, __m256 mn, float xs,
+                            __m256 acc, const int type) {
+    __m256i lo = _mm256_madd_epi16(c[0], _mm256_set1_epi32(xp[0]));
+    __m256i hi = _mm256_madd_epi16(c[8], _mm256_set1_epi32(xp[8]));
+#pragma GCC unroll 7
+    for (int q = 1; q < 8; q++) {
+        lo = _mm256_add_epi32(lo, _mm256_madd_epi16(c[q], _mm256_set1_epi32(xp[q])));
+        hi = _mm256_add_epi32(hi, _mm256_madd_epi16(c[q + 8], _mm256_set1_epi32(xp[q + 8])));
+    }
+    if (type == Q6_K) {
+        acc = _mm256_fmadd_ps(f0, _mm256_cvtepi32_ps(lo), acc);
+        acc = _mm256_fmadd_ps(f1, _mm256_cvtepi32_ps(hi), acc);
+    } else {
+        acc = _mm256_fmadd_ps(f0, _mm256_cvtepi32_ps(_mm256_add_epi32(lo, hi)), acc);
+    }
+    return has_min(type) ? _mm256_fmadd_ps(mn, _mm256_set1_ps(xs), acc) : acc;
 }
 
 /* A block's 16 registers of code pairs: c[2t] = lo, c[2t + 1] = hi of t. */
@@ -874,47 +888,40 @@ static AI void r8_codes(const uint8_t *q, const int type, __m256i c[16]) {
     for (int t = 0; t < 8; t++) r8_pairs(q, t, type, t < 4 ? ha : hb, &c[2 * t], &c[2 * t + 1]);
 }
 
-/* y[0..7] = the eight rows of group g against one row of x (blocks xq, xd, xs): tile's sums. */
+/* y[0..7] = the eight rows of group g against one row of x (blocks xq, xd, xs): row_dot's sums. */
 static AI void r8_row(const uint8_t *g, int64_t nb, const int16_t *xq, const float *xd, const float *xs,
                       float *y, const int type) {
     const int nsub = (int)(block_values(type) / 32);
     const int64_t ub = 8 * block_bytes(type);
-    __m256 acc[8], mins = _mm256_setzero_ps();
-    for (int l = 0; l < 8; l++) acc[l] = _mm256_setzero_ps();
+    __m256 acc = _mm256_setzero_ps();
     for (int64_t u = 0; u < nb / nsub; u++) {
         const uint8_t *unit = g + u * ub;
         for (int64_t at = 0; at < ub; at += 64) _mm_prefetch((const char *)unit + at + PREFETCH, _MM_HINT_T0);
         for (int j = 0; j < nsub; j++) {
             const int64_t b = u * nsub + j;
-            const uint8_t *q = unit + r8_head(type) + j * r8_block(type);
             __m256 s0, s1, mn;
             r8_scales(unit, j, type, &s0, &s1, &mn);
             const __m256 xdv = _mm256_set1_ps(xd[b]);
             __m256i c[16];
-            r8_codes(q, type, c);
-            r8_block_dot(c, (const int32_t *)(xq + 32 * b), _mm256_mul_ps(s0, xdv), _mm256_mul_ps(s1, xdv), acc, type);
-            if (has_min(type)) mins = _mm256_add_ps(mins, _mm256_mul_ps(mn, _mm256_set1_ps(xs[b])));
+            r8_codes(unit + r8_head(type) + j * r8_block(type), type, c);
+            acc = block_step(c, (const int32_t *)(xq + 32 * b), _mm256_mul_ps(s0, xdv), _mm256_mul_ps(s1, xdv), mn,
+                             xs[b], acc, type);
         }
     }
-    const __m256 s = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(acc[0], acc[4]), _mm256_add_ps(acc[2], acc[6])),
-                                   _mm256_add_ps(_mm256_add_ps(acc[1], acc[5]), _mm256_add_ps(acc[3], acc[7])));
-    _mm256_storeu_ps(y, _mm256_add_ps(s, mins));
+    _mm256_storeu_ps(y, acc);
 }
 
-/* The same for rows m0 .. m0 + mt - 1 of x (mt > 1): each block of up to 8 (a K-quant's unit) is
- * decoded once into registers kept in L1, then multiplied by every row, each row's sums in the
- * order r8_row takes them. */
+/* The same for rows m0 .. m0 + mt - 1 of x (1 < mt <= R8M): each block of up to 8 (a K-quant's
+ * unit) is decoded once into registers kept in L1, then multiplied by every row. (From PANEL_ROWS
+ * rows on, kq_mm takes the panel instead.) */
 #define R8M 8 /* rows of x a pass */
 static AI void r8_rows(const uint8_t *g, int64_t nb, const int16_t *xq, const float *xd, const float *xs, float *y,
                        int64_t ldy, int64_t mt, const int type) {
     const int nsub = (int)(block_values(type) / 32);
     const int64_t ub = 8 * block_bytes(type);
-    __m256 acc[R8M][8], mins[R8M], s0[8], s1[8], mn[8];
+    __m256 acc[R8M], s0[8], s1[8], mn[8];
     __m256i c[8][16];
-    for (int r = 0; r < mt; r++) {
-        mins[r] = _mm256_setzero_ps();
-        for (int l = 0; l < 8; l++) acc[r][l] = _mm256_setzero_ps();
-    }
+    for (int r = 0; r < mt; r++) acc[r] = _mm256_setzero_ps();
     for (int64_t b0 = 0; b0 < nb; b0 += 8) {
         const int nbl = (int)(nb - b0 < 8 ? nb - b0 : 8);
         for (int j = 0; j < nbl; j++) {
@@ -925,26 +932,15 @@ static AI void r8_rows(const uint8_t *g, int64_t nb, const int16_t *xq, const fl
             r8_scales(unit, (int)(b % nsub), type, &s0[j], &s1[j], &mn[j]);
             r8_codes(unit + r8_head(type) + b % nsub * r8_block(type), type, c[j]);
         }
-        for (int r = 0; r < mt; r++) {
-            __m256 a[8], m = mins[r];
-            for (int l = 0; l < 8; l++) a[l] = acc[r][l];
+        for (int r = 0; r < mt; r++)
             for (int j = 0; j < nbl; j++) {
                 const int64_t i = r * nb + b0 + j;
                 const __m256 xdv = _mm256_set1_ps(xd[i]);
-                r8_block_dot(c[j], (const int32_t *)(xq + 32 * i), _mm256_mul_ps(s0[j], xdv), _mm256_mul_ps(s1[j], xdv),
-                             a, type);
-                if (has_min(type)) m = _mm256_add_ps(m, _mm256_mul_ps(mn[j], _mm256_set1_ps(xs[i])));
+                acc[r] = block_step(c[j], (const int32_t *)(xq + 32 * i), _mm256_mul_ps(s0[j], xdv),
+                                    _mm256_mul_ps(s1[j], xdv), mn[j], xs[i], acc[r], type);
             }
-            for (int l = 0; l < 8; l++) acc[r][l] = a[l];
-            mins[r] = m;
-        }
     }
-    for (int r = 0; r < mt; r++) {
-        __m256 *a = acc[r];
-        const __m256 s = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(a[0], a[4]), _mm256_add_ps(a[2], a[6])),
-                                       _mm256_add_ps(_mm256_add_ps(a[1], a[5]), _mm256_add_ps(a[3], a[7])));
-        _mm256_storeu_ps(y + r * ldy, _mm256_add_ps(s, mins[r]));
-    }
+    for (int r = 0; r < mt; r++) _mm256_storeu_ps(y + r * ldy, acc[r]);
 }
 
 #define R8TILE(t)                                                                                  \
@@ -980,16 +976,14 @@ static void mm_r8(const int16_t *xq, const float *xd, const float *xs, const uin
     }
 }
 
-/* -- a prompt's matmuls: the int16 panel (panel.h) ---------------------------------------------
- * For many rows of x (a prompt) each thread expands 16 output features, two groups of eight
- * repacked rows of any of these types, into a panel once: per block of 32 their code pairs
- * (`r8_codes`: offsets applied), the scales of weights 0..15 and 16..31 and the offset
- * (`r8_scales`); then takes every row of x through it four rows at a time, as blockmm.c's panel
- * does: a block's dot product exact in integers, scaled once (Q6_K: each half by its own scale)
- * and its offset added once. r8_rows (decoding) keeps eight partial sums a row, each scaled apart,
- * in the plain path's order: three times the float work, so for many rows it ran slower than the
- * float32 path this replaces. A prompt's numbers differ from decoding's by float rounding, as that
- * path's did, and not with the number of rows. */
+/* -- many rows (a prompt, a wide decode step): the int16 panel (panel.h) ---------------------
+ * Each thread expands 16 output features, two groups of eight repacked rows of any of these types,
+ * into a panel once: per block of 32 their code pairs (`r8_codes`: offsets applied), the scales of
+ * weights 0..15 and 16..31 and the offset (`r8_scales`); then takes every row of x through it four
+ * rows at a time, as blockmm.c's panel does, each feature summed in row_dot's order: so a row gets
+ * r8_row's numbers (decoding's) whichever computes it, and the choice is speed only (1.1-1.35x the
+ * float32 path on SmolLM2's and Llama 3.2 1B's shapes, 1.5-2x r8_rows, which decodes each block of
+ * weights again for every eight rows). */
 typedef struct {
     __m256i *codes;       /* [nb][16 pairs q][2]: features 0..7, 8..15 */
     float *s0, *s1, *mn;  /* [nb][16]: the scales of weights 0..15 and 16..31, the offset */
@@ -1025,27 +1019,38 @@ static void kq_panel_group(const uint8_t *grp, int64_t nb, int h, KqPanel *p, in
     }
 }
 
-/* y[m0 .. m0 + mt - 1][0 .. nn - 1] (rows ldy apart) from the panel. split: a feature has two
- * scales a block (Q6_K), so the halves' sums are scaled apart (for every feature of the panel). */
+/* How a group's blocks are scaled (block_step): one scale; one and an offset; a scale a half (Q6_K). */
+enum { PLAIN, OFFSET, HALVES };
+static int scaling(int type) { return type == Q6_K ? HALVES : has_min(type) ? OFFSET : PLAIN; }
+
+/* y[m0 .. m0 + mt - 1][0 .. nn - 1] (rows ldy apart) from the panel, its groups scaled as k0, k1
+ * (constants where the two are alike, so that the loop holds no test). With a group of halves
+ * the panel sums the halves apart, and a group of one scale adds its two first. */
 static AI void kq_panel_tile(const KqPanel *p, const int16_t *xq, const float *xd, const float *xs, float *y,
-                             int64_t ldy, int64_t m0, int64_t nb, int nn, int with_min, const int mt, const int split) {
+                             int64_t ldy, int64_t m0, int64_t nb, int nn, const int mt, const int k0, const int k1) {
+    const int split = k0 == HALVES || k1 == HALVES;
     __m256 acc[4][2];
     for (int r = 0; r < mt; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
         const __m256i *c = p->codes + b * 32;
-        __m256i lo[4][2], hi[4][2];
+        __m256i lo[4][2], hi[4][2] = {{_mm256_setzero_si256()}}; /* hi: only read with a group of halves */
         panel_dots(c, xq, m0, nb, b, mt, 0, split ? 8 : 16, lo);
         if (split) panel_dots(c, xq, m0, nb, b, mt, 8, 8, hi);
         for (int h = 0; h < 2; h++) {
+            const int k = h ? k1 : k0;
             const __m256 s0 = _mm256_load_ps(p->s0 + b * 16 + 8 * h), s1 = _mm256_load_ps(p->s1 + b * 16 + 8 * h);
             const __m256 mn = _mm256_load_ps(p->mn + b * 16 + 8 * h);
-            for (int r = 0; r < mt; r++) {
+            for (int r = 0; r < mt; r++) { /* block_step's scaling */
                 const int64_t i = (m0 + r) * nb + b;
                 const __m256 xdv = _mm256_set1_ps(xd[i]);
-                acc[r][h] = _mm256_fmadd_ps(_mm256_mul_ps(s0, xdv), _mm256_cvtepi32_ps(lo[r][h]), acc[r][h]);
-                if (split)
+                if (k == HALVES) {
+                    acc[r][h] = _mm256_fmadd_ps(_mm256_mul_ps(s0, xdv), _mm256_cvtepi32_ps(lo[r][h]), acc[r][h]);
                     acc[r][h] = _mm256_fmadd_ps(_mm256_mul_ps(s1, xdv), _mm256_cvtepi32_ps(hi[r][h]), acc[r][h]);
-                if (with_min) acc[r][h] = _mm256_fmadd_ps(mn, _mm256_set1_ps(xs[i]), acc[r][h]);
+                } else {
+                    const __m256i dot = split ? _mm256_add_epi32(lo[r][h], hi[r][h]) : lo[r][h];
+                    acc[r][h] = _mm256_fmadd_ps(_mm256_mul_ps(s0, xdv), _mm256_cvtepi32_ps(dot), acc[r][h]);
+                }
+                if (k == OFFSET) acc[r][h] = _mm256_fmadd_ps(mn, _mm256_set1_ps(xs[i]), acc[r][h]);
             }
         }
     }
@@ -1055,15 +1060,18 @@ static AI void kq_panel_tile(const KqPanel *p, const int16_t *xq, const float *x
     }
 }
 
+#define PANEL_ROWS_AS(k0, k1)                                                                             \
+    for (m0 = 0; m0 + 4 <= M; m0 += 4) kq_panel_tile(p, xq, xd, xs, y, ldy, m0, nb, nn, 4, k0, k1);       \
+    for (; m0 < M; m0++) kq_panel_tile(p, xq, xd, xs, y, ldy, m0, nb, nn, 1, k0, k1); /* fewer than four */
+
 static void kq_panel_rows(const KqPanel *p, const int16_t *xq, const float *xd, const float *xs, float *y,
-                          int64_t ldy, int64_t M, int64_t nb, int nn, int with_min, int split) {
-    int64_t m0 = 0;
-    for (; m0 + 4 <= M; m0 += 4)
-        if (split) kq_panel_tile(p, xq, xd, xs, y, ldy, m0, nb, nn, with_min, 4, 1);
-        else kq_panel_tile(p, xq, xd, xs, y, ldy, m0, nb, nn, with_min, 4, 0);
-    for (; m0 < M; m0++) /* the last rows, fewer than four */
-        if (split) kq_panel_tile(p, xq, xd, xs, y, ldy, m0, nb, nn, with_min, 1, 1);
-        else kq_panel_tile(p, xq, xd, xs, y, ldy, m0, nb, nn, with_min, 1, 0);
+                          int64_t ldy, int64_t M, int64_t nb, int nn, const int types[2]) {
+    const int k0 = scaling(types[0]), k1 = scaling(types[1]);
+    int64_t m0;
+    if (k0 != k1) { PANEL_ROWS_AS(k0, k1) } /* a panel across two parts of a mixed projection */
+    else if (k0 == PLAIN) { PANEL_ROWS_AS(PLAIN, PLAIN) }
+    else if (k0 == OFFSET) { PANEL_ROWS_AS(OFFSET, OFFSET) }
+    else { PANEL_ROWS_AS(HALVES, HALVES) }
 }
 
 /* y (row stride ldy) = x @ W^T through panels, for the repacked parts of a projection (as mm_r8). */
@@ -1075,7 +1083,7 @@ static void mm_panel(const int16_t *xq, const float *xd, const float *xs, const 
     /* panels taken in turn (dynamic), as blockmm.c's */
 #pragma omp for schedule(dynamic, 1) nowait
     for (int64_t g0 = 0; g0 < first[n]; g0 += 2) {
-        int with_min = 0, split = 0;
+        int types_h[2] = {Q8_0, Q8_0};
         for (int h = 0; h < 2; h++) {
             const int64_t g = g0 + h;
             if (g >= first[n]) { /* N = 8 mod 16: the second half zero (and never stored) */
@@ -1085,15 +1093,16 @@ static void mm_panel(const int16_t *xq, const float *xd, const float *xs, const 
                     _mm256_store_ps(p.s1 + j * 16 + 8, _mm256_setzero_ps());
                     _mm256_store_ps(p.mn + j * 16 + 8, _mm256_setzero_ps());
                 }
+                types_h[1] = types_h[0]; /* scaled as the first (zeros) */
                 break;
             }
             int i = 0;
             while (g >= first[i + 1]) i++;
             const int t = base_type(types[i]);
             kq_panel_group(at[i] + (g - first[i]) * 8 * kq_row_bytes(K, t), nb, h, &p, t);
-            with_min |= has_min(t), split |= t == Q6_K;
+            types_h[h] = t;
         }
-        kq_panel_rows(&p, xq, xd, xs, y + 8 * g0, ldy, M, nb, g0 + 1 < first[n] ? 16 : 8, with_min, split);
+        kq_panel_rows(&p, xq, xd, xs, y + 8 * g0, ldy, M, nb, g0 + 1 < first[n] ? 16 : 8, types_h);
     }
     free(p.codes);
     free(p.s0);
@@ -1190,7 +1199,8 @@ static void r8_parts(const mixed_t *p, const uint8_t *w, int64_t N, int64_t K, c
 }
 #endif
 
-/* Whether a prompt's matmul of this type takes kq_mm_panel: every part repacked. */
+/* Whether many rows of this type (PANEL_ROWS or more: a prompt, a wide decode step) take the int16
+ * panel: every part repacked. */
 int kq_has_panel(int type) {
 #if HERD_SIMD
     if (!kq_handles(type)) return 0;
@@ -1202,21 +1212,6 @@ int kq_has_panel(int type) {
 #endif
 }
 
-/* y (M, N) = x @ W^T for a prompt (many rows of x, blockmm.c's int16 blocks) through panels; the
- * type one kq_has_panel takes. */
-void kq_mm_panel(const int16_t *xq, const float *xd, const float *xs, const uint8_t *w, float *y, int64_t M,
-                 int64_t N, int64_t K, int type) {
-#if HERD_SIMD
-    const mixed_t p = parts_of(type);
-    const uint8_t *parts[MAX_PARTS];
-    int64_t first[MAX_PARTS + 1];
-    r8_parts(&p, w, N, K, parts, first);
-    mm_panel(xq, xd, xs, parts, p.types, first, p.n, y, N, M, K);
-#else
-    (void)xq, (void)xd, (void)xs, (void)w, (void)y, (void)M, (void)N, (void)K, (void)type;
-#endif
-}
-
 /* y (M, N) = x @ W^T, x given as blockmm.c's int16 blocks (codes xq, scales xd, xd * sums xs). */
 void kq_mm(const int16_t *xq, const float *xd, const float *xs, const uint8_t *w, float *y, int64_t M, int64_t N,
            int64_t K, int type) {
@@ -1224,11 +1219,13 @@ void kq_mm(const int16_t *xq, const float *xd, const float *xs, const uint8_t *w
     const uint8_t *at = w;
     int64_t n0 = 0;
 #if HERD_SIMD
-    if (p.n > 1 && all_r8(&p)) { /* every part repacked (kq_repack): one loop over all their groups */
+    if (all_r8(&p) && (p.n > 1 || M >= PANEL_ROWS)) { /* every part repacked (kq_repack): one loop over all
+                                                         their groups */
         const uint8_t *parts[MAX_PARTS];
         int64_t first[MAX_PARTS + 1];
         r8_parts(&p, w, N, K, parts, first);
-        mm_r8(xq, xd, xs, parts, p.types, first, p.n, y, N, M, K);
+        if (M >= PANEL_ROWS) mm_panel(xq, xd, xs, parts, p.types, first, p.n, y, N, M, K);
+        else mm_r8(xq, xd, xs, parts, p.types, first, p.n, y, N, M, K);
         return;
     }
 #endif

@@ -9,6 +9,10 @@
 
 #include "simd.h"
 
+/* From this many rows of x on, the matmuls take the panel (a few rows' tiles would decode each
+ * block of weights twice); the numbers are the same either way. */
+#define PANEL_ROWS 9
+
 #if HERD_SIMD
 /* Pair q of a block for four rows of x (int32 pairs at x0, ld bytes apart): the panel's two code
  * registers, each row's pair broadcast, two madds and two adds a row into sums a0 .. a7. Written
