@@ -98,10 +98,12 @@ def test_prompt_matmul_is_the_float32_product_and_row_independent(qtype):
 
 @pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q8_0] + KQ)
 def test_rows_repacked_eight_at_a_time_compute_the_same_bits(qtype):
-    """kquant.c's 8-row layout (`BlockLinear.repack`, at load): the same bytes reordered in place, and
-    the decode, prompt, lookup and plain-C paths give the unrepacked ones' numbers to the bit, for
-    every row count (a row's numbers never depend on its batch). Q4_0 / Q4_1 / Q8_0 take this
-    layout as a part of a mixed projection (a plain one has blockmm.c's own)."""
+    """kquant.c's 8-row layout (`BlockLinear.repack`, at load): the same bytes reordered in place; its
+    decode paths (one row, a few, the panel from 9) give the same bits for every row count (a row's
+    numbers never depend on its batch), the plain-C path's too, within float rounding of the file
+    layout's (which sums a block in eight lanes apart); the float32 and lookup paths the unrepacked
+    ones' bits. Q4_0 / Q4_1 / Q8_0 take this layout as a part of a mixed projection (a plain one
+    has blockmm.c's own)."""
     N, K = 24, 512
     raw = torch.from_numpy(random_blocks(qtype, N, K, seed=40 + int(qtype)))
     parts = [(8, qtype, 0), (16, qtype, 8 * raw.shape[1])]  # two parts where a file would hold them
@@ -112,15 +114,16 @@ def test_rows_repacked_eight_at_a_time_compute_the_same_bits(qtype):
     packed.repack()
     assert packed.rows8 and packed.raw.numel() == raw.numel() and not torch.equal(packed.raw, plain.raw)
     x = torch.randn(11, K, generator=torch.Generator().manual_seed(int(qtype)))
-    y = plain(x)
-    for rows in (slice(None), slice(0, 1), slice(3, 5), slice(1, 9), slice(2, 11)):  # 1, 2, 8 and 9 rows
+    y = packed(x)
+    assert (y - plain(x)).abs().max() < 1e-6 * y.abs().max()
+    for rows in (slice(0, 1), slice(3, 5), slice(1, 9), slice(2, 11), slice(10, 11)):  # 1, 2, 8 and 9 rows
         assert torch.equal(packed(x[rows]), y[rows])
     assert torch.equal(native.block_mm_dense(x, packed.raw, packed.kernel_type, N),
                        native.block_mm_dense(x, plain.raw, plain.kernel_type, N))
     assert torch.equal(dequantized_weight(packed), reference(raw.numpy(), qtype, (N, K)))
     native.library().kq_force_scalar(1)
     try:
-        assert torch.equal(packed(x[:3]), plain(x[:3]))
+        assert torch.equal(packed(x[:3]), y[:3]) and torch.equal(plain(x[:3]), y[:3])
     finally:
         native.library().kq_force_scalar(0)
     if qtype in KQ:  # a plain projection of the type
@@ -172,8 +175,9 @@ def test_a_mixed_projection_takes_one_panel_over_its_parts():
 
 @pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q6_K, Q.Q5_0])
 def test_the_plain_c_path_computes_the_same(qtype):
-    """The scalar loops (used without AVX2) against the same products: the int16 ones to the bit
-    (`row_dot` is the order every SIMD kernel sums in), the float32 ones within rounding."""
+    """The scalar loops (used without AVX2) against the same products: the int16 ones to the bits of
+    the repacked rows (`row_dot` is the order their kernels sum in), within rounding of the file
+    layout's; the float32 ones within rounding."""
     N, K = 16, 256
     raw = torch.from_numpy(random_blocks(qtype, N, K, seed=30))
     x = torch.randn(11, K)
@@ -183,8 +187,12 @@ def test_the_plain_c_path_computes_the_same(qtype):
         scalar, scalar_dense = native.block_mm(x, raw, int(qtype)), native.block_mm_dense(x, raw, int(qtype))
     finally:
         native.library().kq_force_scalar(0)
-    assert torch.equal(scalar, simd)
+    assert torch.allclose(scalar, simd, rtol=1e-5, atol=1e-5 * simd.abs().max().item())
     assert torch.allclose(scalar_dense, simd_dense, rtol=1e-5, atol=1e-5 * simd.abs().max().item())
+    layer = BlockLinear(K, N, qtype)
+    layer.raw = raw.clone()
+    layer.repack()
+    assert torch.equal(layer(x), scalar)
 
 
 def test_a_fused_projection_of_mixed_types_is_its_parts():

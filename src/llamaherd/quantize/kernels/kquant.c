@@ -9,10 +9,11 @@
  * activations are the same int16 blocks of 32 (blockmm.c `quantize_x`: scale xd, xs = xd * sum of
  * codes), each block's dot product is exact in integers (AVX2 madd) and scaled once in float
  * (Q6_K: once a half), and the offset costs one multiply-add by xs: `row_dot`'s order, which every
- * kernel here keeps, so a row's numbers never depend on which of them computes it. No weight is
+ * kernel on repacked rows keeps, so a row's numbers never depend on which of them computes it (the
+ * file layout's `tile` sums eight lanes apart: see there). No weight is
  * converted, copied or requantized: at load (`kq_repack`, in place) a projection's rows are
  * reordered eight at a time so that one madd serves eight rows (`r8_row`, ~1.5-2x as fast at batch
- * 1 and 8), to the same bits as the file's layout.
+ * 1 and 8).
  *
  *   Q5_0 {f16 d; u32 qh; u8 qs[16]}          w = d * (q - 16), bit 4 of q[i] = bit i of qh
  *   Q5_1 {f16 d; f16 m; u32 qh; u8 qs[16]}   w = d * q + m
@@ -27,8 +28,9 @@
  * those exact float32 weights. Many rows of repacked ones (a prompt, a wide decode step) take an
  * int16 panel (`mm_panel`, as blockmm.c's Q4/Q8 do) to the numbers the few-row kernels give. Each
  * row of x gets the same numbers whatever the number of rows (continuous batching relies on it), and
- * a prompt's tokens those they get decoded one at a time. Without AVX2 the same loops run in plain C
- * (`kq_mm`'s scalar path, also forced by `kq_force_scalar` in tests), to the same bits.
+ * a prompt's tokens of repacked rows those they get decoded one at a time. Without AVX2 the same
+ * loops run in plain C (`kq_mm`'s scalar path, also forced by `kq_force_scalar` in tests), to the
+ * repacked rows' bits.
  *
  * The matmuls (`kq_mm`, `kq_mm_dense`, `kq_mm_float`) share their loops among the threads of the
  * OpenMP region they are called in (orphaned `omp for nowait`; see blockmm.c): the caller opens it.
@@ -499,9 +501,9 @@ void kq_rows_dequantize(const uint8_t *w, const int64_t *ids, int64_t n, float *
 
 /* -- y = x @ W^T on int16 activation blocks (decode) ----------------------------------------- */
 
-/* One weight row against one activation row, in plain C: the scalar path, and the order every
- * kernel here sums in (`block_step`): per block, its exact integer dot product scaled once (Q6_K:
- * each half of 16 weights by its own scale), then its offset, into one float32 sum. */
+/* One weight row against one activation row, in plain C: the scalar path, and the order the kernels
+ * on repacked rows sum in (`block_step`, the panel): per block, its exact integer dot product
+ * scaled once (Q6_K: each half of 16 weights by its own scale), then its offset, into one sum. */
 static float row_dot(const uint8_t *row, const int16_t *xq, const float *xd, const float *xs, int64_t nb, int type) {
     float acc = 0.f;
     for (int64_t j = 0; j < nb; j++) {
@@ -578,12 +580,6 @@ static inline __attribute__((always_inline)) void codes(const uint8_t *row, int6
 #define NT 2 /* weight rows a tile: each activation block loaded once for them */
 #define MT 4 /* activation rows a tile: each weight block decoded once for them */
 
-static inline __attribute__((always_inline)) int32_t hsum_epi32(__m256i v) { /* exact */
-    __m128i h = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-    h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0x4E));
-    return _mm_cvtsi128_si32(_mm_add_epi32(h, _mm_shuffle_epi32(h, 0xB1)));
-}
-
 static inline __attribute__((always_inline)) float f16(const uint8_t *p) {
     uint16_t h;
     memcpy(&h, p, 2);
@@ -613,14 +609,21 @@ static inline __attribute__((always_inline)) void super_scales(const uint8_t *ro
     }
 }
 
-/* Output features n .. n + nt - 1 for activation rows m0 .. m0 + mt - 1 (see blockmm.c's `tile`). */
+/* Output features n .. n + nt - 1 for activation rows m0 .. m0 + mt - 1 (see blockmm.c's `tile`), rows
+ * in the file's layout: a register holds eight lanes of one row's block, so a block's dot product is
+ * left in eight partial sums, each scaled in float into its own accumulator, and the accumulators
+ * are summed at the end (`hsum`). Reducing every block to row_dot's one sum first cost ~1.5x here
+ * (a horizontal sum a block, per feature and row): so a tensor kept in this layout (the output
+ * projection, whose bytes the embedding shares) gets numbers within float rounding of repacked
+ * rows', the same for any number of rows. */
 static inline __attribute__((always_inline)) void tile(const uint8_t *w, int64_t row_bytes, const int16_t *xq,
         const float *xd, const float *xs, float *y, int64_t ldy, int64_t n, int64_t m0, int64_t nb, const int nt,
         const int mt, const int type) {
     const int nsub = (int)(block_values(type) / 32);
-    float acc[NT][MT];
+    __m256 acc[NT][MT];
+    float mins[NT][MT];
     for (int f = 0; f < nt; f++)
-        for (int r = 0; r < mt; r++) acc[f][r] = 0.f;
+        for (int r = 0; r < mt; r++) acc[f][r] = _mm256_setzero_ps(), mins[f][r] = 0.f;
     for (int64_t sb = 0; sb < nb / nsub; sb++) {
         float s[NT][8][2], mn[NT][8];
         for (int f = 0; f < nt; f++) {
@@ -638,21 +641,22 @@ static inline __attribute__((always_inline)) void tile(const uint8_t *w, int64_t
                 const __m256i x0 = _mm256_loadu_si256((const __m256i *)(xq + i * 32));
                 const __m256i x1 = _mm256_loadu_si256((const __m256i *)(xq + i * 32 + 16));
                 for (int f = 0; f < nt; f++) {
-                    /* exact integer dot products (|q| <= 128, |x| <= 32767: < 2^31), scaled once (row_dot) */
+                    /* exact integer dot products (|q| <= 128, |x| <= 32767: < 2^31 a lane), scaled once */
                     const __m256i p0 = _mm256_madd_epi16(q[f][0], x0), p1 = _mm256_madd_epi16(q[f][1], x1);
                     if (type == Q6_K) { /* two scales a block */
-                        acc[f][r] = fmaf(s[f][j][0] * xd[i], (float)hsum_epi32(p0), acc[f][r]);
-                        acc[f][r] = fmaf(s[f][j][1] * xd[i], (float)hsum_epi32(p1), acc[f][r]);
+                        acc[f][r] = _mm256_fmadd_ps(_mm256_set1_ps(s[f][j][0] * xd[i]), _mm256_cvtepi32_ps(p0), acc[f][r]);
+                        acc[f][r] = _mm256_fmadd_ps(_mm256_set1_ps(s[f][j][1] * xd[i]), _mm256_cvtepi32_ps(p1), acc[f][r]);
                     } else {
-                        acc[f][r] = fmaf(s[f][j][0] * xd[i], (float)hsum_epi32(_mm256_add_epi32(p0, p1)), acc[f][r]);
+                        acc[f][r] = _mm256_fmadd_ps(_mm256_set1_ps(s[f][j][0] * xd[i]),
+                                                    _mm256_cvtepi32_ps(_mm256_add_epi32(p0, p1)), acc[f][r]);
                     }
-                    if (has_min(type)) acc[f][r] = fmaf(mn[f][j], xs[i], acc[f][r]);
+                    if (has_min(type)) mins[f][r] += mn[f][j] * xs[i];
                 }
             }
         }
     }
     for (int f = 0; f < nt; f++)
-        for (int r = 0; r < mt; r++) y[(m0 + r) * ldy + n + f] = acc[f][r];
+        for (int r = 0; r < mt; r++) y[(m0 + r) * ldy + n + f] = hsum(acc[f][r]) + mins[f][r];
 }
 
 /* -- float weights (F32, F16, BF16: a Hugging Face checkpoint's as stored) ----------------------
@@ -789,8 +793,8 @@ static void mm_simd(const int16_t *xq, const float *xd, const float *xs, const u
 }
 
 /* -- the decode product on repacked rows (see "rows repacked eight at a time") -----------------
- * The same arithmetic as `tile` and `row_dot`, to the bit, eight rows at a time: a register holds
- * one number of each of the eight rows (a block's integer dot products, its scales, the sums). */
+ * row_dot's arithmetic, to the bit, eight rows at a time: a register holds one number of each of
+ * the eight rows (a block's integer dot products, its scales, the sums). */
 #define AI inline __attribute__((always_inline))
 
 static AI __m256i shift16(__m256i v, const int s) { return s >= 0 ? _mm256_slli_epi16(v, s) : _mm256_srli_epi16(v, -s); }
