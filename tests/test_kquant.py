@@ -154,14 +154,19 @@ def test_many_rows_take_the_int16_panel_to_the_bits_of_few(qtype):
         assert torch.equal(layer(x[rows]), y[rows])
 
 
-def test_a_mixed_projection_takes_one_panel_over_its_parts():
-    """Q4_K_M's wqkv (Q4_K, Q4_K, Q6_K) repacked: panels over all the parts' groups, one of them half
-    Q4_K and half Q6_K (the Q6_K half scaled by halves, the other's halves added first)."""
+@pytest.mark.parametrize("parts", [
+    [(Q.Q4_K, 24), (Q.Q4_K, 16), (Q.Q6_K, 16)],  # Q4_K_M's wqkv: a panel half Q4_K, half Q6_K; a last Q6_K alone
+    [(Q.Q6_K, 8), (Q.Q5_0, 8), (Q.Q8_0, 16)],  # Q6_K beside one scale a block
+    [(Q.Q5_1, 8), (Q.Q6_K, 8), (Q.Q4_0, 8)],  # an offset beside Q6_K; a last group alone
+], ids=["q4k-q6k", "q6k-q5_0-q8_0", "q5_1-q6k-q4_0"])
+def test_a_mixed_projection_takes_one_panel_over_its_parts(parts):
+    """A fused projection of mixed types repacked: panels over all the parts' groups, some of them
+    across two types, each group scaled as its type is (a Q6_K one by halves) as decoding does."""
     K = 256
-    weights = [(random_blocks(t, n, K, seed=60 + s), t, (n, K)) for s, (t, n) in enumerate([(Q.Q4_K, 24), (Q.Q4_K, 16),
-                                                                                            (Q.Q6_K, 16)])]
+    weights = [(random_blocks(t, n, K, seed=60 + s), t, (n, K)) for s, (t, n) in enumerate(parts)]
     kind, buffers = pack_gguf_tensors(weights)
-    fused = BlockLinear(K, 56, Q.Q4_K, parts=[(24, Q.Q4_K), (16, Q.Q4_K), (16, Q.Q6_K)])
+    N = sum(n for _, n in parts)
+    fused = BlockLinear(K, N, parts[0][0], parts=[(n, t) for t, n in parts])
     fused.raw = buffers["raw"]
     fused.repack()
     assert fused.rows8 and native.kq_has_panel(fused.kernel_type)
@@ -327,9 +332,14 @@ def test_the_tiny_q4_k_m_runs_natively_and_matches_its_reference(tiny_q4_k_m):
     with torch.no_grad():
         want = ref(tokens, torch.arange(80)[None])[0]  # (80, V) teacher-forced, float32 reference
     fast.setup_cache(2, 128)
-    prompt = tokens[0, :70].tolist()  # one block of 64 positions in float32, the rest as decoding
+    prompt = tokens[0, :70].tolist()  # one block of 64 positions through the int16 panel, the rest as decoding
     logits = native.prefill(fast, prompt[:64], 0, row=1)
-    assert (logits - want[63]).abs().max() < 1e-4 * want[63].abs().max()  # float32 prompt path
+    assert (logits - want[63]).abs().max() < 1e-3 * want[63].abs().max()  # int16 activations
+    keys = fast.layers[-1].attention.cache.k[1, :, :64].clone()
+    for p, t in enumerate(prompt[:64]):  # the same tokens decoded one at a time (cache row 0)
+        step = native.decode(fast, [t], [p], [0])[0]
+    assert torch.equal(step, logits)  # the panel sums a row as decoding does, every type of the mix
+    assert torch.equal(fast.layers[-1].attention.cache.k[0, :, :64], keys)
     logits = native.prefill(fast, prompt[64:], 64, row=1)
     assert (logits - want[69]).abs().max() < 3e-3 * want[69].abs().max()  # int16 activations
     got = [native.decode(fast, [t], [p], [1])[0] for p, t in enumerate(tokens[0, 70:].tolist(), 70)]

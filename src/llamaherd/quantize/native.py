@@ -451,8 +451,8 @@ def prefill_many(model, prompts: list[tuple[list[int], int, int]], dense: bool =
 
     dense: every token through the prompt path, the partial blocks too. For many prompts at once
     (scoring), where the calls have many rows whatever each prompt's length; a token's numbers
-    then depend on neither the batch nor where its prompt is split (for the K-quants, they differ
-    in the int16 rounding from a tail's without it).
+    then depend on neither the batch nor where its prompt is split (for a layer in the file's
+    layout, float32 there, they differ in the int16 rounding from a tail's without it).
     """
     # prompt-path rows, then decoding's: (tokens, positions, cache rows, prompt index) as flat lists
     # of ints (a tuple a token would keep Python's garbage collector busy over long prompts)

@@ -16,10 +16,11 @@
  *
  * A prompt goes through the same function: its tokens are B rows of one cache row at consecutive
  * positions (all keys and values are written before any row attends, and each row attends only up
- * to its own position). For a prompt (dense) the matmuls of Q4_0 / Q4_1 / Q8_0 layers take
- * blockmm.c's int16 panel, to decoding's bits; the K-quants' are float32 (block_mm_dense_team);
- * both are faster for many rows and just as independent of them, so where a prompt is split into
- * calls changes nothing.
+ * to its own position). For a prompt (dense) the matmuls of layers repacked eight rows at a time
+ * take the int16 panels (blockmm.c's for Q4_0 / Q4_1 / Q8_0, kquant.c's for the others), to
+ * decoding's bits; those of a layer in the file's layout are float32 (block_mm_dense_team); both
+ * are faster for many rows and just as independent of them, so where a prompt is split into calls
+ * changes nothing.
  */
 #define _GNU_SOURCE /* syscall */
 #include <math.h>
