@@ -193,11 +193,10 @@ def batches(vocab: int, batch: int, seq: int, n: int, data: str | None = None, m
         g = torch.Generator().manual_seed(0)
         blocks = [torch.randint(0, vocab, (batch, seq + 1), generator=g) for _ in range(n)]
         return [{"tokens": b[:, :-1], "targets": b[:, 1:], "doc_ids": None, "input_pos": None} for b in blocks]
+    from llamaherd.tokenizer import load_tokenizer
     from llamaherd.train.data import collate, pack, read_jsonl, tokenize
-    from llamaherd.weights import load_checkpoint
 
-    tokenizer = load_checkpoint(model_path, torch.float32, quantized=True).tokenizer
-    sequences = pack(tokenize(tokenizer, read_jsonl(data), seq)[0], seq)
+    sequences = pack(tokenize(load_tokenizer(model_path), read_jsonl(data), seq)[0], seq)
     sequences = (sequences * (batch * n // len(sequences) + 1))[:batch * n]  # the file again if it is short
     return [collate(sequences[i * batch:(i + 1) * batch], multiple=seq) for i in range(n)]
 
@@ -244,12 +243,11 @@ def sft_step(row: str, model_path: str):
         vocab = model.config.vocab_size
 
         def step_loss(b):
-            # HF shifts the labels: position t's target is labels[t + 1] (the last position's is dropped,
-            # as the random batches always did). Packed data: the same restarting positions (transformers
-            # then masks across examples too, as herd's document mask does).
-            targets = b["targets"]
-            labels = torch.cat([torch.full_like(targets[:, :1], -100), targets[:, :-1]], 1)
-            return model(input_ids=b["tokens"], labels=labels, position_ids=b["input_pos"]).loss
+            # shift_labels: position t's target as herd has it (HF would shift `labels` and drop the
+            # last). Packed data: the same restarting positions, from which transformers masks across
+            # examples as herd's document mask does (only without a KV cache: use_cache=False).
+            return model(input_ids=b["tokens"], labels=b["targets"], shift_labels=b["targets"],
+                         position_ids=b["input_pos"], use_cache=False).loss
 
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, fused=True)
