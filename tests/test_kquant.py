@@ -323,8 +323,14 @@ def test_the_tiny_file_is_a_q4_k_m_mix(tiny_q4_k_m):
 def test_the_tiny_q4_k_m_runs_natively_and_matches_its_reference(tiny_q4_k_m):
     from llamaherd.engine.runner import NativeRunner, make_runner
 
-    fast, ref, _ = tiny_q4_k_m
+    fast, ref, types = tiny_q4_k_m
     assert isinstance(make_runner(fast), NativeRunner)  # every block of the file in its own blocks
+    out, emb = fast.output, fast.tok_embeddings
+    if types["token_embd.weight"] == Q.Q6_K:  # a K-quant output is repacked too; the tied embedding reads it so
+        assert "output.weight" not in types and out.raw.data_ptr() == emb.raw.data_ptr()
+        assert out.rows8 and emb.rows8 and emb.kernel_type == out.kernel_type == native.KQ_R8 + int(Q.Q6_K)
+    else:  # a Q8_0 one stays in the file's layout
+        assert not out.rows8 and not emb.rows8
     assert all(type(layer.attention.wqkv).__name__ == "BlockLinear" for layer in fast.layers)
     assert all(m.rows8 for layer in fast.layers for m in (layer.attention.wqkv, layer.attention.wo,
                                                           layer.feed_forward.w13, layer.feed_forward.w2))
