@@ -263,9 +263,9 @@ def test_the_q4_k_m_mix_follows_llama_cpp():
 
 # -- a tiny Q4_K_M model through the native runner ------------------------------------------------
 
-def tiny_args(dim: int) -> ModelArgs:
+def tiny_args(dim: int, tie: bool = True) -> ModelArgs:
     return ModelArgs(dim=dim, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=256, hidden_dim=512, max_seq_len=256,
-                     rope_theta=10000.0, tie_embeddings=True)
+                     rope_theta=10000.0, tie_embeddings=tie)
 
 
 def tiny_state_dict(args: ModelArgs, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -284,10 +284,10 @@ BYTE_TOKENIZER = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "gpt2",
                   "tokenizer.ggml.token_type": [1] * 256, "tokenizer.ggml.merges": ["a b"]}
 
 
-def write_tiny_gguf(path, dim: int, quant: str = "q4_k"):
+def write_tiny_gguf(path, dim: int, quant: str = "q4_k", tie: bool = True):
     from llamaherd.export.gguf import save_gguf
 
-    args = tiny_args(dim)
+    args = tiny_args(dim, tie)
     return save_gguf(tiny_state_dict(args), args, SimpleNamespace(chat_template=None), path, quant=quant,
                      base_metadata=BYTE_TOKENIZER)
 
@@ -352,3 +352,27 @@ def test_the_tiny_q4_k_m_runs_natively_and_matches_its_reference(tiny_q4_k_m):
     for p, logits in enumerate(got, 70):  # int16 activations on the decode path
         assert (logits - want[p]).abs().max() < 3e-3 * want[p].abs().max()
         assert logits.argmax() == want[p].argmax()
+
+
+def test_an_untied_k_quant_output_is_repacked_and_its_embedding_left(tmp_path):
+    """Llama 3.1 8B's Q4_K_M layout: an embedding of its own (Q4_K) and a Q6_K output projection. The
+    output is repacked for the kernels; the embedding keeps the file's layout and reads it exactly."""
+    import gguf
+
+    from llamaherd.weights import build_model, load_checkpoint
+
+    path = write_tiny_gguf(tmp_path / "untied-q4_k_m.gguf", 256, tie=False)
+    types = {t.name: t.tensor_type for t in gguf.GGUFReader(path).tensors}
+    assert types["output.weight"] == Q.Q6_K and types["token_embd.weight"] == Q.Q4_K
+    fast, ref = (build_model(c.args, c.state_dict, "cpu", c.quantized)
+                 for c in (load_checkpoint(path, quantized=q) for q in (True, False)))
+    assert fast.output.rows8 and fast.output.kernel_type == native.KQ_R8 + int(Q.Q6_K)
+    assert not fast.tok_embeddings.rows8 and fast.tok_embeddings.kernel_type == int(Q.Q4_K)
+    ids = torch.arange(0, 256, 5)
+    assert torch.equal(fast.tok_embeddings(ids), ref.tok_embeddings(ids))
+    tokens = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = ref(tokens, torch.arange(40)[None])[0, -1]
+    fast.setup_cache(1, 64)
+    got = native.prefill(fast, tokens[0].tolist(), 0)
+    assert (got - want).abs().max() < 3e-3 * want.abs().max() and got.argmax() == want.argmax()

@@ -104,7 +104,8 @@ class GGUFFile:
 
     def __init__(self, path: str | Path, writable: bool = False):
         """`writable`: map the file copy-on-write, for a model's weights (`weights.gguf.load_gguf`):
-        the pages stay the file's (nothing is ever written), and tensors made from them without a
+        the file is never written (a page written, by the kernels' repacking at load, becomes this
+        process's own), and tensors made from them without a
         copy (`quantize.linear`: a block model's weights) are writable arrays. Linux charges such a
         mapping against memory for the whole file, so readers of metadata map it read-only."""
         self.path = Path(path)

@@ -8,7 +8,8 @@ Weights stay 4- or 8-bit in memory. Two kernels multiply them:
   output features — and multiplies them with int16-quantized activation blocks (llama.cpp's
   method, with 8 more bits); a prompt's many rows take a panel of the same integer products.
   The other types (Q5_0, Q5_1, Q4_K, Q5_K, Q6_K, and mixed projections) are reordered the same
-  way in place (`native.kq_repack`), to products bit-identical with their file layout's;
+  way in place (`native.kq_repack`), to products within float rounding of their file layout's
+  (each block's integer dot product scaled once, where the file layout's kernel sums eight lanes);
 - torch's weight-only kernels otherwise, with bf16 activations (their fp32 CPU paths are reference
   loops, several times slower): `Int4Linear` holds 4-bit codes in groups of 32 with a scale and a
   zero per group, w = (q - 8) * scale + zero — GGUF Q4_0, Q4_1 and Q4_K map onto it *exactly* (only
@@ -146,7 +147,8 @@ class GGMLEmbedding(nn.Module):
             block, size = GGML_QUANT_SIZES[self.qtype]
             self.register_buffer("raw", torch.empty(num_embeddings, dim // block * size, dtype=torch.uint8, device=device))
 
-    rows8 = False  # True once `repack` has put the blocks in a native kernel's 8-row layout
+    rows8 = False  # True once the blocks are in a native kernel's 8-row layout (`repack`; a tied embedding's
+    # by its output's, `repack_block_layers`)
     _kernel = None  # the kernel type, once asked (a mixed projection's is `native.mixed_type`'s), or repacked
 
     @property

@@ -145,6 +145,8 @@ def block_mm(x: torch.Tensor, raw: torch.Tensor, qtype: int, n: int | None = Non
     M, K = x.shape
     N = raw.shape[0] if n is None else n
     y = torch.empty(M, N, dtype=torch.float32)
+    if raw.device.type != "cpu":
+        raise ValueError("the native kernels read blocks on the CPU (a model repacked for them stays there)")
     scratch = torch.empty(2 * M * K + 8 * M * (K // 32), dtype=torch.uint8)  # int16 codes, scales, sums
     library().block_mm(x.data_ptr(), raw.data_ptr(), scratch.data_ptr(), y.data_ptr(), M, N, K, qtype)
     return y
@@ -232,6 +234,8 @@ def kq_repack(raw: torch.Tensor, parts: list[tuple], K: int) -> int | None:
 def kq_rows(raw: torch.Tensor, ids: torch.Tensor | None, kernel_type: int, K: int, n_rows: int) -> torch.Tensor:
     """Rows `ids` (None: all `n_rows`) of a kquant.c projection as float32 (n, K), bit-exact with
     gguf's dequantization."""
+    if raw.device.type != "cpu":
+        raise ValueError("the native kernels read blocks on the CPU (a model repacked for them stays there)")
     _match_torch_threads()
     raw = raw.contiguous()
     if ids is not None:

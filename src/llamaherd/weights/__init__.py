@@ -163,7 +163,9 @@ def build_model(args: ModelArgs, state_dict: dict[str, torch.Tensor], device: st
     """A `Transformer` holding `state_dict` (assigned, not copied), in eval mode.
 
     `quantized` names the modules whose buffers in `state_dict` are quantized (see `load_gguf`).
-    Int4 layers are packed into their kernel's layout on `device` (`Int4Linear.pack`).
+    Int4 layers are packed into their kernel's layout on `device` (`Int4Linear.pack`); GGUF blocks
+    are reordered in place for the CPU kernels (`repack_block_layers`): the model takes over those
+    buffers, and `state_dict` is not to be built from again.
     """
     from ..model import Transformer
     from ..quantize.linear import pack_int4_layers, repack_block_layers, swap_quantized_modules

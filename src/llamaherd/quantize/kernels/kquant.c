@@ -613,9 +613,9 @@ static inline __attribute__((always_inline)) void super_scales(const uint8_t *ro
  * in the file's layout: a register holds eight lanes of one row's block, so a block's dot product is
  * left in eight partial sums, each scaled in float into its own accumulator, and the accumulators
  * are summed at the end (`hsum`). Reducing every block to row_dot's one sum first cost ~1.5x here
- * (a horizontal sum a block, per feature and row): so a tensor kept in this layout (the output
- * projection, whose bytes the embedding shares) gets numbers within float rounding of repacked
- * rows', the same for any number of rows. */
+ * (a horizontal sum a block, per feature and row): so a tensor kept in this layout (rows not a
+ * multiple of eight, an output whose tied embedding is read otherwise) gets numbers within float
+ * rounding of repacked rows', the same for any number of rows. */
 static inline __attribute__((always_inline)) void tile(const uint8_t *w, int64_t row_bytes, const int16_t *xq,
         const float *xd, const float *xs, float *y, int64_t ldy, int64_t n, int64_t m0, int64_t nb, const int nt,
         const int mt, const int type) {
