@@ -18,6 +18,27 @@ os.environ["HERD_HOST"] = f"127.0.0.1:{_NO_SERVER.getsockname()[1]}"
 
 
 @pytest.fixture(scope="session")
+def prompt_is_decoding():
+    """check(model, ids): the ids prefilled whole as a prompt (kernels/decode.c's dense path) and
+    decoded one at a time give the same last logits and last-layer keys, to the bit."""
+    import torch
+
+    from llamaherd.quantize import native
+
+    def check(model, ids):
+        model.setup_cache(1, 64)
+        whole = native.prefill_many(model, [(ids, 0, 0)], dense=True)[0]
+        keys = model.layers[-1].attention.cache.k[0, :, :len(ids)].clone()
+        model.setup_cache(1, 64)
+        for pos, token in enumerate(ids):
+            step = native.decode(model, [token], [pos], [0])[0]
+        assert torch.equal(step, whole)
+        assert torch.equal(model.layers[-1].attention.cache.k[0, :, :len(ids)], keys)
+
+    return check
+
+
+@pytest.fixture(scope="session")
 def load_benchmark():
     """`load_benchmark("bench_gpu")`: a script of benchmarks/ as a module (they are not a package)."""
     import importlib.util

@@ -83,7 +83,7 @@ def test_greedy_equals_the_reference(q4_k_m, prompt):
     assert len(got) == opts["num_predict"] or picks[len(got)] in ref.tokenizer.stop_ids
 
 
-def test_a_prompt_gets_the_numbers_decoding_gives_it(q4_k_m):
+def test_a_prompt_gets_the_numbers_decoding_gives_it(q4_k_m, prompt_is_decoding):
     """Every projection of the Q4_K_M file (Q5_0, Q8_0, Q4_K, Q6_K and mixes of them, repacked at load)
     takes an int16 panel for a prompt's many rows (kernels/kquant.c's, blockmm.c's for a plain Q8_0)
     and sums each row as decoding does: a prompt prefilled whole and its tokens decoded one at a
@@ -97,11 +97,4 @@ def test_a_prompt_gets_the_numbers_decoding_gives_it(q4_k_m):
     assert any(native.kq_has_panel(k) for k in kinds)
     ids = fast.encode(PROMPTS[0] + ", from its founding to its fall, in a few words")
     assert len(ids) >= 9  # the panel's rows
-    model.setup_cache(1, 64)
-    whole = native.prefill_many(model, [(ids, 0, 0)], dense=True)[0]
-    keys = model.layers[-1].attention.cache.k[0, :, :len(ids)].clone()
-    model.setup_cache(1, 64)
-    for pos, token in enumerate(ids):
-        step = native.decode(model, [token], [pos], [0])[0]
-    assert torch.equal(step, whole)
-    assert torch.equal(model.layers[-1].attention.cache.k[0, :, :len(ids)], keys)
+    prompt_is_decoding(model, ids)

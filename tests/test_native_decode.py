@@ -152,17 +152,10 @@ def test_the_last_block_for_the_kept_rows_alone_gives_their_bits(model, smollm2,
             native._run(model, tokens, positions, rows, dense=dense, keep=bad)
 
 
-def test_a_prompt_gets_the_numbers_decoding_gives_it(model, smollm2):
+def test_a_prompt_gets_the_numbers_decoding_gives_it(model, smollm2, prompt_is_decoding):
     """SmolLM2's Q4_1 / Q8_0 layers: a prompt's many rows (the int16 panel of kernels/blockmm.c) and
     the same tokens decoded one at a time (its few-row tiles) are the same integer products scaled in
     the same order: the same keys, values and logits, to the bit."""
     ids = smollm2.encode(PROMPTS[2])
-    assert len(ids) >= 9  # blockmm.c's PANEL_ROWS
-    model.setup_cache(1, 64)
-    whole = native.prefill_many(model, [(ids, 0, 0)], dense=True)[0]
-    keys = model.layers[-1].attention.cache.k[0, :, :len(ids)].clone()
-    model.setup_cache(1, 64)
-    for pos, token in enumerate(ids):
-        step = native.decode(model, [token], [pos], [0])[0]
-    assert torch.equal(step, whole)
-    assert torch.equal(model.layers[-1].attention.cache.k[0, :, :len(ids)], keys)
+    assert len(ids) >= 9  # panel.h's PANEL_ROWS
+    prompt_is_decoding(model, ids)
