@@ -892,6 +892,14 @@ static AI void r8_codes(const uint8_t *q, const int type, __m256i c[16]) {
     for (int t = 0; t < 8; t++) r8_pairs(q, t, type, t < 4 ? ha : hb, &c[2 * t], &c[2 * t + 1]);
 }
 
+/* Block j of a repacked unit (the eight rows' K-quant super-block, or their one block of another
+ * type): its scales (`r8_scales`) and code pairs (`r8_codes`). */
+static AI void r8_unit_block(const uint8_t *unit, int j, const int type, __m256 *s0, __m256 *s1, __m256 *mn,
+                             __m256i c[16]) {
+    r8_scales(unit, j, type, s0, s1, mn);
+    r8_codes(unit + r8_head(type) + j * r8_block(type), type, c);
+}
+
 /* y[0..7] = the eight rows of group g against one row of x (blocks xq, xd, xs): row_dot's sums. */
 static AI void r8_row(const uint8_t *g, int64_t nb, const int16_t *xq, const float *xd, const float *xs,
                       float *y, const int type) {
@@ -904,10 +912,9 @@ static AI void r8_row(const uint8_t *g, int64_t nb, const int16_t *xq, const flo
         for (int j = 0; j < nsub; j++) {
             const int64_t b = u * nsub + j;
             __m256 s0, s1, mn;
-            r8_scales(unit, j, type, &s0, &s1, &mn);
-            const __m256 xdv = _mm256_set1_ps(xd[b]);
             __m256i c[16];
-            r8_codes(unit + r8_head(type) + j * r8_block(type), type, c);
+            r8_unit_block(unit, j, type, &s0, &s1, &mn, c);
+            const __m256 xdv = _mm256_set1_ps(xd[b]);
             acc = block_step(c, (const int32_t *)(xq + 32 * b), _mm256_mul_ps(s0, xdv), _mm256_mul_ps(s1, xdv), mn,
                              xs[b], acc, type);
         }
@@ -933,8 +940,7 @@ static AI void r8_rows(const uint8_t *g, int64_t nb, const int16_t *xq, const fl
             const uint8_t *unit = g + b / nsub * ub;
             if (b % nsub == 0)
                 for (int64_t at = 0; at < ub; at += 64) _mm_prefetch((const char *)unit + at + PREFETCH, _MM_HINT_T0);
-            r8_scales(unit, (int)(b % nsub), type, &s0[j], &s1[j], &mn[j]);
-            r8_codes(unit + r8_head(type) + b % nsub * r8_block(type), type, c[j]);
+            r8_unit_block(unit, (int)(b % nsub), type, &s0[j], &s1[j], &mn[j], c[j]);
         }
         for (int r = 0; r < mt; r++)
             for (int j = 0; j < nbl; j++) {
@@ -1000,12 +1006,11 @@ static AI void kq_panel_group_t(const uint8_t *grp, int64_t nb, int h, KqPanel *
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *unit = grp + b / nsub * ub;
         __m256 s0, s1, mn;
-        r8_scales(unit, (int)(b % nsub), type, &s0, &s1, &mn);
+        __m256i c[16];
+        r8_unit_block(unit, (int)(b % nsub), type, &s0, &s1, &mn, c);
         _mm256_store_ps(p->s0 + b * 16 + 8 * h, s0);
         _mm256_store_ps(p->s1 + b * 16 + 8 * h, s1);
         _mm256_store_ps(p->mn + b * 16 + 8 * h, mn);
-        __m256i c[16];
-        r8_codes(unit + r8_head(type) + b % nsub * r8_block(type), type, c);
         for (int q = 0; q < 16; q++) _mm256_store_si256(p->codes + (b * 16 + q) * 2 + h, c[q]);
     }
 }
@@ -1122,9 +1127,8 @@ static AI void r8_panel_t(const uint8_t *g, int64_t nb, float *panel, int dn, in
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *unit = g + b / nsub * ub;
         __m256 s0, s1, mn;
-        r8_scales(unit, (int)(b % nsub), type, &s0, &s1, &mn);
         __m256i c[16];
-        r8_codes(unit + r8_head(type) + b % nsub * r8_block(type), type, c);
+        r8_unit_block(unit, (int)(b % nsub), type, &s0, &s1, &mn, c);
         for (int t = 0; t < 8; t++)
             for (int h = 0; h < 2; h++) {
                 const __m256i pair = c[2 * t + h]; /* k = 4t + 2h + e */
