@@ -133,6 +133,12 @@ def _match_torch_threads() -> None:
         _thread.n = n
 
 
+def _check_cpu(raw: torch.Tensor) -> None:
+    """The kernels read blocks in the CPU's memory: elsewhere, a clear error (not a device pointer in C)."""
+    if raw.device.type != "cpu":
+        raise ValueError("the native kernels read blocks on the CPU (a model repacked for them stays there)")
+
+
 def block_mm(x: torch.Tensor, raw: torch.Tensor, qtype: int, n: int | None = None) -> torch.Tensor:
     """x (M, K) @ W^T, W (N, K) given by its GGUF blocks: raw (N, K/32 * block bytes) uint8 of type
     Q4_0, Q4_1 or Q8_0 (ggml type ids 2, 3, 8), or of kernels/kquant.c's types (then `n` = N where
@@ -145,8 +151,7 @@ def block_mm(x: torch.Tensor, raw: torch.Tensor, qtype: int, n: int | None = Non
     M, K = x.shape
     N = raw.shape[0] if n is None else n
     y = torch.empty(M, N, dtype=torch.float32)
-    if raw.device.type != "cpu":
-        raise ValueError("the native kernels read blocks on the CPU (a model repacked for them stays there)")
+    _check_cpu(raw)
     scratch = torch.empty(2 * M * K + 8 * M * (K // 32), dtype=torch.uint8)  # int16 codes, scales, sums
     library().block_mm(x.data_ptr(), raw.data_ptr(), scratch.data_ptr(), y.data_ptr(), M, N, K, qtype)
     return y
@@ -234,8 +239,7 @@ def kq_repack(raw: torch.Tensor, parts: list[tuple], K: int) -> int | None:
 def kq_rows(raw: torch.Tensor, ids: torch.Tensor | None, kernel_type: int, K: int, n_rows: int) -> torch.Tensor:
     """Rows `ids` (None: all `n_rows`) of a kquant.c projection as float32 (n, K), bit-exact with
     gguf's dequantization."""
-    if raw.device.type != "cpu":
-        raise ValueError("the native kernels read blocks on the CPU (a model repacked for them stays there)")
+    _check_cpu(raw)
     _match_torch_threads()
     raw = raw.contiguous()
     if ids is not None:
