@@ -411,6 +411,14 @@ def main() -> None:
                                   "random ids: the template, the assistant-only loss and the packing of herd train sft")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args()
+    if args.data:  # a bad file is one usage line, here rather than in every row's process
+        from llamaherd.errors import HerdError
+        from llamaherd.train.data import read_jsonl
+
+        try:
+            read_jsonl(args.data)
+        except HerdError as e:
+            p.error(str(e))
     args.rows = args.rows or ",".join(PRETRAIN_ROWS if args.paired else ROWS)
     if args.model is None and any(r not in PRETRAIN_ROWS for r in (args.one or args.rows).split(",")):
         from llamaherd.fetch import smollm2_gguf
